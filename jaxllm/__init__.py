@@ -1,1 +1,14 @@
-"""jaxllm"""
+"""jaxllm: a JAX inference stack for Llama-family models.
+
+    from jaxllm import LLM, SamplingParams
+    llm = LLM("default")
+    print(llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=32))[0].text)
+"""
+
+from jaxllm.config import ModelConfig
+from jaxllm.llm import LLM, CompletionOutput, RequestOutput, ScoreOutput
+from jaxllm.sampling import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "ModelConfig", "RequestOutput", "CompletionOutput", "ScoreOutput"]
+__version__ = "0.1.0"

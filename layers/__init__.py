@@ -1,1 +1,5 @@
-"""placeholder"""
+"""Flax NNX Llama modules: RMSNorm, RoPE, GQA attention, SwiGLU MLP, decoder layer, the Llama model."""
+
+from jaxllm.layers.llama import DecoderLayer, KVCache, Llama
+
+__all__ = ["DecoderLayer", "KVCache", "Llama"]

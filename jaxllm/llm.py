@@ -1,0 +1,222 @@
+"""`LLM`: the notebook API. Load a model once, then `generate`, `chat` and `score` on batches of prompts.
+
+    llm = LLM("default")                                   # SmolLM2-135M-Instruct; or a .gguf / HF dir / convert dir
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16, temperature=0))
+    out[0].text, out[0].token_ids, out[0].finish_reason
+    llm.chat([{"role": "user", "content": "Hi!"}])
+    llm.score([("The capital of France is", " Paris")])   # continuation logprobs, their sum, is_greedy
+
+Requests are validated on the host (clear errors, nothing reaches the device), tokenized, then run through
+`jaxllm.generate.Generator` in batches of at most `max_batch_size`; outputs come back in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from jaxllm import checkpoint
+from jaxllm.generate import Generator
+from jaxllm.sampling import SamplingArrays, SamplingParams
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+  index: int
+  text: str
+  token_ids: list[int]
+  logprobs: list[float]  # logprob of each generated token under the model
+  finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
+  stop_reason: str | int | None = None  # the stop string or token id that ended it, if any
+
+  @property
+  def cumulative_logprob(self) -> float:
+    return float(sum(self.logprobs))
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  prompt: str | None
+  prompt_token_ids: list[int]
+  outputs: list[CompletionOutput]
+
+  # The first sample's fields, for the common n == 1 case.
+  @property
+  def text(self) -> str:
+    return self.outputs[0].text
+
+  @property
+  def token_ids(self) -> list[int]:
+    return self.outputs[0].token_ids
+
+  @property
+  def finish_reason(self) -> str:
+    return self.outputs[0].finish_reason
+
+
+@dataclasses.dataclass
+class ScoreOutput:
+  context_token_ids: list[int]
+  continuation_token_ids: list[int]
+  logprobs: list[float]  # per continuation token
+  sum_logprob: float
+  is_greedy: bool  # every continuation token is the argmax given its prefix
+
+
+class LLM:
+  """A loaded model with its tokenizer and compiled generation programs."""
+
+  def __init__(self, model: str = "default", *, dtype: str = "float32", tokenizer: str | None = None,
+               max_model_len: int | None = None, max_batch_size: int = 32, seed: int = 0):
+    ckpt = checkpoint.load_checkpoint(model, dtype)
+    self.config = ckpt.config
+    self.dtype = ckpt.dtype
+    self.source = ckpt.source
+    if tokenizer is not None:
+      from jaxllm.tokenizer import load_tokenizer
+
+      self.tokenizer = load_tokenizer(tokenizer)
+    else:
+      self.tokenizer = ckpt.tokenizer
+    self.max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+    if max_batch_size < 1:
+      raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
+    self.max_batch_size = max_batch_size
+    self._rng = np.random.default_rng(seed)
+    self.generator = Generator(checkpoint.build_model(self.config, ckpt.params, self.dtype))
+
+  def __repr__(self) -> str:
+    c = self.config
+    return (f"LLM({c.name!r}, {c.num_params / 1e6:.1f}M params, dtype={self.dtype}, layers={c.num_layers}, "
+            f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len})")
+
+  # ------------------------------------------------------------------ tokens
+  def _require_tokenizer(self):
+    if self.tokenizer is None:
+      raise ValueError(f"{self.source} has no tokenizer; pass tokenizer=PATH or use prompt_token_ids.")
+    return self.tokenizer
+
+  def _check_tokens(self, ids: Sequence[int], what: str) -> list[int]:
+    ids = [int(i) for i in ids]
+    if not ids:
+      raise ValueError(f"{what} is empty; a prompt needs at least one token.")
+    bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+    if bad:
+      raise ValueError(f"{what} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}.")
+    if len(ids) >= self.max_model_len:
+      raise ValueError(f"{what} has {len(ids)} tokens; max_model_len is {self.max_model_len}, which must leave room "
+                       "for at least one generated token.")
+    return ids
+
+  # ------------------------------------------------------------------ generate
+  def generate(self, prompts: str | Sequence[str] | None = None, sampling_params: SamplingParams | None = None, *,
+               prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
+    params = sampling_params or SamplingParams()
+    if (prompts is None) == (prompt_token_ids is None):
+      raise ValueError("pass exactly one of `prompts` (text) or `prompt_token_ids`.")
+    if prompts is not None:
+      prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+      tok = self._require_tokenizer()
+      ids = [self._check_tokens(tok.encode(p), f"prompt {i}") for i, p in enumerate(prompts)]
+    else:
+      ids = [self._check_tokens(p, f"prompt_token_ids[{i}]") for i, p in enumerate(prompt_token_ids)]
+      prompts = [None] * len(ids)
+    return self._generate(list(prompts), ids, params)
+
+  def chat(self, messages, sampling_params: SamplingParams | None = None, *,
+           add_generation_prompt: bool = True) -> list[RequestOutput]:
+    """`messages`: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+    tok = self._require_tokenizer()
+    convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+    if not convs or any(not c for c in convs):
+      raise ValueError("chat() needs at least one non-empty conversation of {'role', 'content'} messages.")
+    texts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in convs]
+    # The template already holds any BOS the model wants; do not add a second one.
+    ids = [self._check_tokens(tok.encode(t, add_bos=False), f"conversation {i}") for i, t in enumerate(texts)]
+    return self._generate(texts, ids, sampling_params or SamplingParams())
+
+  def _generate(self, prompts: list, ids: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+    rows = []  # (request index, sample index, seed)
+    for r in range(len(ids)):
+      base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+      rows += [(r, k, (base + k) % 2**32) for k in range(params.n)]
+    stop_ids = set(params.stop_token_ids)
+    if not params.ignore_eos and self.tokenizer is not None:
+      stop_ids |= set(self.tokenizer.eos_ids)
+    results: dict[tuple[int, int], CompletionOutput] = {}
+    for start in range(0, len(rows), self.max_batch_size):
+      batch = rows[start:start + self.max_batch_size]
+      prompt_ids = [ids[r] for r, _, _ in batch]
+      max_new = [min(params.max_tokens, self.max_model_len - len(p)) for p in prompt_ids]
+      sampling = SamplingArrays(
+          temperature=np.full(len(batch), params.temperature, np.float32),
+          top_k=np.full(len(batch), max(params.top_k, 0), np.int32),
+          top_p=np.full(len(batch), params.top_p, np.float32),
+          seed=np.array([s for _, _, s in batch], np.uint32))
+      stops = [_StopChecker(stop_ids, params.stop, self.tokenizer) for _ in batch]
+      tokens, logprobs = self.generator.generate(prompt_ids, max_new, sampling,
+                                                 lambda i, toks: stops[i].done(toks), self.max_model_len)
+      for (r, k, _), toks, lps, stop in zip(batch, tokens, logprobs, stops):
+        results[(r, k)] = stop.finish(k, toks, lps)
+    return [RequestOutput(prompts[r], ids[r], [results[(r, k)] for k in range(params.n)]) for r in range(len(ids))]
+
+  # ------------------------------------------------------------------ score
+  def score(self, pairs: Sequence[tuple[str, str]] | None = None, *,
+            token_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None) -> list[ScoreOutput]:
+    """log p(continuation | context) per token, as lm-eval-harness computes it (context and continuation tokenized
+    separately, BOS only on the context)."""
+    if (pairs is None) == (token_pairs is None):
+      raise ValueError("pass exactly one of `pairs` (text) or `token_pairs`.")
+    if pairs is not None:
+      tok = self._require_tokenizer()
+      token_pairs = [(tok.encode(c), tok.encode(x, add_bos=False)) for c, x in pairs]
+    token_pairs = [(list(c), list(x)) for c, x in token_pairs]
+    for i, (c, x) in enumerate(token_pairs):
+      if not c or not x:
+        raise ValueError(f"pair {i}: context and continuation must both be non-empty after tokenization.")
+      self._check_tokens(c + x, f"pair {i}")
+    out = []
+    for start in range(0, len(token_pairs), self.max_batch_size):
+      batch = token_pairs[start:start + self.max_batch_size]
+      chosen, greedy = self.generator.score([c + x for c, x in batch])
+      for (c, x), lp, g in zip(batch, chosen, greedy):
+        lp, g = lp[len(c) - 1:], g[len(c) - 1:]
+        out.append(ScoreOutput(c, x, [float(v) for v in lp], float(np.sum(lp, dtype=np.float64)), bool(np.all(g))))
+    return out
+
+
+class _StopChecker:
+  """Host-side stop rules for one sequence: stop token ids, then stop strings on the decoded text."""
+
+  def __init__(self, stop_ids: set[int], stop_strings: tuple[str, ...], tokenizer):
+    self.stop_ids = stop_ids
+    self.stop_strings = stop_strings
+    self.tokenizer = tokenizer
+    self.reason: str | int | None = None
+    self.cut: int | None = None  # text is cut here for a stop string
+
+  def done(self, toks: list[int]) -> bool:
+    if toks[-1] in self.stop_ids:
+      self.reason = toks[-1]
+      return True
+    if self.stop_strings:
+      text = self.tokenizer.decode(toks, skip_special_tokens=True)
+      tail = max(len(s) for s in self.stop_strings) + 16  # only the new text can hold a new match
+      hits = [(text.find(s, max(0, len(text) - tail)), s) for s in self.stop_strings]
+      hits = [(i, s) for i, s in hits if i >= 0]
+      if hits:
+        self.cut, self.reason = min(hits)
+        return True
+    return False
+
+  def finish(self, index: int, toks: list[int], lps: list[float]) -> CompletionOutput:
+    if self.tokenizer is None:
+      text = ""
+    else:
+      body = toks[:-1] if self.reason is not None and not isinstance(self.reason, str) else toks
+      text = self.tokenizer.decode(body, skip_special_tokens=True)
+      if self.cut is not None:
+        text = text[:self.cut]
+    return CompletionOutput(index, text, toks, lps, "stop" if self.reason is not None else "length", self.reason)

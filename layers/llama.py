@@ -1,0 +1,132 @@
+"""The Llama decoder: embedding -> L x (RMSNorm, GQA attention, RMSNorm, SwiGLU) -> RMSNorm -> LM head.
+
+The L decoder layers are one `DecoderLayer` module whose parameters carry a leading L axis (built with `nnx.vmap`), run
+with `jax.lax.scan`: a 30-layer model traces and compiles one layer, not thirty.
+
+    h_BTD, cache = model(tokens_BT, positions_BT, cache)     # cache=None: full forward over the given tokens
+    logits_BTV = model.logits(h_BTD)                          # float32
+
+`KVCache` is the contiguous cache of the first generation path: k/v [L, B, S, K, H], token at position p of row b
+stored at [:, b, p]. It rides through the layer scan as carry, so each step writes only its new entries in place.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxllm.config import ModelConfig, rope_inv_freq
+from jaxllm.layers.attention import Attention, CacheView, NoCache
+from jaxllm.layers.mlp import MLP
+from jaxllm.layers.norm import RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    c = config
+    self.attn_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, dtype=dtype)
+    self.attn = Attention(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, rope_inv_freq(c), dtype=dtype, rngs=rngs)
+    self.mlp_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, dtype=dtype)
+    self.mlp = MLP(c.d_model, c.d_ff, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_BTD, positions_BT, cache: CacheView, attention_impl=None):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, cache, attention_impl)
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+@struct.dataclass
+class KVCache:
+  """Contiguous KV cache. k, v: [L, B, S, K, H] in the model dtype."""
+
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, config: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
+
+
+class StackedCacheView:
+  """One layer's view of a KVCache inside the layer scan: writes the new K/V rows, returns the layer's whole cache."""
+
+  def __init__(self, k_LBSKH, v_LBSKH, layer):
+    self.k_LBSKH, self.v_LBSKH, self.layer = k_LBSKH, v_LBSKH, layer
+
+  def update(self, k_BTKH, v_BTKH, positions_BT):
+    B, S = self.k_LBSKH.shape[1:3]
+    rows_B1 = jnp.arange(B)[:, None]
+    self.k_LBSKH = self.k_LBSKH.at[self.layer, rows_B1, positions_BT].set(k_BTKH, mode="drop")
+    self.v_LBSKH = self.v_LBSKH.at[self.layer, rows_B1, positions_BT].set(v_BTKH, mode="drop")
+    kv_pos_1S = jnp.arange(S, dtype=positions_BT.dtype)[None]
+    return self.k_LBSKH[self.layer], self.v_LBSKH[self.layer], kv_pos_1S
+
+
+class Llama(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = jnp.dtype(dtype)
+    with _lazy_sharding():
+      self.embed_VD = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.d_model),
+                                                               dtype), out_sharding=("vocab", "embed"))
+
+      @nnx.split_rngs(splits=config.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_layers,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_layers(r):
+        return DecoderLayer(config, dtype=dtype, rngs=r)
+
+      self.layers = make_layers(rngs)
+      self.final_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=dtype)
+      self.lm_head_DV = None if config.tie_embeddings else nnx.Param(
+          nnx.initializers.normal(0.02)(rngs.params(), (config.d_model, config.vocab_size), dtype),
+          out_sharding=("embed", "vocab"))
+
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None,
+               attention_impl: str | None = None) -> tuple[jax.Array, KVCache | None]:
+    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
+    graphdef, stacked = nnx.split(self.layers)
+
+    if cache is None:
+      def body(x, layer_state):
+        layer = nnx.merge(graphdef, layer_state)
+        return layer(x, positions_BT, NoCache(), attention_impl), None
+
+      x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+    else:
+      def body(carry, xs):
+        x, k, v = carry
+        layer_state, index = xs
+        view = StackedCacheView(k, v, index)
+        x = nnx.merge(graphdef, layer_state)(x, positions_BT, view, attention_impl)
+        return (x, view.k_LBSKH, view.v_LBSKH), None
+
+      layer_ids = jnp.arange(self.config.num_layers)
+      (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), (stacked, layer_ids))
+      cache = KVCache(k=k, v=v)
+    return self.final_norm(x_BTD), cache
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    if self.lm_head_DV is None:
+      out = jnp.einsum("BTD,VD->BTV", h_BTD, self.embed_VD[...])
+    else:
+      out = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head_DV[...])
+    return out.astype(jnp.float32)
+
+
+class _lazy_sharding:
+  """Params carry logical axis names as metadata; `jaxllm.sharding` resolves them to a mesh later."""
+
+  def __enter__(self):
+    self._ctx = nnx.use_eager_sharding(False) if hasattr(nnx, "use_eager_sharding") else None
+    if self._ctx is not None:
+      self._ctx.__enter__()
+
+  def __exit__(self, *exc):
+    if self._ctx is not None:
+      self._ctx.__exit__(*exc)

@@ -1,0 +1,20 @@
+"""SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_init = nnx.initializers.normal(0.02)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, d_model: int, d_ff: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.w_gate_DF = nnx.Param(_init(rngs.params(), (d_model, d_ff), dtype), out_sharding=("embed", "mlp"))
+    self.w_up_DF = nnx.Param(_init(rngs.params(), (d_model, d_ff), dtype), out_sharding=("embed", "mlp"))
+    self.w_down_FD = nnx.Param(_init(rngs.params(), (d_ff, d_model), dtype), out_sharding=("mlp", "embed"))
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    gate = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate_DF[...])
+    up = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up_DF[...])
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down_FD[...])
