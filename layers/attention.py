@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm import pallas_kernels
+from jaxllm.layers.ops import dense
 from jaxllm.layers.rope import apply_rope
 
 _init = nnx.initializers.normal(0.02)
@@ -47,13 +48,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: CacheView,
                attention_impl: str | None = None) -> jax.Array:
-    q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...])
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...])
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...])
+    q_BTNH = dense("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...])
+    k_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...])
+    v_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...])
     inv_freq = np.asarray(self.inv_freq, np.float32)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
     k_BSKH, v_BSKH, kv_pos_BS = cache.update(k_BTKH, v_BTKH, positions_BT)
     o_BTNH = pallas_kernels.attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, kv_pos_BS,
                                       sm_scale=q_BTNH.shape[-1] ** -0.5, implementation=attention_impl)
-    return jnp.einsum("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...])
+    return dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...])

@@ -113,10 +113,8 @@ class Llama(nnx.Module):
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     if self.lm_head_DV is None:
-      out = jnp.einsum("BTD,VD->BTV", h_BTD, self.embed_VD[...])
-    else:
-      out = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head_DV[...])
-    return out.astype(jnp.float32)
+      return jnp.einsum("BTD,VD->BTV", h_BTD, self.embed_VD[...], preferred_element_type=jnp.float32)
+    return jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head_DV[...], preferred_element_type=jnp.float32)
 
 
 class _lazy_sharding:

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm.layers.ops import dense
+
 _init = nnx.initializers.normal(0.02)
 
 
@@ -15,6 +17,6 @@ class MLP(nnx.Module):
     self.w_down_FD = nnx.Param(_init(rngs.params(), (d_ff, d_model), dtype), out_sharding=("mlp", "embed"))
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    gate = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate_DF[...])
-    up = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up_DF[...])
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down_FD[...])
+    gate = dense("BTD,DF->BTF", x_BTD, self.w_gate_DF[...])
+    up = dense("BTD,DF->BTF", x_BTD, self.w_up_DF[...])
+    return dense("BTF,FD->BTD", jax.nn.silu(gate) * up, self.w_down_FD[...])

@@ -1,0 +1,38 @@
+"""The `jaxllm` command: `jaxllm SUBCOMMAND --flag=value ...`.
+
+Each subcommand is a module of `jaxllm.commands` with its own absl flags and `main(argv)`; only the chosen one is
+imported, so flags never collide across subcommands. `jaxllm SUBCOMMAND --help` lists its flags.
+"""
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": "Generate text from a prompt (or chat with --chat).",
+    "chat": "Interactive chat on a terminal; one --prompt otherwise.",
+    "convert": "Convert a GGUF / HF checkpoint to jaxllm's orbax format for fast reloads.",
+}
+
+
+def _usage() -> str:
+  lines = ["usage: jaxllm SUBCOMMAND [--flags]", "", "subcommands:"]
+  lines += [f"  {name:<10} {doc}" for name, doc in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def run() -> None:
+  if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
+    print(_usage())
+    sys.exit(0 if len(sys.argv) >= 2 else 2)
+  name = sys.argv[1]
+  if name not in COMMANDS:
+    print(f"jaxllm: unknown subcommand {name!r}.\n\n{_usage()}", file=sys.stderr)
+    sys.exit(2)
+  from absl import app
+
+  module = importlib.import_module(f"jaxllm.commands.{name}")
+  app.run(module.main, argv=[f"jaxllm {name}"] + sys.argv[2:], flags_parser=module.parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,49 @@
+"""`jaxllm chat`: a conversation with a model on the terminal (one answer to --prompt when stdin is not a terminal)."""
+
+import sys
+
+from absl import flags
+
+from jaxllm.commands import fail, parse_flags  # noqa: F401
+
+_MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, an HF checkpoint dir or a convert dir.")
+_PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "First user message.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Maximum tokens per reply.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
+
+
+def main(argv):
+  del argv
+  from jaxllm import LLM, SamplingParams
+
+  try:
+    params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value)
+    print(f"loading {_MODEL.value} ...", file=sys.stderr)
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value)
+  except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+  print(repr(llm), file=sys.stderr)
+  interactive = sys.stdin.isatty()
+  messages = []
+  user = _PROMPT.value
+  while True:
+    print(f"\n>>> {user}")
+    messages.append({"role": "user", "content": user})
+    try:
+      reply = llm.chat(messages, params)[0].text
+    except ValueError as e:  # e.g. the conversation outgrew max_model_len
+      print(f"error: {e}", file=sys.stderr)
+      messages.pop()
+      reply = None
+    if reply is not None:
+      print(reply)
+      messages.append({"role": "assistant", "content": reply})
+    if not interactive:
+      return
+    try:
+      user = input("\n>>> (empty line or Ctrl-D to quit) ").strip()
+    except EOFError:
+      return
+    if not user:
+      return

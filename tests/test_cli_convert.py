@@ -1,0 +1,71 @@
+"""`jaxllm convert` (orbax round trip) and `jaxllm generate`, run as a user runs them: as processes."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import checkpoint
+from jaxllm.generate import Generator
+from tests.test_hf_parity import hf_logits, make_hf_model
+
+
+def jaxllm_cli(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "jaxllm.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_convert_round_trip_is_exact(tmp_path, rng):
+  src, out = tmp_path / "hf", tmp_path / "converted"
+  model = make_hf_model(src, 4, 2, False, None)
+  r = jaxllm_cli("convert", f"--model={src}", f"--output={out}")
+  assert r.returncode == 0, r.stderr
+  original = checkpoint.load_checkpoint(str(src))
+  restored = checkpoint.load_checkpoint(str(out))
+  assert restored.config == original.config
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), original.params, restored.params)
+  assert all(jax.tree.leaves(same))
+  tokens = rng.integers(0, 300, size=(1, 12))
+  got = Generator(checkpoint.build_model(restored.config, restored.params, "float32")).logits(tokens)
+  np.testing.assert_allclose(got, hf_logits(model, tokens), atol=1e-4, rtol=0)
+  again = jaxllm_cli("convert", f"--model={src}", f"--output={out}")
+  assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_converted_default_model_keeps_its_tokenizer(tmp_path, default_llm):
+  from jaxllm import LLM, SamplingParams
+
+  out = tmp_path / "smollm2"
+  r = jaxllm_cli("convert", "--model=default", f"--output={out}")
+  assert r.returncode == 0, r.stderr
+  llm = LLM(str(out))
+  assert llm.tokenizer.encode("Hello, world! 123") == default_llm.tokenizer.encode("Hello, world! 123")
+  assert llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+      default_llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+  ids = np.array([llm.tokenizer.encode("The capital of France is")])
+  np.testing.assert_array_equal(llm.generator.logits(ids), default_llm.generator.logits(ids))
+  out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                 SamplingParams(max_tokens=16, temperature=0))[0]
+  assert out.text == "The capital of France is Paris."
+
+
+def test_generate_command_chat():
+  r = jaxllm_cli("generate", "--model=default", "--chat", "--prompt=What is the capital of France?",
+                 "--max_tokens=16")
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip() == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt=hi", "--dtype=float16"], "float16"),
+    (["generate", "--prompt=hi", "--model=/no/such/model"], "/no/such/model"),
+    (["generate", "--prompt=hi", "--max_tokens=0"], "max_tokens"),
+    (["generate", "--prompt=hi", "--max_tokens=abc"], "max_tokens"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_cli_errors_name_the_bad_value(args, message):
+  r = jaxllm_cli(*args)
+  assert r.returncode != 0
+  assert message in r.stderr
+  assert "Traceback" not in r.stderr
