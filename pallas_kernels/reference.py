@@ -24,10 +24,13 @@ def attention_reference(
   """softmax(q k^T * sm_scale + causal mask) v, softmax in float32; returns [B, T, N, H] in q's dtype."""
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * sm_scale
+  G = N // K
+  # Fold the query rows of one KV head into Q = G * T rows: [B, K, Q, H] contracts against [B, S, K, H] directly.
+  q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  s_BKQS = jnp.einsum("BKQH,BSKH->BKQS", q_BKQH, k_BSKH, preferred_element_type=jnp.float32) * sm_scale
   visible_BTS = kv_pos_BS[:, None, :] <= q_pos_BT[:, :, None]
-  s_BKGTS = jnp.where(visible_BTS[:, None, None], s_BKGTS, _MASKED)
-  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH, preferred_element_type=jnp.float32)
-  return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+  visible_B1QS = jnp.broadcast_to(visible_BTS[:, None], (B, G, T, visible_BTS.shape[-1])).reshape(B, 1, G * T, -1)
+  s_BKQS = jnp.where(visible_B1QS, s_BKQS, _MASKED)
+  p_BKQS = jax.nn.softmax(s_BKQS, axis=-1).astype(v_BSKH.dtype)
+  o_BKQH = jnp.einsum("BKQS,BSKH->BKQH", p_BKQS, v_BSKH, preferred_element_type=jnp.float32)
+  return o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
