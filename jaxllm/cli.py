@@ -28,8 +28,12 @@ def run() -> None:
   if name not in COMMANDS:
     print(f"jaxllm: unknown subcommand {name!r}.\n\n{_usage()}", file=sys.stderr)
     sys.exit(2)
+  import logging
+
   from absl import app
 
+  # jax logs at INFO which accelerator plugins it could not find; that is noise on a CPU or GPU host.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   module = importlib.import_module(f"jaxllm.commands.{name}")
   app.run(module.main, argv=[f"jaxllm {name}"] + sys.argv[2:], flags_parser=module.parse_flags)
 

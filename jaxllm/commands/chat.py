@@ -27,8 +27,8 @@ def main(argv):
   interactive = sys.stdin.isatty()
   messages = []
   user = _PROMPT.value
+  print(f"\n>>> {user}")
   while True:
-    print(f"\n>>> {user}")
     messages.append({"role": "user", "content": user})
     try:
       reply = llm.chat(messages, params)[0].text
