@@ -94,15 +94,15 @@ def main():
 
   bandwidth = copy_bandwidth_gbs()
   weight_bytes = llm.config.num_params * 4
-  floor = bandwidth * 1e9 / weight_bytes  # decode steps/s if every step only streamed the f32 weights once
+  ceiling = bandwidth * 1e9 / weight_bytes  # batch-1 steps/s if a step did nothing but stream the f32 weights
   device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
   lines = [
       f"### generate_cpu.py — {datetime.date.today()} — {device}",
       "",
       f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), greedy, {args.new_tokens} new tokens per prompt, "
       "prefill included, one run.",
-      f"Memory-bandwidth floor for batch 1: {weight_bytes / 1e6:.0f} MB of f32 weights per step at a measured "
-      f"{bandwidth:.1f} GB/s copy bandwidth = {floor:.0f} tok/s.",
+      f"Memory-bandwidth bound for batch 1: {weight_bytes / 1e6:.0f} MB of f32 weights per step at a measured "
+      f"{bandwidth:.1f} GB/s copy bandwidth = at most {ceiling:.0f} tok/s.",
       "",
       "| batch | jaxllm tok/s | transformers tok/s | ratio |",
       "|---:|---:|---:|---:|",

@@ -110,6 +110,13 @@ class ModelConfig:
           f"HF config has keys jaxllm does not handle: {unknown}. They may change the model's math, so the model is "
           "not loaded rather than run wrongly."
       )
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in cfg]
+    if missing:
+      raise ValueError(f"HF config is missing required keys {missing}.")
+    if cfg.get("rope_interleaved"):
+      raise ValueError("HF config rope_interleaved=true is not supported; jaxllm expects HF's split-halves RoPE "
+                       "layout (convert the weights, or load the GGUF).")
     model_type = cfg.get("model_type", "llama")
     if model_type != "llama":
       raise ValueError(f"HF config model_type={model_type!r} is not supported; only 'llama' is.")
@@ -154,7 +161,7 @@ class ModelConfig:
         rope_scaling=rope_scaling,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
     )
 
   @classmethod
@@ -225,7 +232,7 @@ _HF_HANDLED = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
     "tie_word_embeddings", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias", "model_type",
-    "architectures", "pretraining_tp", "quantization_config",
+    "architectures", "pretraining_tp", "quantization_config", "rope_interleaved",
 }
 # Keys that do not change inference math (training knobs, ids the tokenizer owns, bookkeeping).
 _HF_IGNORED = {
@@ -236,6 +243,7 @@ _HF_IGNORED = {
     "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "finetuning_task", "architectures_to_skip",
     "torchscript", "pruned_heads", "tf_legacy_loss", "use_bfloat16", "max_length", "min_length",
     "num_return_sequences", "temperature", "top_k", "top_p", "do_sample", "use_return_dict",
+    "is_llama_config", "transformers.js_config",  # nanotron / transformers.js bookkeeping (SmolLM2 configs)
 }
 
 

@@ -13,8 +13,6 @@ overlap. The paged engine in `jaxllm.serving` replaces this path.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,55 +33,62 @@ def batch_bucket(n: int) -> int:
 
 
 class Generator:
-  """Holds the model's graph and params and the compiled prefill/decode/score programs."""
+  """Holds the model's graph and params and the compiled prefill/decode/score programs.
 
-  def __init__(self, model: Llama):
+  The jit programs are closures built per Generator (not methods jitted with a static `self`), so dropping the
+  Generator frees its params and compiled programs.
+  """
+
+  def __init__(self, model: Llama, max_batch_size: int | None = None):
     self.config = model.config
     self.dtype = model.dtype
-    self.graphdef, self.params = nnx.split(model)
+    self.max_batch_size = max_batch_size
+    graphdef, self.params = nnx.split(model)
 
-  # ------------------------------------------------------------------ jit programs
-  @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-  def _prefill(self, params, tokens_BT, lengths_B, cache, sampling: SamplingArrays):
-    model = nnx.merge(self.graphdef, params)
-    B, T = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h_BTD, cache = model(tokens_BT, positions_BT, cache)
-    last_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
-    logits_BV = model.logits(last_B1D)[:, 0]
-    tokens_B, logprobs_B = sample(logits_BV, sampling, lengths_B)
-    return tokens_B, logprobs_B, cache
+    def prefill(params, tokens_BT, lengths_B, cache, sampling: SamplingArrays):
+      model = nnx.merge(graphdef, params)
+      B, T = tokens_BT.shape
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      h_BTD, cache = model(tokens_BT, positions_BT, cache)
+      last_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
+      tokens_B, logprobs_B = sample(model.logits(last_B1D)[:, 0], sampling, lengths_B)
+      return tokens_B, logprobs_B, cache
 
-  @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=2)
-  def _decode(self, params, cache, tokens_B, positions_B, sampling: SamplingArrays, n_steps: int):
-    model = nnx.merge(self.graphdef, params)
+    def decode(params, cache, tokens_B, positions_B, sampling: SamplingArrays, n_steps: int):
+      model = nnx.merge(graphdef, params)
 
-    def step(carry, _):
-      cache, tokens_B, positions_B = carry
-      h_B1D, cache = model(tokens_B[:, None], positions_B[:, None], cache)
-      next_B, logprob_B = sample(model.logits(h_B1D)[:, 0], sampling, positions_B + 1)
-      return (cache, next_B, positions_B + 1), (next_B, logprob_B)
+      def step(carry, _):
+        cache, tokens_B, positions_B = carry
+        h_B1D, cache = model(tokens_B[:, None], positions_B[:, None], cache)
+        next_B, logprob_B = sample(model.logits(h_B1D)[:, 0], sampling, positions_B + 1)
+        return (cache, next_B, positions_B + 1), (next_B, logprob_B)
 
-    (cache, _, _), (tokens_NB, logprobs_NB) = jax.lax.scan(step, (cache, tokens_B, positions_B), None, length=n_steps)
-    return cache, tokens_NB.T, logprobs_NB.T
+      (cache, _, _), (tokens_NB, logprobs_NB) = jax.lax.scan(step, (cache, tokens_B, positions_B), None,
+                                                             length=n_steps)
+      return cache, tokens_NB.T, logprobs_NB.T
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def _score(self, params, tokens_BT):
-    model = nnx.merge(self.graphdef, params)
-    B, T = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h_BTD, _ = model(tokens_BT, positions_BT)
-    logprobs_BTV = jax.nn.log_softmax(model.logits(h_BTD[:, :-1]), axis=-1)
-    target_BT = tokens_BT[:, 1:]
-    chosen = jnp.take_along_axis(logprobs_BTV, target_BT[..., None], axis=-1)[..., 0]
-    greedy = jnp.argmax(logprobs_BTV, axis=-1) == target_BT
-    return chosen, greedy
+    def score(params, tokens_BT):
+      model = nnx.merge(graphdef, params)
+      B, T = tokens_BT.shape
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      h_BTD, _ = model(tokens_BT, positions_BT)
+      logprobs_BTV = jax.nn.log_softmax(model.logits(h_BTD[:, :-1]), axis=-1)
+      target_BT = tokens_BT[:, 1:]
+      chosen = jnp.take_along_axis(logprobs_BTV, target_BT[..., None], axis=-1)[..., 0]
+      return chosen, jnp.argmax(logprobs_BTV, axis=-1) == target_BT
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def _forward_logits(self, params, tokens_BT, positions_BT):
-    model = nnx.merge(self.graphdef, params)
-    h_BTD, _ = model(tokens_BT, positions_BT)
-    return model.logits(h_BTD)
+    def forward_logits(params, tokens_BT, positions_BT):
+      model = nnx.merge(graphdef, params)
+      return model.logits(model(tokens_BT, positions_BT)[0])
+
+    self._prefill = jax.jit(prefill, donate_argnums=3)
+    self._decode = jax.jit(decode, static_argnums=5, donate_argnums=1)
+    self._score = jax.jit(score)
+    self._forward_logits = jax.jit(forward_logits)
+
+  def _batch(self, n: int) -> int:
+    B = batch_bucket(n)
+    return min(B, max(n, self.max_batch_size)) if self.max_batch_size else B
 
   # ------------------------------------------------------------------ host API
   def logits(self, tokens_BT: np.ndarray) -> np.ndarray:
@@ -95,8 +100,7 @@ class Generator:
   def score(self, rows: list[list[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """For each token row, logprob of tokens[1:] given their prefixes and whether each was the argmax."""
     T = bucket(max(len(r) for r in rows), 64, None)
-    B = batch_bucket(len(rows))
-    tokens = np.zeros((B, T), np.int32)
+    tokens = np.zeros((self._batch(len(rows)), T), np.int32)
     for i, r in enumerate(rows):
       tokens[i, :len(r)] = r
     chosen, greedy = jax.device_get(self._score(self.params, tokens))
@@ -106,12 +110,17 @@ class Generator:
                max_len: int, chunk: int = 8):
     """Generates for every prompt until `stop_fn(row, new_token_ids) -> bool` says it is done or `max_new[row]` is hit.
 
-    `stop_fn` is called on the host after each chunk with all tokens generated so far for that row (the generator
-    applies no EOS rule itself). Returns (token ids, logprobs) per row.
+    `stop_fn` is called on the host for every new token with all tokens generated so far for that row (the generator
+    applies no EOS rule itself). Each prompt must satisfy len(prompt) + max_new <= max_len. Returns (token ids,
+    logprobs) per row.
     """
     n = len(prompts)
-    B = batch_bucket(n)
+    too_long = [i for i, (p, m) in enumerate(zip(prompts, max_new)) if len(p) + m > max_len or m < 1]
+    if too_long:
+      raise ValueError(f"rows {too_long}: need 1 <= max_new and len(prompt) + max_new <= max_len ({max_len}).")
+    B = self._batch(n)
     T = bucket(max(len(p) for p in prompts), 64, max_len)
+    # Every row's last token fits: len + max_new <= S. Rows past their budget may run on; their writes are dropped.
     S = bucket(max(len(p) + m for p, m in zip(prompts, max_new)), 128, max_len)
     tokens = np.zeros((B, T), np.int32)
     lengths = np.ones((B,), np.int32)
@@ -134,22 +143,22 @@ class Generator:
         for t, lp in zip(tok_BN[i], lp_BN[i]):
           out_tokens[i].append(int(t))
           out_lps[i].append(float(lp))
-          if len(out_tokens[i]) >= max_new[i] or stop_fn(i, out_tokens[i]):
+          if stop_fn(i, out_tokens[i]) or len(out_tokens[i]) >= max_new[i]:
             active[i] = False
             break
 
-    steps_left = max(max_new) - 1
-    positions = lengths.copy()  # position of the token being fed next
+    positions = lengths.copy()  # position of the token fed next = prompt length + tokens generated so far - 1
     pending = (first[:, None], first_lp[:, None])
     last = first
     while True:
-      # Dispatch the next chunk before reading the previous one: the device runs while the host does bookkeeping.
+      # Steps still wanted by rows not known to be finished (`pending` is not read yet, so it counts as generated).
+      need = max((max_new[i] - int(positions[i] - lengths[i] + 1) for i in range(n) if active[i]), default=0)
+      n_steps = min(chunk, need)
       nxt = None
-      n_steps = min(chunk, steps_left, int(S - positions.max()))
       if n_steps > 0:
+        # Dispatch the next chunk before reading the previous one: the device runs while the host does bookkeeping.
         cache, tok_BN, lp_BN = self._decode(self.params, cache, last, positions, sampling, chunk)
         positions = positions + n_steps
-        steps_left -= n_steps
         last = tok_BN[:, chunk - 1]  # a partial chunk is always the last one, so its tail is never fed back
         nxt = (tok_BN[:, :n_steps], lp_BN[:, :n_steps])
       absorb(*jax.device_get(pending))

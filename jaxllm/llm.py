@@ -85,7 +85,7 @@ class LLM:
       raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
     self.max_batch_size = max_batch_size
     self._rng = np.random.default_rng(seed)
-    self.generator = Generator(checkpoint.build_model(self.config, ckpt.params, self.dtype))
+    self.generator = Generator(checkpoint.build_model(self.config, ckpt.params, self.dtype), max_batch_size)
 
   def __repr__(self) -> str:
     c = self.config
@@ -138,10 +138,14 @@ class LLM:
     return self._generate(texts, ids, sampling_params or SamplingParams())
 
   def _generate(self, prompts: list, ids: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+    if params.stop and self.tokenizer is None:
+      raise ValueError(f"stop strings need a tokenizer and {self.source} has none; pass tokenizer=PATH or use "
+                       "stop_token_ids.")
     rows = []  # (request index, sample index, seed)
     for r in range(len(ids)):
-      base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-      rows += [(r, k, (base + k) % 2**32) for k in range(params.n)]
+      base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63 - 1))
+      # Sample k of seed s gets its own stream: hash (s, k), so (s, 1) never collides with (s + 1, 0).
+      rows += [(r, k, int(np.random.SeedSequence([base, k]).generate_state(1)[0])) for k in range(params.n)]
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos and self.tokenizer is not None:
       stop_ids |= set(self.tokenizer.eos_ids)
@@ -193,9 +197,11 @@ class _StopChecker:
   def __init__(self, stop_ids: set[int], stop_strings: tuple[str, ...], tokenizer):
     self.stop_ids = stop_ids
     self.stop_strings = stop_strings
+    self.longest = max((len(s) for s in stop_strings), default=0)
     self.tokenizer = tokenizer
     self.reason: str | int | None = None
     self.cut: int | None = None  # text is cut here for a stop string
+    self.checked = 0  # text before this offset was already searched
 
   def done(self, toks: list[int]) -> bool:
     if toks[-1] in self.stop_ids:
@@ -203,20 +209,20 @@ class _StopChecker:
       return True
     if self.stop_strings:
       text = self.tokenizer.decode(toks, skip_special_tokens=True)
-      tail = max(len(s) for s in self.stop_strings) + 16  # only the new text can hold a new match
-      hits = [(text.find(s, max(0, len(text) - tail)), s) for s in self.stop_strings]
-      hits = [(i, s) for i, s in hits if i >= 0]
+      # A new match must end in the new text; a few extra characters cover a UTF-8 sequence completed just now.
+      start = max(0, self.checked - self.longest - 4)
+      hits = [(i, s) for s in self.stop_strings if (i := text.find(s, start)) >= 0]
+      self.checked = len(text)
       if hits:
         self.cut, self.reason = min(hits)
         return True
     return False
 
   def finish(self, index: int, toks: list[int], lps: list[float]) -> CompletionOutput:
-    if self.tokenizer is None:
-      text = ""
-    else:
-      body = toks[:-1] if self.reason is not None and not isinstance(self.reason, str) else toks
-      text = self.tokenizer.decode(body, skip_special_tokens=True)
+    text = ""
+    if self.tokenizer is not None:
+      # Special tokens (EOS) are skipped; an ordinary stop token id keeps its text, as vLLM does.
+      text = self.tokenizer.decode(toks, skip_special_tokens=True)
       if self.cut is not None:
         text = text[:self.cut]
     return CompletionOutput(index, text, toks, lps, "stop" if self.reason is not None else "length", self.reason)

@@ -93,7 +93,7 @@ def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array) -> t
     sorted_masked = jnp.where(jnp.arange(V)[None] < k[:, None], sorted_desc, -jnp.inf)
     probs = jax.nn.softmax(sorted_masked, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < s.top_p[:, None]
+    keep_sorted = (mass_before < s.top_p[:, None]) | (s.top_p[:, None] >= 1.0)  # f32 cumsum can reach 1 early
     n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
     pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
     threshold = jnp.maximum(kth, pth)

@@ -81,13 +81,38 @@ def test_stop_strings_and_n_samples(default_llm):
   out = default_llm.generate("The capital of France is Paris. The capital of", params)[0]
   full = default_llm.generate("The capital of France is Paris. The capital of",
                               SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
-  if "France" in full.text:
-    assert out.text == full.text[:full.text.index("France")]
-    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == "France"
+  assert "France" in full.text[1:]  # greedy, so this is fixed; the cut below must happen
+  assert out.text == full.text[:full.text.index("France")]
+  assert out.finish_reason == "stop" and out.outputs[0].stop_reason == "France"
   many = default_llm.generate("Tell me a story.", SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=5))[0]
   assert len(many.outputs) == 3 and len({tuple(o.token_ids) for o in many.outputs}) > 1
   again = default_llm.generate("Tell me a story.", SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=5))[0]
   assert [o.token_ids for o in again.outputs] == [o.token_ids for o in many.outputs]
+
+
+def test_stop_rules_apply_to_the_last_allowed_token(default_llm):
+  messages = [{"role": "user", "content": "What is the capital of France?"}]
+  free = default_llm.chat(messages, SamplingParams(max_tokens=32, temperature=0))[0]
+  n = len(free.token_ids)  # ends in EOS
+  exact = default_llm.chat(messages, SamplingParams(max_tokens=n, temperature=0))[0]
+  assert exact.token_ids == free.token_ids and exact.finish_reason == "stop"
+  assert exact.outputs[0].stop_reason == free.token_ids[-1]
+  cut = default_llm.chat(messages, SamplingParams(max_tokens=n - 2, temperature=0, stop=["Paris"]))[0]
+  assert cut.text == "The capital of France is " and cut.finish_reason == "stop"
+
+
+def test_stop_string_inside_a_long_token(default_llm):
+  """SmolLM2 has an 81-character token ("\n" + 80 spaces): a stop string at its start must still be found."""
+  from jaxllm.llm import _StopChecker
+
+  tok = default_llm.tokenizer
+  long_id = max(range(tok.vocab_size), key=lambda i: len(tok.decode([i])))
+  assert len(tok.decode([long_id])) > 40
+  toks = tok.encode("def f():", add_bos=False) + [long_id] + tok.encode("return 1", add_bos=False)
+  checker = _StopChecker(set(), ("\n",), tok)
+  hit = next(i for i in range(1, len(toks) + 1) if checker.done(toks[:i]))
+  assert toks[hit - 1] == long_id
+  assert checker.finish(0, toks[:hit], [0.0] * hit).text == "def f():"
 
 
 @pytest.mark.parametrize("kwargs, message", [

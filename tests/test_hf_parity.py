@@ -99,6 +99,33 @@ def test_unsupported_hf_config_is_a_clear_error(tmp_path, change, message):
     checkpoint.load_checkpoint(str(tmp_path))
 
 
+def test_missing_required_config_key_is_a_clear_error(tmp_path):
+  make_hf_model(tmp_path, 4, 2, False, None)
+  path = tmp_path / "config.json"
+  cfg = json.loads(path.read_text())
+  del cfg["num_attention_heads"]
+  path.write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match="num_attention_heads"):
+    checkpoint.load_checkpoint(str(tmp_path))
+
+
+def test_smollm2_style_config_keys_are_accepted(tmp_path, rng):
+  """Published SmolLM2 configs (a nanotron export) carry bookkeeping keys that do not change the math."""
+  model = make_hf_model(tmp_path, 4, 2, True, None)
+  path = tmp_path / "config.json"
+  cfg = json.loads(path.read_text())
+  cfg.update({"is_llama_config": True, "rope_interleaved": False, "transformers.js_config": {"kv_cache_dtype": {}}})
+  path.write_text(json.dumps(cfg))
+  ckpt = checkpoint.load_checkpoint(str(tmp_path))
+  tokens = rng.integers(0, 300, size=(1, 9))
+  got = Generator(checkpoint.build_model(ckpt.config, ckpt.params, "float32")).logits(tokens)
+  np.testing.assert_allclose(got, hf_logits(model, tokens), atol=F32_TOL, rtol=0)
+  cfg["rope_interleaved"] = True
+  path.write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match="rope_interleaved"):
+    checkpoint.load_checkpoint(str(tmp_path))
+
+
 def test_missing_tensor_and_bad_shape_name_the_tensor(tmp_path):
   from safetensors.numpy import load_file, save_file
 

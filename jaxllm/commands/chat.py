@@ -21,7 +21,7 @@ def main(argv):
     params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value)
     print(f"loading {_MODEL.value} ...", file=sys.stderr)
     llm = LLM(_MODEL.value, dtype=_DTYPE.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:
     fail(str(e))
   print(repr(llm), file=sys.stderr)
   interactive = sys.stdin.isatty()

@@ -23,8 +23,8 @@ def main(argv):
   try:
     ckpt = checkpoint.load_checkpoint(_MODEL.value, _DTYPE.value)
     orbax_io.save(_OUTPUT.value, ckpt.config, ckpt.params, ckpt.dtype, source=ckpt.source)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    if ckpt.tokenizer is not None:
+      ckpt.tokenizer.save(_OUTPUT.value)
+  except (ValueError, OSError) as e:
     fail(str(e))
-  if ckpt.tokenizer is not None:
-    ckpt.tokenizer.save(_OUTPUT.value)
   print(f"wrote {os.path.abspath(_OUTPUT.value)} ({ckpt.config.name}, {ckpt.dtype}) in {time.time() - start:.1f}s")

@@ -32,6 +32,6 @@ def main(argv):
       out = llm.chat(messages + [{"role": "user", "content": _PROMPT.value}], params)[0]
     else:
       out = llm.generate(_PROMPT.value, params)[0]
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:
     fail(str(e))
   print(out.text)
