@@ -1,0 +1,242 @@
+"""Ragged paged attention: reference vs naive float64 numpy, Pallas kernels (interpreted) vs reference, validation,
+and lowering of both kernels for TPU (Mosaic) and CUDA (Triton) with jax.export.
+
+Every case poisons the cache: pages no sequence uses, page-table entries past a sequence's used pages, padding slots
+(>= num_seqs), the tail of each last page past kv_len and the bucket-padding query rows are all NaN, so any stray read
+shows up as NaN. Error criterion: max |out - ref| over real rows <= tol * max |ref| (tol 1e-5 f32, 2e-2 bf16).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def make_case(rng, q_lens, kv_lens, *, N, K, H=128, C=16, dtype=jnp.float32, pad_seqs=0, pad_rows=0, spare_pages=1,
+              unused_out_of_range=False):
+  """A ragged batch over a shuffled, NaN-poisoned paged cache [P, K, C, H].
+
+  Unused page-table entries point at NaN pages, or with unused_out_of_range at ids outside [0, P) (legal: they are
+  never dereferenced), which the TPU interpreter turns into an out-of-bounds error if a kernel copies them.
+  """
+  num_seqs = len(q_lens)
+  S = num_seqs + pad_seqs
+  need = [-(-kv // C) for kv in kv_lens]
+  M = max(need) + spare_pages
+  num_nan_pages = 3
+  P = sum(need) + num_nan_pages
+  k = rng.standard_normal((P, K, C, H)).astype(np.float32)
+  v = rng.standard_normal((P, K, C, H)).astype(np.float32)
+  perm = rng.permutation(P).astype(np.int32)
+  used, nan_pages = perm[:sum(need)], perm[sum(need):]
+  k[nan_pages] = np.nan
+  v[nan_pages] = np.nan
+  page_indices = rng.choice(nan_pages, size=(S, M)).astype(np.int32)  # every unused entry points at a NaN page
+  if unused_out_of_range:
+    page_indices = rng.choice([-1, P, P + 1000], size=(S, M)).astype(np.int32)
+  o = 0
+  for i, n in enumerate(need):
+    page_indices[i, :n] = used[o:o + n]
+    o += n
+    if n:  # poison the slots of the last page past kv_len
+      tail = kv_lens[i] - (n - 1) * C
+      k[page_indices[i, n - 1], :, tail:] = np.nan
+      v[page_indices[i, n - 1], :, tail:] = np.nan
+  T = sum(q_lens) + pad_rows
+  kv = np.full(S, 5, np.int32)  # padding slots hold junk
+  kv[:num_seqs] = kv_lens
+  cu = np.full(S + 1, T, np.int32)
+  cu[0] = 0
+  cu[1:num_seqs + 1] = np.cumsum(q_lens)
+  q = rng.standard_normal((T, N, H)).astype(np.float32)
+  q[sum(q_lens):] = np.nan
+  cast = lambda x: jnp.asarray(x, dtype)
+  return (cast(q), cast(k), cast(v), jnp.asarray(kv), jnp.asarray(page_indices), jnp.asarray(cu),
+          jnp.asarray(num_seqs, jnp.int32))
+
+
+def naive_numpy(q, k, v, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale):
+  """Independent float64 oracle: gather each sequence's pages, causal mask by position, softmax, one row at a time."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  T, N, H = q.shape
+  _, K, C, _ = k.shape
+  out = np.zeros((T, N, H))
+  for i in range(int(num_seqs)):
+    q_start, q_end, kv_len = int(cu_q_lens[i]), int(cu_q_lens[i + 1]), int(kv_lens[i])
+    if q_end == q_start:
+      continue
+    pages = page_indices[i, :-(-kv_len // C)]
+    k_KLH = np.concatenate([k[p] for p in pages], axis=1)[:, :kv_len]
+    v_KLH = np.concatenate([v[p] for p in pages], axis=1)[:, :kv_len]
+    for r in range(q_end - q_start):
+      pos = kv_len - (q_end - q_start) + r
+      for n in range(N):
+        kh = n // (N // K)
+        s = k_KLH[kh, :pos + 1] @ q[q_start + r, n] * sm_scale
+        p = np.exp(s - s.max())
+        out[q_start + r, n] = (p / p.sum()) @ v_KLH[kh, :pos + 1]
+  return out
+
+
+def assert_close(out, ref, args, dtype):
+  q_len_total = int(args[5][int(args[6])])
+  out = np.asarray(out.astype(jnp.float32))
+  ref = np.asarray(ref, np.float64) if not isinstance(ref, jax.Array) else np.asarray(ref.astype(jnp.float32))
+  assert np.isfinite(out).all(), "NaN/inf in the output (a poisoned page or padding row leaked)"
+  np.testing.assert_array_equal(out[q_len_total:], 0.0)  # bucket padding comes back as zeros
+  err = np.abs(out[:q_len_total] - ref[:q_len_total]).max()
+  scale = np.abs(ref[:q_len_total]).max()
+  assert err <= TOL[dtype] * scale, f"max abs err {err:.3g} > {TOL[dtype]} * scale {scale:.3g}"
+  return err / scale
+
+
+def run_kernel(impl, args, **kw):
+  if impl == "tpu":
+    # "eager": a DMA lands as soon as it is started, so refilling a buffer that is still being read would show.
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(dma_execution_mode="eager")):
+      return ragged_paged_attention(*args, implementation="tpu", interpret=True, **kw)
+  return ragged_paged_attention(*args, implementation=impl, interpret=True, **kw)
+
+
+def test_reference_matches_naive_numpy(rng):
+  args = make_case(rng, [1, 17, 5, 1], [30, 40, 5, 70], N=6, K=2, H=32, pad_seqs=1, pad_rows=3)
+  ref = ragged_paged_attention(*args)  # CPU default: implementation "xla"
+  expected = naive_numpy(*(np.asarray(a) for a in args), sm_scale=32 ** -0.5)
+  assert_close(ref, expected, args, jnp.float32)
+
+
+# (name, q_lens, kv_lens, N, K, C, dtype, extra make_case/kernel options)
+CASES = [
+    ("decode_g4", [1, 1, 1, 1, 1], [1, 16, 17, 50, 64], 8, 2, 16, jnp.float32,
+     dict(pad_seqs=2, pad_rows=3, unused_out_of_range=True)),
+    ("prefill_g1", [40, 9, 23], [40, 30, 23], 2, 2, 16, jnp.float32, dict(block_q=16, pages_per_block=2)),
+    ("mixed_g8_p64", [1, 0, 17, 128, 0], [100, 0, 60, 200, 30], 8, 1, 64, jnp.float32, dict(pad_rows=5)),
+    ("mixed_g3_bf16", [17, 1, 6, 1], [40, 33, 6, 9], 6, 2, 16, jnp.bfloat16,
+     dict(pad_seqs=1, pages_per_block=2, unused_out_of_range=True)),
+    ("mixed_g4_bf16_p64", [1, 33, 1], [150, 90, 64], 4, 1, 64, jnp.bfloat16, dict(pad_rows=2)),
+]
+
+
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_matches_reference(rng, impl, case):
+  _, q_lens, kv_lens, N, K, C, dtype, opts = case
+  opts = dict(opts)
+  make_opts = {k: opts.pop(k) for k in ("pad_seqs", "pad_rows", "unused_out_of_range") if k in opts}
+  if impl == "gpu":  # the GPU kernel has its own block_q default (rows per program)
+    opts.pop("block_q", None)
+  args = make_case(rng, q_lens, kv_lens, N=N, K=K, C=C, dtype=dtype, **make_opts)
+  ref = ragged_paged_attention(*args, implementation="xla")
+  out = run_kernel(impl, args, **opts)
+  assert out.shape == args[0].shape and out.dtype == dtype
+  assert_close(out, ref, args, dtype)
+
+
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu"])
+def test_no_sequences(rng, impl):
+  """num_seqs = 0: nothing to attend, every row is padding and comes back as 0."""
+  args = make_case(rng, [2, 1], [20, 9], N=4, K=2, H=64)
+  args = args[:6] + (jnp.int32(0),)
+  out = run_kernel(impl, args) if impl != "xla" else ragged_paged_attention(*args)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_traced_metadata_under_jit(rng):
+  """Under jit the value checks are skipped and the kernel still matches (metadata is traced)."""
+  args = make_case(rng, [3, 1], [20, 9], N=4, K=2)
+  f = jax.jit(functools.partial(ragged_paged_attention, implementation="gpu", interpret=True))
+  assert_close(f(*args), ragged_paged_attention(*args, implementation="xla"), args, jnp.float32)
+
+
+def _valid_args():
+  q = jnp.zeros((4, 4, 32), jnp.float32)
+  k = jnp.zeros((6, 2, 16, 32), jnp.float32)
+  kv_lens = jnp.array([20, 3], jnp.int32)
+  page_indices = jnp.array([[0, 1, 5], [2, 5, 5]], jnp.int32)
+  cu_q_lens = jnp.array([0, 3, 4], jnp.int32)
+  return dict(q_TNH=q, k_pages=k, v_pages=k, kv_lens=kv_lens, page_indices=page_indices, cu_q_lens=cu_q_lens,
+              num_seqs=jnp.int32(2))
+
+
+VALIDATION = [
+    ("head_count", dict(q_TNH=jnp.zeros((4, 3, 32))), "multiple of KV heads"),
+    ("head_dim", dict(q_TNH=jnp.zeros((4, 4, 64))), "head dim of q"),
+    ("dtype", dict(q_TNH=jnp.zeros((4, 4, 32), jnp.bfloat16)), "share a dtype"),
+    ("v_shape", dict(v_pages=jnp.zeros((6, 2, 8, 32))), "v_pages shape"),
+    ("page_indices_shape", dict(page_indices=jnp.zeros((3, 3), jnp.int32)), "kv_lens shape"),
+    ("page_indices_rank", dict(page_indices=jnp.zeros((6,), jnp.int32)), "page_indices must be"),
+    ("cu_q_lens_shape", dict(cu_q_lens=jnp.array([0, 3], jnp.int32)), "cu_q_lens shape"),
+    ("float_metadata", dict(kv_lens=jnp.array([20.0, 3.0])), "kv_lens must be an integer"),
+    ("page_out_of_range", dict(page_indices=jnp.array([[0, 6, 5], [2, 5, 5]], jnp.int32)), r"page_indices\[0, 1\]=6"),
+    ("negative_page", dict(page_indices=jnp.array([[0, 1, 5], [-1, 5, 5]], jnp.int32)), r"page_indices\[1, 0\]=-1"),
+    ("kv_len_too_long", dict(kv_lens=jnp.array([49, 3], jnp.int32)), r"kv_lens\[0\]=49"),
+    ("q_len_gt_kv_len", dict(kv_lens=jnp.array([2, 3], jnp.int32)), "q_len=3 > kv_len=2"),
+    ("cu_not_monotone", dict(cu_q_lens=jnp.array([0, 3, 2], jnp.int32)), "non-decreasing"),
+    ("cu_not_zero", dict(cu_q_lens=jnp.array([1, 3, 4], jnp.int32)), "start at 0"),
+    ("cu_past_T", dict(cu_q_lens=jnp.array([0, 3, 5], jnp.int32), kv_lens=jnp.array([20, 5], jnp.int32)),
+     "do not fit"),
+    ("num_seqs_too_big", dict(num_seqs=jnp.int32(3)), "num_seqs=3"),
+    ("implementation", dict(implementation="cuda"), "implementation='cuda'"),
+    ("interpret_xla", dict(implementation="xla", interpret=True), "interpret=True"),
+    ("block_size_name", dict(implementation="tpu", block_k=8), "block_k"),
+    ("tpu_page_size", dict(implementation="tpu", k_pages=jnp.zeros((6, 2, 12, 32)), v_pages=jnp.zeros((6, 2, 12, 32)),
+                           kv_lens=jnp.array([20, 3], jnp.int32)), "multiple of 8"),
+    ("gpu_block_q", dict(implementation="gpu", block_q=3), "power of two"),
+]
+
+
+@pytest.mark.parametrize("override,message", [v[1:] for v in VALIDATION], ids=[v[0] for v in VALIDATION])
+def test_validation_errors(override, message):
+  kwargs = {**_valid_args(), **override}
+  with pytest.raises(ValueError, match=message):
+    ragged_paged_attention(**kwargs)
+
+
+def test_valid_args_pass():
+  out = ragged_paged_attention(**_valid_args())
+  assert out.shape == (4, 4, 32) and np.isfinite(np.asarray(out)).all()
+
+
+LOWERING_SHAPES = [  # (dtype, T, N, K, H, P, C, S, M)
+    ("f32_p16", jnp.float32, 256, 32, 8, 128, 512, 16, 32, 128),
+    ("bf16_p64", jnp.bfloat16, 256, 32, 8, 128, 512, 64, 32, 128),
+    ("bf16_g3_odd_sizes", jnp.bfloat16, 200, 24, 8, 128, 500, 16, 20, 100),
+]
+
+
+@pytest.mark.parametrize("impl,platform", [("tpu", "tpu"), ("gpu", "cuda")])
+@pytest.mark.parametrize("dtype,T,N,K,H,P,C,S,M", [s[1:] for s in LOWERING_SHAPES], ids=[s[0] for s in LOWERING_SHAPES])
+def test_lowers(impl, platform, dtype, T, N, K, H, P, C, S, M):
+  """The kernel lowers (Mosaic for TPU, Triton for CUDA) on realistic shapes; checked on a CPU-only jax."""
+  sds = jax.ShapeDtypeStruct
+  shapes = [sds((T, N, H), dtype), sds((P, K, C, H), dtype), sds((P, K, C, H), dtype), sds((S,), jnp.int32),
+            sds((S, M), jnp.int32), sds((S + 1,), jnp.int32), sds((), jnp.int32)]
+  f = jax.jit(functools.partial(ragged_paged_attention, implementation=impl))
+  # Triton custom calls carry no serialization-compatibility guarantee; we only need the lowering, not the artifact.
+  exported = jax.export.export(f, platforms=[platform], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+  text = exported.mlir_module()
+  assert ("tpu_custom_call" in text) if impl == "tpu" else ("__gpu$xla.gpu.triton" in text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+@pytest.mark.parametrize("dtype,C", [(jnp.float32, 16), (jnp.bfloat16, 64)], ids=["f32_p16", "bf16_p64"])
+@pytest.mark.parametrize("N,K", [(4, 4), (6, 2), (8, 2), (8, 1)], ids=["g1", "g3", "g4", "g8"])
+def test_kernel_sweep(impl, dtype, C, N, K):
+  """GQA ratios 1/3/4/8 x page sizes on one ragged mix (decodes, a chunked prefill, a prompt, padding)."""
+  rng = np.random.default_rng(C * 100 + N * 10 + K)
+  q_lens = [1, 17, 1, 40, 1, 3]
+  kv_lens = [int(q + rng.integers(0, 3 * C)) for q in q_lens]
+  args = make_case(rng, q_lens, kv_lens, N=N, K=K, C=C, dtype=dtype, pad_seqs=2, pad_rows=7,
+                   unused_out_of_range=bool(N % 4))
+  ref = ragged_paged_attention(*args, implementation="xla")
+  out = run_kernel(impl, args, pages_per_block=2)
+  assert_close(out, ref, args, dtype)
