@@ -1,11 +1,13 @@
-"""Grouped-query self-attention with RoPE, writing and reading K/V through a cache view.
+"""Grouped-query self-attention with RoPE; a cache view stores the new K/V and runs the attention kernel.
 
-Data flow for one layer:  x_BTD --wq/wk/wv--> q_BTNH, k_BTKH, v_BTKH --rope--> cache.update(k, v) --> all keys of the
-sequence so far --pallas_kernels.attention--> o_BTNH --wo--> BTD.  K/V are never repeated to N heads.
+Data flow for one layer:  x_BTD --wq/wk/wv--> q_BTNH, k_BTKH, v_BTKH --rope--> cache.attend(q, k, v, positions)
+--> o_BTNH --wo--> BTD.  K/V are never repeated to N heads.
 
-A cache view is anything with `update(k_BTKH, v_BTKH, positions_BT) -> (k_BSKH, v_BSKH, kv_pos_BS)`; `NoCache` (a
-full forward pass over the given tokens) and `jaxllm.layers.llama.StackedCacheView` (the contiguous per-layer cache of
-the first generation path) are the two here; the paged engine supplies its own.
+A cache view is anything with `attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale) -> o_BTNH`. It decides where the
+new K/V go and which kernel reads them:
+  NoCache                        a prompt from position 0 attending to itself: flash attention, nothing stored;
+  layers.llama.StackedCacheView  the contiguous [L, B, S, K, H] cache of the first generation path;
+  layers.paged.PagedCacheView    paged K/V and a flat (ragged) token axis: ragged paged attention.
 """
 
 from typing import Protocol
@@ -24,15 +26,23 @@ _init = nnx.initializers.normal(0.02)
 
 class CacheView(Protocol):
 
-  def update(self, k_BTKH, v_BTKH, positions_BT) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale: float) -> jax.Array:
     ...
 
 
 class NoCache:
-  """Attend only to the tokens of this call (a full forward pass, e.g. scoring)."""
+  """Attend only to the tokens of this call, which start at position 0 (a full forward pass, e.g. scoring).
 
-  def update(self, k_BTKH, v_BTKH, positions_BT):
-    return k_BTKH, v_BTKH, positions_BT
+  Right-padded rows need no lengths: pads sit after every real token, so causality alone keeps them out.
+  """
+
+  def __init__(self, impl: str | None = None):
+    self.impl, self.interpret = pallas_kernels.split_impl(impl)
+
+  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
+    del positions_BT  # arange(T) by contract
+    return pallas_kernels.flash_attention(q_BTNH, k_BTKH, v_BTKH, sm_scale=sm_scale, causal=True,
+                                          implementation=self.impl, interpret=self.interpret)
 
 
 class Attention(nnx.Module):
@@ -46,15 +56,12 @@ class Attention(nnx.Module):
     self.wv_DKH = nnx.Param(_init(rngs.params(), (D, K, H), dtype), out_sharding=("embed", "kv_heads", "head_dim"))
     self.wo_NHD = nnx.Param(_init(rngs.params(), (N, H, D), dtype), out_sharding=("heads", "head_dim", "embed"))
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: CacheView,
-               attention_impl: str | None = None) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: CacheView) -> jax.Array:
     q_BTNH = dense("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...])
     k_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...])
     v_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...])
     inv_freq = np.asarray(self.inv_freq, np.float32)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
-    k_BSKH, v_BSKH, kv_pos_BS = cache.update(k_BTKH, v_BTKH, positions_BT)
-    o_BTNH = pallas_kernels.attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, kv_pos_BS,
-                                      sm_scale=q_BTNH.shape[-1] ** -0.5, implementation=attention_impl)
+    o_BTNH = cache.attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, q_BTNH.shape[-1] ** -0.5)
     return dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...])

@@ -10,10 +10,13 @@ with `jax.lax.scan`: a 30-layer model traces and compiles one layer, not thirty.
 stored at [:, b, p]. It rides through the layer scan as carry, so each step writes only its new entries in place.
 """
 
+from typing import Protocol
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxllm import pallas_kernels
 from jaxllm.config import ModelConfig, rope_inv_freq
 from jaxllm.layers.attention import Attention, CacheView, NoCache
 from jaxllm.layers.mlp import MLP
@@ -29,9 +32,19 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, dtype=dtype)
     self.mlp = MLP(c.d_model, c.d_ff, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT, cache: CacheView, attention_impl=None):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, cache, attention_impl)
+  def __call__(self, x_BTD, positions_BT, cache: CacheView):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, cache)
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class LayerCache(Protocol):
+  """A cache with per-layer K/V stacked on a leading L axis (`k`, `v`) that hands each layer a view of itself."""
+
+  k: jax.Array
+  v: jax.Array
+
+  def view(self, k, v, layer, attention_impl) -> CacheView:
+    ...
 
 
 @struct.dataclass
@@ -50,20 +63,28 @@ class KVCache:
   def length(self) -> int:
     return self.k.shape[2]
 
+  def view(self, k, v, layer, attention_impl):
+    return StackedCacheView(k, v, layer)
+
 
 class StackedCacheView:
-  """One layer's view of a KVCache inside the layer scan: writes the new K/V rows, returns the layer's whole cache."""
+  """One layer's view of a KVCache inside the layer scan: writes the new K/V rows, attends over the layer's cache.
+
+  The token at position p of row b is stored at [layer, b, p]; keys are visible by position (kv_pos <= q_pos), so
+  slots not yet written (after the row's current position) are never read into a real row's output.
+  """
 
   def __init__(self, k_LBSKH, v_LBSKH, layer):
-    self.k_LBSKH, self.v_LBSKH, self.layer = k_LBSKH, v_LBSKH, layer
+    self.k, self.v, self.layer = k_LBSKH, v_LBSKH, layer
 
-  def update(self, k_BTKH, v_BTKH, positions_BT):
-    B, S = self.k_LBSKH.shape[1:3]
+  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
+    B, S = self.k.shape[1:3]
     rows_B1 = jnp.arange(B)[:, None]
-    self.k_LBSKH = self.k_LBSKH.at[self.layer, rows_B1, positions_BT].set(k_BTKH, mode="drop")
-    self.v_LBSKH = self.v_LBSKH.at[self.layer, rows_B1, positions_BT].set(v_BTKH, mode="drop")
+    self.k = self.k.at[self.layer, rows_B1, positions_BT].set(k_BTKH, mode="drop")
+    self.v = self.v.at[self.layer, rows_B1, positions_BT].set(v_BTKH, mode="drop")
     kv_pos_1S = jnp.arange(S, dtype=positions_BT.dtype)[None]
-    return self.k_LBSKH[self.layer], self.v_LBSKH[self.layer], kv_pos_1S
+    return pallas_kernels.attention(q_BTNH, self.k[self.layer], self.v[self.layer], positions_BT, kv_pos_1S,
+                                    sm_scale=sm_scale)
 
 
 class Llama(nnx.Module):
@@ -87,28 +108,33 @@ class Llama(nnx.Module):
           nnx.initializers.normal(0.02)(rngs.params(), (config.d_model, config.vocab_size), dtype),
           out_sharding=("embed", "vocab"))
 
-  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None,
-               attention_impl: str | None = None) -> tuple[jax.Array, KVCache | None]:
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: LayerCache | None = None,
+               attention_impl: str | None = None):
+    """Hidden states [B, T, D] after the final norm, and the updated cache.
+
+    cache=None: the tokens are whole prompts from position 0 (flash attention, nothing stored). Otherwise the cache's
+    per-layer views store the new K/V and pick the kernel (`KVCache`, or `jaxllm.layers.paged.PagedKVCache` with B = 1
+    and the ragged token axis as T). `attention_impl` names the kernel implementation (see `jaxllm.pallas_kernels`).
+    """
     x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
     graphdef, stacked = nnx.split(self.layers)
 
     if cache is None:
       def body(x, layer_state):
-        layer = nnx.merge(graphdef, layer_state)
-        return layer(x, positions_BT, NoCache(), attention_impl), None
+        return nnx.merge(graphdef, layer_state)(x, positions_BT, NoCache(attention_impl)), None
 
       x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
     else:
       def body(carry, xs):
         x, k, v = carry
         layer_state, index = xs
-        view = StackedCacheView(k, v, index)
-        x = nnx.merge(graphdef, layer_state)(x, positions_BT, view, attention_impl)
-        return (x, view.k_LBSKH, view.v_LBSKH), None
+        view = cache.view(k, v, index, attention_impl)
+        x = nnx.merge(graphdef, layer_state)(x, positions_BT, view)
+        return (x, view.k, view.v), None
 
       layer_ids = jnp.arange(self.config.num_layers)
       (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), (stacked, layer_ids))
-      cache = KVCache(k=k, v=v)
+      cache = cache.replace(k=k, v=v)
     return self.final_norm(x_BTD), cache
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:

@@ -1,34 +1,46 @@
-"""Attention kernels behind one dispatch per op.
+"""Attention kernels, each behind one dispatch that picks the TPU kernel, the GPU kernel or the jnp reference.
 
-`attention(...)` is the single function the model calls. Today it runs the plain-jnp reference (XLA) on every backend;
-the Pallas flash-attention and ragged-paged-attention kernels plug in behind the same signature, picked by backend and
-by the `implementation=` override.
+  flash_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B)                 prefill: a prompt attending to itself
+  ragged_paged_attention(q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+                                                                      decode and mixed prefill chunks over paged KV
+  attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS)             causal-by-position reference (contiguous cache)
+
+The model names an implementation with one string, `AttentionImpl`: None (best for the backend), "xla", "tpu", "gpu",
+or "tpu-interpret" / "gpu-interpret" to run the Pallas kernels interpreted on CPU (tests).
 """
 
 import jax
 
+from jaxllm.pallas_kernels.flash_attention import flash_attention
+from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from jaxllm.pallas_kernels.reference import attention_reference
 
-IMPLEMENTATIONS = ("xla",)
+__all__ = ["attention", "flash_attention", "ragged_paged_attention", "attention_reference", "split_impl"]
+
+IMPLS = (None, "xla", "tpu", "gpu", "tpu-interpret", "gpu-interpret")
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, *, sm_scale: float, implementation: str | None = None):
-  """Causal GQA attention by positions.
+def split_impl(impl: str | None) -> tuple[str | None, bool]:
+  """"gpu-interpret" -> ("gpu", True); validates the name."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention implementation={impl!r} is not available; choose one of {IMPLS}.")
+  if impl is not None and impl.endswith("-interpret"):
+    return impl[:-len("-interpret")], True
+  return impl, False
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, *, sm_scale: float):
+  """Causal GQA attention by positions: key s is visible to query t iff kv_pos[s] <= q_pos[t].
 
   Args:
     q_BTNH: queries [B, T, N, H], float32 or bfloat16.
     k_BSKH, v_BSKH: keys/values [B, S, K, H], same dtype; N must be a multiple of K.
     q_pos_BT: int32 [B, T] absolute position of each query row.
-    kv_pos_BS: int32 [B, S] (or [1, S]) absolute position of each key; key s is visible to query t iff
-      kv_pos[s] <= q_pos[t].
+    kv_pos_BS: int32 [B, S] (or [1, S]) absolute position of each key.
     sm_scale: softmax scale, usually H ** -0.5.
-    implementation: None (best for the backend) or one of IMPLEMENTATIONS.
   Returns:
     [B, T, N, H] in q's dtype.
   """
-  impl = implementation or "xla"
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation={impl!r} is not available; choose one of {IMPLEMENTATIONS}.")
   if q_BTNH.shape[2] % k_BSKH.shape[2]:
     raise ValueError(f"query heads ({q_BTNH.shape[2]}) must be a multiple of KV heads ({k_BSKH.shape[2]}).")
   kv_pos_BS = jax.numpy.broadcast_to(kv_pos_BS, k_BSKH.shape[:2])
