@@ -1,0 +1,136 @@
+"""Attention kernel benchmark: flash attention (prefill) and ragged paged attention (decode), against the device's
+measured ceilings.
+
+For each shape in the sweep it times every implementation available on this backend:
+  prefill: our Pallas kernel ("tpu"/"gpu"), the plain-jnp reference under XLA ("xla"), and on GPU
+           `jax.nn.dot_product_attention(..., implementation="cudnn")`;
+  decode:  our ragged paged kernel and the reference.
+Prefill reports TFLOP/s (causal: 2 * B * N * H * T * (T + 1) flops for QK^T and PV together) as a fraction of a
+measured matmul peak; decode reports GB/s of K/V bytes read (sum over sequences of kv_len * K * H * 2 * itemsize) as a
+fraction of a measured device copy bandwidth. Prints a table and appends it to benchmarks/RESULTS.md.
+
+    python benchmarks/kernels.py [--dtype bfloat16] [--quick]
+
+On CPU only the XLA reference runs (Pallas interpret mode says nothing about speed).
+"""
+
+import argparse
+import datetime
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timeit(fn, *args, reps=10) -> float:
+  """Median seconds per call of a jitted fn, after a compile+warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def measured_ceilings(dtype) -> tuple[float, float]:
+  """(matmul TFLOP/s, copy GB/s with read+write counted) measured on the default device."""
+  n = 8192 if jax.default_backend() != "cpu" else 1024
+  a = jnp.ones((n, n), dtype)
+  t = timeit(jax.jit(lambda x: x @ x), a)
+  tflops = 2 * n**3 / t / 1e12
+  x = jnp.ones((256 * 2**20 // 4,), jnp.float32)
+  t = timeit(jax.jit(lambda v: v * 2), x)
+  return tflops, 2 * x.nbytes / t / 1e9
+
+
+def prefill_rows(dtype, quick):
+  from jaxllm.pallas_kernels.flash_attention import flash_attention
+
+  backend = jax.default_backend()
+  impls = ["xla"] + (["tpu"] if backend == "tpu" else ["gpu"] if backend == "gpu" else [])
+  shapes = [(1, 1024, 32, 8, 128), (1, 4096, 32, 8, 128)] + ([] if quick else [(4, 2048, 32, 8, 128),
+                                                                                 (1, 8192, 32, 8, 128)])
+  if backend == "cpu":
+    shapes = [(1, 256, 8, 2, 64), (1, 1024, 8, 2, 64)]
+  rows = []
+  key = jax.random.key(0)
+  for B, T, N, K, H in shapes:
+    q = jax.random.normal(key, (B, T, N, H), dtype)
+    k = jax.random.normal(key, (B, T, K, H), dtype)
+    v = jax.random.normal(key, (B, T, K, H), dtype)
+    flops = 2 * B * N * H * T * (T + 1)
+    for impl in impls:
+      fn = jax.jit(functools.partial(flash_attention, implementation=impl))
+      rows.append(("prefill", f"B={B} T={T} N={N} K={K} H={H}", impl, timeit(fn, q, k, v), flops / 1e12, "TFLOP/s"))
+    if backend == "gpu":
+      def cudnn(q, k, v):
+        rep = N // K
+        return jax.nn.dot_product_attention(q, jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2),
+                                            is_causal=True, implementation="cudnn")
+      try:
+        rows.append(("prefill", f"B={B} T={T} N={N} K={K} H={H}", "cudnn", timeit(jax.jit(cudnn), q, k, v),
+                     flops / 1e12, "TFLOP/s"))
+      except Exception as e:  # cuDNN missing or shape unsupported: say so in the table
+        rows.append(("prefill", f"B={B} T={T} N={N} K={K} H={H}", f"cudnn ({type(e).__name__})", float("nan"),
+                     flops / 1e12, "TFLOP/s"))
+  return rows
+
+
+def decode_rows(dtype, quick):
+  from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+  backend = jax.default_backend()
+  impls = ["xla"] + (["tpu"] if backend == "tpu" else ["gpu"] if backend == "gpu" else [])
+  page = 16
+  shapes = [(32, 2048, 32, 8, 128), (64, 4096, 32, 8, 128)] + ([] if quick else [(1, 4096, 32, 8, 128),
+                                                                                  (128, 2048, 32, 8, 128)])
+  if backend == "cpu":
+    shapes = [(8, 512, 8, 2, 64)]
+  rows = []
+  rng = np.random.default_rng(0)
+  for S, ctx, N, K, H in shapes:
+    pages_per_seq = ctx // page
+    P = S * pages_per_seq + 1
+    kp = jnp.asarray(rng.standard_normal((P, K, page, H)), dtype)  # [P, K, C, H]
+    vp = jnp.asarray(rng.standard_normal((P, K, page, H)), dtype)
+    table = jnp.asarray(rng.permutation(P - 1)[:S * pages_per_seq].reshape(S, pages_per_seq), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((S, N, H)), dtype)
+    kv_lens = jnp.full((S,), ctx, jnp.int32)
+    cu = jnp.arange(S + 1, dtype=jnp.int32)
+    nbytes = S * ctx * K * H * 2 * jnp.dtype(dtype).itemsize
+    for impl in impls:
+      fn = jax.jit(functools.partial(ragged_paged_attention, implementation=impl))
+      t = timeit(fn, q, kp, vp, kv_lens, table, cu, jnp.int32(S))
+      rows.append(("decode", f"seqs={S} ctx={ctx} N={N} K={K} H={H} page={page}", impl, t, nbytes / 1e9, "GB/s"))
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
+  args = ap.parse_args()
+  dtype = jnp.dtype(args.dtype)
+  peak_tflops, bandwidth = measured_ceilings(dtype)
+  rows = prefill_rows(dtype, args.quick) + decode_rows(dtype, args.quick)
+  device = jax.devices()[0].device_kind
+  lines = [f"### kernels.py — {datetime.date.today()} — {device} ({jax.default_backend()}, jax {jax.__version__})", "",
+           f"{args.dtype}; measured ceilings: matmul {peak_tflops:.3g} TFLOP/s, copy bandwidth {bandwidth:.0f} GB/s.",
+           "", "| op | shape | impl | time ms | achieved | of ceiling |", "|---|---|---|---:|---:|---:|"]
+  for op, shape, impl, t, work, unit in rows:
+    rate = work / t if t == t else float("nan")
+    ceiling = peak_tflops if unit == "TFLOP/s" else bandwidth
+    lines.append(f"| {op} | {shape} | {impl} | {t * 1e3:.3f} | {rate:.3g} {unit} | {rate / ceiling:.0%} |")
+  table = "\n".join(lines) + "\n"
+  print(table)
+  with open(args.results, "a") as f:
+    f.write(table + "\n")
+
+
+if __name__ == "__main__":
+  main()
