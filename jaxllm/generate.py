@@ -39,8 +39,9 @@ class Generator:
   Generator frees its params and compiled programs.
   """
 
-  def __init__(self, model: Llama, max_batch_size: int | None = None):
+  def __init__(self, model: Llama, max_batch_size: int | None = None, mesh=None):
     self.config = model.config
+    self.mesh = mesh
     self.dtype = model.dtype
     self.max_batch_size = max_batch_size
     graphdef, self.params = nnx.split(model)
@@ -86,6 +87,21 @@ class Generator:
     self._score = jax.jit(score)
     self._forward_logits = jax.jit(forward_logits)
 
+  def _place(self, tree):
+    """With a mesh that has a `data` axis, split every array's leading (batch) axis over it (data-parallel)."""
+    if self.mesh is None or "data" not in self.mesh.shape:
+      return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    d = self.mesh.shape["data"]
+
+    def put(x):
+      if getattr(x, "ndim", 0) < 1 or x.shape[0] % d:
+        return x
+      return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec("data")))
+
+    return jax.tree.map(put, tree)
+
   def _batch(self, n: int) -> int:
     B = batch_bucket(n)
     return min(B, max(n, self.max_batch_size)) if self.max_batch_size else B
@@ -95,7 +111,7 @@ class Generator:
     """Full-forward float32 logits [B, T, V] for (unpadded, equal-length) token rows."""
     tokens_BT = np.asarray(tokens_BT, np.int32)
     positions_BT = np.broadcast_to(np.arange(tokens_BT.shape[1], dtype=np.int32), tokens_BT.shape)
-    return np.asarray(self._forward_logits(self.params, tokens_BT, positions_BT))
+    return np.asarray(self._forward_logits(self.params, *self._place((tokens_BT, positions_BT))))
 
   def score(self, rows: list[list[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """For each token row, logprob of tokens[1:] given their prefixes and whether each was the argmax."""
@@ -103,7 +119,7 @@ class Generator:
     tokens = np.zeros((self._batch(len(rows)), T), np.int32)
     for i, r in enumerate(rows):
       tokens[i, :len(r)] = r
-    chosen, greedy = jax.device_get(self._score(self.params, tokens))
+    chosen, greedy = jax.device_get(self._score(self.params, self._place(tokens)))
     return ([chosen[i, :len(r) - 1] for i, r in enumerate(rows)], [greedy[i, :len(r) - 1] for i, r in enumerate(rows)])
 
   def generate(self, prompts: list[list[int]], max_new: list[int], sampling: SamplingArrays, stop_fn,
@@ -130,6 +146,11 @@ class Generator:
     pad = B - n
     sampling = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad)]) if pad else a, sampling)
     cache = KVCache.zeros(self.config, B, S, self.dtype)
+    if self.mesh is not None and "data" in self.mesh.shape and B % self.mesh.shape["data"] == 0:
+      from jax.sharding import NamedSharding, PartitionSpec
+
+      cache = jax.device_put(cache, NamedSharding(self.mesh, PartitionSpec(None, "data")))
+    tokens, lengths, sampling = self._place((tokens, lengths, sampling))
     first, first_lp, cache = self._prefill(self.params, tokens, lengths, cache, sampling)
 
     out_tokens = [[] for _ in range(n)]

@@ -69,7 +69,8 @@ class LLM:
   """A loaded model with its tokenizer and compiled generation programs."""
 
   def __init__(self, model: str = "default", *, dtype: str = "float32", tokenizer: str | None = None,
-               max_model_len: int | None = None, max_batch_size: int = 32, seed: int = 0):
+               max_model_len: int | None = None, max_batch_size: int = 32, seed: int = 0,
+               mesh: str | None = None, layout: str = "tp"):
     ckpt = checkpoint.load_checkpoint(model, dtype)
     self.config = ckpt.config
     self.dtype = ckpt.dtype
@@ -85,12 +86,20 @@ class LLM:
       raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
     self.max_batch_size = max_batch_size
     self._rng = np.random.default_rng(seed)
-    self.generator = Generator(checkpoint.build_model(self.config, ckpt.params, self.dtype), max_batch_size)
+    self.mesh = None
+    if mesh is not None:
+      from jaxllm.sharding import make_mesh
+
+      self.mesh = mesh if not isinstance(mesh, str) else make_mesh(mesh)
+    self.layout = layout
+    model = checkpoint.build_model(self.config, ckpt.params, self.dtype, self.mesh, layout)
+    self.generator = Generator(model, max_batch_size, self.mesh)
 
   def __repr__(self) -> str:
     c = self.config
     return (f"LLM({c.name!r}, {c.num_params / 1e6:.1f}M params, dtype={self.dtype}, layers={c.num_layers}, "
-            f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len})")
+            f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len}"
+            + (f", mesh={dict(self.mesh.shape)}, layout={self.layout}" if self.mesh is not None else "") + ")")
 
   # ------------------------------------------------------------------ tokens
   def _require_tokenizer(self):

@@ -103,11 +103,26 @@ def abstract_params(config: ModelConfig, dtype: str) -> dict:
   return nnx.state(model, nnx.Param).to_pure_dict()
 
 
-def build_model(config: ModelConfig, params: dict, dtype: str):
-  """A `Llama` module holding `params` (placed on the default device)."""
+def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout: str = "tp"):
+  """A `Llama` module holding `params`: on the default device, or with `mesh` each tensor placed straight onto its
+  NamedSharding from `jaxllm.sharding.rules` (every device receives only its own shard; no device holds the model)."""
   from jaxllm.layers import Llama
 
   model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+  if mesh is None:
+    placed = jax.tree.map(jax.numpy.asarray, params)
+  else:
+    from jaxllm.sharding import rules
+
+    rules.check_model_fits(config, mesh, layout)
+    shardings = nnx.state(model, nnx.Param)
+    shardings = rules.param_shardings(shardings, mesh, layout).to_pure_dict()
+
+    def place(host, sharding):
+      host = np.asarray(host)
+      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    placed = jax.tree.map(place, params, shardings)
+  nnx.replace_by_pure_dict(state, placed)
   return nnx.merge(graphdef, state)

@@ -11,6 +11,8 @@ _PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "First
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Maximum tokens per reply.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
+_MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'model=8', 'data=2,model=4' or 'auto'; default: one device.")
+_LAYOUT = flags.DEFINE_enum("layout", "tp", ["tp", "2d", "dp"], "Sharding layout over the mesh.")
 
 
 def main(argv):
@@ -20,7 +22,7 @@ def main(argv):
   try:
     params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value)
     print(f"loading {_MODEL.value} ...", file=sys.stderr)
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value)
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value, mesh=_MESH.value, layout=_LAYOUT.value)
   except (ValueError, OSError) as e:
     fail(str(e))
   print(repr(llm), file=sys.stderr)

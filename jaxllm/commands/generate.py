@@ -14,6 +14,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k filter (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p (nucleus) filter.")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
+_MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'model=8', 'data=2,model=4' or 'auto'; default: one device.")
+_LAYOUT = flags.DEFINE_enum("layout", "tp", ["tp", "2d", "dp"], "Sharding layout over the mesh.")
 
 
 def main(argv):
@@ -26,7 +28,7 @@ def main(argv):
   try:
     params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                             top_p=_TOP_P.value, seed=_SEED.value)
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value)
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value, mesh=_MESH.value, layout=_LAYOUT.value)
     if _CHAT.value:
       messages = ([{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else [])
       out = llm.chat(messages + [{"role": "user", "content": _PROMPT.value}], params)[0]

@@ -1,0 +1,47 @@
+"""`jaxllm plan --model llama3-70b --mesh model=8`: weight and KV bytes per device, the batch x context that fits in
+HBM and the collectives per layer of a layout, as a table (or JSON with --json). Arithmetic only: nothing is loaded.
+
+Flags -> `jaxllm.sharding.planner.plan` -> `format_plan` (or `Plan.to_dict`) on stdout; a bad value is one line on
+stderr and exit status 1.
+"""
+
+import json
+
+from absl import flags
+
+from jaxllm.commands import fail, parse_flags  # noqa: F401  (parse_flags is used by jaxllm.cli)
+
+_MODEL = flags.DEFINE_string("model", None, "A preset name (configs/models.toml, exact) or a path to an HF "
+                             "config.json.")
+_MESH = flags.DEFINE_string("mesh", "model=1", "Mesh axes AXIS=SIZE, comma separated: 'model=8', 'data=2,model=4' "
+                            "(layout tp) or 'x=2,y=4' (layout 2d).")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter (and activation) dtype: float32 or bfloat16.")
+_KV_DTYPE = flags.DEFINE_string("kv_dtype", None, "KV-cache dtype (default: --dtype): float32, bfloat16, float16, "
+                                "float8_e4m3fn or float8_e5m2.")
+_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", None, "Context length to plan for (default: the model's "
+                                      "max_position_embeddings).")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", 80.0, "Accelerator memory per device, GiB.")
+_RESERVE = flags.DEFINE_float("reserve", 0.1, "Fraction of HBM kept for activations and workspace.")
+_LAYOUT = flags.DEFINE_enum("layout", None, ["tp", "2d"], "tp: 1D weight-stationary over 'model'; 2d: 2D "
+                            "weight-stationary over 'x' and 'y' (default: 2d when --mesh names x or y, else tp).")
+_JSON = flags.DEFINE_bool("json", False, "Print the plan as JSON instead of a table.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; pass everything as --flags.")
+  if not _MODEL.value:
+    fail("--model is required (a preset name such as llama3-70b, or a path to an HF config.json).")
+  from jaxllm.sharding import planner
+
+  try:
+    config = planner.load_model_config(_MODEL.value)
+    mesh = planner.parse_mesh(_MESH.value)
+    layout = _LAYOUT.value or ("2d" if {"x", "y"} & set(mesh) else "tp")
+    if not _HBM_GIB.value > 0:
+      raise ValueError(f"--hbm_gib must be > 0, got {_HBM_GIB.value}.")
+    p = planner.plan(config, mesh, _DTYPE.value, _MAX_MODEL_LEN.value or config.max_position_embeddings,
+                     int(_HBM_GIB.value * planner.GiB), layout, kv_dtype=_KV_DTYPE.value, reserve=_RESERVE.value)
+  except (ValueError, OSError) as e:
+    fail(str(e))
+  print(json.dumps(p.to_dict(), indent=2) if _JSON.value else planner.format_plan(p))

@@ -1,0 +1,358 @@
+"""Capacity planner: a model config + a device mesh -> weight and KV-cache bytes per device, how many tokens of KV
+cache fit, and the collectives each decoder layer costs (the cost model of Pope et al., "Efficiently Scaling
+Transformer Inference", MLSys 2023). Pure arithmetic on `ModelConfig`; nothing is allocated and jax is not imported.
+
+    mesh = parse_mesh("model=8")                                    # {"model": 8}
+    p = plan(ModelConfig.from_preset("llama3-70b"), mesh, "bfloat16", 8192, 80 * 2**30, "tp")
+    print(format_plan(p))                                           # or json.dumps(p.to_dict())
+
+Data flows: config + mesh -> layout check (`_split`, a ValueError naming the axis and the sizes when a dimension does
+not divide) -> KV placement (`_kv_placement`) -> per-device weight bytes -> HBM left after weights and the reserve ->
+KV tokens per device -> batch x context -> the per-layer collectives of the layout.
+
+Layouts (mesh axes; `data`, when present, replicates the weights and splits the batch in both):
+
+  tp   1D weight-stationary over `model` (m devices): heads, kv_heads, mlp and vocab split over m, embed (D)
+       replicated. Activations [B, T, D] are replicated, so each layer does two all-reduces over `model`: after the
+       attention out-projection and after the MLP down-projection. Pope et al. (Sec. 3.2.1) model one such block as an
+       all-gather plus a reduce-scatter of B*T*D elements per device, independent of the number of chips.
+  2d   2D weight-stationary over `x` (X) and `y` (Y): every weight matrix split over both axes, embed (D) over x and
+       heads / kv_heads / mlp / vocab over y. Between blocks the activations are [B, T, D] with D split over x*y. Each
+       block all-gathers its input over y, reduce-scatters the partial sums of its first projections over x (along
+       the batch for attention, so the attention core and the KV cache are split over batch on x; along F for the
+       MLP), all-gathers over x before the second projection and reduce-scatters its output over y. Pope et al.
+       (Sec. 3.2.2) give 2*B*T*D/X + 2*B*T*F/Y elements per device per feed-forward block, 8*B*T*D/sqrt(n) at F = 4D,
+       X = sqrt(n)/2; the minimum is at X = sqrt(n*D/F).
+
+KV heads (K) versus the shards of the head axis (s: `model` for tp, `y` for 2d):
+  K % s == 0   split: K/s heads per device.
+  s % K == 0   replicated: each KV head stored on s/K devices, one per device (vLLM's way; ceil(K/s) heads).
+  otherwise    batch: the KV cache is sharded over the batch instead (Pope et al. Sec. 3.3): K/V weights replicated,
+               every device holds all K heads for 1/s of the sequences, and the query heads and the attention output
+               are moved between head- and batch-sharding with an all-to-all each.
+
+Byte counts of the collectives are what each device sends per token of its data-parallel replica's batch with ring
+algorithms: all-gather and reduce-scatter (k-1)/k of the full tensor, all-reduce twice that. Not counted: the RMSNorm
+statistics (B*T scalars), the embedding lookup and the logits (once per step, not per layer), KV-cache page rounding
+and any quantization scales of a float8 KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+from jaxllm.config import ModelConfig
+
+# Parameters jaxllm loads (jaxllm.checkpoint.DTYPES); the KV cache may be stored narrower.
+WEIGHT_DTYPES = {"float32": 4, "bfloat16": 2}
+KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+LAYOUTS = {"tp": ("data", "model"), "2d": ("data", "x", "y")}
+LAYOUT_NAMES = {"tp": "1D weight-stationary", "2d": "2D weight-stationary"}
+_AXIS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+GiB = 2**30
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,model=4' -> {'data': 2, 'model': 4} (ordered). A ValueError names the bad part."""
+  if not isinstance(text, str) or not text.strip():
+    raise ValueError(f"mesh {text!r} is empty; expected AXIS=SIZE[,AXIS=SIZE...], e.g. 'model=8' or 'data=2,model=4'.")
+  mesh: dict[str, int] = {}
+  for part in text.split(","):
+    name, eq, size = (s.strip() for s in part.partition("="))
+    if not eq or not _AXIS_RE.fullmatch(name) or not re.fullmatch(r"[+-]?\d+", size):
+      raise ValueError(f"mesh part {part.strip()!r} of {text!r} is not AXIS=SIZE (an axis name, '=', an integer), "
+                       "e.g. 'model=8'.")
+    if int(size) <= 0:
+      raise ValueError(f"mesh part {part.strip()!r} of {text!r}: axis {name!r} needs a positive size, got {int(size)}.")
+    if name in mesh:
+      raise ValueError(f"mesh part {part.strip()!r} of {text!r}: axis {name!r} is given twice.")
+    mesh[name] = int(size)
+  return mesh
+
+
+def format_mesh(mesh: Mapping[str, int]) -> str:
+  return ",".join(f"{a}={n}" for a, n in mesh.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective of a decoder layer. `bytes_per_token`: what each device sends per token (ring algorithms)."""
+
+  block: str  # "attention" | "mlp"
+  op: str  # "all-reduce" | "all-gather" | "reduce-scatter" | "all-to-all"
+  axis: str  # mesh axis it runs over
+  axis_size: int
+  tensor: str  # what moves, as seen by one device
+  bytes_per_token: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The planner's answer. Byte counts are per device unless named `_total`."""
+
+  model: str
+  num_params: int
+  layout: str  # "tp" | "2d"
+  mesh: dict[str, int]
+  num_devices: int
+  dtype: str
+  kv_dtype: str
+  max_model_len: int
+  hbm_bytes: int
+  reserve: float  # fraction of HBM kept for activations / workspace
+  # weights
+  weight_bytes_per_device: int
+  weight_bytes_total: int  # the model once, unpadded (num_params x dtype bytes)
+  vocab_padded: int  # vocab rows after padding to a multiple of the vocab shards
+  # KV cache
+  kv_placement: str  # "split" | "replicated" | "batch"
+  kv_heads_per_device: int
+  kv_note: str
+  kv_bytes_per_token_total: int  # 2 * L * K * H * kv bytes: one token's K and V, all layers and heads, once
+  kv_bytes_per_token_per_device: int  # what one device stores per token of each sequence it holds
+  batch_shards: int  # groups the batch is split over (data x batch-sharded KV axes); batch is a multiple of this
+  batch_split: str  # which axes split it, e.g. "data=2 x x=2"
+  # capacity
+  reserve_bytes: int
+  kv_free_bytes_per_device: int  # HBM - reserve - weights; negative when the weights do not fit
+  fits: bool
+  tokens_per_device: int  # KV tokens (of the sequences it holds) one device has room for
+  max_tokens: int  # batch x context over the whole mesh
+  max_batch: int  # sequences of max_model_len tokens
+  max_context_batch1: int  # longest single sequence, capped at max_model_len
+  # communication
+  collectives: tuple[Collective, ...]
+  comm_bytes_per_token_per_layer: float
+  comm_model: str  # the paper's per-layer formula, with this model's numbers
+  notes: tuple[str, ...] = ()
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def load_model_config(model: str) -> ModelConfig:
+  """A preset name (exact), or a path to an HF config.json (or to the directory holding one)."""
+  import os
+
+  if os.path.isdir(model):
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+      raise ValueError(f"{model} is a directory without a config.json.")
+    return ModelConfig.from_hf_file(path)
+  if os.path.isfile(model):
+    return ModelConfig.from_hf_file(model)
+  try:
+    return ModelConfig.from_preset(model)
+  except ValueError as e:
+    raise ValueError(f"{e} Or pass a path to an HF config.json.") from None
+
+
+def _split(what: str, size: int, axis: str, shards: int) -> int:
+  if size % shards:
+    raise ValueError(f"mesh axis {axis!r} of size {shards} cannot split {what} evenly: {size} is not a multiple of "
+                     f"{shards}.")
+  return size // shards
+
+
+def _kv_placement(K: int, shards: int, axis: str) -> tuple[str, int, int, str]:
+  """-> (placement, KV heads per device, batch shards it adds, note)."""
+  if K % shards == 0:
+    return "split", K // shards, 1, f"{K} KV heads split over {axis}={shards}: {K // shards} per device"
+  if shards % K == 0:
+    return ("replicated", 1, 1, f"{K} KV heads replicated up to {axis}={shards} (vLLM's way): each head on "
+            f"{shards // K} devices, 1 per device")
+  return ("batch", K, shards, f"{K} KV heads do not divide and are not divided by {axis}={shards}: KV cache sharded "
+          f"over batch (Pope et al. Sec. 3.3), all {K} heads for 1/{shards} of the sequences per device")
+
+
+def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len: int, hbm_bytes: int, layout: str,
+         kv_dtype: str | None = None, reserve: float = 0.1) -> Plan:
+  """Plans `config` on `mesh` (axis -> size); see the module docstring for the layouts and the cost model."""
+  c = config
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout {layout!r} is not supported; choose one of {sorted(LAYOUTS)}.")
+  if dtype not in WEIGHT_DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(WEIGHT_DTYPES)}.")
+  kv_dtype = kv_dtype or dtype
+  if kv_dtype not in KV_DTYPES:
+    raise ValueError(f"kv_dtype {kv_dtype!r} is not supported; choose one of {sorted(KV_DTYPES)}.")
+  if not isinstance(max_model_len, int) or max_model_len <= 0:
+    raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}.")
+  if max_model_len > c.max_position_embeddings:
+    raise ValueError(f"max_model_len {max_model_len} exceeds {c.name}'s max_position_embeddings "
+                     f"{c.max_position_embeddings}.")
+  if not hbm_bytes > 0:
+    raise ValueError(f"HBM per device must be > 0 bytes, got {hbm_bytes}.")
+  if not 0 <= reserve < 1:
+    raise ValueError(f"reserve must be a fraction in [0, 1), got {reserve}.")
+  mesh = dict(mesh)
+  for axis, n in mesh.items():
+    if axis not in LAYOUTS[layout]:
+      hint = " (use --layout 2d for x/y meshes)" if axis in ("x", "y") else (
+          " (use --layout tp for a model axis)" if axis == "model" else "")
+      raise ValueError(f"mesh axis {axis!r} is not an axis of layout {layout!r}, whose axes are "
+                       f"{', '.join(LAYOUTS[layout])}{hint}.")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+      raise ValueError(f"mesh axis {axis!r} needs a positive integer size, got {n!r}.")
+
+  D, F, N, K, H, V, L = c.d_model, c.d_ff, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.num_layers
+  wb, kb = WEIGHT_DTYPES[dtype], KV_DTYPES[kv_dtype]
+  ab = wb  # activations are carried in the parameter dtype
+  data = mesh.get("data", 1)
+  notes = []
+
+  if layout == "tp":
+    m = mesh.get("model", 1)
+    X, Y, head_axis = 1, m, "model"
+  else:
+    X, Y, head_axis = mesh.get("x", 1), mesh.get("y", 1), "y"
+  # Weight splits: D over x (2d only); heads, mlp and vocab over the head axis.
+  Dx = _split(f"d_model={D}", D, "x", X) if layout == "2d" else D
+  Ny = _split(f"the {N} query heads (num_heads)", N, head_axis, Y)
+  Fy = _split(f"d_ff={F} (MLP width)", F, head_axis, Y)
+  if layout == "2d":
+    _split(f"d_model={D} (activations between blocks)", D, "x*y", X * Y)
+    _split(f"d_ff={F} (MLP activations)", F, "x*y", X * Y)
+  placement, kvh, kv_batch, kv_note = _kv_placement(K, Y, head_axis)
+  if placement != "split":
+    notes.append(kv_note)
+  vocab_padded = -(-V // Y) * Y
+  if data > 1:
+    notes.append(f"weights replicated over data={data}, which splits the batch")
+  if vocab_padded != V:
+    notes.append(f"vocab {V} padded to {vocab_padded} rows to split over {head_axis}={Y}")
+
+  # --- weights per device
+  per_layer = (Dx * Ny * H * 2  # wq, wo
+               + Dx * kvh * H * 2  # wk, wv (all K heads when the KV cache is batch-sharded)
+               + Dx * Fy * 3  # gate, up, down
+               + Dx * 2)  # two RMSNorms (embed axis: replicated for tp, over x for 2d)
+  embed = (vocab_padded // Y) * Dx * (1 if c.tie_embeddings else 2)
+  weight_bytes = (L * per_layer + embed + Dx) * wb
+
+  # --- KV cache
+  kv_total = 2 * L * K * H * kb
+  kv_dev = 2 * L * kvh * H * kb
+  batch_axes = {"data": data, "x": X if layout == "2d" else 1, head_axis: kv_batch}
+  batch_shards = math.prod(batch_axes.values())
+  batch_split = " x ".join(f"{a}={n}" for a, n in batch_axes.items() if n > 1) or "none"
+
+  # --- capacity
+  reserve_bytes = math.ceil(hbm_bytes * reserve)
+  free = hbm_bytes - reserve_bytes - weight_bytes
+  tokens_dev = max(free, 0) // kv_dev
+  fits = tokens_dev > 0
+  if not fits:
+    notes.append(f"does not fit: weights need {weight_bytes / GiB:.2f} GiB per device, "
+                 f"{(hbm_bytes - reserve_bytes) / GiB:.2f} GiB is usable after the reserve")
+  max_tokens = tokens_dev * batch_shards
+  max_batch = (tokens_dev // max_model_len) * batch_shards
+  max_ctx1 = min(tokens_dev, max_model_len)
+
+  # --- collectives per layer, bytes each device sends per token
+  def ring(k):
+    return (k - 1) / k
+
+  if layout == "tp":
+    ar = 2 * ring(m) * D * ab
+    coll = [Collective("attention", "all-reduce", "model", m, "out-proj partial sums [B, T, D]", ar)]
+    if placement == "batch":
+      a2a = ring(m) * Ny * H / m * ab
+      coll[:0] = [Collective("attention", "all-to-all", "model", m, "q heads -> batch [B, T, N/m, H]", a2a),
+                  Collective("attention", "all-to-all", "model", m, "attn out batch -> heads [B/m, T, N, H]", a2a)]
+    coll.append(Collective("mlp", "all-reduce", "model", m, "down-proj partial sums [B, T, D]", ar))
+    comm_model = (f"Pope et al. 2023 Sec. 3.2.1 (1D weight-stationary): 2*B*T*D elements per device per block, "
+                  f"independent of the chip count; 2 blocks per layer (attention, MLP) = 4*D*{ab} B = "
+                  f"{4 * D * ab:,} B/token/layer; ring algorithms send (m-1)/m of that, the table's count")
+  else:
+    ag_y = ring(Y) * Dx * ab
+    qkv = (Ny + 2 * kvh) * H
+    coll = [
+        Collective("attention", "all-gather", "y", Y, "input [B, T, D/xy] -> [B, T, D/x]", ag_y),
+        Collective("attention", "reduce-scatter", "x", X, "q,k,v partial sums [B, T, (N/y+2*kvh)*H] -> B/x",
+                   ring(X) * qkv * ab),
+    ]
+    if placement == "batch":
+      a2a = ring(Y) * Ny * H / X * ab
+      coll += [Collective("attention", "all-to-all", "y", Y, "q heads -> batch [B/x, T, N/y, H]", a2a),
+               Collective("attention", "all-to-all", "y", Y, "attn out batch -> heads [B/xy, T, N, H]", a2a)]
+    coll += [
+        Collective("attention", "all-gather", "x", X, "attn out [B/x, T, N/y, H] -> [B, T, N/y, H]",
+                   ring(X) * Ny * H * ab),
+        Collective("attention", "reduce-scatter", "y", Y, "out-proj partial sums [B, T, D/x] -> D/xy", ag_y),
+        Collective("mlp", "all-gather", "y", Y, "input [B, T, D/xy] -> [B, T, D/x]", ag_y),
+        Collective("mlp", "reduce-scatter", "x", X, "gate,up partial sums [B, T, 2F/y] -> 2F/xy",
+                   ring(X) * 2 * Fy * ab),
+        Collective("mlp", "all-gather", "x", X, "hidden [B, T, F/xy] -> [B, T, F/y]", ring(X) * Fy * ab),
+        Collective("mlp", "reduce-scatter", "y", Y, "down-proj partial sums [B, T, D/x] -> D/xy", ag_y),
+    ]
+    n = X * Y
+    paper = (2 * D / X + 2 * F / Y) * ab
+    comm_model = (f"Pope et al. 2023 Sec. 3.2.2 (2D weight-stationary): 2*B*T*D/X + 2*B*T*F/Y elements per device "
+                  f"per feed-forward block = {paper:,.0f} B/token here (8*D/sqrt(n) at F=4D, X=sqrt(n)/2); "
+                  f"optimal x = sqrt(n*D/F) = {math.sqrt(n * D / F):.2f} for n={n}")
+
+  return Plan(
+      model=c.name, num_params=c.num_params, layout=layout, mesh=mesh, num_devices=math.prod(mesh.values()),
+      dtype=dtype, kv_dtype=kv_dtype, max_model_len=max_model_len, hbm_bytes=int(hbm_bytes), reserve=float(reserve),
+      weight_bytes_per_device=weight_bytes, weight_bytes_total=c.num_params * wb, vocab_padded=vocab_padded,
+      kv_placement=placement, kv_heads_per_device=kvh, kv_note=kv_note, kv_bytes_per_token_total=kv_total,
+      kv_bytes_per_token_per_device=kv_dev, batch_shards=batch_shards, batch_split=batch_split,
+      reserve_bytes=reserve_bytes, kv_free_bytes_per_device=free, fits=fits, tokens_per_device=tokens_dev,
+      max_tokens=max_tokens, max_batch=max_batch, max_context_batch1=max_ctx1, collectives=tuple(coll),
+      comm_bytes_per_token_per_layer=sum(x.bytes_per_token for x in coll), comm_model=comm_model, notes=tuple(notes))
+
+
+# ------------------------------------------------------------------------------------------------ text output
+def _gib(b: float) -> str:
+  return f"{b / GiB:,.2f} GiB"
+
+
+def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  return ["  " + "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in
+                           enumerate(zip(r, widths))).rstrip() for r in rows]
+
+
+def format_plan(p: Plan) -> str:
+  """The plan as an aligned plain-text report."""
+  out = [f"{p.model} ({p.num_params / 1e9:.2f}B params) on mesh {format_mesh(p.mesh)} ({p.num_devices} devices), "
+         f"layout {p.layout} ({LAYOUT_NAMES[p.layout]})",
+         f"weights {p.dtype}, KV cache {p.kv_dtype}, HBM {_gib(p.hbm_bytes)} per device, "
+         f"reserve {p.reserve:.0%} for activations/workspace, max_model_len {p.max_model_len:,}", ""]
+  out.append("Memory per device")
+  out += _table([
+      ("weights", _gib(p.weight_bytes_per_device), f"{p.weight_bytes_per_device:,} B"),
+      (f"reserve ({p.reserve:.0%})", _gib(p.reserve_bytes), f"{p.reserve_bytes:,} B"),
+      ("free for KV cache", _gib(p.kv_free_bytes_per_device), f"{p.kv_free_bytes_per_device:,} B"),
+  ], right={1, 2})
+  out += ["", "KV cache"]
+  out += _table([
+      ("placement", f"{p.kv_placement}: {p.kv_note}"),
+      ("KV heads per device", str(p.kv_heads_per_device)),
+      ("bytes per token, total", f"{p.kv_bytes_per_token_total:,} B (2 x layers x KV heads x head_dim x "
+                                 f"{KV_DTYPES[p.kv_dtype]} B)"),
+      ("bytes per token, per device", f"{p.kv_bytes_per_token_per_device:,} B (per token of each sequence it holds)"),
+      ("batch split over", f"{p.batch_shards} groups ({p.batch_split}); the batch is a multiple of {p.batch_shards}"
+       if p.batch_shards > 1 else "not split: every device holds every sequence"),
+  ])
+  out += ["", "Capacity" + ("" if p.fits else " -- DOES NOT FIT: no room for KV cache after weights and reserve")]
+  at_len = p.tokens_per_device >= p.max_model_len
+  out += _table([
+      ("KV tokens per device", f"{p.tokens_per_device:,}", "of the sequences it holds"),
+      ("max batch x context", f"{p.max_tokens:,}", "tokens over the mesh"),
+      (f"max batch at {p.max_model_len:,} tokens", f"{p.max_batch:,}", "sequences"),
+      ("max context at batch 1", f"{p.max_context_batch1:,}", "= max_model_len" if at_len else "tokens"),
+  ], right={1})
+  out += ["", "Collectives per layer (bytes each device sends per token, ring algorithms)"]
+  rows = [("block", "collective", "axis", "what moves", "bytes/token")]
+  rows += [(x.block, x.op, f"{x.axis}={x.axis_size}", x.tensor, f"{x.bytes_per_token:,.0f}") for x in p.collectives]
+  rows.append(("total per layer", "", "", "", f"{p.comm_bytes_per_token_per_layer:,.0f}"))
+  out += _table(rows, right={4})
+  out.append(f"  cost model: {p.comm_model}")
+  if p.notes:
+    out += ["", "Notes"] + [f"  - {n}" for n in p.notes]
+  return "\n".join(out)
