@@ -1,16 +1,17 @@
 """Capacity planner: a model config + a device mesh -> weight and KV-cache bytes per device, how many tokens of KV
 cache fit, and the collectives each decoder layer costs (the cost model of Pope et al., "Efficiently Scaling
-Transformer Inference", MLSys 2023). Pure arithmetic on `ModelConfig`; nothing is allocated and jax is not imported.
+Transformer Inference", MLSys 2023). Arithmetic on `ModelConfig`; nothing is allocated on a device.
 
-    mesh = parse_mesh("model=8")                                    # {"model": 8}
+    mesh = parse_mesh("model=8")                                    # {"model": 8}, jaxllm.sharding.mesh's parser
     p = plan(ModelConfig.from_preset("llama3-70b"), mesh, "bfloat16", 8192, 80 * 2**30, "tp")
     print(format_plan(p))                                           # or json.dumps(p.to_dict())
 
-Data flows: config + mesh -> layout check (`_split`, a ValueError naming the axis and the sizes when a dimension does
-not divide) -> KV placement (`_kv_placement`) -> per-device weight bytes -> HBM left after weights and the reserve ->
-KV tokens per device -> batch x context -> the per-layer collectives of the layout.
+Data flows: config + mesh -> `_check_mesh` (the layout's axes, then `jaxllm.sharding.rules.check_model_fits`, so a
+mesh the runtime refuses is refused here with the same ValueError) -> KV placement (`_kv_placement`) -> per-device
+weight bytes -> HBM left after weights and the reserve -> KV tokens per device -> batch x context -> the per-layer
+collectives of the layout -> `Plan` -> `format_plan` (text) or `Plan.to_dict` (JSON).
 
-Layouts (mesh axes; `data`, when present, replicates the weights and splits the batch in both):
+Layouts (the logical-axis rules of `jaxllm.sharding.rules`; a `data` axis replicates the weights and splits the batch):
 
   tp   1D weight-stationary over `model` (m devices): heads, kv_heads, mlp and vocab split over m, embed (D)
        replicated. Activations [B, T, D] are replicated, so each layer does two all-reduces over `model`: after the
@@ -23,6 +24,7 @@ Layouts (mesh axes; `data`, when present, replicates the weights and splits the 
        MLP), all-gathers over x before the second projection and reduce-scatters its output over y. Pope et al.
        (Sec. 3.2.2) give 2*B*T*D/X + 2*B*T*F/Y elements per device per feed-forward block, 8*B*T*D/sqrt(n) at F = 4D,
        X = sqrt(n)/2; the minimum is at X = sqrt(n*D/F).
+  dp   weights replicated on every device, only the batch split over `data`; no per-layer collectives.
 
 KV heads (K) versus the shards of the head axis (s: `model` for tp, `y` for 2d):
   K % s == 0   split: K/s heads per device.
@@ -34,43 +36,27 @@ KV heads (K) versus the shards of the head axis (s: `model` for tp, `y` for 2d):
 Byte counts of the collectives are what each device sends per token of its data-parallel replica's batch with ring
 algorithms: all-gather and reduce-scatter (k-1)/k of the full tensor, all-reduce twice that. Not counted: the RMSNorm
 statistics (B*T scalars), the embedding lookup and the logits (once per step, not per layer), KV-cache page rounding
-and any quantization scales of a float8 KV cache.
+and any quantization scales of a float8 KV cache. A vocabulary that does not divide its axis is replicated, as the
+runtime's rules do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
+import os
+import types
 from typing import Any, Mapping
 
 from jaxllm.config import ModelConfig
+from jaxllm.sharding.mesh import parse_mesh  # noqa: F401  (the planner reads --mesh as the runtime does)
 
 # Parameters jaxllm loads (jaxllm.checkpoint.DTYPES); the KV cache may be stored narrower.
 WEIGHT_DTYPES = {"float32": 4, "bfloat16": 2}
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
-LAYOUTS = {"tp": ("data", "model"), "2d": ("data", "x", "y")}
-LAYOUT_NAMES = {"tp": "1D weight-stationary", "2d": "2D weight-stationary"}
-_AXIS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+LAYOUTS = {"tp": ("data", "model"), "2d": ("data", "x", "y"), "dp": ("data",)}  # the mesh axes each layout uses
+LAYOUT_NAMES = {"tp": "1D weight-stationary", "2d": "2D weight-stationary", "dp": "data-parallel only"}
 GiB = 2**30
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """'data=2,model=4' -> {'data': 2, 'model': 4} (ordered). A ValueError names the bad part."""
-  if not isinstance(text, str) or not text.strip():
-    raise ValueError(f"mesh {text!r} is empty; expected AXIS=SIZE[,AXIS=SIZE...], e.g. 'model=8' or 'data=2,model=4'.")
-  mesh: dict[str, int] = {}
-  for part in text.split(","):
-    name, eq, size = (s.strip() for s in part.partition("="))
-    if not eq or not _AXIS_RE.fullmatch(name) or not re.fullmatch(r"[+-]?\d+", size):
-      raise ValueError(f"mesh part {part.strip()!r} of {text!r} is not AXIS=SIZE (an axis name, '=', an integer), "
-                       "e.g. 'model=8'.")
-    if int(size) <= 0:
-      raise ValueError(f"mesh part {part.strip()!r} of {text!r}: axis {name!r} needs a positive size, got {int(size)}.")
-    if name in mesh:
-      raise ValueError(f"mesh part {part.strip()!r} of {text!r}: axis {name!r} is given twice.")
-    mesh[name] = int(size)
-  return mesh
 
 
 def format_mesh(mesh: Mapping[str, int]) -> str:
@@ -95,7 +81,8 @@ class Plan:
 
   model: str
   num_params: int
-  layout: str  # "tp" | "2d"
+  shape: dict[str, int]  # the config's shape letters: V D F L N K H
+  layout: str  # "tp" | "2d" | "dp"
   mesh: dict[str, int]
   num_devices: int
   dtype: str
@@ -105,15 +92,15 @@ class Plan:
   reserve: float  # fraction of HBM kept for activations / workspace
   # weights
   weight_bytes_per_device: int
-  weight_bytes_total: int  # the model once, unpadded (num_params x dtype bytes)
-  vocab_padded: int  # vocab rows after padding to a multiple of the vocab shards
+  weight_bytes_total: int  # the model once (num_params x dtype bytes)
+  vocab_rows_per_device: int  # of the embedding (and LM head): V / vocab shards, or V when they do not divide
   # KV cache
   kv_placement: str  # "split" | "replicated" | "batch"
   kv_heads_per_device: int
   kv_note: str
   kv_bytes_per_token_total: int  # 2 * L * K * H * kv bytes: one token's K and V, all layers and heads, once
   kv_bytes_per_token_per_device: int  # what one device stores per token of each sequence it holds
-  batch_shards: int  # groups the batch is split over (data x batch-sharded KV axes); batch is a multiple of this
+  batch_shards: int  # groups the batch is split over (data, x for 2d, a batch-sharded KV axis); batch is a multiple
   batch_split: str  # which axes split it, e.g. "data=2 x x=2"
   # capacity
   reserve_bytes: int
@@ -135,8 +122,6 @@ class Plan:
 
 def load_model_config(model: str) -> ModelConfig:
   """A preset name (exact), or a path to an HF config.json (or to the directory holding one)."""
-  import os
-
   if os.path.isdir(model):
     path = os.path.join(model, "config.json")
     if not os.path.isfile(path):
@@ -150,30 +135,41 @@ def load_model_config(model: str) -> ModelConfig:
     raise ValueError(f"{e} Or pass a path to an HF config.json.") from None
 
 
-def _split(what: str, size: int, axis: str, shards: int) -> int:
-  if size % shards:
-    raise ValueError(f"mesh axis {axis!r} of size {shards} cannot split {what} evenly: {size} is not a multiple of "
-                     f"{shards}.")
-  return size // shards
-
-
 def _kv_placement(K: int, shards: int, axis: str) -> tuple[str, int, int, str]:
   """-> (placement, KV heads per device, batch shards it adds, note)."""
   if K % shards == 0:
     return "split", K // shards, 1, f"{K} KV heads split over {axis}={shards}: {K // shards} per device"
   if shards % K == 0:
     return ("replicated", 1, 1, f"{K} KV heads replicated up to {axis}={shards} (vLLM's way): each head on "
-            f"{shards // K} devices, 1 per device")
+            f"{shards // K} devices, 1 per device [target placement: today's runtime keeps all {K} heads on every "
+            "device, see issue #4]")
   return ("batch", K, shards, f"{K} KV heads do not divide and are not divided by {axis}={shards}: KV cache sharded "
-          f"over batch (Pope et al. Sec. 3.3), all {K} heads for 1/{shards} of the sequences per device")
+          f"over batch (Pope et al. Sec. 3.3), all {K} heads for 1/{shards} of the sequences per device [target "
+          "placement: today's runtime keeps all heads of every sequence on every device, see issue #4]")
+
+
+def _check_mesh(config: ModelConfig, mesh: dict[str, int], layout: str) -> dict:
+  """The layout's logical-axis rules on `mesh`; the runtime's own checks (`jaxllm.sharding.rules`) run first."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout {layout!r} is not supported; choose one of {sorted(LAYOUTS)}.")
+  for axis, n in mesh.items():
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+      raise ValueError(f"mesh axis {axis!r} needs a positive integer size, got {n!r}.")
+    if axis not in LAYOUTS[layout]:
+      other = next((name for name, axes in LAYOUTS.items() if axis in axes and axis != "data"), None)
+      raise ValueError(f"mesh axis {axis!r} is not an axis of layout {layout!r}, whose axes are "
+                       f"{', '.join(LAYOUTS[layout])}" + (f"; use --layout {other}." if other else "."))
+  from jaxllm.sharding import rules
+
+  shaped = types.SimpleNamespace(shape=mesh)  # all the rules read of a jax Mesh
+  rules.check_model_fits(config, shaped, layout)  # query heads, d_ff (and d_model for 2d) must divide their axes
+  return rules.rules_for(layout, shaped)
 
 
 def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len: int, hbm_bytes: int, layout: str,
          kv_dtype: str | None = None, reserve: float = 0.1) -> Plan:
   """Plans `config` on `mesh` (axis -> size); see the module docstring for the layouts and the cost model."""
   c = config
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout {layout!r} is not supported; choose one of {sorted(LAYOUTS)}.")
   if dtype not in WEIGHT_DTYPES:
     raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(WEIGHT_DTYPES)}.")
   kv_dtype = kv_dtype or dtype
@@ -189,54 +185,42 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
   if not 0 <= reserve < 1:
     raise ValueError(f"reserve must be a fraction in [0, 1), got {reserve}.")
   mesh = dict(mesh)
-  for axis, n in mesh.items():
-    if axis not in LAYOUTS[layout]:
-      hint = " (use --layout 2d for x/y meshes)" if axis in ("x", "y") else (
-          " (use --layout tp for a model axis)" if axis == "model" else "")
-      raise ValueError(f"mesh axis {axis!r} is not an axis of layout {layout!r}, whose axes are "
-                       f"{', '.join(LAYOUTS[layout])}{hint}.")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-      raise ValueError(f"mesh axis {axis!r} needs a positive integer size, got {n!r}.")
+  axis_rules = _check_mesh(c, mesh, layout)
 
   D, F, N, K, H, V, L = c.d_model, c.d_ff, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.num_layers
   wb, kb = WEIGHT_DTYPES[dtype], KV_DTYPES[kv_dtype]
   ab = wb  # activations are carried in the parameter dtype
   data = mesh.get("data", 1)
+  head_axis = axis_rules.get("heads")  # "model" (tp), "y" (2d), None (dp)
+  X = mesh[axis_rules["embed"]] if "embed" in axis_rules else 1
+  Y = mesh[head_axis] if head_axis else 1
+  Dx, Ny, Fy = D // X, N // Y, F // Y  # divisibility checked above
   notes = []
-
-  if layout == "tp":
-    m = mesh.get("model", 1)
-    X, Y, head_axis = 1, m, "model"
+  if head_axis:
+    placement, kvh, kv_batch, kv_note = _kv_placement(K, Y, head_axis)
   else:
-    X, Y, head_axis = mesh.get("x", 1), mesh.get("y", 1), "y"
-  # Weight splits: D over x (2d only); heads, mlp and vocab over the head axis.
-  Dx = _split(f"d_model={D}", D, "x", X) if layout == "2d" else D
-  Ny = _split(f"the {N} query heads (num_heads)", N, head_axis, Y)
-  Fy = _split(f"d_ff={F} (MLP width)", F, head_axis, Y)
-  if layout == "2d":
-    _split(f"d_model={D} (activations between blocks)", D, "x*y", X * Y)
-    _split(f"d_ff={F} (MLP activations)", F, "x*y", X * Y)
-  placement, kvh, kv_batch, kv_note = _kv_placement(K, Y, head_axis)
-  if placement != "split":
+    placement, kvh, kv_batch, kv_note = "replicated", K, 1, f"all {K} KV heads on every device (weights replicated)"
+  if placement != "split" and head_axis:
     notes.append(kv_note)
-  vocab_padded = -(-V // Y) * Y
   if data > 1:
     notes.append(f"weights replicated over data={data}, which splits the batch")
-  if vocab_padded != V:
-    notes.append(f"vocab {V} padded to {vocab_padded} rows to split over {head_axis}={Y}")
+  vocab_rows = V // Y if V % Y == 0 else V
+  if V % Y:
+    notes.append(f"vocab {V} does not split over {head_axis}={Y}: embedding and LM head replicated (as "
+                 "jaxllm.sharding.rules does)")
 
   # --- weights per device
   per_layer = (Dx * Ny * H * 2  # wq, wo
                + Dx * kvh * H * 2  # wk, wv (all K heads when the KV cache is batch-sharded)
                + Dx * Fy * 3  # gate, up, down
                + Dx * 2)  # two RMSNorms (embed axis: replicated for tp, over x for 2d)
-  embed = (vocab_padded // Y) * Dx * (1 if c.tie_embeddings else 2)
+  embed = vocab_rows * Dx * (1 if c.tie_embeddings else 2)
   weight_bytes = (L * per_layer + embed + Dx) * wb
 
   # --- KV cache
   kv_total = 2 * L * K * H * kb
   kv_dev = 2 * L * kvh * H * kb
-  batch_axes = {"data": data, "x": X if layout == "2d" else 1, head_axis: kv_batch}
+  batch_axes = {"data": data, "x": X if layout == "2d" else 1, head_axis or "-": kv_batch}
   batch_shards = math.prod(batch_axes.values())
   batch_split = " x ".join(f"{a}={n}" for a, n in batch_axes.items() if n > 1) or "none"
 
@@ -256,7 +240,11 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
   def ring(k):
     return (k - 1) / k
 
-  if layout == "tp":
+  if layout == "dp":
+    coll = []
+    comm_model = "dp: weights replicated on every device, each replica runs whole sequences; no per-layer collectives"
+  elif layout == "tp":
+    m = Y
     ar = 2 * ring(m) * D * ab
     coll = [Collective("attention", "all-reduce", "model", m, "out-proj partial sums [B, T, D]", ar)]
     if placement == "batch":
@@ -296,9 +284,10 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
                   f"optimal x = sqrt(n*D/F) = {math.sqrt(n * D / F):.2f} for n={n}")
 
   return Plan(
-      model=c.name, num_params=c.num_params, layout=layout, mesh=mesh, num_devices=math.prod(mesh.values()),
-      dtype=dtype, kv_dtype=kv_dtype, max_model_len=max_model_len, hbm_bytes=int(hbm_bytes), reserve=float(reserve),
-      weight_bytes_per_device=weight_bytes, weight_bytes_total=c.num_params * wb, vocab_padded=vocab_padded,
+      model=c.name, num_params=c.num_params, shape=dict(V=V, D=D, F=F, L=L, N=N, K=K, H=H), layout=layout, mesh=mesh,
+      num_devices=math.prod(mesh.values()), dtype=dtype, kv_dtype=kv_dtype, max_model_len=max_model_len,
+      hbm_bytes=int(hbm_bytes), reserve=float(reserve),
+      weight_bytes_per_device=weight_bytes, weight_bytes_total=c.num_params * wb, vocab_rows_per_device=vocab_rows,
       kv_placement=placement, kv_heads_per_device=kvh, kv_note=kv_note, kv_bytes_per_token_total=kv_total,
       kv_bytes_per_token_per_device=kv_dev, batch_shards=batch_shards, batch_split=batch_split,
       reserve_bytes=reserve_bytes, kv_free_bytes_per_device=free, fits=fits, tokens_per_device=tokens_dev,
@@ -319,8 +308,9 @@ def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[s
 
 def format_plan(p: Plan) -> str:
   """The plan as an aligned plain-text report."""
-  out = [f"{p.model} ({p.num_params / 1e9:.2f}B params) on mesh {format_mesh(p.mesh)} ({p.num_devices} devices), "
-         f"layout {p.layout} ({LAYOUT_NAMES[p.layout]})",
+  out = [f"{p.model} ({p.num_params / 1e9:.2f}B params; {' '.join(f'{k}={v}' for k, v in p.shape.items())}) on mesh "
+         f"{format_mesh(p.mesh)} ({p.num_devices} device{'s' * (p.num_devices > 1)}), layout {p.layout} "
+         f"({LAYOUT_NAMES[p.layout]})",
          f"weights {p.dtype}, KV cache {p.kv_dtype}, HBM {_gib(p.hbm_bytes)} per device, "
          f"reserve {p.reserve:.0%} for activations/workspace, max_model_len {p.max_model_len:,}", ""]
   out.append("Memory per device")
@@ -333,8 +323,8 @@ def format_plan(p: Plan) -> str:
   out += _table([
       ("placement", f"{p.kv_placement}: {p.kv_note}"),
       ("KV heads per device", str(p.kv_heads_per_device)),
-      ("bytes per token, total", f"{p.kv_bytes_per_token_total:,} B (2 x layers x KV heads x head_dim x "
-                                 f"{KV_DTYPES[p.kv_dtype]} B)"),
+      ("bytes per token, total", f"{p.kv_bytes_per_token_total:,} B (K and V x L={p.shape['L']} x K={p.shape['K']} x "
+                                 f"H={p.shape['H']} x {KV_DTYPES[p.kv_dtype]} B)"),
       ("bytes per token, per device", f"{p.kv_bytes_per_token_per_device:,} B (per token of each sequence it holds)"),
       ("batch split over", f"{p.batch_shards} groups ({p.batch_split}); the batch is a multiple of {p.batch_shards}"
        if p.batch_shards > 1 else "not split: every device holds every sequence"),
@@ -348,6 +338,9 @@ def format_plan(p: Plan) -> str:
       ("max context at batch 1", f"{p.max_context_batch1:,}", "= max_model_len" if at_len else "tokens"),
   ], right={1})
   out += ["", "Collectives per layer (bytes each device sends per token, ring algorithms)"]
+  if not p.collectives:
+    out.append(f"  none: {p.comm_model}")
+    return "\n".join(out + (["", "Notes"] + [f"  - {n}" for n in p.notes] if p.notes else []))
   rows = [("block", "collective", "axis", "what moves", "bytes/token")]
   rows += [(x.block, x.op, f"{x.axis}={x.axis_size}", x.tensor, f"{x.bytes_per_token:,.0f}") for x in p.collectives]
   rows.append(("total per layer", "", "", "", f"{p.comm_bytes_per_token_per_layer:,.0f}"))

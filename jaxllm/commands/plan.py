@@ -14,7 +14,7 @@ from jaxllm.commands import fail, parse_flags  # noqa: F401  (parse_flags is use
 _MODEL = flags.DEFINE_string("model", None, "A preset name (configs/models.toml, exact) or a path to an HF "
                              "config.json.")
 _MESH = flags.DEFINE_string("mesh", "model=1", "Mesh axes AXIS=SIZE, comma separated: 'model=8', 'data=2,model=4' "
-                            "(layout tp) or 'x=2,y=4' (layout 2d).")
+                            "(layout tp), 'x=2,y=4' (layout 2d) or 'data=8' (layout dp).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter (and activation) dtype: float32 or bfloat16.")
 _KV_DTYPE = flags.DEFINE_string("kv_dtype", None, "KV-cache dtype (default: --dtype): float32, bfloat16, float16, "
                                 "float8_e4m3fn or float8_e5m2.")
@@ -22,8 +22,9 @@ _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", None, "Context length to 
                                       "max_position_embeddings).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 80.0, "Accelerator memory per device, GiB.")
 _RESERVE = flags.DEFINE_float("reserve", 0.1, "Fraction of HBM kept for activations and workspace.")
-_LAYOUT = flags.DEFINE_enum("layout", None, ["tp", "2d"], "tp: 1D weight-stationary over 'model'; 2d: 2D "
-                            "weight-stationary over 'x' and 'y' (default: 2d when --mesh names x or y, else tp).")
+_LAYOUT = flags.DEFINE_enum("layout", None, ["tp", "2d", "dp"], "tp: 1D weight-stationary over 'model'; 2d: 2D "
+                            "weight-stationary over 'x' and 'y'; dp: replicas over 'data' only (default: from the "
+                            "axes --mesh names).")
 _JSON = flags.DEFINE_bool("json", False, "Print the plan as JSON instead of a table.")
 
 
@@ -37,11 +38,12 @@ def main(argv):
   try:
     config = planner.load_model_config(_MODEL.value)
     mesh = planner.parse_mesh(_MESH.value)
-    layout = _LAYOUT.value or ("2d" if {"x", "y"} & set(mesh) else "tp")
+    layout = _LAYOUT.value or ("2d" if {"x", "y"} & set(mesh) else "tp" if "model" in mesh else "dp")
     if not _HBM_GIB.value > 0:
       raise ValueError(f"--hbm_gib must be > 0, got {_HBM_GIB.value}.")
-    p = planner.plan(config, mesh, _DTYPE.value, _MAX_MODEL_LEN.value or config.max_position_embeddings,
-                     int(_HBM_GIB.value * planner.GiB), layout, kv_dtype=_KV_DTYPE.value, reserve=_RESERVE.value)
+    max_len = config.max_position_embeddings if _MAX_MODEL_LEN.value is None else _MAX_MODEL_LEN.value
+    p = planner.plan(config, mesh, _DTYPE.value, max_len, int(_HBM_GIB.value * planner.GiB), layout,
+                     kv_dtype=_KV_DTYPE.value, reserve=_RESERVE.value)
   except (ValueError, OSError) as e:
     fail(str(e))
   print(json.dumps(p.to_dict(), indent=2) if _JSON.value else planner.format_plan(p))
