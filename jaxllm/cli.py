@@ -35,8 +35,10 @@ def run() -> None:
 
   # jax logs at INFO which accelerator plugins it could not find; that is noise on a CPU or GPU host.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  from jaxllm.commands import parse_flags
+
   module = importlib.import_module(f"jaxllm.commands.{name}")
-  app.run(module.main, argv=[f"jaxllm {name}"] + sys.argv[2:], flags_parser=module.parse_flags)
+  app.run(module.main, argv=[f"jaxllm {name}"] + sys.argv[2:], flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

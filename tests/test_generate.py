@@ -1,6 +1,5 @@
 """Invariances of the generation path: cached decode == full forward, padding and batch company change nothing."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

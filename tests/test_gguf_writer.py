@@ -5,7 +5,6 @@ import importlib.util
 import gguf
 import numpy as np
 import pytest
-import torch
 
 from jaxllm import checkpoint, default_model
 from jaxllm.generate import Generator

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from flax import nnx
-import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig

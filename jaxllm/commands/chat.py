@@ -4,7 +4,7 @@ import sys
 
 from absl import flags
 
-from jaxllm.commands import fail, parse_flags  # noqa: F401
+from jaxllm.commands import fail
 
 _MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, an HF checkpoint dir or a convert dir.")
 _PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "First user message.")

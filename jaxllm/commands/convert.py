@@ -5,7 +5,7 @@ import time
 
 from absl import flags
 
-from jaxllm.commands import fail, parse_flags  # noqa: F401
+from jaxllm.commands import fail
 
 _MODEL = flags.DEFINE_string("model", None, "Source: 'default', a .gguf file or an HF checkpoint directory.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory (must not hold a checkpoint already).")

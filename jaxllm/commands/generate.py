@@ -2,7 +2,7 @@
 
 from absl import flags
 
-from jaxllm.commands import fail, parse_flags  # noqa: F401  (parse_flags is used by jaxllm.cli)
+from jaxllm.commands import fail
 
 _MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, an HF checkpoint dir or a convert dir.")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt text.")

@@ -9,7 +9,7 @@ import json
 
 from absl import flags
 
-from jaxllm.commands import fail, parse_flags  # noqa: F401  (parse_flags is used by jaxllm.cli)
+from jaxllm.commands import fail
 
 _MODEL = flags.DEFINE_string("model", None, "A preset name (configs/models.toml, exact) or a path to an HF "
                              "config.json.")
