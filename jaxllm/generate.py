@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxllm.layers.llama import KVCache, Llama
 from jaxllm.sampling import SamplingArrays, sample
+from jaxllm.sharding.distributed import host_value
 
 
 def bucket(n: int, multiple: int, cap: int | None = None) -> int:
@@ -44,6 +45,7 @@ class Generator:
     self.mesh = mesh
     self.dtype = model.dtype
     self.max_batch_size = max_batch_size
+    self.activation_sharding = model.activation_sharding
     graphdef, self.params = nnx.split(model)
 
     def prefill(params, tokens_BT, lengths_B, cache, sampling: SamplingArrays):
@@ -102,6 +104,15 @@ class Generator:
 
     return jax.tree.map(put, tree)
 
+  def _new_cache(self, B: int, S: int) -> KVCache:
+    """Zeros [L, B, S, K, H], created on the devices that hold them: batch over `data`, KV heads over the head axis."""
+    shape = (self.config.num_layers, B, S, self.config.num_kv_heads, self.config.head_dim)
+    if self.activation_sharding is None:
+      return KVCache.zeros(self.config, B, S, self.dtype)
+    sharding = self.activation_sharding.named(("layers", "batch", "length", "kv_heads", "head_dim"), shape)
+    zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
+    return KVCache(k=zeros(), v=zeros())
+
   def _batch(self, n: int) -> int:
     B = batch_bucket(n)
     return min(B, max(n, self.max_batch_size)) if self.max_batch_size else B
@@ -111,7 +122,7 @@ class Generator:
     """Full-forward float32 logits [B, T, V] for (unpadded, equal-length) token rows."""
     tokens_BT = np.asarray(tokens_BT, np.int32)
     positions_BT = np.broadcast_to(np.arange(tokens_BT.shape[1], dtype=np.int32), tokens_BT.shape)
-    return np.asarray(self._forward_logits(self.params, *self._place((tokens_BT, positions_BT))))
+    return host_value(self._forward_logits(self.params, *self._place((tokens_BT, positions_BT))))
 
   def score(self, rows: list[list[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """For each token row, logprob of tokens[1:] given their prefixes and whether each was the argmax."""
@@ -119,7 +130,7 @@ class Generator:
     tokens = np.zeros((self._batch(len(rows)), T), np.int32)
     for i, r in enumerate(rows):
       tokens[i, :len(r)] = r
-    chosen, greedy = jax.device_get(self._score(self.params, self._place(tokens)))
+    chosen, greedy = map(host_value, self._score(self.params, self._place(tokens)))
     return ([chosen[i, :len(r) - 1] for i, r in enumerate(rows)], [greedy[i, :len(r) - 1] for i, r in enumerate(rows)])
 
   def generate(self, prompts: list[list[int]], max_new: list[int], sampling: SamplingArrays, stop_fn,
@@ -145,11 +156,7 @@ class Generator:
       lengths[i] = len(p)
     pad = B - n
     sampling = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad)]) if pad else a, sampling)
-    cache = KVCache.zeros(self.config, B, S, self.dtype)
-    if self.mesh is not None and "data" in self.mesh.shape and B % self.mesh.shape["data"] == 0:
-      from jax.sharding import NamedSharding, PartitionSpec
-
-      cache = jax.device_put(cache, NamedSharding(self.mesh, PartitionSpec(None, "data")))
+    cache = self._new_cache(B, S)
     tokens, lengths, sampling = self._place((tokens, lengths, sampling))
     first, first_lp, cache = self._prefill(self.params, tokens, lengths, cache, sampling)
 
@@ -182,7 +189,7 @@ class Generator:
         positions = positions + n_steps
         last = tok_BN[:, chunk - 1]  # a partial chunk is always the last one, so its tail is never fed back
         nxt = (tok_BN[:, :n_steps], lp_BN[:, :n_steps])
-      absorb(*jax.device_get(pending))
+      absorb(*map(host_value, pending))
       if not any(active) or nxt is None:
         break
       pending = nxt

@@ -71,7 +71,13 @@ class LLM:
   def __init__(self, model: str = "default", *, dtype: str = "float32", tokenizer: str | None = None,
                max_model_len: int | None = None, max_batch_size: int = 32, seed: int = 0,
                mesh: str | None = None, layout: str = "tp"):
-    ckpt = checkpoint.load_checkpoint(model, dtype)
+    self.mesh = None
+    if mesh is not None:
+      from jaxllm.sharding import make_mesh
+
+      self.mesh = mesh if not isinstance(mesh, str) else make_mesh(mesh)
+    self.layout = layout
+    ckpt = checkpoint.load_checkpoint(model, dtype, self.mesh, layout)
     self.config = ckpt.config
     self.dtype = ckpt.dtype
     self.source = ckpt.source
@@ -86,12 +92,6 @@ class LLM:
       raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
     self.max_batch_size = max_batch_size
     self._rng = np.random.default_rng(seed)
-    self.mesh = None
-    if mesh is not None:
-      from jaxllm.sharding import make_mesh
-
-      self.mesh = mesh if not isinstance(mesh, str) else make_mesh(mesh)
-    self.layout = layout
     model = checkpoint.build_model(self.config, ckpt.params, self.dtype, self.mesh, layout)
     self.generator = Generator(model, max_batch_size, self.mesh)
 

@@ -92,6 +92,8 @@ class Llama(nnx.Module):
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = config
     self.dtype = jnp.dtype(dtype)
+    # Set by `jaxllm.checkpoint.build_model` on a mesh: constrains [B, T, D] at block boundaries to the layout.
+    self.activation_sharding = None
     with _lazy_sharding():
       self.embed_VD = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.d_model),
                                                                dtype), out_sharding=("vocab", "embed"))
@@ -116,12 +118,12 @@ class Llama(nnx.Module):
     per-layer views store the new K/V and pick the kernel (`KVCache`, or `jaxllm.layers.paged.PagedKVCache` with B = 1
     and the ragged token axis as T). `attention_impl` names the kernel implementation (see `jaxllm.pallas_kernels`).
     """
-    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
+    x_BTD = self._constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0))
     graphdef, stacked = nnx.split(self.layers)
 
     if cache is None:
       def body(x, layer_state):
-        return nnx.merge(graphdef, layer_state)(x, positions_BT, NoCache(attention_impl)), None
+        return self._constrain(nnx.merge(graphdef, layer_state)(x, positions_BT, NoCache(attention_impl))), None
 
       x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
     else:
@@ -129,13 +131,18 @@ class Llama(nnx.Module):
         x, k, v = carry
         layer_state, index = xs
         view = cache.view(k, v, index, attention_impl)
-        x = nnx.merge(graphdef, layer_state)(x, positions_BT, view)
+        x = self._constrain(nnx.merge(graphdef, layer_state)(x, positions_BT, view))
         return (x, view.k, view.v), None
 
       layer_ids = jnp.arange(self.config.num_layers)
       (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), (stacked, layer_ids))
       cache = cache.replace(k=k, v=v)
     return self.final_norm(x_BTD), cache
+
+  def _constrain(self, x_BTD):
+    if self.activation_sharding is None:
+      return x_BTD
+    return self.activation_sharding(x_BTD, ("batch", "length", "embed"))
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     if self.lm_head_DV is None:

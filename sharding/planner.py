@@ -22,16 +22,22 @@ Layouts (the logical-axis rules of `jaxllm.sharding.rules`; a `data` axis replic
        block all-gathers its input over y, reduce-scatters the partial sums of its first projections over x (along
        the batch for attention, so the attention core and the KV cache are split over batch on x; along F for the
        MLP), all-gathers over x before the second projection and reduce-scatters its output over y. Pope et al.
-       (Sec. 3.2.2) give 2*B*T*D/X + 2*B*T*F/Y elements per device per feed-forward block, 8*B*T*D/sqrt(n) at F = 4D,
-       X = sqrt(n)/2; the minimum is at X = sqrt(n*D/F).
+       (Sec. 3.2.2, derived in App. A.2.1; their Y*Z is our y) give 2*B*T*D/X + 2*B*T*F/Y elements per device per
+       feed-forward block, 8*B*T*D/sqrt(n) at F = 4D and X = sqrt(n)/2, the minimum being at X = sqrt(n*D/F). Their
+       block has one input matrix; a gated (SwiGLU) MLP moves gate and up (2F/Y) plus the hidden (F/Y), so ours is
+       2*B*T*D/X + 3*B*T*F/Y, minimal at X = sqrt(2*n*D/(3*F)); the table counts the gated block.
   dp   weights replicated on every device, only the batch split over `data`; no per-layer collectives.
 
-KV heads (K) versus the shards of the head axis (s: `model` for tp, `y` for 2d):
+KV heads (K) versus the shards of the head axis (s: `model` for tp, `y` for 2d), as the runtime places them
+(`jaxllm.sharding.rules.kv_placement`, the one source of truth for both):
   K % s == 0   split: K/s heads per device.
-  s % K == 0   replicated: each KV head stored on s/K devices, one per device (vLLM's way; ceil(K/s) heads).
-  otherwise    batch: the KV cache is sharded over the batch instead (Pope et al. Sec. 3.3): K/V weights replicated,
-               every device holds all K heads for 1/s of the sequences, and the query heads and the attention output
-               are moved between head- and batch-sharding with an all-to-all each.
+  otherwise    replicated: each KV head copied lcm(K, s)/K times at load, lcm(K, s)/s heads per device (vLLM's way,
+               generalised; e.g. 8 heads on 16 shards -> 1 per device, 4 on 6 -> 2).
+With `kv_placement="batch"` (`--kv_placement batch`) the planner shows Pope et al.'s alternative (Sec. 3.3, written
+there for multiquery attention and extended here to grouped KV heads that do not divide the axis) for the
+second case instead: the KV cache sharded over the batch, K/V weights replicated, every device holding all K heads for
+1/s of the sequences, and the query heads and the attention output moved between head- and batch-sharding with an
+all-to-all each. It stores less KV per device at large batch; the runtime does not implement it (a what-if).
 
 Byte counts of the collectives are what each device sends per token of its data-parallel replica's batch with ring
 algorithms: all-gather and reduce-scatter (k-1)/k of the full tensor, all-reduce twice that. Not counted: the RMSNorm
@@ -135,17 +141,21 @@ def load_model_config(model: str) -> ModelConfig:
     raise ValueError(f"{e} Or pass a path to an HF config.json.") from None
 
 
-def _kv_placement(K: int, shards: int, axis: str) -> tuple[str, int, int, str]:
+KV_PLACEMENTS = ("runtime", "batch")
+
+
+def _kv_placement(K: int, mesh: dict[str, int], layout: str, mode: str) -> tuple[str, int, int, str]:
   """-> (placement, KV heads per device, batch shards it adds, note)."""
-  if K % shards == 0:
-    return "split", K // shards, 1, f"{K} KV heads split over {axis}={shards}: {K // shards} per device"
-  if shards % K == 0:
-    return ("replicated", 1, 1, f"{K} KV heads replicated up to {axis}={shards} (vLLM's way): each head on "
-            f"{shards // K} devices, 1 per device [target placement: today's runtime keeps all {K} heads on every "
-            "device, see issue #4]")
-  return ("batch", K, shards, f"{K} KV heads do not divide and are not divided by {axis}={shards}: KV cache sharded "
-          f"over batch (Pope et al. Sec. 3.3), all {K} heads for 1/{shards} of the sequences per device [target "
-          "placement: today's runtime keeps all heads of every sequence on every device, see issue #4]")
+  from jaxllm.sharding import rules
+
+  kv = rules.kv_placement(K, mesh, layout)
+  if kv.kind == "replicated" and mode == "batch":
+    s, axis = kv.shards, kv.axis
+    return ("batch", K, s, f"{K} KV heads do not divide over {axis}={s}: KV cache sharded over batch (Pope et al. "
+            f"Sec. 3.3), all {K} heads for 1/{s} of the sequences per device [what-if: the runtime replicates heads "
+            f"instead, {kv.heads_per_device} per device]")
+  kind = "replicated" if kv.kind == "none" else kv.kind
+  return kind, kv.heads_per_device, 1, kv.note
 
 
 def _check_mesh(config: ModelConfig, mesh: dict[str, int], layout: str) -> dict:
@@ -167,7 +177,7 @@ def _check_mesh(config: ModelConfig, mesh: dict[str, int], layout: str) -> dict:
 
 
 def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len: int, hbm_bytes: int, layout: str,
-         kv_dtype: str | None = None, reserve: float = 0.1) -> Plan:
+         kv_dtype: str | None = None, reserve: float = 0.1, kv_placement: str = "runtime") -> Plan:
   """Plans `config` on `mesh` (axis -> size); see the module docstring for the layouts and the cost model."""
   c = config
   if dtype not in WEIGHT_DTYPES:
@@ -182,6 +192,8 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
                      f"{c.max_position_embeddings}.")
   if not hbm_bytes > 0:
     raise ValueError(f"HBM per device must be > 0 bytes, got {hbm_bytes}.")
+  if kv_placement not in KV_PLACEMENTS:
+    raise ValueError(f"kv_placement {kv_placement!r} is not supported; choose one of {KV_PLACEMENTS}.")
   if not 0 <= reserve < 1:
     raise ValueError(f"reserve must be a fraction in [0, 1), got {reserve}.")
   mesh = dict(mesh)
@@ -196,10 +208,7 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
   Y = mesh[head_axis] if head_axis else 1
   Dx, Ny, Fy = D // X, N // Y, F // Y  # divisibility checked above
   notes = []
-  if head_axis:
-    placement, kvh, kv_batch, kv_note = _kv_placement(K, Y, head_axis)
-  else:
-    placement, kvh, kv_batch, kv_note = "replicated", K, 1, f"all {K} KV heads on every device (weights replicated)"
+  placement, kvh, kv_batch, kv_note = _kv_placement(K, mesh, layout, kv_placement)
   if placement != "split" and head_axis:
     notes.append(kv_note)
   if data > 1:
@@ -211,7 +220,7 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
 
   # --- weights per device
   per_layer = (Dx * Ny * H * 2  # wq, wo
-               + Dx * kvh * H * 2  # wk, wv (all K heads when the KV cache is batch-sharded)
+               + Dx * kvh * H * 2  # wk, wv: the heads (or copies) a device holds; all K when batch-sharded
                + Dx * Fy * 3  # gate, up, down
                + Dx * 2)  # two RMSNorms (embed axis: replicated for tp, over x for 2d)
   embed = vocab_rows * Dx * (1 if c.tie_embeddings else 2)
@@ -279,9 +288,10 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
     ]
     n = X * Y
     paper = (2 * D / X + 2 * F / Y) * ab
-    comm_model = (f"Pope et al. 2023 Sec. 3.2.2 (2D weight-stationary): 2*B*T*D/X + 2*B*T*F/Y elements per device "
-                  f"per feed-forward block = {paper:,.0f} B/token here (8*D/sqrt(n) at F=4D, X=sqrt(n)/2); "
-                  f"optimal x = sqrt(n*D/F) = {math.sqrt(n * D / F):.2f} for n={n}")
+    comm_model = (f"Pope et al. 2023 Sec. 3.2.2 / App. A.2.1 (2D weight-stationary): 2*B*T*D/X + 2*B*T*F/Y elements "
+                  f"per device per single-matrix feed-forward block = {paper:,.0f} B/token here (8*D/sqrt(n) at F=4D, "
+                  f"X=sqrt(n)/2; optimal x = sqrt(n*D/F) = {math.sqrt(n * D / F):.2f} for n={n}); a gated MLP moves "
+                  f"2*D/X + 3*F/Y, optimal x = sqrt(2nD/3F) = {math.sqrt(2 * n * D / (3 * F)):.2f}")
 
   return Plan(
       model=c.name, num_params=c.num_params, shape=dict(V=V, D=D, F=F, L=L, N=N, K=K, H=H), layout=layout, mesh=mesh,

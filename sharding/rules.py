@@ -9,13 +9,27 @@ Layouts, after Pope et al., "Efficiently Scaling Transformer Inference" (MLSys 2
 In every layout a `data` axis, if the mesh has one, splits the batch (data-parallel replicas).
 
 `resolve()` drops a mesh axis that does not divide its dimension (or that is already used by an earlier dimension)
-instead of letting XLA fail deep inside compilation; for KV heads fewer than `model` shards this means K/V weights and
-the KV cache are replicated across `model` (vLLM's choice), which `kv_heads_note()` reports.
+instead of letting XLA fail deep inside compilation.
+
+KV heads (K) that do not split over the head axis (s shards) are replicated at load, vLLM's way generalised:
+`kv_placement()` repeats each KV head r = lcm(K, s) / K times, so the model runs with K' = lcm(K, s) KV heads that split
+evenly (K'/s per device, e.g. 8 KV heads on 16 shards -> 1 per device; 3 on 2 -> 3). Query head n keeps reading a copy
+of its own KV head, because n // (N / K') // r == n // (N / K). The K/V projections and the KV cache then shard over
+`s` like every other head axis, instead of sitting whole on every device. (Pope et al. shard the KV cache over batch
+instead, which stores less when the batch is large; `jaxllm plan --kv_placement batch` shows that figure, but the
+runtime does not implement it.)
+
+`ActivationSharding` is the one place layers get a layout from: the model constrains its [B, T, D] residual stream at
+block boundaries (after the embedding and after every decoder layer) to the layout's ("batch", "length", "embed").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax import nnx
 
@@ -87,12 +101,71 @@ def check_model_fits(config, mesh: Mesh, layout: str) -> None:
                          f"(layout {layout!r}); choose a size that divides {dim}.")
 
 
-def kv_heads_note(config, mesh: Mesh, layout: str) -> str:
-  axis = rules_for(layout, mesh).get("kv_heads")
-  if not isinstance(axis, str):
-    return "KV heads replicated (layout does not shard them)."
-  n = mesh.shape[axis]
-  if config.num_kv_heads % n == 0:
-    return f"{config.num_kv_heads} KV heads split over {axis}={n}."
-  return (f"{config.num_kv_heads} KV heads do not split over {axis}={n}: K/V projections and the KV cache are "
-          "replicated across that axis (vLLM's choice).")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVPlacement:
+  kind: str  # "split": K divides over the axis; "replicated": each head copied `copies` times; "none": no head axis
+  axis: str | None  # mesh axis the head dimension is sharded over
+  shards: int
+  copies: int  # each KV head is stored this many times (runtime KV heads = K * copies)
+  heads_per_device: int
+  note: str
+
+
+def kv_placement(num_kv_heads: int, mesh_shape, layout: str) -> KVPlacement:
+  """How the runtime stores K KV heads on a mesh (`mesh_shape`: axis -> size) under `layout`."""
+  K = num_kv_heads
+  axis = LAYOUTS[layout].get("kv_heads")
+  if not isinstance(axis, str) or axis not in mesh_shape:
+    return KVPlacement(kind="none", axis=None, shards=1, copies=1, heads_per_device=K,
+                       note=f"all {K} KV heads on every device (the layout does not shard heads)")
+  s = mesh_shape[axis]
+  if K % s == 0:
+    return KVPlacement(kind="split", axis=axis, shards=s, copies=1, heads_per_device=K // s,
+                       note=f"{K} KV heads split over {axis}={s}: {K // s} per device")
+  k_rt = math.lcm(K, s)
+  r = k_rt // K
+  return KVPlacement(kind="replicated", axis=axis, shards=s, copies=r, heads_per_device=k_rt // s,
+                     note=f"{K} KV heads replicated {r}x at load to {k_rt} (vLLM's way) and split over {axis}={s}: "
+                     f"{k_rt // s} per device")
+
+
+def repeat_kv_heads(host: np.ndarray, axis: int, copies: int):
+  """A lazily indexed view of `host` with every entry of `axis` repeated `copies` times (np.repeat semantics), so
+  `make_array_from_callback` materialises only the shard each device asks for."""
+  return RepeatedAxis(host, axis, copies)
+
+
+class RepeatedAxis:
+
+  def __init__(self, host, axis, copies):
+    self.host, self.axis, self.copies = host, axis, copies
+    self.shape = tuple(n * copies if i == axis else n for i, n in enumerate(host.shape))
+    self.dtype = host.dtype
+
+  def __getitem__(self, index):
+    index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+    rows = np.arange(self.shape[self.axis])[index[self.axis]] // self.copies
+    picked = np.take(self.host, rows, axis=self.axis)
+    return picked[index[:self.axis] + (slice(None),) + index[self.axis + 1:]]
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.repeat(np.asarray(self.host), self.copies, axis=self.axis)
+    return out if dtype is None else out.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+  """Constrains an activation to the layout's PartitionSpec for its logical axes (dropping axes that do not divide)."""
+
+  mesh: Mesh
+  rules: tuple  # sorted (logical axis, mesh axes) pairs: hashable, so a module can hold it as a static attribute
+
+  @classmethod
+  def create(cls, mesh: Mesh, layout: str) -> "ActivationSharding":
+    return cls(mesh, tuple(sorted(rules_for(layout, mesh).items())))
+
+  def named(self, logical_axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
+    return NamedSharding(self.mesh, resolve(logical_axes, shape, dict(self.rules), self.mesh))
+
+  def __call__(self, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, self.named(logical_axes, x.shape))

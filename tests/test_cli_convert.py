@@ -33,6 +33,30 @@ def test_convert_round_trip_is_exact(tmp_path, rng):
   assert again.returncode != 0 and "already exists" in again.stderr
 
 
+def test_convert_and_generate_on_a_mesh(tmp_path, rng):
+  """`convert --mesh` writes the shards from their devices; a load with a mesh restores them straight onto it (the
+  2 KV heads on model=4, replicated 2x at load) and generates the tokens one device generates."""
+  import os
+
+  src, out = tmp_path / "hf", tmp_path / "converted"
+  make_hf_model(src, 4, 2, False, None)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+
+  def cli(*args):
+    return subprocess.run([sys.executable, "-m", "jaxllm.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+  r = cli("convert", f"--model={src}", f"--output={out}", "--mesh=model=4")
+  assert r.returncode == 0, r.stderr
+  prompt_ids = ",".join(str(t) for t in rng.integers(3, 300, size=9))
+  single = cli("generate", f"--model={out}", f"--prompt_token_ids={prompt_ids}", "--max_tokens=8")
+  sharded = cli("generate", f"--model={out}", f"--prompt_token_ids={prompt_ids}", "--max_tokens=8", "--mesh=model=4")
+  assert single.returncode == 0 and sharded.returncode == 0, single.stderr + sharded.stderr
+  assert sharded.stdout == single.stdout and len(single.stdout.split(",")) == 8
+  bad = cli("convert", f"--model={src}", f"--output={tmp_path / 'x'}", "--mesh=model=3")
+  assert bad.returncode == 1 and "3 positions but 4 devices" in bad.stderr
+
+
 def test_converted_default_model_keeps_its_tokenizer(tmp_path, default_llm):
   from jaxllm import LLM, SamplingParams
 

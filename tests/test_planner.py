@@ -60,18 +60,35 @@ def test_gqa_kv_heads_replicated_when_model_axis_exceeds_them():
     plan(llama("smollm2-135m"), {"model": 2}, "bfloat16", 8192, 16 * GiB, "tp")
 
 
-def test_kv_cache_sharded_over_batch_when_heads_do_not_fit_the_axis():
-  # 12 query / 4 KV heads on model=6: 6 % 4 and 4 % 6 are both non-zero.
+def test_kv_heads_that_do_not_divide_the_axis_are_replicated_to_the_lcm():
+  # 12 query / 4 KV heads on model=6: 6 % 4 and 4 % 6 are both non-zero; the runtime copies each head 3x (lcm 12).
   c = ModelConfig(name="gqa-12-4", vocab_size=1200, d_model=768, d_ff=1536, num_layers=4, num_heads=12,
                   num_kv_heads=4, head_dim=64, max_position_embeddings=1024)
   p = plan(c, {"data": 2, "model": 6}, "float32", 1024, 1 * GiB, "tp", reserve=0.0)
+  assert (p.kv_placement, p.kv_heads_per_device, p.batch_shards) == ("replicated", 2, 2)
+  assert p.kv_bytes_per_token_per_device == 2 * 4 * 2 * 64 * 4
+  per_layer = (2 * 768 * 12 * 64 + 3 * 768 * 1536) // 6 + 2 * 768 * 2 * 64 + 2 * 768  # wk, wv: 2 head copies each
+  assert p.weight_bytes_per_device == (4 * per_layer + 2 * 1200 * 768 // 6 + 768) * 4
+  assert "lcm" not in p.kv_note and "3x" in p.kv_note
+  assert [x.op for x in p.collectives].count("all-to-all") == 0
+
+
+def test_kv_cache_sharded_over_batch_as_a_what_if():
+  c = ModelConfig(name="gqa-12-4", vocab_size=1200, d_model=768, d_ff=1536, num_layers=4, num_heads=12,
+                  num_kv_heads=4, head_dim=64, max_position_embeddings=1024)
+  p = plan(c, {"data": 2, "model": 6}, "float32", 1024, 1 * GiB, "tp", reserve=0.0, kv_placement="batch")
   assert (p.kv_placement, p.kv_heads_per_device, p.batch_shards) == ("batch", 4, 12)
   assert p.kv_bytes_per_token_per_device == p.kv_bytes_per_token_total == 2 * 4 * 4 * 64 * 4
   per_layer = (2 * 768 * 12 * 64 + 3 * 768 * 1536) // 6 + 2 * 768 * 4 * 64 + 2 * 768  # wk, wv replicated
   assert p.weight_bytes_per_device == (4 * per_layer + 2 * 1200 * 768 // 6 + 768) * 4
   assert p.max_batch % 12 == 0 and p.max_tokens == p.tokens_per_device * 12
   assert [x.op for x in p.collectives].count("all-to-all") == 2
-  assert "over batch" in planner.format_plan(p)
+  text = planner.format_plan(p)
+  assert "over batch" in text and "what-if" in text
+  # Where K divides the axis the what-if changes nothing.
+  assert plan(c, {"model": 4}, "float32", 1024, GiB, "tp", kv_placement="batch").kv_placement == "split"
+  with pytest.raises(ValueError, match="kv_placement 'heads'"):
+    plan(c, {"model": 4}, "float32", 1024, GiB, "tp", kv_placement="heads")
 
 
 def test_dp_and_unsplit_vocab():

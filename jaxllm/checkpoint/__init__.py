@@ -55,7 +55,10 @@ def resolve_path(model: str) -> str:
   return path
 
 
-def load_checkpoint(model: str, dtype="float32") -> LoadedCheckpoint:
+def load_checkpoint(model: str, dtype="float32", mesh=None, layout: str = "tp") -> LoadedCheckpoint:
+  """Reads `model` (see the module docstring). With `mesh`, an orbax checkpoint is restored straight onto the
+  layout's shardings (each process reads only its devices' shards); other formats come back as host arrays, which
+  `build_model` places shard by shard."""
   from jaxllm import tokenizer as tok
 
   dtype = check_dtype(dtype)
@@ -75,6 +78,9 @@ def load_checkpoint(model: str, dtype="float32") -> LoadedCheckpoint:
   if orbax_io.is_orbax_checkpoint(path):
     config, saved_dtype = orbax_io.read_config(path)
     abstract = abstract_params(config, dtype)
+    if mesh is not None:
+      shardings = param_shardings(config, dtype, mesh, layout)
+      abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
     params = orbax_io.restore(path, abstract)
     return LoadedCheckpoint(config, params, _maybe_tokenizer(path), path, dtype)
 
@@ -103,26 +109,66 @@ def abstract_params(config: ModelConfig, dtype: str) -> dict:
   return nnx.state(model, nnx.Param).to_pure_dict()
 
 
+def param_shardings(config: ModelConfig, dtype: str, mesh, layout: str) -> dict:
+  """NamedSharding of every parameter of `config` (as stored: no KV-head replication) on `mesh` under `layout`."""
+  from jaxllm.layers import Llama
+  from jaxllm.sharding import rules
+
+  rules.check_model_fits(config, mesh, layout)
+  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  return rules.param_shardings(nnx.state(model, nnx.Param), mesh, layout).to_pure_dict()
+
+
+def place_params(params: dict, shardings: dict) -> dict:
+  """Each tensor onto its sharding. Host arrays go through `make_array_from_callback` (a device receives only its own
+  shard); jax arrays already placed elsewhere (an orbax restore) are resharded on device."""
+  from jaxllm.sharding import rules
+
+  def place(x, sharding):
+    if isinstance(x, jax.Array):
+      return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
+    x = x if isinstance(x, rules.RepeatedAxis) else np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(place, params, shardings, is_leaf=lambda x: isinstance(x, rules.RepeatedAxis))
+
+
 def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout: str = "tp"):
   """A `Llama` module holding `params`: on the default device, or with `mesh` each tensor placed straight onto its
-  NamedSharding from `jaxllm.sharding.rules` (every device receives only its own shard; no device holds the model)."""
+  NamedSharding from `jaxllm.sharding.rules` (every device receives only its own shard; no device holds the model).
+
+  On a mesh whose head axis the KV heads do not divide, each KV head is repeated at load (`rules.kv_placement`), so the
+  returned model's `config.num_kv_heads` may exceed the checkpoint's; the model also constrains its residual stream to
+  the layout at every block boundary.
+  """
   from jaxllm.layers import Llama
 
+  if mesh is None:
+    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+    return nnx.merge(graphdef, state)
+
+  from jaxllm.sharding import rules
+
+  rules.check_model_fits(config, mesh, layout)
+  kv = rules.kv_placement(config.num_kv_heads, mesh.shape, layout)
+  if kv.copies > 1:
+    config = dataclasses.replace(config, num_kv_heads=config.num_kv_heads * kv.copies)
+  shardings = param_shardings(config, dtype, mesh, layout)
+  if kv.copies > 1:
+    attn = dict(params["layers"]["attn"])
+    for name in ("wk_DKH", "wv_DKH"):  # [L, D, K, H] -> [L, D, K * copies, H], head k at k * copies ... + copies - 1
+      w, target = attn[name], shardings["layers"]["attn"][name]
+      if isinstance(w, jax.Array):
+        attn[name] = jax.jit(lambda w: jax.numpy.repeat(w, kv.copies, axis=2), out_shardings=target)(w)
+      else:
+        attn[name] = rules.repeat_kv_heads(np.asarray(w), 2, kv.copies)
+    params = {**params, "layers": {**params["layers"], "attn": attn}}
   model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
-  if mesh is None:
-    placed = jax.tree.map(jax.numpy.asarray, params)
-  else:
-    from jaxllm.sharding import rules
-
-    rules.check_model_fits(config, mesh, layout)
-    shardings = nnx.state(model, nnx.Param)
-    shardings = rules.param_shardings(shardings, mesh, layout).to_pure_dict()
-
-    def place(host, sharding):
-      host = np.asarray(host)
-      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    placed = jax.tree.map(place, params, shardings)
-  nnx.replace_by_pure_dict(state, placed)
-  return nnx.merge(graphdef, state)
+  nnx.replace_by_pure_dict(state, place_params(params, shardings))
+  model = nnx.merge(graphdef, state)
+  model.activation_sharding = rules.ActivationSharding.create(mesh, layout)
+  model.kv_placement = kv
+  return model

@@ -4,7 +4,8 @@
     DIR/params/               orbax StandardCheckpointer tree (the nested dict of `params_from_hf`)
     DIR/tokenizer.*           written by `Tokenizer.save`
 
-Restoring reads each array straight into the requested shape/dtype; `jaxllm convert` writes this format.
+Restoring reads each array straight into the requested shape/dtype and, given shardings, straight onto the devices
+that hold each shard (a model larger than one device never passes through one); `jaxllm convert` writes this format.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ def save(directory: str, config: ModelConfig, params: dict, dtype: str, source: 
   target = os.path.join(directory, PARAMS_DIR)
   if os.path.exists(target):
     raise FileExistsError(f"{target} already exists; choose an empty output directory.")
+  # jax arrays (placed on a mesh) are written shard by shard, by the processes that hold them.
+  tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(target, jax.tree.map(np.asarray, params))
+    ckptr.save(target, tree)
     ckptr.wait_until_finished()
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump({"model": config.to_dict(), "dtype": dtype, "source": source}, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+      json.dump({"model": config.to_dict(), "dtype": dtype, "source": source}, f, indent=2)
 
 
 def read_config(directory: str) -> tuple[ModelConfig, str]:
@@ -51,7 +55,8 @@ def read_config(directory: str) -> tuple[ModelConfig, str]:
 
 
 def restore(directory: str, abstract_params: dict) -> dict:
-  """Restores params shaped like `abstract_params` (a tree of jax.ShapeDtypeStruct)."""
+  """Restores params shaped like `abstract_params` (a tree of jax.ShapeDtypeStruct); where those carry a sharding,
+  each array is read straight into its shards."""
   import orbax.checkpoint as ocp
 
   with ocp.StandardCheckpointer() as ckptr:

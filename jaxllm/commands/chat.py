@@ -4,32 +4,36 @@ import sys
 
 from absl import flags
 
-from jaxllm.commands import fail
+from jaxllm.commands import device_flags, fail
 
 _MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, an HF checkpoint dir or a convert dir.")
 _PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "First user message.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Maximum tokens per reply.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
-_MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'model=8', 'data=2,model=4' or 'auto'; default: one device.")
-_LAYOUT = flags.DEFINE_enum("layout", "tp", ["tp", "2d", "dp"], "Sharding layout over the mesh.")
 
 
 def main(argv):
   del argv
+  import jax
+
   from jaxllm import LLM, SamplingParams
 
   try:
     params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value)
     print(f"loading {_MODEL.value} ...", file=sys.stderr)
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value, mesh=_MESH.value, layout=_LAYOUT.value)
+    mesh, layout = device_flags.setup()
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value, mesh=mesh, layout=layout)
   except (ValueError, OSError) as e:
     fail(str(e))
   print(repr(llm), file=sys.stderr)
-  interactive = sys.stdin.isatty()
+  # Every process of a multi-host run must see the same turns, so only a single-process chat reads the terminal.
+  interactive = sys.stdin.isatty() and jax.process_count() == 1
+  primary = device_flags.is_primary()
   messages = []
   user = _PROMPT.value
-  print(f"\n>>> {user}")
+  if primary:
+    print(f"\n>>> {user}")
   while True:
     messages.append({"role": "user", "content": user})
     try:
@@ -38,7 +42,7 @@ def main(argv):
       print(f"error: {e}", file=sys.stderr)
       messages.pop()
       reply = None
-    if reply is not None:
+    if reply is not None and primary:
       print(reply)
       messages.append({"role": "assistant", "content": reply})
     if not interactive:

@@ -1,11 +1,13 @@
-"""`jaxllm convert --model SRC --output DIR`: any checkpoint jaxllm reads -> jaxllm's orbax format (fast reloads)."""
+"""`jaxllm convert --model SRC --output DIR [--mesh model=8]`: any checkpoint jaxllm reads -> jaxllm's orbax format
+(fast reloads). With --mesh the params are placed on the mesh first and orbax writes each shard from its device, so
+a later `LLM(DIR, mesh=...)` restores each shard straight onto its device."""
 
 import os
 import time
 
 from absl import flags
 
-from jaxllm.commands import fail
+from jaxllm.commands import device_flags, fail
 
 _MODEL = flags.DEFINE_string("model", None, "Source: 'default', a .gguf file or an HF checkpoint directory.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory (must not hold a checkpoint already).")
@@ -21,10 +23,15 @@ def main(argv):
 
   start = time.time()
   try:
-    ckpt = checkpoint.load_checkpoint(_MODEL.value, _DTYPE.value)
-    orbax_io.save(_OUTPUT.value, ckpt.config, ckpt.params, ckpt.dtype, source=ckpt.source)
-    if ckpt.tokenizer is not None:
+    mesh, layout = device_flags.setup()
+    ckpt = checkpoint.load_checkpoint(_MODEL.value, _DTYPE.value, mesh, layout)
+    params = ckpt.params
+    if mesh is not None:  # written shard by shard from the devices (on many hosts: each host writes its own)
+      params = checkpoint.place_params(params, checkpoint.param_shardings(ckpt.config, ckpt.dtype, mesh, layout))
+    orbax_io.save(_OUTPUT.value, ckpt.config, params, ckpt.dtype, source=ckpt.source)
+    if ckpt.tokenizer is not None and device_flags.is_primary():
       ckpt.tokenizer.save(_OUTPUT.value)
   except (ValueError, OSError) as e:
     fail(str(e))
-  print(f"wrote {os.path.abspath(_OUTPUT.value)} ({ckpt.config.name}, {ckpt.dtype}) in {time.time() - start:.1f}s")
+  if device_flags.is_primary():
+    print(f"wrote {os.path.abspath(_OUTPUT.value)} ({ckpt.config.name}, {ckpt.dtype}) in {time.time() - start:.1f}s")

@@ -25,6 +25,9 @@ _RESERVE = flags.DEFINE_float("reserve", 0.1, "Fraction of HBM kept for activati
 _LAYOUT = flags.DEFINE_enum("layout", None, ["tp", "2d", "dp"], "tp: 1D weight-stationary over 'model'; 2d: 2D "
                             "weight-stationary over 'x' and 'y'; dp: replicas over 'data' only (default: from the "
                             "axes --mesh names).")
+_KV_PLACEMENT = flags.DEFINE_enum("kv_placement", "runtime", ["runtime", "batch"], "runtime: KV heads as jaxllm "
+                                  "places them (split, or replicated at load when they do not divide the head axis); "
+                                  "batch: what-if of Pope et al.'s batch-sharded KV cache for that case.")
 _JSON = flags.DEFINE_bool("json", False, "Print the plan as JSON instead of a table.")
 
 
@@ -43,7 +46,7 @@ def main(argv):
       raise ValueError(f"--hbm_gib must be > 0, got {_HBM_GIB.value}.")
     max_len = config.max_position_embeddings if _MAX_MODEL_LEN.value is None else _MAX_MODEL_LEN.value
     p = planner.plan(config, mesh, _DTYPE.value, max_len, int(_HBM_GIB.value * planner.GiB), layout,
-                     kv_dtype=_KV_DTYPE.value, reserve=_RESERVE.value)
+                     kv_dtype=_KV_DTYPE.value, reserve=_RESERVE.value, kv_placement=_KV_PLACEMENT.value)
   except (ValueError, OSError) as e:
     fail(str(e))
   print(json.dumps(p.to_dict(), indent=2) if _JSON.value else planner.format_plan(p))

@@ -7,6 +7,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json
 import re
+import sys
 
 import jax
 import numpy as np
@@ -16,47 +17,69 @@ from jaxllm import checkpoint
 from jaxllm.config import ModelConfig
 from jaxllm.generate import Generator
 from jaxllm.layers import Llama
-from jaxllm.sampling import SamplingArrays
 from jaxllm.sharding import make_mesh
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import greedy, inputs  # noqa: E402
 
 CASES = [("model=8", "tp"), ("data=2,model=4", "tp"), ("x=2,y=4", "2d"), ("data=8", "dp")]
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def greedy(n):
-  return SamplingArrays(temperature=np.zeros(n, np.float32), top_k=np.zeros(n, np.int32),
-                        top_p=np.ones(n, np.float32), seed=np.zeros(n, np.uint32))
-
-
 def main():
   out = {"devices": len(jax.devices()), "runs": [], "hlo": {}}
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 512, (8, 24)).astype(np.int32)
-  prompts = [rng.integers(0, 512, n).tolist() for n in (5, 17, 9, 30, 2, 11, 8, 20)]
-  for kv in (2, 8):
-    config = ModelConfig(vocab_size=512, d_model=128, d_ff=256, num_layers=2, num_heads=8, num_kv_heads=kv,
-                         head_dim=16)
+  tokens, prompts = inputs()
+  models = [(8, 2, CASES), (8, 8, CASES), (6, 3, [("data=4,model=2", "tp")])]  # (query heads, KV heads, cases)
+  for heads, kv, cases in models:
+    config = ModelConfig(vocab_size=512, d_model=96 if heads == 6 else 128, d_ff=256, num_layers=2, num_heads=heads,
+                         num_kv_heads=kv, head_dim=16)
     params = jax.tree.map(np.asarray, nnx.state(Llama(config, rngs=nnx.Rngs(kv)), nnx.Param).to_pure_dict())
+    if heads == 8 and kv == 2:
+      first = (params, config)
     single = Generator(checkpoint.build_model(config, params, "float32"))
     ref_logits = single.logits(tokens)
     ref_tokens, _ = single.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
-    for spec, layout in CASES:
+    for spec, layout in cases:
       mesh = make_mesh(spec)
-      g = Generator(checkpoint.build_model(config, params, "float32", mesh, layout), mesh=mesh)
+      model = checkpoint.build_model(config, params, "float32", mesh, layout)
+      g = Generator(model, mesh=mesh)
       toks, _ = g.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
-      out["runs"].append({"kv": kv, "mesh": spec, "layout": layout,
+      cache = g._new_cache(8, 64)
+      out["runs"].append({"heads": heads, "kv": kv, "mesh": spec, "layout": layout,
                           "max_logit_diff": float(np.abs(g.logits(tokens) - ref_logits).max()),
-                          "decode_equal": toks == ref_tokens})
-      if kv == 8 and layout == "tp" and spec == "model=8":
+                          "decode_equal": toks == ref_tokens,
+                          "placement": model.kv_placement.kind, "runtime_kv_heads": model.config.num_kv_heads,
+                          "wk_shard": list(g.params["layers"]["attn"]["wk_DKH"].value.addressable_shards[0].data.shape),
+                          "cache_shard": list(cache.k.addressable_shards[0].data.shape)})
+      if layout == "tp" and spec == "model=8":
         positions = np.broadcast_to(np.arange(24, dtype=np.int32), tokens.shape)
         compiled = g._forward_logits.lower(g.params, tokens, positions).compile()
         text = compiled.as_text()
-        out["hlo"] = {op: [l.strip()[:120] for l in text.splitlines() if re.search(rf"= \S+ {op}(-start)?\(", l)]
-                      for op in COLLECTIVES}
-        weights = sum(x.nbytes for x in jax.tree.leaves(params))
-        out["arg_bytes_sharded"] = compiled.memory_analysis().argument_size_in_bytes
-        out["weight_bytes"] = weights
+        out["hlo"][kv] = {op: [l.strip()[:120] for l in text.splitlines() if re.search(rf"= \S+ {op}(-start)?\(", l)]
+                          for op in COLLECTIVES}
+        out["hlo"][kv]["arg_bytes_sharded"] = compiled.memory_analysis().argument_size_in_bytes
+        out["hlo"][kv]["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
+        out["hlo"][kv]["runtime_weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(g.params))  # global shapes
+  out["orbax"] = orbax_round_trip(*first)
   print(json.dumps(out))
+
+
+def orbax_round_trip(params, config):
+  """Params placed on model=8, saved with orbax shard by shard, restored with a mesh: each lands on its shards."""
+  import tempfile
+
+  from jaxllm.checkpoint import orbax_io
+
+  mesh = make_mesh("model=8")
+  placed = checkpoint.place_params(params, checkpoint.param_shardings(config, "float32", mesh, "tp"))
+  with tempfile.TemporaryDirectory() as d:
+    orbax_io.save(d, config, placed, "float32")
+    restored = checkpoint.load_checkpoint(d, "float32", mesh, "tp").params
+  wq = restored["layers"]["attn"]["wq_DNH"]
+  return {"equal": all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), restored,
+                                                     params))),
+          "wq_spec": list(wq.sharding.spec), "wq_shard": list(wq.addressable_shards[0].data.shape),
+          "wq_devices": len(wq.sharding.device_set)}
 
 
 if __name__ == "__main__":

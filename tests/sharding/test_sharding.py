@@ -22,21 +22,102 @@ def results():
 
 def test_every_layout_matches_single_device(results):
   assert results["devices"] == 8
-  assert len(results["runs"]) == 8  # 4 layouts x (8/2 and 8/8 heads)
+  assert len(results["runs"]) == 9  # 4 layouts x (8/2 and 8/8 heads), and 6/3 heads on data=4,model=2
   for run in results["runs"]:
     assert run["max_logit_diff"] <= 1e-5, run  # prefill, f32
     assert run["decode_equal"], run  # greedy decode through the sharded KV cache
 
 
-def test_tp_has_two_all_reduces_per_layer_and_no_weight_gathers(results):
-  hlo = results["hlo"]
+def test_kv_heads_fewer_than_shards_are_replicated_at_load(results):
+  runs = {(r["heads"], r["kv"], r["mesh"]): r for r in results["runs"]}
+  # [L, D, K, H] and [L, B, S, K, H] shards as one device holds them.
+  r = runs[(8, 2, "model=8")]  # 2 KV heads on 8 shards: each copied 4x, one head per device
+  assert (r["placement"], r["runtime_kv_heads"], r["wk_shard"], r["cache_shard"]) == (
+      "replicated", 8, [2, 128, 1, 16], [2, 8, 64, 1, 16])
+  r = runs[(8, 2, "data=2,model=4")]  # 2 on 4: copied 2x; the batch also splits over data
+  assert (r["placement"], r["runtime_kv_heads"], r["cache_shard"]) == ("replicated", 4, [2, 4, 64, 1, 16])
+  r = runs[(6, 3, "data=4,model=2")]  # 3 on 2 (neither divides the other): lcm 6, three per device
+  assert (r["placement"], r["runtime_kv_heads"], r["wk_shard"], r["cache_shard"]) == (
+      "replicated", 6, [2, 96, 3, 16], [2, 2, 64, 3, 16])
+  r = runs[(8, 8, "model=8")]
+  assert (r["placement"], r["runtime_kv_heads"], r["cache_shard"]) == ("split", 8, [2, 8, 64, 1, 16])
+  assert runs[(8, 2, "data=8")]["placement"] == "none"  # dp: weights and cache heads whole on every device
+
+
+@pytest.mark.parametrize("kv", ["2", "8"])
+def test_tp_has_two_all_reduces_per_layer_and_no_weight_gathers(results, kv):
+  hlo = results["hlo"][kv]
   # The layer loop body appears once in the HLO: out-projection and down-projection all-reduces of [B, T, D];
   # plus one for the vocab-sharded embedding lookup.
   activations = [l for l in hlo["all-reduce"] if "f32[8,24,128]" in l]
   assert len(activations) == 3, hlo["all-reduce"]
   assert hlo["all-gather"] == [] and hlo["reduce-scatter"] == [] and hlo["all-to-all"] == []
-  # Each device holds about 1/8 of the weights (norms are replicated; they are tiny).
-  assert results["arg_bytes_sharded"] <= results["weight_bytes"] / 8 * 1.05, results
+  # Each device holds about 1/8 of the weights (norms are replicated; they are tiny). With 2 KV heads the K/V
+  # projections are copied 4x at load (the runtime model is that much larger) and each device holds one copy.
+  assert hlo["arg_bytes_sharded"] <= hlo["runtime_weight_bytes"] / 8 * 1.05, hlo
+  extra_kv = 2 * 2 * 128 * 16 * 4 * (8 // int(kv) - 1) * 2  # wk and wv: L * D * H * f32 * extra heads
+  assert hlo["runtime_weight_bytes"] == hlo["weight_bytes"] + (extra_kv if kv == "2" else 0)
+
+
+def test_orbax_restores_each_shard_onto_its_device(results):
+  o = results["orbax"]  # the 8/2-head model: wq [L=2, D=128, N=8, H=16] with heads over model=8
+  assert o["equal"], o
+  assert (o["wq_devices"], o["wq_spec"], o["wq_shard"]) == (8, [None, None, "model", None],
+                                                             [2, 128, 1, 16]), o
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_match_one_device():
+  """`jax.distributed.initialize` on loopback: 2 processes x 4 CPU devices, a mesh over all 8 (tp over model=8, and
+  data=2 x model=4 whose data axis splits the batch across the processes) give the single-device logits and tokens."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from jaxllm import checkpoint
+  from jaxllm.generate import Generator
+  from jaxllm.layers import Llama
+
+  sys.path.insert(0, os.path.dirname(__file__))
+  from common import TINY_8_2, greedy, inputs
+
+  worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, worker, str(i), port], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in (0, 1)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  runs = json.loads(outs[0][0].strip().splitlines()[-1])["runs"]
+
+  tokens, prompts = inputs()
+  params = jax.tree.map(np.asarray, nnx.state(Llama(TINY_8_2, rngs=nnx.Rngs(2)), nnx.Param).to_pure_dict())
+  single = Generator(checkpoint.build_model(TINY_8_2, params, "float32"))
+  ref_tokens, _ = single.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
+  ref_logits = single.logits(tokens)
+  assert [r["mesh"] for r in runs] == ["model=8", "data=2,model=4"]
+  for r in runs:
+    assert np.abs(np.asarray(r["logits"]) - ref_logits).max() <= 1e-5, r["mesh"]
+    assert r["tokens"] == ref_tokens, r["mesh"]
+
+
+def test_multi_process_flags_are_checked_before_starting():
+  from jaxllm.sharding import distributed
+
+  assert distributed.initialize() is False  # nothing asked for: a single-process run
+  with pytest.raises(ValueError, match="missing num_processes, process_id"):
+    distributed.initialize("127.0.0.1:1234")
+  with pytest.raises(ValueError, match="not HOST:PORT"):
+    distributed.initialize("127.0.0.1", 2, 0)
+  with pytest.raises(ValueError, match=r"process_id must be in \[0, num_processes\)"):
+    distributed.initialize("127.0.0.1:1234", 2, 2)
 
 
 def test_mesh_parsing_and_errors():

@@ -1,0 +1,43 @@
+"""Flags every model-loading subcommand shares: the device mesh, its layout, and the multi-host start.
+
+    --mesh data=2,model=4 --layout tp                                   # one host
+    --mesh model=16 --coordinator_address HOST:PORT --num_processes 2 --process_id 0   # each of two hosts
+    --mesh model=64 --distributed                                      # TPU pod / SLURM: jax detects the cluster
+
+`setup()` joins the processes (before anything touches a device) and returns the mesh and layout for `LLM` and the
+checkpoint readers; see `jaxllm.sharding.distributed` for the process layout.
+"""
+
+from absl import flags
+
+_MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'model=8', 'data=2,model=4', 'x=2,y=4' or 'auto'; "
+                            "default: one device.")
+_LAYOUT = flags.DEFINE_enum("layout", "tp", ["tp", "2d", "dp"], "Sharding layout over the mesh: tp (1D "
+                            "weight-stationary over 'model'), 2d (over 'x' and 'y'), dp (replicas over 'data').")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host with the cluster detected by jax (Cloud TPU pods, "
+                                 "SLURM, Open MPI) instead of the three flags above.")
+
+
+def setup():
+  """-> (mesh or None, layout). Raises ValueError for a bad multi-host setting or mesh."""
+  from jaxllm.sharding import distributed
+
+  joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  auto=_DISTRIBUTED.value)
+  if joined and not _MESH.value:
+    raise ValueError("a multi-process start needs --mesh (e.g. --mesh model=8 over all processes' devices).")
+  if not _MESH.value:
+    return None, _LAYOUT.value
+  from jaxllm.sharding import make_mesh
+
+  return make_mesh(_MESH.value), _LAYOUT.value
+
+
+def is_primary() -> bool:
+  """Whether this process prints results (process 0; every process of a single-host run)."""
+  import jax
+
+  return jax.process_index() == 0
