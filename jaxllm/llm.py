@@ -93,13 +93,15 @@ class LLM:
     self.max_batch_size = max_batch_size
     self._rng = np.random.default_rng(seed)
     model = checkpoint.build_model(self.config, ckpt.params, self.dtype, self.mesh, layout)
+    self.kv_placement = getattr(model, "kv_placement", None)  # how the KV heads sit on the mesh (None: one device)
     self.generator = Generator(model, max_batch_size, self.mesh)
 
   def __repr__(self) -> str:
     c = self.config
     return (f"LLM({c.name!r}, {c.num_params / 1e6:.1f}M params, dtype={self.dtype}, layers={c.num_layers}, "
             f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len}"
-            + (f", mesh={dict(self.mesh.shape)}, layout={self.layout}" if self.mesh is not None else "") + ")")
+            + (f", mesh={dict(self.mesh.shape)}, layout={self.layout}, KV: {self.kv_placement.note}"
+               if self.mesh is not None else "") + ")")
 
   # ------------------------------------------------------------------ tokens
   def _require_tokenizer(self):
