@@ -165,11 +165,9 @@ class LLM:
       batch = rows[start:start + self.max_batch_size]
       prompt_ids = [ids[r] for r, _, _ in batch]
       max_new = [min(params.max_tokens, self.max_model_len - len(p)) for p in prompt_ids]
-      sampling = SamplingArrays(
-          temperature=np.full(len(batch), params.temperature, np.float32),
-          top_k=np.full(len(batch), max(params.top_k, 0), np.int32),
-          top_p=np.full(len(batch), params.top_p, np.float32),
-          seed=np.array([s for _, _, s in batch], np.uint32))
+      sampling = SamplingArrays.from_params([params] * len(batch), [s for _, _, s in batch],
+                                            [tuple(stop_ids)] * len(batch),
+                                            [len(p) + params.min_tokens for p in prompt_ids])
       stops = [_StopChecker(stop_ids, params.stop, self.tokenizer) for _ in batch]
       tokens, logprobs = self.generator.generate(prompt_ids, max_new, sampling,
                                                  lambda i, toks: stops[i].done(toks), self.max_model_len)

@@ -1,8 +1,14 @@
 """Sampling parameters (the user's request) and the jit-side sampler (per-row arrays, so requests never recompile).
 
-`SamplingParams` follows vLLM's names and defaults. `sample()` takes one row of float32 logits per sequence and that
-row's temperature / top-k / top-p / PRNG key; temperature 0 means greedy. Each row's key is derived from the request's
-seed and the token position, so a seeded request gives the same tokens whatever else is in the batch.
+`SamplingParams` follows vLLM's names, defaults and semantics. `SamplingArrays` holds one row per sequence (slot) of
+every setting the device needs. `sample()` turns a row of float32 logits into a token:
+
+    logits --logit_bias--> --repetition / presence / frequency penalties (given the row's token history)-->
+    --min_tokens: stop ids masked--> greedy argmax (temperature 0) | /temperature -> top-k -> top-p -> min-p -> draw
+
+Each row's PRNG key is fold_in(key(seed), position): a seeded request gives the same tokens whatever else is in the
+batch. The logprob reported for a token (and the top-n alternatives) is that of the unmodified model distribution, as
+vLLM reports by default.
 """
 
 from __future__ import annotations
@@ -11,7 +17,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+
+MAX_LOGIT_BIAS = 64  # entries of logit_bias per request (a fixed width, so a request never recompiles)
+MAX_STOP_IDS = 16  # stop token ids masked until min_tokens, per request
+MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (vLLM's default max_logprobs)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,10 +35,18 @@ class SamplingParams:
     temperature: 0 is greedy; otherwise logits are divided by it.
     top_k: keep the k most likely tokens (0 or -1: all).
     top_p: keep the smallest set of tokens whose probability reaches top_p (1.0: all).
+    min_p: drop tokens whose probability is below min_p times the most likely token's (0: off).
+    repetition_penalty: > 1 discourages tokens already in the prompt or output (CTRL's rule: positive logits divided
+      by it, negative ones multiplied); 1: off.
+    presence_penalty: subtracted once from the logit of every token already generated, in [-2, 2].
+    frequency_penalty: subtracted per occurrence from the logit of every token already generated, in [-2, 2].
+    logit_bias: {token id: bias} added to the logits (at most MAX_LOGIT_BIAS entries, each in [-100, 100]).
     seed: per-request seed; None draws one from the LLM's generator.
     stop: string(s) that end generation; the stop string is not part of the output.
     stop_token_ids: token ids that end generation besides the model's EOS.
     ignore_eos: keep generating past EOS.
+    min_tokens: EOS and stop_token_ids cannot be generated before this many tokens.
+    logprobs: also return the top-n logprobs (0..MAX_LOGPROBS) of each generated position; None: off.
   """
 
   n: int = 1
@@ -35,10 +54,17 @@ class SamplingParams:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  min_p: float = 0.0
+  repetition_penalty: float = 1.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  logit_bias: dict[int, float] | None = None
   seed: int | None = None
   stop: str | list[str] | tuple[str, ...] | None = None
   stop_token_ids: tuple[int, ...] | list[int] | None = None
   ignore_eos: bool = False
+  min_tokens: int = 0
+  logprobs: int | None = None
 
   def __post_init__(self):
     def bad(field, value, want):
@@ -54,6 +80,25 @@ class SamplingParams:
       bad("top_k", self.top_k, "must be -1, 0 (disabled) or a positive integer")
     if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
       bad("top_p", self.top_p, "must be in (0, 1]")
+    if not _number(self.min_p) or not 0 <= self.min_p <= 1:
+      bad("min_p", self.min_p, "must be in [0, 1]")
+    if not _number(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
+      bad("repetition_penalty", self.repetition_penalty, "must be a finite number > 0")
+    for name in ("presence_penalty", "frequency_penalty"):
+      value = getattr(self, name)
+      if not _number(value) or not -2 <= value <= 2:
+        bad(name, value, "must be in [-2, 2]")
+    bias = dict(self.logit_bias or {})
+    if len(bias) > MAX_LOGIT_BIAS:
+      bad("logit_bias", f"<{len(bias)} entries>", f"may hold at most {MAX_LOGIT_BIAS} entries")
+    for tok, b in bias.items():
+      if not _int(tok) or tok < 0 or not _number(b) or not -100 <= b <= 100:
+        bad("logit_bias", {tok: b}, "maps non-negative token ids to biases in [-100, 100]")
+    object.__setattr__(self, "logit_bias", {int(t): float(b) for t, b in bias.items()})
+    if not _int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+      bad("min_tokens", self.min_tokens, f"must be an integer in [0, max_tokens={self.max_tokens}]")
+    if self.logprobs is not None and (not _int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+      bad("logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
     if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
       bad("seed", self.seed, "must be a non-negative integer or None")
     stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
@@ -61,30 +106,113 @@ class SamplingParams:
       bad("stop", self.stop, "must be a non-empty string or a list of them")
     object.__setattr__(self, "stop", tuple(stops))
     ids = tuple(self.stop_token_ids or ())
-    if any(not isinstance(i, int) or i < 0 for i in ids):
-      bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+    if any(not isinstance(i, int) or i < 0 for i in ids) or len(ids) > MAX_STOP_IDS - 2:
+      bad("stop_token_ids", self.stop_token_ids, f"must be at most {MAX_STOP_IDS - 2} non-negative integers")
     object.__setattr__(self, "stop_token_ids", ids)
+
+  def check_vocab(self, vocab_size: int) -> None:
+    """Token ids the request names must exist in the model's vocabulary."""
+    for field, ids in (("logit_bias", list(self.logit_bias)), ("stop_token_ids", list(self.stop_token_ids))):
+      bad = [i for i in ids if i >= vocab_size]
+      if bad:
+        raise ValueError(f"SamplingParams.{field} names token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.")
+
+
+def _int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _number(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 @struct.dataclass
 class SamplingArrays:
-  """Per-row sampling state on device. All [B]."""
+  """Per-row sampling settings on device: every field has a leading [B] axis."""
 
-  temperature: jax.Array  # float32
-  top_k: jax.Array  # int32, 0 = disabled
-  top_p: jax.Array  # float32
+  temperature: jax.Array  # float32; 0 = greedy
+  top_k: jax.Array  # int32; 0 = off
+  top_p: jax.Array  # float32; 1 = off
+  min_p: jax.Array  # float32; 0 = off
+  repetition_penalty: jax.Array  # float32; 1 = off
+  presence_penalty: jax.Array  # float32
+  frequency_penalty: jax.Array  # float32
   seed: jax.Array  # uint32
+  bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS] int32; -1 = unused
+  bias_values: jax.Array  # [B, MAX_LOGIT_BIAS] float32
+  stop_ids: jax.Array  # [B, MAX_STOP_IDS] int32, masked while position < min_len; -1 = unused
+  min_len: jax.Array  # int32 absolute position before which stop_ids cannot be sampled (prompt len + min_tokens)
+
+  @classmethod
+  def create(cls, n: int, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+             presence_penalty=0.0, frequency_penalty=0.0, seed=0) -> "SamplingArrays":
+    """n rows of the same settings as numpy arrays (a scalar or an [n] array per field); no bias, no min_tokens."""
+    full = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (n,)).copy()  # noqa: E731
+    return cls(temperature=full(temperature, np.float32), top_k=full(top_k, np.int32), top_p=full(top_p, np.float32),
+               min_p=full(min_p, np.float32), repetition_penalty=full(repetition_penalty, np.float32),
+               presence_penalty=full(presence_penalty, np.float32),
+               frequency_penalty=full(frequency_penalty, np.float32), seed=full(seed, np.uint32),
+               bias_ids=np.full((n, MAX_LOGIT_BIAS), -1, np.int32),
+               bias_values=np.zeros((n, MAX_LOGIT_BIAS), np.float32),
+               stop_ids=np.full((n, MAX_STOP_IDS), -1, np.int32), min_len=np.zeros((n,), np.int32))
+
+  @classmethod
+  def from_params(cls, params: list[SamplingParams], seeds: list[int], stop_ids: list[tuple[int, ...]],
+                  min_lens: list[int]) -> "SamplingArrays":
+    """One row per request: `seeds` resolved by the caller, `stop_ids` the ids min_tokens holds back (EOS unless
+    ignore_eos, plus stop_token_ids), `min_lens` the absolute position min_tokens reaches."""
+    n = len(params)
+    out = cls.create(n, temperature=[p.temperature for p in params], top_k=[max(p.top_k, 0) for p in params],
+                     top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
+                     repetition_penalty=[p.repetition_penalty for p in params],
+                     presence_penalty=[p.presence_penalty for p in params],
+                     frequency_penalty=[p.frequency_penalty for p in params], seed=np.asarray(seeds, np.uint64))
+    for i, p in enumerate(params):
+      for j, (tok, b) in enumerate(p.logit_bias.items()):
+        out.bias_ids[i, j], out.bias_values[i, j] = tok, b
+      ids = tuple(stop_ids[i])[:MAX_STOP_IDS]
+      out.stop_ids[i, :len(ids)] = ids
+      out.min_len[i] = min_lens[i] if p.min_tokens else 0
+    return out
 
 
-def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Returns (token ids [B] int32, their logprobs under the unmodified model distribution [B] float32)."""
+@struct.dataclass
+class TokenHistory:
+  """What the penalties read, per row: output token counts and which tokens the prompt holds."""
+
+  output_counts: jax.Array  # [B, V] int32
+  in_prompt: jax.Array  # [B, V] bool
+
+
+def process_logits(logits_BV, s: SamplingArrays, positions_B, history: TokenHistory | None = None):
+  """Bias, penalties and the min_tokens mask applied to float32 logits (the distribution the token is drawn from)."""
+  B, V = logits_BV.shape
+  rows_B1 = jnp.arange(B)[:, None]
+  bias = jnp.where(s.bias_ids >= 0, s.bias_values, 0.0)
+  logits_BV = logits_BV.at[rows_B1, jnp.where(s.bias_ids >= 0, s.bias_ids, V)].add(bias, mode="drop")
+  if history is not None:
+    counts = history.output_counts
+    seen = (counts > 0) | history.in_prompt
+    rp = s.repetition_penalty[:, None]
+    logits_BV = jnp.where(seen, jnp.where(logits_BV > 0, logits_BV / rp, logits_BV * rp), logits_BV)
+    logits_BV = (logits_BV - s.frequency_penalty[:, None] * counts
+                 - s.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))
+  hold = (positions_B < s.min_len)[:, None] & (s.stop_ids >= 0)
+  return logits_BV.at[rows_B1, jnp.where(hold, s.stop_ids, V)].set(-jnp.inf, mode="drop")
+
+
+def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, history: TokenHistory | None = None,
+           num_top: int = 0):
+  """-> (token ids [B] int32, their logprobs [B] float32) and, with num_top > 0, (top ids [B, num_top], top logprobs
+  [B, num_top]) of the unmodified model distribution. `positions_B` is the position of the token being chosen."""
   logits_BV = logits_BV.astype(jnp.float32)
   logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  z_BV = process_logits(logits_BV, s, positions_B, history)
+  greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
 
   def filtered_sample(_):
-    V = logits_BV.shape[-1]
-    scaled = logits_BV / jnp.maximum(s.temperature, 1e-6)[:, None]
+    V = z_BV.shape[-1]
+    scaled = z_BV / jnp.maximum(s.temperature, 1e-6)[:, None]
     sorted_desc = -jnp.sort(-scaled, axis=-1)
     # top-k: everything below the k-th largest logit goes.
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
@@ -96,7 +224,10 @@ def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array) -> t
     keep_sorted = (mass_before < s.top_p[:, None]) | (s.top_p[:, None] >= 1.0)  # f32 cumsum can reach 1 early
     n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
     pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-    threshold = jnp.maximum(kth, pth)
+    # min-p over the survivors (vLLM applies it last): p >= min_p * p_max  <=>  z >= z_max + log(min_p).
+    log_min_p = jnp.log(jnp.maximum(s.min_p, 1e-30))[:, None]
+    mth = jnp.where(s.min_p[:, None] > 0, sorted_desc[:, :1] + log_min_p, -jnp.inf)
+    threshold = jnp.maximum(jnp.maximum(kth, pth), mth)
     masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions_B)
     return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
@@ -104,4 +235,8 @@ def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array) -> t
   any_sampling = jnp.any(s.temperature > 0)
   sampled_B = jax.lax.cond(any_sampling, filtered_sample, lambda _: greedy_B, None)
   tokens_B = jnp.where(s.temperature > 0, sampled_B, greedy_B)
-  return tokens_B, jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+  chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+  if not num_top:
+    return tokens_B, chosen_B
+  top_lp, top_ids = jax.lax.top_k(logprobs_BV, num_top)
+  return tokens_B, chosen_B, top_ids.astype(jnp.int32), top_lp

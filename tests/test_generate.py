@@ -19,9 +19,8 @@ def gen(request):
 
 
 def sampling(n, temperature=0.0, top_k=0, top_p=1.0, seeds=None):
-  return SamplingArrays(temperature=np.full(n, temperature, np.float32), top_k=np.full(n, top_k, np.int32),
-                        top_p=np.full(n, top_p, np.float32),
-                        seed=np.asarray(seeds if seeds is not None else np.arange(n), np.uint32))
+  return SamplingArrays.create(n, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seeds if seeds is not None else np.arange(n))
 
 
 def never(i, toks):

@@ -17,5 +17,4 @@ def inputs():
 
 
 def greedy(n):
-  return SamplingArrays(temperature=np.zeros(n, np.float32), top_k=np.zeros(n, np.int32),
-                        top_p=np.ones(n, np.float32), seed=np.zeros(n, np.uint32))
+  return SamplingArrays.create(n, temperature=0.0)
