@@ -8,6 +8,9 @@ cu_q_lens[i]:cu_q_lens[i+1]). `slot_page_T` / `slot_offset_T` say where each new
 page id and offset within the page, computed by the host allocator from the page table); the view writes them, then
 ragged paged attention reads every sequence's pages up to its kv_len. Padding rows point at a scratch page the
 allocator never hands out.
+
+`PagedPrefill` is the prompt side of the engine: whole prompts as a padded [B, T] batch from position 0, attended with
+flash attention (lengths_B keep pads out), their K/V written into each prompt's pages on the way through.
 """
 
 import jax
@@ -57,3 +60,36 @@ class PagedCacheView:
         q_BTNH[0], self.k[self.layer], self.v[self.layer], m.kv_lens, m.page_indices, m.cu_q_lens, m.num_seqs,
         sm_scale=sm_scale, implementation=self.impl, interpret=self.interpret)
     return o_TNH[None]
+
+
+@struct.dataclass
+class PagedPrefill:
+  """Prompts [B, T] (right-padded to their lengths) whose K/V go into pages. page_rows_BM: each prompt's page ids."""
+
+  k: jax.Array  # [L, P, K, C, H]
+  v: jax.Array  # [L, P, K, C, H]
+  page_rows_BM: jax.Array  # int32
+  lengths_B: jax.Array  # int32
+
+  def view(self, k, v, layer, attention_impl):
+    return PagedPrefillView(self, k, v, layer, attention_impl)
+
+
+class PagedPrefillView:
+
+  def __init__(self, meta: PagedPrefill, k, v, layer, attention_impl):
+    self.meta, self.k, self.v, self.layer = meta, k, v, layer
+    self.impl, self.interpret = pallas_kernels.split_impl(attention_impl)
+
+  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
+    m = self.meta
+    C = self.k.shape[3]
+    B, T = positions_BT.shape
+    real_BT = positions_BT < m.lengths_B[:, None]
+    page_BT = jnp.take_along_axis(m.page_rows_BM, jnp.minimum(positions_BT // C, m.page_rows_BM.shape[1] - 1), axis=1)
+    page_T = jnp.where(real_BT, page_BT, 0).reshape(B * T)  # pads go to the scratch page 0
+    offset_T = (positions_BT % C).reshape(B * T)
+    self.k = self.k.at[self.layer, page_T, :, offset_T].set(k_BTKH.reshape(B * T, *k_BTKH.shape[2:]))
+    self.v = self.v.at[self.layer, page_T, :, offset_T].set(v_BTKH.reshape(B * T, *v_BTKH.shape[2:]))
+    return pallas_kernels.flash_attention(q_BTNH, k_BTKH, v_BTKH, m.lengths_B, sm_scale=sm_scale, causal=True,
+                                          implementation=self.impl, interpret=self.interpret)

@@ -1,0 +1,305 @@
+"""The engine: jit-compiled prefill / insert / generate over a paged KV cache (JetStream's contract, paged underneath).
+
+    engine = Engine(model, EngineConfig(num_slots=32, page_size=16, max_model_len=2048))
+    state = engine.init_state()
+    state, prefix = engine.prefill(state, prompts, page_rows, sampling)   # KV into the prompts' pages, first tokens
+    state = engine.insert(state, prefix, slots)                           # slots take the prefixes
+    state, result = engine.generate(state)                                # decode_steps steps for every slot
+    state = engine.release(state, slots)                                  # slots idle again
+
+Data flow. `prefill` runs whole prompts as a padded [R, T] batch (R and T from fixed buckets) through flash attention
+and writes their K/V into the pages the host allocator gave them (`layers.paged.PagedPrefill`); it samples each
+prompt's first token. `insert` copies R prefixes into slot rows of the decode state (page-table row, position, last
+token, sampling settings, token history) with a scatter that drops rows whose slot is -1. `generate` runs
+`decode_steps` steps in one `lax.scan`: the slots' last tokens form the ragged token axis (q_len = 1 each) of
+`layers.paged.PagedKVCache`, so ragged paged attention reads each slot's own pages; idle slots read and write only the
+scratch page. Every function is jitted once per shape bucket with the state donated (updated in place), and sampling
+settings live in the state as per-slot arrays, so no request ever recompiles anything.
+
+The host (`serving.scheduler`) owns page ids and must have allocated pages for every position a step writes; a slot
+that runs past its pages (a finished request still in flight) writes to the scratch page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxllm.layers.llama import Llama
+from jaxllm.layers.paged import PagedKVCache, PagedPrefill
+from jaxllm.sampling import MAX_LOGPROBS, SamplingArrays, TokenHistory, sample
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+  max_model_len: int  # prompt + generated tokens per sequence
+  num_slots: int = 32  # sequences decoded together
+  page_size: int = 16
+  num_pages: int | None = None  # None: enough for every slot at max_model_len (+ the scratch page)
+  max_prefill_batch: int = 8  # prompts per prefill call (rounded down to a power of two)
+  min_prefill_len: int = 16  # smallest prompt bucket; buckets double up to max_model_len
+  decode_steps: int = 1  # decode steps per generate call
+  num_top_logprobs: int = 0  # top-n logprobs computed per token (0: off; at most MAX_LOGPROBS)
+  attention_impl: str | None = None  # see jaxllm.pallas_kernels.split_impl
+
+  def __post_init__(self):
+    def positive(name):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r} must be a positive integer.")
+
+    for name in ("max_model_len", "num_slots", "page_size", "max_prefill_batch", "min_prefill_len", "decode_steps"):
+      positive(name)
+    if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+      raise ValueError(f"EngineConfig.num_pages={self.num_pages!r} must be an integer >= 2 (one is scratch).")
+    if not 0 <= self.num_top_logprobs <= MAX_LOGPROBS:
+      raise ValueError(f"EngineConfig.num_top_logprobs={self.num_top_logprobs} must be in [0, {MAX_LOGPROBS}].")
+
+  @property
+  def pages_per_seq(self) -> int:
+    return -(-self.max_model_len // self.page_size)
+
+  @property
+  def total_pages(self) -> int:
+    return self.num_pages if self.num_pages is not None else self.num_slots * self.pages_per_seq + 1
+
+  @property
+  def prefill_lengths(self) -> tuple[int, ...]:
+    out, n = [], self.min_prefill_len
+    while n < self.max_model_len:
+      out.append(n)
+      n *= 2
+    return tuple(out) + (self.max_model_len,)
+
+  @property
+  def prefill_batches(self) -> tuple[int, ...]:
+    out, n = [], 1
+    while n <= self.max_prefill_batch:
+      out.append(n)
+      n *= 2
+    return tuple(out)
+
+
+@struct.dataclass
+class DecodeState:
+  """Everything `generate` reads and writes, per slot S (M = pages per sequence, V = vocab)."""
+
+  k: jax.Array  # [L, P, K, C, H] KV pages
+  v: jax.Array  # [L, P, K, C, H]
+  page_table: jax.Array  # [S, M] int32; 0 (scratch) past a slot's pages
+  positions: jax.Array  # [S] int32: position of `tokens` (the cache holds positions < this)
+  tokens: jax.Array  # [S] int32: last sampled token, fed next
+  active: jax.Array  # [S] bool
+  sampling: SamplingArrays  # [S] rows
+  history: TokenHistory  # [S, V]
+
+
+@struct.dataclass
+class Prefix:
+  """What prefill hands to insert, per prompt R."""
+
+  page_rows: jax.Array  # [R, M] int32
+  lengths: jax.Array  # [R] int32: tokens prefilled (position of the first sampled token)
+  tokens: jax.Array  # [R] int32 first sampled token
+  logprobs: jax.Array  # [R] float32
+  top_ids: jax.Array  # [R, n] int32 (n = num_top_logprobs, may be 0)
+  top_logprobs: jax.Array  # [R, n] float32
+  sampling: SamplingArrays  # [R]
+  history: TokenHistory  # [R, V], the first token already counted
+
+
+@struct.dataclass
+class ResultTokens:
+  """generate's output, per slot S and step N."""
+
+  tokens: jax.Array  # [S, N] int32
+  logprobs: jax.Array  # [S, N] float32
+  top_ids: jax.Array  # [S, N, n] int32
+  top_logprobs: jax.Array  # [S, N, n] float32
+
+
+class Engine:
+  """Holds the model's params and the compiled programs; the state lives outside (donated through every call)."""
+
+  def __init__(self, model: Llama, config: EngineConfig):
+    self.config = config
+    self.model_config = model.config
+    self.dtype = model.dtype
+    self.activation_sharding = model.activation_sharding
+    graphdef, self.params = nnx.split(model)
+    c, mc = config, model.config
+    n_top = c.num_top_logprobs
+
+    def pick(logits_BV, sampling, positions_B, history):
+      if n_top:
+        return sample(logits_BV, sampling, positions_B, history, num_top=n_top)
+      tok, lp = sample(logits_BV, sampling, positions_B, history)
+      B = tok.shape[0]
+      return tok, lp, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
+
+    def prefill(params, state: DecodeState, tokens_RT, lengths_R, prompt_lens_R, page_rows_RM,
+                sampling: SamplingArrays):
+      """Prompts (or a preempted request's prompt + output so far: tokens at or past prompt_lens_R count as output
+      for the penalties) -> KV pages and first tokens."""
+      model = nnx.merge(graphdef, params)
+      R, T = tokens_RT.shape
+      positions_RT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
+      cache = PagedPrefill(k=state.k, v=state.v, page_rows_BM=page_rows_RM, lengths_B=lengths_R)
+      h_RTD, cache = model(tokens_RT, positions_RT, cache, c.attention_impl)
+      last_R1D = jnp.take_along_axis(h_RTD, (lengths_R - 1)[:, None, None], axis=1)
+      real_RT = positions_RT < lengths_R[:, None]
+      rows_RT = jnp.broadcast_to(jnp.arange(R)[:, None], (R, T))
+      V = mc.vocab_size
+      in_prompt = jnp.zeros((R, V), bool).at[rows_RT, jnp.where(positions_RT < prompt_lens_R[:, None], tokens_RT, V)
+                                             ].set(True, mode="drop")
+      is_output = real_RT & (positions_RT >= prompt_lens_R[:, None])
+      counts = jnp.zeros((R, V), jnp.int32).at[rows_RT, jnp.where(is_output, tokens_RT, V)].add(1, mode="drop")
+      history = TokenHistory(output_counts=counts, in_prompt=in_prompt)
+      tok, lp, top_ids, top_lp = pick(model.logits(last_R1D)[:, 0], sampling, lengths_R, history)
+      history = history.replace(output_counts=counts.at[jnp.arange(R), tok].add(1))
+      prefix = Prefix(page_rows=page_rows_RM, lengths=lengths_R, tokens=tok, logprobs=lp, top_ids=top_ids,
+                      top_logprobs=top_lp, sampling=sampling, history=history)
+      return state.replace(k=cache.k, v=cache.v), prefix
+
+    def insert(state: DecodeState, prefix: Prefix, slots_R):
+      S = state.positions.shape[0]
+      at = jnp.where(slots_R >= 0, slots_R, S)  # -1: padding prefix, dropped
+
+      def put(dst, src):
+        return dst.at[at].set(src, mode="drop")
+
+      return state.replace(
+          page_table=put(state.page_table, prefix.page_rows), positions=put(state.positions, prefix.lengths),
+          tokens=put(state.tokens, prefix.tokens), active=put(state.active, jnp.ones_like(slots_R, bool)),
+          sampling=jax.tree.map(put, state.sampling, prefix.sampling),
+          history=jax.tree.map(put, state.history, prefix.history))
+
+    def release(state: DecodeState, slots_mask_S):
+      return state.replace(active=state.active & ~slots_mask_S,
+                           page_table=jnp.where(slots_mask_S[:, None], 0, state.page_table))
+
+    def generate(params, state: DecodeState):
+      model = nnx.merge(graphdef, params)
+      S, M = state.page_table.shape
+      C = c.page_size
+
+      def step(state: DecodeState, _):
+        pos_S = state.positions
+        page_S = jnp.take_along_axis(state.page_table, jnp.minimum(pos_S // C, M - 1)[:, None], axis=1)[:, 0]
+        in_range = state.active & (pos_S < M * C)
+        cache = PagedKVCache(
+            k=state.k, v=state.v, slot_page_T=jnp.where(in_range, page_S, 0), slot_offset_T=pos_S % C,
+            kv_lens=jnp.where(in_range, pos_S + 1, 1),
+            page_indices=jnp.where(in_range[:, None], state.page_table, 0),
+            cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), num_seqs=jnp.int32(S))
+        h_1SD, cache = model(state.tokens[None], pos_S[None], cache, c.attention_impl)
+        tok, lp, top_ids, top_lp = pick(model.logits(h_1SD)[0], state.sampling, pos_S + 1, state.history)
+        act = state.active
+        counts = state.history.output_counts.at[jnp.arange(S), tok].add(act.astype(jnp.int32))
+        state = state.replace(k=cache.k, v=cache.v, tokens=jnp.where(act, tok, state.tokens),
+                              positions=pos_S + act.astype(jnp.int32),
+                              history=state.history.replace(output_counts=counts))
+        return state, (tok, lp, top_ids, top_lp)
+
+      state, (tok, lp, top_ids, top_lp) = jax.lax.scan(step, state, None, length=c.decode_steps)
+      return state, ResultTokens(tokens=tok.T, logprobs=lp.T, top_ids=top_ids.transpose(1, 0, 2),
+                                 top_logprobs=top_lp.transpose(1, 0, 2))
+
+    def set_pages(state: DecodeState, mask_S, rows_SM):
+      return state.replace(page_table=jnp.where(mask_S[:, None], rows_SM, state.page_table))
+
+    self._set_pages = jax.jit(set_pages, donate_argnums=0)
+    self._prefill = jax.jit(prefill, donate_argnums=1)
+    self._insert = jax.jit(insert, donate_argnums=0)
+    self._release = jax.jit(release, donate_argnums=0)
+    self._generate = jax.jit(generate, donate_argnums=1)
+
+  # ------------------------------------------------------------------ state
+  def init_state(self) -> DecodeState:
+    c, mc = self.config, self.model_config
+    S, M, V = c.num_slots, c.pages_per_seq, mc.vocab_size
+    shape = (mc.num_layers, c.total_pages, mc.num_kv_heads, c.page_size, mc.head_dim)
+    sharding = None
+    if self.activation_sharding is not None:  # KV heads over the layout's head axis, as the K/V projections
+      sharding = self.activation_sharding.named(("layers", None, "kv_heads", None, "head_dim"), shape)
+    zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
+    return DecodeState(
+        k=zeros(), v=zeros(), page_table=jnp.zeros((S, M), jnp.int32), positions=jnp.zeros((S,), jnp.int32),
+        tokens=jnp.zeros((S,), jnp.int32), active=jnp.zeros((S,), bool),
+        sampling=jax.tree.map(jnp.asarray, SamplingArrays.create(S, temperature=0.0)),
+        history=TokenHistory(output_counts=jnp.zeros((S, V), jnp.int32), in_prompt=jnp.zeros((S, V), bool)))
+
+  # ------------------------------------------------------------------ buckets
+  def prefill_shape(self, num_prompts: int, longest: int) -> tuple[int, int]:
+    """The (R, T) bucket a prefill of `num_prompts` prompts of at most `longest` tokens compiles for."""
+    c = self.config
+    if not 1 <= num_prompts <= c.prefill_batches[-1]:
+      raise ValueError(f"a prefill takes 1..{c.prefill_batches[-1]} prompts, got {num_prompts}.")
+    if not 1 <= longest <= c.max_model_len:
+      raise ValueError(f"a prompt of {longest} tokens does not fit max_model_len={c.max_model_len}.")
+    R = next(b for b in c.prefill_batches if b >= num_prompts)
+    T = next(t for t in c.prefill_lengths if t >= longest)
+    return R, T
+
+  # ------------------------------------------------------------------ calls (all asynchronous)
+  def prefill(self, state: DecodeState, prompts: list[list[int]], prompt_lens: list[int],
+              page_rows: list[list[int]], sampling: SamplingArrays) -> tuple[DecodeState, Prefix]:
+    """`prompts[i]` (token ids, prompt_lens[i] of them the original prompt) into pages `page_rows[i]`."""
+    n = len(prompts)
+    R, T = self.prefill_shape(n, max(len(p) for p in prompts))
+    tokens = np.zeros((R, T), np.int32)
+    lengths = np.ones((R,), np.int32)  # padding rows: one token on the scratch page
+    plens = np.ones((R,), np.int32)
+    rows = np.zeros((R, self.config.pages_per_seq), np.int32)
+    for i, (p, pl, pages) in enumerate(zip(prompts, prompt_lens, page_rows)):
+      tokens[i, :len(p)], lengths[i], plens[i] = p, len(p), pl
+      rows[i, :len(pages)] = pages
+    if R > n:
+      sampling = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], R - n, axis=0)]), sampling)
+    return self._prefill(self.params, state, tokens, lengths, plens, rows, sampling)
+
+  def insert(self, state: DecodeState, prefix: Prefix, slots: list[int]) -> DecodeState:
+    R = prefix.tokens.shape[0]
+    return self._insert(state, prefix, np.asarray(list(slots) + [-1] * (R - len(slots)), np.int32))
+
+  def release(self, state: DecodeState, slots: list[int]) -> DecodeState:
+    mask = np.zeros((self.config.num_slots,), bool)
+    mask[list(slots)] = True
+    return self._release(state, mask)
+
+  def set_pages(self, state: DecodeState, pages: dict[int, list[int]]) -> DecodeState:
+    """New page-table rows for the slots whose allocation grew ({slot: page ids})."""
+    c = self.config
+    mask = np.zeros((c.num_slots,), bool)
+    rows = np.zeros((c.num_slots, c.pages_per_seq), np.int32)
+    for slot, ids in pages.items():
+      mask[slot] = True
+      rows[slot, :len(ids)] = ids
+    return self._set_pages(state, mask, rows)
+
+  def generate(self, state: DecodeState) -> tuple[DecodeState, ResultTokens]:
+    return self._generate(self.params, state)
+
+  # ------------------------------------------------------------------ compilation
+  def warmup(self) -> DecodeState:
+    """Compiles every bucket (all prefill (R, T) shapes, insert per R, release, generate); returns a fresh state."""
+    c = self.config
+    state = self.init_state()
+    for R in c.prefill_batches:
+      for T in c.prefill_lengths:
+        sampling = SamplingArrays.create(R, temperature=0.0)
+        state, prefix = self.prefill(state, [[0] * T] * R, [T] * R, [[0]] * R, sampling)
+      state = self.insert(state, prefix, [])
+    state = self.release(state, [])
+    state, _ = self.generate(state)
+    state = self.set_pages(state, {})
+    jax.block_until_ready(state)
+    return self.init_state()
+
+  def num_compilations(self) -> int:
+    """Programs compiled so far (jit cache entries of every engine function); flat after warmup."""
+    fns = (self._prefill, self._insert, self._release, self._generate, self._set_pages)
+    return sum(f._cache_size() for f in fns)
