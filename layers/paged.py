@@ -33,6 +33,7 @@ class PagedKVCache:
   page_indices: jax.Array  # [S, M] int32
   cu_q_lens: jax.Array  # [S + 1] int32
   num_seqs: jax.Array  # int32 scalar
+  decode_only: bool = struct.field(pytree_node=False, default=False)  # T == S, one token per slot (static)
 
   @staticmethod
   def zero_pages(config: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -58,7 +59,7 @@ class PagedCacheView:
     self.v = self.v.at[self.layer, m.slot_page_T, :, m.slot_offset_T].set(v_BTKH[0])
     o_TNH = pallas_kernels.ragged_paged_attention(
         q_BTNH[0], self.k[self.layer], self.v[self.layer], m.kv_lens, m.page_indices, m.cu_q_lens, m.num_seqs,
-        sm_scale=sm_scale, implementation=self.impl, interpret=self.interpret)
+        sm_scale=sm_scale, implementation=self.impl, interpret=self.interpret, decode_only=m.decode_only)
     return o_TNH[None]
 
 

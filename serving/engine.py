@@ -194,7 +194,7 @@ class Engine:
             k=state.k, v=state.v, slot_page_T=jnp.where(in_range, page_S, 0), slot_offset_T=pos_S % C,
             kv_lens=jnp.where(in_range, pos_S + 1, 1),
             page_indices=jnp.where(in_range[:, None], state.page_table, 0),
-            cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), num_seqs=jnp.int32(S))
+            cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), num_seqs=jnp.int32(S), decode_only=True)
         h_1SD, cache = model(state.tokens[None], pos_S[None], cache, c.attention_impl)
         tok, lp, top_ids, top_lp = pick(model.logits(h_1SD)[0], state.sampling, pos_S + 1, state.history)
         act = state.active

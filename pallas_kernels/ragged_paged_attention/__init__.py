@@ -24,7 +24,8 @@ import numpy as np
 
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_gpu import ragged_paged_attention_gpu
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_tpu import ragged_paged_attention_tpu
-from jaxllm.pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+from jaxllm.pallas_kernels.ragged_paged_attention.reference import (paged_decode_attention_reference,
+                                                                    ragged_paged_attention_reference)
 
 IMPLEMENTATIONS = ("xla", "tpu", "gpu")
 BLOCK_SIZES = {
@@ -49,6 +50,7 @@ def ragged_paged_attention(
     sm_scale: float | None = None,
     implementation: str | None = None,
     interpret: bool = False,
+    decode_only: bool = False,
     **block_sizes,
 ) -> jax.Array:
   """Causal GQA attention of a ragged batch of new tokens over a paged KV cache.
@@ -71,6 +73,9 @@ def ragged_paged_attention(
       or one of IMPLEMENTATIONS.
     interpret: run the Pallas kernel ("tpu" or "gpu") in interpret mode, e.g. on CPU (the TPU kernel uses the TPU
       interpreter, which simulates DMAs/semaphores and raises on out-of-bounds reads).
+    decode_only: the caller's static promise that T == S, num_seqs == S and cu_q_lens == arange(S + 1) (one new token
+      per slot, the engine's decode step); "xla" then runs the batched decode formulation
+      (`paged_decode_attention_reference`) instead of the general per-sequence one. The kernels ignore it.
     **block_sizes: kernel tuning, see BLOCK_SIZES: block_q (query tokens per TPU grid step / per GPU program),
       pages_per_block (pages per KV step), num_warps / num_stages (GPU). Defaults are picked from the shapes.
 
@@ -96,6 +101,11 @@ def ragged_paged_attention(
                                                          num_seqs)
   sm_scale = float(q_TNH.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
   args = (q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+  if impl == "xla" and decode_only:
+    if q_TNH.shape[0] != page_indices.shape[0]:
+      raise ValueError(f"decode_only needs one query row per sequence slot: T={q_TNH.shape[0]}, "
+                       f"S={page_indices.shape[0]}.")
+    return paged_decode_attention_reference(q_TNH, k_pages, v_pages, kv_lens, page_indices, sm_scale=sm_scale)
   if impl == "xla":
     return _reference_jit(*args, sm_scale=sm_scale)
   if impl == "tpu":

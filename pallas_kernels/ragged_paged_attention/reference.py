@@ -11,6 +11,8 @@ entry before the gather, and the keys/values of every slot at or past kv_len (th
 are zeroed, so NaN or garbage there cannot reach the result (p * NaN would be NaN even with p = 0).
 
 Cost is S * T * L per head (every slot scores every query row); this is an oracle and a CPU fallback, not a fast path.
+`paged_decode_attention_reference` is the XLA path for the common decode-only step (q_len = 1 for every slot, row i
+is slot i): one batched gather of each slot's pages and one batched attention, S * L per head.
 """
 
 import jax
@@ -65,3 +67,29 @@ def ragged_paged_attention_reference(
                                   sm_scale=sm_scale)[0]
     o_TNH = jnp.where(in_seq_T[:, None, None], o_i_TNH, o_TNH)
   return o_TNH
+
+
+def paged_decode_attention_reference(q_SNH, k_PKCH, v_PKCH, kv_lens_S, page_indices_SM, *, sm_scale: float):
+  """Decode-only ragged paged attention: row i of q is slot i's one new token (at position kv_lens[i] - 1).
+
+  Same unused-page rules as above: entries past cdiv(kv_len, C) are redirected to the slot's first page and keys at or
+  past kv_len are zeroed before use. [S, N, H] in q's dtype.
+  """
+  S, N, H = q_SNH.shape
+  P, K, C, _ = k_PKCH.shape
+  M = page_indices_SM.shape[1]
+  G = N // K
+  used_SM = jnp.arange(M)[None] < ((kv_lens_S + C - 1) // C)[:, None]
+  pages_SM = jnp.clip(jnp.where(used_SM, page_indices_SM, page_indices_SM[:, :1]), 0, P - 1)
+  visible_SL = jnp.arange(M * C)[None] < kv_lens_S[:, None]
+
+  def gather(x_PKCH):  # -> [S, K, L, H], invisible keys zeroed
+    x = x_PKCH[pages_SM].transpose(0, 2, 1, 3, 4).reshape(S, K, M * C, H)
+    return jnp.where(visible_SL[:, None, :, None], x, 0)
+
+  q_SKGH = q_SNH.reshape(S, K, G, H)
+  logits = jnp.einsum("SKGH,SKLH->SKGL", q_SKGH, gather(k_PKCH), preferred_element_type=jnp.float32) * sm_scale
+  logits = jnp.where(visible_SL[:, None, None], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  o_SKGH = jnp.einsum("SKGL,SKLH->SKGH", probs, gather(v_PKCH).astype(jnp.float32))
+  return o_SKGH.reshape(S, N, H).astype(q_SNH.dtype)

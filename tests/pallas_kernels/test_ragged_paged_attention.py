@@ -112,6 +112,18 @@ def test_reference_matches_naive_numpy(rng):
   assert_close(ref, expected, args, jnp.float32)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_only_xla_path_matches_naive_numpy(rng, dtype):
+  """The batched decode formulation (one new token per slot) over NaN-poisoned pages, incl. out-of-range entries."""
+  args = make_case(rng, [1] * 6, [1, 16, 17, 50, 64, 3], N=8, K=2, H=32, dtype=dtype, unused_out_of_range=True)
+  out = ragged_paged_attention(*args, implementation="xla", decode_only=True)
+  as_np = [np.asarray(a.astype(jnp.float32)) if jnp.issubdtype(a.dtype, jnp.floating) else np.asarray(a) for a in args]
+  assert_close(out, naive_numpy(*as_np, sm_scale=32 ** -0.5), args, dtype)
+  padded = make_case(rng, [1] * 3, [4, 9, 2], N=8, K=2, H=32, pad_rows=2)  # T = 5 rows for S = 3 slots
+  with pytest.raises(ValueError, match="one query row per sequence slot"):
+    ragged_paged_attention(*padded, implementation="xla", decode_only=True)
+
+
 # (name, q_lens, kv_lens, N, K, C, dtype, extra make_case/kernel options)
 CASES = [
     ("decode_g4", [1, 1, 1, 1, 1], [1, 16, 17, 50, 64], 8, 2, 16, jnp.float32,
