@@ -155,7 +155,7 @@ class Generator:
       tokens[i, :len(p)] = p
       lengths[i] = len(p)
     pad = B - n
-    sampling = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad)]) if pad else a, sampling)
+    sampling = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) if pad else a, sampling)
     cache = self._new_cache(B, S)
     tokens, lengths, sampling = self._place((tokens, lengths, sampling))
     first, first_lp, cache = self._prefill(self.params, tokens, lengths, cache, sampling)
