@@ -20,6 +20,7 @@ import numpy as np
 from jaxllm import checkpoint
 from jaxllm.generate import Generator
 from jaxllm.sampling import SamplingArrays, SamplingParams
+from jaxllm.serving.detokenizer import Detokenizer
 
 
 @dataclasses.dataclass
@@ -168,11 +169,19 @@ class LLM:
       sampling = SamplingArrays.from_params([params] * len(batch), [s for _, _, s in batch],
                                             [tuple(stop_ids)] * len(batch),
                                             [len(p) + params.min_tokens for p in prompt_ids])
-      stops = [_StopChecker(stop_ids, params.stop, self.tokenizer) for _ in batch]
-      tokens, logprobs = self.generator.generate(prompt_ids, max_new, sampling,
-                                                 lambda i, toks: stops[i].done(toks), self.max_model_len)
-      for (r, k, _), toks, lps, stop in zip(batch, tokens, logprobs, stops):
-        results[(r, k)] = stop.finish(k, toks, lps)
+      detoks = [Detokenizer(self.tokenizer, frozenset(stop_ids), params.stop, stream=False) for _ in batch]
+
+      def stopped(i, toks):
+        detoks[i].add(toks[-1])
+        return detoks[i].finished
+
+      tokens, logprobs = self.generator.generate(prompt_ids, max_new, sampling, stopped, self.max_model_len)
+      for (r, k, _), toks, lps, d in zip(batch, tokens, logprobs, detoks):
+        if not d.finished:
+          d.flush()
+        # Special tokens (EOS) are skipped; an ordinary stop token id keeps its text, as vLLM does.
+        results[(r, k)] = CompletionOutput(k, d.text, toks, lps, "stop" if d.stop_reason is not None else "length",
+                                           d.stop_reason)
     return [RequestOutput(prompts[r], ids[r], [results[(r, k)] for k in range(params.n)]) for r in range(len(ids))]
 
   # ------------------------------------------------------------------ score
@@ -198,40 +207,3 @@ class LLM:
         lp, g = lp[len(c) - 1:], g[len(c) - 1:]
         out.append(ScoreOutput(c, x, [float(v) for v in lp], float(np.sum(lp, dtype=np.float64)), bool(np.all(g))))
     return out
-
-
-class _StopChecker:
-  """Host-side stop rules for one sequence: stop token ids, then stop strings on the decoded text."""
-
-  def __init__(self, stop_ids: set[int], stop_strings: tuple[str, ...], tokenizer):
-    self.stop_ids = stop_ids
-    self.stop_strings = stop_strings
-    self.longest = max((len(s) for s in stop_strings), default=0)
-    self.tokenizer = tokenizer
-    self.reason: str | int | None = None
-    self.cut: int | None = None  # text is cut here for a stop string
-    self.checked = 0  # text before this offset was already searched
-
-  def done(self, toks: list[int]) -> bool:
-    if toks[-1] in self.stop_ids:
-      self.reason = toks[-1]
-      return True
-    if self.stop_strings:
-      text = self.tokenizer.decode(toks, skip_special_tokens=True)
-      # A new match must end in the new text; a few extra characters cover a UTF-8 sequence completed just now.
-      start = max(0, self.checked - self.longest - 4)
-      hits = [(i, s) for s in self.stop_strings if (i := text.find(s, start)) >= 0]
-      self.checked = len(text)
-      if hits:
-        self.cut, self.reason = min(hits)
-        return True
-    return False
-
-  def finish(self, index: int, toks: list[int], lps: list[float]) -> CompletionOutput:
-    text = ""
-    if self.tokenizer is not None:
-      # Special tokens (EOS) are skipped; an ordinary stop token id keeps its text, as vLLM does.
-      text = self.tokenizer.decode(toks, skip_special_tokens=True)
-      if self.cut is not None:
-        text = text[:self.cut]
-    return CompletionOutput(index, text, toks, lps, "stop" if self.reason is not None else "length", self.reason)

@@ -44,11 +44,15 @@ class PagedKVCache:
     return PagedCacheView(self, k, v, layer, attention_impl)
 
 
-class PagedCacheView:
+class _PagesView:
+  """One layer's view of [L, P, K, C, H] pages inside the layer scan, with the step's metadata."""
 
-  def __init__(self, meta: PagedKVCache, k, v, layer, attention_impl):
+  def __init__(self, meta, k, v, layer, attention_impl):
     self.meta, self.k, self.v, self.layer = meta, k, v, layer
     self.impl, self.interpret = pallas_kernels.split_impl(attention_impl)
+
+
+class PagedCacheView(_PagesView):
 
   def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
     if q_BTNH.shape[0] != 1:
@@ -76,11 +80,7 @@ class PagedPrefill:
     return PagedPrefillView(self, k, v, layer, attention_impl)
 
 
-class PagedPrefillView:
-
-  def __init__(self, meta: PagedPrefill, k, v, layer, attention_impl):
-    self.meta, self.k, self.v, self.layer = meta, k, v, layer
-    self.impl, self.interpret = pallas_kernels.split_impl(attention_impl)
+class PagedPrefillView(_PagesView):
 
   def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
     m = self.meta

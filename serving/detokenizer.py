@@ -8,7 +8,9 @@
 
 Text is decoded from all tokens so far (BPE merges and byte fallback can change how earlier bytes render), and a
 delta is released only up to the last complete character; while a stop string could still be forming at the end,
-that many characters are held back, so a stream never shows text the final output does not contain.
+that many characters are held back, so a stream never shows text the final output does not contain. With
+`stream=False` and no stop strings nothing reads the text before the end, so it is decoded once when the sequence
+finishes (`add` then returns "" until the last token).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 class Detokenizer:
 
   def __init__(self, tokenizer, stop_ids: set[int] | frozenset[int] = frozenset(),
-               stop_strings: tuple[str, ...] = ()):
+               stop_strings: tuple[str, ...] = (), stream: bool = True):
     if stop_strings and tokenizer is None:
       raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids).")
     self.tokenizer = tokenizer
     self.stop_ids = stop_ids
     self.stop_strings = tuple(stop_strings)
+    self.eager = stream or bool(self.stop_strings)  # decode after every token (else once, at the end)
     self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
     self.tokens: list[int] = []
     self.text = ""
@@ -41,6 +44,8 @@ class Detokenizer:
       self.stop_reason, self.finished = token, True
     if self.tokenizer is None:
       return ""
+    if not self.eager:
+      return self.flush() if self.finished else ""
     text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
     if self.stop_strings:
       start = max(0, self.sent - self.hold - 4)  # a match must end in text not searched yet
@@ -60,6 +65,8 @@ class Detokenizer:
   def flush(self) -> str:
     """The rest of the text, once the sequence ended for another reason (length, cancellation)."""
     self.finished = True
+    if not self.eager and self.tokenizer is not None:
+      self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
     return self._release(len(self.text))
 
   def _release(self, end: int) -> str:

@@ -284,8 +284,9 @@ class Engine:
     return self._generate(self.params, state)
 
   # ------------------------------------------------------------------ compilation
-  def warmup(self) -> DecodeState:
-    """Compiles every bucket (all prefill (R, T) shapes, insert per R, release, generate); returns a fresh state."""
+  def warmup(self) -> None:
+    """Compiles every bucket (all prefill (R, T) shapes, insert per R, release, generate, set_pages) on a scratch
+    state, which is dropped afterwards."""
     c = self.config
     state = self.init_state()
     for R in c.prefill_batches:
@@ -295,9 +296,7 @@ class Engine:
       state = self.insert(state, prefix, [])
     state = self.release(state, [])
     state, _ = self.generate(state)
-    state = self.set_pages(state, {})
-    jax.block_until_ready(state)
-    return self.init_state()
+    jax.block_until_ready(self.set_pages(state, {}))
 
   def num_compilations(self) -> int:
     """Programs compiled so far (jit cache entries of every engine function); flat after warmup."""

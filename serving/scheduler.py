@@ -123,13 +123,12 @@ class Scheduler:
     request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self.requests:
       raise ValueError(f"request_id {request_id!r} is already in use.")
-    if params.stop and self.tokenizer is None:
-      raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids).")
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
     if seed is None:
       seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
     req = Request(request_id=request_id, prompt_ids=ids, params=params, seed=seed,
-                  detok=Detokenizer(self.tokenizer, frozenset(stop_ids), params.stop), on_update=on_update,
+                  detok=Detokenizer(self.tokenizer, frozenset(stop_ids), params.stop, stream=on_update is not None),
+                  on_update=on_update,
                   arrival=next(self._ids))
     req.max_new = min(params.max_tokens, self.config.max_model_len - len(ids))
     self.requests[request_id] = req
@@ -272,7 +271,7 @@ class Scheduler:
       self.allocator.free(req.request_id)
     req.status, req.finish_reason = FINISHED, reason
     if reason == "abort":
-      delta += req.detok.flush() if req.detok.tokenizer is not None else ""
+      delta += req.detok.flush()
     if req.on_update is not None:
       req.on_update(req, delta)
 

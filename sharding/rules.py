@@ -41,10 +41,14 @@ LAYOUTS: dict[str, dict[str, str | tuple[str, ...] | None]] = {
 BATCH_AXIS = "data"
 
 
-def rules_for(layout: str, mesh: Mesh) -> dict[str, str | tuple[str, ...] | None]:
+def _layout(layout: str) -> dict[str, str | tuple[str, ...] | None]:
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r} is unknown; choose one of {sorted(LAYOUTS)}.")
-  rules = dict(LAYOUTS[layout])
+  return LAYOUTS[layout]
+
+
+def rules_for(layout: str, mesh: Mesh) -> dict[str, str | tuple[str, ...] | None]:
+  rules = dict(_layout(layout))
   for logical, axis in rules.items():
     for a in (axis,) if isinstance(axis, str) else axis or ():
       if a not in mesh.shape:
@@ -114,7 +118,7 @@ class KVPlacement:
 def kv_placement(num_kv_heads: int, mesh_shape, layout: str) -> KVPlacement:
   """How the runtime stores K KV heads on a mesh (`mesh_shape`: axis -> size) under `layout`."""
   K = num_kv_heads
-  axis = LAYOUTS[layout].get("kv_heads")
+  axis = _layout(layout).get("kv_heads")
   if not isinstance(axis, str) or axis not in mesh_shape:
     return KVPlacement(kind="none", axis=None, shards=1, copies=1, heads_per_device=K,
                        note=f"all {K} KV heads on every device (the layout does not shard heads)")
@@ -147,10 +151,6 @@ class RepeatedAxis:
     rows = np.arange(self.shape[self.axis])[index[self.axis]] // self.copies
     picked = np.take(self.host, rows, axis=self.axis)
     return picked[index[:self.axis] + (slice(None),) + index[self.axis + 1:]]
-
-  def __array__(self, dtype=None, copy=None):
-    out = np.repeat(np.asarray(self.host), self.copies, axis=self.axis)
-    return out if dtype is None else out.astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,16 +103,19 @@ def test_stop_rules_apply_to_the_last_allowed_token(default_llm):
 
 def test_stop_string_inside_a_long_token(default_llm):
   """SmolLM2 has an 81-character token ("\n" + 80 spaces): a stop string at its start must still be found."""
-  from jaxllm.llm import _StopChecker
+  from jaxllm.serving.detokenizer import Detokenizer
 
   tok = default_llm.tokenizer
   long_id = max(range(tok.vocab_size), key=lambda i: len(tok.decode([i])))
   assert len(tok.decode([long_id])) > 40
   toks = tok.encode("def f():", add_bos=False) + [long_id] + tok.encode("return 1", add_bos=False)
-  checker = _StopChecker(set(), ("\n",), tok)
-  hit = next(i for i in range(1, len(toks) + 1) if checker.done(toks[:i]))
+  checker = Detokenizer(tok, frozenset(), ("\n",), stream=False)
+  for hit, t in enumerate(toks, 1):
+    checker.add(t)
+    if checker.finished:
+      break
   assert toks[hit - 1] == long_id
-  assert checker.finish(0, toks[:hit], [0.0] * hit).text == "def f():"
+  assert checker.text == "def f():"
 
 
 @pytest.mark.parametrize("kwargs, message", [

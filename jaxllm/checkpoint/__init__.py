@@ -143,32 +143,31 @@ def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout
   """
   from jaxllm.layers import Llama
 
-  if mesh is None:
-    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
-    return nnx.merge(graphdef, state)
+  kv = None
+  if mesh is not None:
+    from jaxllm.sharding import rules
 
-  from jaxllm.sharding import rules
-
-  rules.check_model_fits(config, mesh, layout)
-  kv = rules.kv_placement(config.num_kv_heads, mesh.shape, layout)
-  if kv.copies > 1:
-    config = dataclasses.replace(config, num_kv_heads=config.num_kv_heads * kv.copies)
-  shardings = param_shardings(config, dtype, mesh, layout)
-  if kv.copies > 1:
-    attn = dict(params["layers"]["attn"])
-    for name in ("wk_DKH", "wv_DKH"):  # [L, D, K, H] -> [L, D, K * copies, H], head k at k * copies ... + copies - 1
-      w, target = attn[name], shardings["layers"]["attn"][name]
-      if isinstance(w, jax.Array):
-        attn[name] = jax.jit(lambda w: jax.numpy.repeat(w, kv.copies, axis=2), out_shardings=target)(w)
-      else:
-        attn[name] = rules.repeat_kv_heads(np.asarray(w), 2, kv.copies)
-    params = {**params, "layers": {**params["layers"], "attn": attn}}
+    kv = rules.kv_placement(config.num_kv_heads, mesh.shape, layout)
+    if kv.copies > 1:
+      config = dataclasses.replace(config, num_kv_heads=config.num_kv_heads * kv.copies)
+    shardings = param_shardings(config, dtype, mesh, layout)  # raises if the mesh cannot fit the model
+    if kv.copies > 1:
+      attn = dict(params["layers"]["attn"])
+      for name in ("wk_DKH", "wv_DKH"):  # [L, D, K, H] -> [L, D, K * copies, H], head k at k * copies ... + copies - 1
+        w, target = attn[name], shardings["layers"]["attn"][name]
+        if isinstance(w, jax.Array):
+          attn[name] = jax.jit(lambda w: jax.numpy.repeat(w, kv.copies, axis=2), out_shardings=target)(w)
+        else:
+          attn[name] = rules.repeat_kv_heads(np.asarray(w), 2, kv.copies)
+      params = {**params, "layers": {**params["layers"], "attn": attn}}
+    placed = place_params(params, shardings)
+  else:
+    placed = jax.tree.map(jax.numpy.asarray, params)
   model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
-  nnx.replace_by_pure_dict(state, place_params(params, shardings))
+  nnx.replace_by_pure_dict(state, placed)
   model = nnx.merge(graphdef, state)
-  model.activation_sharding = rules.ActivationSharding.create(mesh, layout)
-  model.kv_placement = kv
+  if mesh is not None:
+    model.activation_sharding = rules.ActivationSharding.create(mesh, layout)
+    model.kv_placement = kv
   return model
