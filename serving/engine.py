@@ -39,7 +39,10 @@ class EngineConfig:
   max_model_len: int  # prompt + generated tokens per sequence
   num_slots: int = 32  # sequences decoded together
   page_size: int = 16
-  num_pages: int | None = None  # None: enough for every slot at max_model_len (+ the scratch page)
+  # KV pages (one is scratch). None: `kv_cache_memory_fraction` of the device memory left free once the weights are
+  # placed, capped at what every slot needs at max_model_len (see `size_kv_cache`).
+  num_pages: int | None = None
+  kv_cache_memory_fraction: float | None = None  # None: 0.9 on GPU/TPU; on CPU min(4 GiB, 0.5 of free RAM)
   max_prefill_batch: int = 8  # prompts per prefill call (rounded down to a power of two)
   min_prefill_len: int = 16  # smallest prompt bucket; buckets double up to max_model_len
   decode_steps: int = 1  # decode steps per generate call
@@ -55,6 +58,9 @@ class EngineConfig:
       positive(name)
     if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
       raise ValueError(f"EngineConfig.num_pages={self.num_pages!r} must be an integer >= 2 (one is scratch).")
+    f = self.kv_cache_memory_fraction
+    if f is not None and (not isinstance(f, (int, float)) or not 0 < f <= 1):
+      raise ValueError(f"EngineConfig.kv_cache_memory_fraction={f!r} must be in (0, 1].")
     if not 0 <= self.num_top_logprobs <= MAX_LOGPROBS:
       raise ValueError(f"EngineConfig.num_top_logprobs={self.num_top_logprobs} must be in [0, {MAX_LOGPROBS}].")
 
@@ -63,8 +69,9 @@ class EngineConfig:
     return -(-self.max_model_len // self.page_size)
 
   @property
-  def total_pages(self) -> int:
-    return self.num_pages if self.num_pages is not None else self.num_slots * self.pages_per_seq + 1
+  def pages_wanted(self) -> int:
+    """Pages for every slot at max_model_len plus the scratch page: more would never be used."""
+    return self.num_slots * self.pages_per_seq + 1
 
   @property
   def prefill_lengths(self) -> tuple[int, ...]:
@@ -73,6 +80,17 @@ class EngineConfig:
       out.append(n)
       n *= 2
     return tuple(out) + (self.max_model_len,)
+
+  @property
+  def decode_page_buckets(self) -> tuple[int, ...]:
+    """Pages per slot that a decode step attends over: powers of two from the smallest prompt bucket's, up to
+    pages_per_seq. A step reads only as many pages as its longest slot needs, rounded up to a bucket, not
+    max_model_len's worth for every slot."""
+    out, n = [], -(-self.min_prefill_len // self.page_size)
+    while n < self.pages_per_seq:
+      out.append(n)
+      n *= 2
+    return tuple(out) + (self.pages_per_seq,)
 
   @property
   def prefill_batches(self) -> tuple[int, ...]:
@@ -131,6 +149,7 @@ class Engine:
     self.activation_sharding = model.activation_sharding
     graphdef, self.params = nnx.split(model)
     c, mc = config, model.config
+    self.num_pages = size_kv_cache(config, model.config, model.dtype, self.activation_sharding)
     n_top = c.num_top_logprobs
 
     def pick(logits_BV, sampling, positions_B, history):
@@ -181,19 +200,20 @@ class Engine:
       return state.replace(active=state.active & ~slots_mask_S,
                            page_table=jnp.where(slots_mask_S[:, None], 0, state.page_table))
 
-    def generate(params, state: DecodeState):
+    def generate(params, state: DecodeState, num_pages: int):
       model = nnx.merge(graphdef, params)
-      S, M = state.page_table.shape
-      C = c.page_size
+      S = state.page_table.shape[0]
+      C, M = c.page_size, num_pages
+      table_SM = state.page_table[:, :M]  # attention reads only the first M pages of every slot (the bucket)
 
       def step(state: DecodeState, _):
         pos_S = state.positions
-        page_S = jnp.take_along_axis(state.page_table, jnp.minimum(pos_S // C, M - 1)[:, None], axis=1)[:, 0]
-        in_range = state.active & (pos_S < M * C)
+        page_S = jnp.take_along_axis(table_SM, jnp.minimum(pos_S // C, M - 1)[:, None], axis=1)[:, 0]
+        in_range = state.active & (pos_S < M * C)  # else (a stale slot past the bucket): scratch page only
         cache = PagedKVCache(
             k=state.k, v=state.v, slot_page_T=jnp.where(in_range, page_S, 0), slot_offset_T=pos_S % C,
             kv_lens=jnp.where(in_range, pos_S + 1, 1),
-            page_indices=jnp.where(in_range[:, None], state.page_table, 0),
+            page_indices=jnp.where(in_range[:, None], table_SM, 0),
             cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), num_seqs=jnp.int32(S), decode_only=True)
         h_1SD, cache = model(state.tokens[None], pos_S[None], cache, c.attention_impl)
         tok, lp, top_ids, top_lp = pick(model.logits(h_1SD)[0], state.sampling, pos_S + 1, state.history)
@@ -208,20 +228,40 @@ class Engine:
       return state, ResultTokens(tokens=tok.T, logprobs=lp.T, top_ids=top_ids.transpose(1, 0, 2),
                                  top_logprobs=top_lp.transpose(1, 0, 2))
 
+    def fork(state: DecodeState, prefix: Prefix, row, slot, page_row_M, src_page, dst_page, token,
+             sampling: SamplingArrays):
+      """Slot `slot` becomes another sample of prefix row `row` (a prompt of length n just prefilled): it shares the
+      prompt's full pages (`page_row_M` starts with them), gets a private copy (`dst_page`) of the page holding
+      position n - 1 (`src_page`), and restarts one token early, feeding the prompt's last `token` at position n - 1,
+      so its own first token is drawn by the next generate step from its own seed (the draw's key is (seed, n), as a
+      prefill's would be)."""
+      k = state.k.at[:, dst_page].set(state.k[:, src_page])
+      v = state.v.at[:, dst_page].set(state.v[:, src_page])
+      one = lambda dst, src: dst.at[slot].set(src[0])  # noqa: E731
+      V = state.history.output_counts.shape[1]
+      history = TokenHistory(output_counts=state.history.output_counts.at[slot].set(jnp.zeros((V,), jnp.int32)),
+                             in_prompt=state.history.in_prompt.at[slot].set(prefix.history.in_prompt[row]))
+      return state.replace(
+          k=k, v=v, page_table=state.page_table.at[slot].set(page_row_M),
+          positions=state.positions.at[slot].set(prefix.lengths[row] - 1), tokens=state.tokens.at[slot].set(token),
+          active=state.active.at[slot].set(True), sampling=jax.tree.map(one, state.sampling, sampling),
+          history=history)
+
     def set_pages(state: DecodeState, mask_S, rows_SM):
       return state.replace(page_table=jnp.where(mask_S[:, None], rows_SM, state.page_table))
 
     self._set_pages = jax.jit(set_pages, donate_argnums=0)
+    self._fork = jax.jit(fork, donate_argnums=0)
     self._prefill = jax.jit(prefill, donate_argnums=1)
     self._insert = jax.jit(insert, donate_argnums=0)
     self._release = jax.jit(release, donate_argnums=0)
-    self._generate = jax.jit(generate, donate_argnums=1)
+    self._generate = jax.jit(generate, donate_argnums=1, static_argnums=2)
 
   # ------------------------------------------------------------------ state
   def init_state(self) -> DecodeState:
     c, mc = self.config, self.model_config
     S, M, V = c.num_slots, c.pages_per_seq, mc.vocab_size
-    shape = (mc.num_layers, c.total_pages, mc.num_kv_heads, c.page_size, mc.head_dim)
+    shape = (mc.num_layers, self.num_pages, mc.num_kv_heads, c.page_size, mc.head_dim)
     sharding = None
     if self.activation_sharding is not None:  # KV heads over the layout's head axis, as the K/V projections
       sharding = self.activation_sharding.named(("layers", None, "kv_heads", None, "head_dim"), shape)
@@ -270,6 +310,16 @@ class Engine:
     mask[list(slots)] = True
     return self._release(state, mask)
 
+  def fork(self, state: DecodeState, prefix: Prefix, row: int, slot: int, pages: list[int], src_page: int,
+           dst_page: int, last_token: int, sampling: SamplingArrays) -> DecodeState:
+    """Another sample of prefill row `row` in `slot`, over `pages` (shared prompt pages, then its own; `dst_page`
+    receives a copy of `src_page`, the page holding the prompt's last position). `sampling`: the sample's one row."""
+    row_M = np.zeros((self.config.pages_per_seq,), np.int32)
+    row_M[:len(pages)] = pages
+    i32 = lambda x: np.int32(x)  # noqa: E731
+    return self._fork(state, prefix, i32(row), i32(slot), row_M, i32(src_page), i32(dst_page), i32(last_token),
+                      sampling)
+
   def set_pages(self, state: DecodeState, pages: dict[int, list[int]]) -> DecodeState:
     """New page-table rows for the slots whose allocation grew ({slot: page ids})."""
     c = self.config
@@ -280,8 +330,17 @@ class Engine:
       rows[slot, :len(ids)] = ids
     return self._set_pages(state, mask, rows)
 
-  def generate(self, state: DecodeState) -> tuple[DecodeState, ResultTokens]:
-    return self._generate(self.params, state)
+  def decode_pages(self, max_kv_len: int) -> int:
+    """The page bucket a generate call whose slots reach at most `max_kv_len` tokens runs with."""
+    need = -(-max(max_kv_len, 1) // self.config.page_size)
+    return next((b for b in self.config.decode_page_buckets if b >= need), self.config.pages_per_seq)
+
+  def generate(self, state: DecodeState, max_kv_len: int | None = None) -> tuple[DecodeState, ResultTokens]:
+    """`decode_steps` steps for every slot. `max_kv_len`: no active slot holds more tokens than this by the end of
+    the call (its pages are the only ones attention gathers; a slot past it writes and reads the scratch page only);
+    None: max_model_len."""
+    pages = self.config.pages_per_seq if max_kv_len is None else self.decode_pages(max_kv_len)
+    return self._generate(self.params, state, pages)
 
   # ------------------------------------------------------------------ compilation
   def warmup(self) -> None:
@@ -294,11 +353,72 @@ class Engine:
         sampling = SamplingArrays.create(R, temperature=0.0)
         state, prefix = self.prefill(state, [[0] * T] * R, [T] * R, [[0]] * R, sampling)
       state = self.insert(state, prefix, [])
+    state = self.fork(state, prefix, 0, 0, [0], 0, 0, 0, SamplingArrays.create(1, temperature=0.0))
     state = self.release(state, [])
-    state, _ = self.generate(state)
+    for pages in c.decode_page_buckets:
+      state, _ = self._generate(self.params, state, pages)
     jax.block_until_ready(self.set_pages(state, {}))
 
   def num_compilations(self) -> int:
     """Programs compiled so far (jit cache entries of every engine function); flat after warmup."""
-    fns = (self._prefill, self._insert, self._release, self._generate, self._set_pages)
+    fns = (self._prefill, self._insert, self._release, self._generate, self._set_pages, self._fork)
     return sum(f._cache_size() for f in fns)
+
+
+# ---------------------------------------------------------------------------------------------------------- sizing
+CPU_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU default KV space; the CPU default fraction is also capped at this
+
+
+def page_bytes(engine_config: EngineConfig, model_config, dtype, num_shards: int = 1) -> int:
+  """Bytes one KV page (all layers, K and V) takes on each device holding a 1/num_shards slice of its heads."""
+  mc = model_config
+  per_page = 2 * mc.num_layers * mc.num_kv_heads * engine_config.page_size * mc.head_dim * jnp.dtype(dtype).itemsize
+  return -(-per_page // num_shards)
+
+
+def free_device_bytes(devices) -> tuple[int, bool]:
+  """(bytes free on the fullest device, whether that came from the accelerator's allocator). CPU devices report no
+  memory stats; their figure is the host's available RAM."""
+  free = []
+  for d in devices:
+    stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+      free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  if free:
+    return min(free), True
+  import os
+
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), False
+
+
+def size_kv_cache(config: EngineConfig, model_config, dtype, activation_sharding=None) -> int:
+  """Number of KV pages: `config.num_pages` if given, else the memory budget's worth, at most `pages_wanted`.
+
+  Raises a ValueError when the pages cannot hold even one sequence of max_model_len (vLLM's "max_model_len is larger
+  than the KV cache can hold"), naming the figures and the flags that change them."""
+  if config.num_pages is not None:
+    return config.num_pages
+  devices, shards = jax.local_devices()[:1], 1
+  if activation_sharding is not None:
+    mesh = activation_sharding.mesh
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    shape = (model_config.num_layers, 1, model_config.num_kv_heads, config.page_size, model_config.head_dim)
+    spec = activation_sharding.named(("layers", None, "kv_heads", None, "head_dim"), shape).spec
+    for axes in spec:
+      for a in (axes if isinstance(axes, tuple) else (axes,) if axes else ()):
+        shards *= mesh.shape[a]
+  free, accelerator = free_device_bytes(devices)
+  fraction = config.kv_cache_memory_fraction
+  if fraction is None:
+    budget = 0.9 * free if accelerator else min(CPU_KV_CACHE_BYTES, 0.5 * free)
+  else:
+    budget = fraction * free
+  per_page = page_bytes(config, model_config, dtype, shards)
+  pages = min(int(budget // per_page), config.pages_wanted)
+  if pages < config.pages_per_seq + 1:
+    raise ValueError(
+        f"the KV cache budget ({budget / 2**30:.2f} GiB per device, {per_page} bytes per page of "
+        f"{config.page_size} tokens) holds {max(pages - 1, 0)} pages, fewer than one sequence of "
+        f"max_model_len={config.max_model_len} needs ({config.pages_per_seq}); lower max_model_len, or raise "
+        "kv_cache_memory_fraction or num_pages.")
+  return pages

@@ -33,6 +33,7 @@ from jaxllm.sampling import SamplingArrays, SamplingParams
 from jaxllm.serving.detokenizer import Detokenizer
 from jaxllm.serving.engine import Engine
 from jaxllm.serving.page_allocator import PageAllocator
+from jaxllm.sharding.distributed import host_value
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -55,6 +56,8 @@ class Request:
   arrival: int = 0
   max_new: int = 0  # max_tokens capped by max_model_len - prompt length
   epoch: int = 0  # bumped at every admission: in-flight results of an earlier admission are not this one's
+  parent: "Request | None" = None  # sample k > 0 of an n > 1 request: shares sample 0's prompt pages when admitted with it
+  index: int = 0  # which sample of its prompt this is
 
   @property
   def text(self) -> str:
@@ -81,7 +84,7 @@ class Scheduler:
     self.tokenizer = tokenizer
     self.eos_ids = tuple(eos_ids)
     self.vocab_size = engine.model_config.vocab_size
-    self.allocator = PageAllocator(self.config.total_pages, self.config.page_size)
+    self.allocator = PageAllocator(engine.num_pages, self.config.page_size)
     self.state = engine.init_state()
     self.waiting: collections.deque[Request] = collections.deque()
     self.slots: list[Request | None] = [None] * self.config.num_slots
@@ -91,6 +94,7 @@ class Scheduler:
     self._ids = itertools.count()
     self.num_steps = 0
     self.num_preemptions = 0
+    self.num_forks = 0  # samples admitted on a prompt's shared pages (no prefill of their own)
 
   # ------------------------------------------------------------------ requests
   def validate(self, prompt_ids, params: SamplingParams) -> list[int]:
@@ -110,8 +114,6 @@ class Scheduler:
     if self.allocator.pages_for(len(ids) + 1) > self.allocator.capacity:
       raise ValueError(f"the prompt needs more KV pages than the cache has ({self.allocator.capacity}).")
     params.check_vocab(self.vocab_size)
-    if params.n != 1:
-      raise ValueError("the scheduler runs one sequence per request; submit n > 1 as n requests.")
     if params.logprobs and params.logprobs > self.config.num_top_logprobs:
       raise ValueError(f"logprobs={params.logprobs} exceeds the engine's num_top_logprobs="
                        f"{self.config.num_top_logprobs}.")
@@ -119,7 +121,30 @@ class Scheduler:
 
   def add(self, prompt_ids, params: SamplingParams, *, request_id: str | None = None,
           on_update: Callable | None = None, seed: int | None = None) -> Request:
+    """One sequence (params.n must be 1; see `add_samples`)."""
+    if params.n != 1:
+      raise ValueError(f"add() runs one sequence; use add_samples() for n={params.n} samples of a prompt.")
+    return self._add(self.validate(prompt_ids, params), params, request_id, on_update, seed)
+
+  def add_samples(self, prompt_ids, params: SamplingParams, *, request_id: str | None = None,
+                  on_update: Callable | None = None, seeds: list[int] | None = None) -> list[Request]:
+    """params.n samples of one prompt, ids `{request_id}/{k}`. When they are admitted together (slots and pages
+    allowing), the prompt is prefilled once and samples 1.. share its full KV pages (each copies only the page the
+    prompt ends in); otherwise a sample is prefilled on its own. `seeds[k]` (or fresh ones) seed sample k."""
     ids = self.validate(prompt_ids, params)
+    if seeds is not None and len(seeds) != params.n:
+      raise ValueError(f"seeds has {len(seeds)} entries for n={params.n} samples.")
+    base = request_id if request_id is not None else f"req-{next(self._ids)}"
+    if any(f"{base}/{k}" in self.requests for k in range(params.n)):
+      raise ValueError(f"request_id {base!r} is already in use.")
+    out = []
+    for k in range(params.n):
+      r = self._add(ids, params, f"{base}/{k}", on_update, None if seeds is None else seeds[k])
+      r.parent, r.index = (out[0] if out else None), k
+      out.append(r)
+    return out
+
+  def _add(self, ids, params, request_id, on_update, seed) -> Request:
     request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self.requests:
       raise ValueError(f"request_id {request_id!r} is already in use.")
@@ -151,10 +176,10 @@ class Scheduler:
   # ------------------------------------------------------------------ the loop
   def step(self) -> None:
     self._admit()
-    self._reserve()
+    longest = self._reserve()
     keep = 0
     if any(s is not None for s in self.slots):
-      self.state, result = self.engine.generate(self.state)
+      self.state, result = self.engine.generate(self.state, longest)
       self._inflight.append(("generate", result, self._holders()))
       self.num_steps += 1
       keep = 1  # the call just dispatched stays in flight while the host reads everything older
@@ -170,13 +195,23 @@ class Scheduler:
 
   # ------------------------------------------------------------------ admission
   def _admit(self) -> None:
-    lookahead = self.config.decode_steps
+    lookahead, C, limit = self.config.decode_steps, self.config.page_size, self.config.max_model_len
     batch: list[Request] = []
+    forks: list[Request] = []  # further samples of a prompt in `batch`: they share its pages instead of a prefill
     free_slots = [i for i, r in enumerate(self.slots) if r is None]
-    while self.waiting and len(batch) < min(len(free_slots), self.config.max_prefill_batch):
+    while self.waiting and len(batch) + len(forks) < len(free_slots):
       req = self.waiting[0]
+      parent = req.parent
+      if parent is not None and parent in batch and not parent.output_ids and not req.output_ids:
+        n = len(req.prompt_ids)
+        if not self.allocator.fork(parent.request_id, req.request_id, (n - 1) // C, min(n + lookahead, limit)):
+          break
+        forks.append(self.waiting.popleft())
+        continue
+      if len(batch) == self.config.max_prefill_batch:
+        break
       tokens = req.prompt_ids + req.output_ids
-      if not self.allocator.allocate(req.request_id, min(len(tokens) + lookahead, self.config.max_model_len)):
+      if not self.allocator.allocate(req.request_id, min(len(tokens) + lookahead, limit)):
         break  # first come, first served: nothing overtakes the head of the queue
       self.waiting.popleft()
       batch.append(req)
@@ -191,15 +226,29 @@ class Scheduler:
     slots = free_slots[:len(batch)]
     self.state = self.engine.insert(self.state, prefix, slots)
     for r, s in zip(batch, slots):
-      r.status, r.slot = RUNNING, s
-      r.epoch += 1
-      self.slots[s] = r
+      self._seat(r, s)
     self._inflight.append(("prefill", prefix, [(r, i, r.epoch) for i, r in enumerate(batch)]))
+    for r, s in zip(forks, free_slots[len(batch):]):
+      n = len(r.prompt_ids)
+      own, theirs = self.allocator.pages(r.request_id), self.allocator.pages(r.parent.request_id)
+      sampling = SamplingArrays.from_params([r.params], [r.seed], [tuple(r.detok.stop_ids)],
+                                            [n + r.params.min_tokens])
+      self.state = self.engine.fork(self.state, prefix, batch.index(r.parent), s, own, theirs[(n - 1) // C],
+                                    own[(n - 1) // C], r.prompt_ids[-1], sampling)
+      self._seat(r, s)
+    self.num_forks += len(forks)
 
-  def _reserve(self) -> None:
-    """Pages for every position the next generate call writes; preempts the latest admitted request when short."""
+  def _seat(self, req: Request, slot: int) -> None:
+    req.status, req.slot = RUNNING, slot
+    req.epoch += 1
+    self.slots[slot] = req
+
+  def _reserve(self) -> int:
+    """Pages for every position the next generate call writes; preempts the latest admitted request when short.
+    Returns the most tokens any running request will hold after that call (which page bucket it needs)."""
     ahead = self.config.decode_steps
     grown = {}
+    longest = 1
     for req in sorted((r for r in self.slots if r is not None), key=lambda r: r.arrival):
       if req.status != RUNNING:
         continue
@@ -211,10 +260,13 @@ class Scheduler:
         self._preempt(victim)
         if victim is req:
           break
-      if req.status == RUNNING and len(self.allocator.pages(req.request_id)) != before:
-        grown[req.slot] = self.allocator.pages(req.request_id)
+      if req.status == RUNNING:
+        longest = max(longest, need)
+        if len(self.allocator.pages(req.request_id)) != before:
+          grown[req.slot] = self.allocator.pages(req.request_id)
     if grown:
       self.state = self.engine.set_pages(self.state, grown)
+    return longest
 
   def _position(self, req: Request) -> int:
     """Tokens the device will have cached for `req` once everything dispatched so far has run."""
@@ -232,7 +284,7 @@ class Scheduler:
 
   # ------------------------------------------------------------------ results
   def _absorb(self, kind: str, result, holders: list[tuple[Request, int, int]]) -> None:
-    host = jax.device_get(result)
+    host = jax.tree.map(host_value, result)
     for req, row, epoch in holders:
       if req.status != RUNNING or req.epoch != epoch:
         continue  # ended, preempted or re-admitted since dispatch: these tokens are not its own

@@ -152,3 +152,38 @@ def test_bad_requests_are_rejected_before_the_device_and_the_engine_keeps_servin
     sched.add(prompt, params)
   sched.run_until_done()
   assert good.output_ids == alone([5, 6, 7], 5)
+
+
+def test_n_samples_share_the_prompt_pages_and_draw_what_each_seed_draws_alone(engine, alone):
+  rng = np.random.default_rng(5)
+  prompt = rng.integers(0, 256, 70).tolist()  # 70 tokens: 4 full pages shared, the 5th copied per sample
+  params = SamplingParams(n=4, max_tokens=10, temperature=0.8, top_k=50)
+  seeds = [11, 12, 13, 14]
+  sched = Scheduler(engine)
+  samples = sched.add_samples(prompt, params, seeds=seeds)
+  other = sched.add([3, 4, 5], SamplingParams(max_tokens=6, temperature=0))
+  sched.step()
+  assert sched.num_forks == 3  # one prefill for the prompt; samples 1..3 joined on its pages
+  assert sched.allocator.num_shared() == 4
+  sched.run_until_done()
+  for k, r in enumerate(samples):
+    assert r.output_ids == alone(prompt, 10, 0.8, seeds[k], 50), k
+  assert len({tuple(r.output_ids) for r in samples}) > 1
+  assert other.output_ids == alone([3, 4, 5], 6)
+  sched.allocator.check()
+  assert sched.allocator.num_free == sched.allocator.capacity
+
+
+def test_n_samples_without_room_to_share_are_prefilled_on_their_own(model, alone):
+  # Two slots: sample 0 and 1 share; samples 2 and 3 wait for a slot and are prefilled alone later.
+  eng = Engine(model, EngineConfig(max_model_len=128, num_slots=2, page_size=8, max_prefill_batch=2,
+                                   min_prefill_len=32, decode_steps=2))
+  prompt = list(range(1, 21))
+  sched = Scheduler(eng)
+  samples = sched.add_samples(prompt, SamplingParams(n=4, max_tokens=8, temperature=1.0), seeds=[1, 2, 3, 4])
+  sched.run_until_done()
+  assert sched.num_forks == 1
+  for k, r in enumerate(samples):
+    assert r.output_ids == alone(prompt, 8, 1.0, k + 1), k
+  sched.allocator.check()
+  assert sched.allocator.num_free == sched.allocator.capacity
