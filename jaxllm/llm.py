@@ -6,21 +6,25 @@
     llm.chat([{"role": "user", "content": "Hi!"}])
     llm.score([("The capital of France is", " Paris")])   # continuation logprobs, their sum, is_greedy
 
-Requests are validated on the host (clear errors, nothing reaches the device), tokenized, then run through
-`jaxllm.generate.Generator` in batches of at most `max_batch_size`; outputs come back in input order.
+Requests are validated on the host (clear errors, nothing reaches the device) and tokenized; then every prompt goes
+into the engine's continuous-batching scheduler at once (offline mode: `jaxllm.serving.scheduler` over the paged
+`jaxllm.serving.engine`), which keeps up to `max_num_seqs` sequences decoding and admits the next prompt as soon as
+one finishes. Outputs come back in input order. The n > 1 samples of a prompt share its KV pages. Programs compile
+on first use of each shape bucket (`warmup()` compiles them all ahead).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Sequence
 
 import numpy as np
 
 from jaxllm import checkpoint
-from jaxllm.generate import Generator
-from jaxllm.sampling import SamplingArrays, SamplingParams
-from jaxllm.serving.detokenizer import Detokenizer
+from jaxllm.sampling import MAX_LOGPROBS, SamplingParams
+from jaxllm.serving.engine import Engine, EngineConfig
+from jaxllm.serving.scheduler import Scheduler
 
 
 @dataclasses.dataclass
@@ -31,6 +35,7 @@ class CompletionOutput:
   logprobs: list[float]  # logprob of each generated token under the model
   finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
   stop_reason: str | int | None = None  # the stop string or token id that ended it, if any
+  top_logprobs: list[dict[int, float]] | None = None  # with SamplingParams.logprobs: {token id: logprob} per position
 
   @property
   def cumulative_logprob(self) -> float:
@@ -67,11 +72,30 @@ class ScoreOutput:
 
 
 class LLM:
-  """A loaded model with its tokenizer and compiled generation programs."""
+  """A loaded model with its tokenizer and the engine that runs it.
+
+  Args:
+    model: "default", a preset-free checkpoint path (.gguf file, HF dir, `jaxllm convert` dir).
+    dtype: parameter dtype, "float32" or "bfloat16".
+    tokenizer: a tokenizer path to use instead of the checkpoint's own.
+    max_model_len: prompt + generated tokens per sequence (default: the model's context length).
+    max_num_seqs: sequences decoded together (the engine's slots).
+    seed: seeds the draws of requests whose SamplingParams.seed is None.
+    mesh, layout: a device mesh ("model=8", "data=2,model=4", or a jax Mesh) and its sharding layout.
+    page_size, num_pages, kv_cache_memory_fraction: the paged KV cache (see `EngineConfig`).
+    decode_steps: decode steps per engine call (the host reads tokens back once per call).
+    max_prefill_batch: prompts prefilled together in one call.
+    compilation_cache_dir: a directory for jax's persistent compilation cache (programs compiled once are reused
+      by later processes).
+  """
 
   def __init__(self, model: str = "default", *, dtype: str = "float32", tokenizer: str | None = None,
-               max_model_len: int | None = None, max_batch_size: int = 32, seed: int = 0,
-               mesh: str | None = None, layout: str = "tp"):
+               max_model_len: int | None = None, max_num_seqs: int = 32, seed: int = 0,
+               mesh: str | None = None, layout: str = "tp", page_size: int = 16, num_pages: int | None = None,
+               kv_cache_memory_fraction: float | None = None, decode_steps: int = 8, max_prefill_batch: int = 8,
+               compilation_cache_dir: str | None = None):
+    if compilation_cache_dir is not None:
+      enable_compilation_cache(compilation_cache_dir)
     self.mesh = None
     if mesh is not None:
       from jaxllm.sharding import make_mesh
@@ -88,21 +112,39 @@ class LLM:
       self.tokenizer = load_tokenizer(tokenizer)
     else:
       self.tokenizer = ckpt.tokenizer
-    self.max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
-    if max_batch_size < 1:
-      raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
-    self.max_batch_size = max_batch_size
+    context = self.config.max_position_embeddings
+    if max_model_len is not None and (not isinstance(max_model_len, int) or not 2 <= max_model_len <= context):
+      raise ValueError(f"max_model_len={max_model_len!r} must be an integer in [2, {context}] (the model's context "
+                       "length).")
+    self.max_model_len = max_model_len or context
+    if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+      raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}.")
     self._rng = np.random.default_rng(seed)
-    model = checkpoint.build_model(self.config, ckpt.params, self.dtype, self.mesh, layout)
-    self.kv_placement = getattr(model, "kv_placement", None)  # how the KV heads sit on the mesh (None: one device)
-    self.generator = Generator(model, max_batch_size, self.mesh)
+    built = checkpoint.build_model(self.config, ckpt.params, self.dtype, self.mesh, layout)
+    self.kv_placement = getattr(built, "kv_placement", None)  # how the KV heads sit on the mesh (None: one device)
+    self.engine = Engine(built, EngineConfig(
+        max_model_len=self.max_model_len, num_slots=max_num_seqs, page_size=page_size, num_pages=num_pages,
+        kv_cache_memory_fraction=kv_cache_memory_fraction, decode_steps=decode_steps,
+        max_prefill_batch=max_prefill_batch, num_top_logprobs=MAX_LOGPROBS))
+    eos = tuple(self.tokenizer.eos_ids) if self.tokenizer is not None else ()
+    self.scheduler = Scheduler(self.engine, self.tokenizer, eos_ids=eos, seed=seed)
 
   def __repr__(self) -> str:
     c = self.config
+    e = self.engine.config
     return (f"LLM({c.name!r}, {c.num_params / 1e6:.1f}M params, dtype={self.dtype}, layers={c.num_layers}, "
-            f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len}"
+            f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len}, "
+            f"KV cache: {self.engine.num_pages - 1} pages x {e.page_size} tokens, max_num_seqs={e.num_slots}"
             + (f", mesh={dict(self.mesh.shape)}, layout={self.layout}, KV: {self.kv_placement.note}"
                if self.mesh is not None else "") + ")")
+
+  def warmup(self) -> None:
+    """Compiles every shape bucket now (as a server does at start) instead of on first use."""
+    self.engine.warmup()
+
+  def logits(self, token_rows) -> np.ndarray:
+    """float32 logits [R, T, V] of a full forward pass over equal-length token rows."""
+    return self.engine.logits(token_rows)
 
   # ------------------------------------------------------------------ tokens
   def _require_tokenizer(self):
@@ -124,7 +166,10 @@ class LLM:
 
   # ------------------------------------------------------------------ generate
   def generate(self, prompts: str | Sequence[str] | None = None, sampling_params: SamplingParams | None = None, *,
-               prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
+               prompt_token_ids: Sequence[Sequence[int]] | None = None,
+               use_tqdm: bool | None = None) -> list[RequestOutput]:
+    """Continuations of every prompt, in input order. use_tqdm: a progress bar over finished sequences (None: on
+    when stderr is a terminal or in a notebook)."""
     params = sampling_params or SamplingParams()
     if (prompts is None) == (prompt_token_ids is None):
       raise ValueError("pass exactly one of `prompts` (text) or `prompt_token_ids`.")
@@ -135,10 +180,10 @@ class LLM:
     else:
       ids = [self._check_tokens(p, f"prompt_token_ids[{i}]") for i, p in enumerate(prompt_token_ids)]
       prompts = [None] * len(ids)
-    return self._generate(list(prompts), ids, params)
+    return self._generate(list(prompts), ids, params, use_tqdm)
 
   def chat(self, messages, sampling_params: SamplingParams | None = None, *,
-           add_generation_prompt: bool = True) -> list[RequestOutput]:
+           add_generation_prompt: bool = True, use_tqdm: bool | None = None) -> list[RequestOutput]:
     """`messages`: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
     tok = self._require_tokenizer()
     convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -147,42 +192,48 @@ class LLM:
     texts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in convs]
     # The template already holds any BOS the model wants; do not add a second one.
     ids = [self._check_tokens(tok.encode(t, add_bos=False), f"conversation {i}") for i, t in enumerate(texts)]
-    return self._generate(texts, ids, sampling_params or SamplingParams())
+    return self._generate(texts, ids, sampling_params or SamplingParams(), use_tqdm)
 
-  def _generate(self, prompts: list, ids: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+  def _generate(self, prompts: list, ids: list[list[int]], params: SamplingParams,
+                use_tqdm: bool | None = None) -> list[RequestOutput]:
     if params.stop and self.tokenizer is None:
       raise ValueError(f"stop strings need a tokenizer and {self.source} has none; pass tokenizer=PATH or use "
                        "stop_token_ids.")
-    rows = []  # (request index, sample index, seed)
-    for r in range(len(ids)):
+    sched = self.scheduler
+    for i, p in enumerate(ids):  # every prompt is checked before any is queued: a bad one queues nothing
+      try:
+        sched.validate(p, params)
+      except ValueError as e:
+        raise ValueError(f"prompt {i}: {e}") from None
+    groups = []
+    for p in ids:
       base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63 - 1))
       # Sample k of seed s gets its own stream: hash (s, k), so (s, 1) never collides with (s + 1, 0).
-      rows += [(r, k, int(np.random.SeedSequence([base, k]).generate_state(1)[0])) for k in range(params.n)]
-    stop_ids = set(params.stop_token_ids)
-    if not params.ignore_eos and self.tokenizer is not None:
-      stop_ids |= set(self.tokenizer.eos_ids)
-    results: dict[tuple[int, int], CompletionOutput] = {}
-    for start in range(0, len(rows), self.max_batch_size):
-      batch = rows[start:start + self.max_batch_size]
-      prompt_ids = [ids[r] for r, _, _ in batch]
-      max_new = [min(params.max_tokens, self.max_model_len - len(p)) for p in prompt_ids]
-      sampling = SamplingArrays.from_params([params] * len(batch), [s for _, _, s in batch],
-                                            [tuple(stop_ids)] * len(batch),
-                                            [len(p) + params.min_tokens for p in prompt_ids])
-      detoks = [Detokenizer(self.tokenizer, frozenset(stop_ids), params.stop, stream=False) for _ in batch]
-
-      def stopped(i, toks):
-        detoks[i].add(toks[-1])
-        return detoks[i].finished
-
-      tokens, logprobs = self.generator.generate(prompt_ids, max_new, sampling, stopped, self.max_model_len)
-      for (r, k, _), toks, lps, d in zip(batch, tokens, logprobs, detoks):
-        if not d.finished:
-          d.flush()
-        # Special tokens (EOS) are skipped; an ordinary stop token id keeps its text, as vLLM does.
-        results[(r, k)] = CompletionOutput(k, d.text, toks, lps, "stop" if d.stop_reason is not None else "length",
-                                           d.stop_reason)
-    return [RequestOutput(prompts[r], ids[r], [results[(r, k)] for k in range(params.n)]) for r in range(len(ids))]
+      seeds = [int(np.random.SeedSequence([base, k]).generate_state(1)[0]) for k in range(params.n)]
+      groups.append(sched.add_samples(p, params, seeds=seeds))
+    bar = _progress(len(ids) * params.n, use_tqdm)
+    try:
+      done = 0
+      while sched.has_work():
+        sched.step()
+        if bar is not None:
+          now = sum(r.finished for g in groups for r in g)
+          bar.update(now - done)
+          done = now
+    except BaseException:  # KeyboardInterrupt in a notebook: nothing of this call stays queued or holds pages
+      for g in groups:
+        for r in g:
+          sched.cancel(r.request_id)
+      sched.run_until_done()
+      raise
+    finally:
+      if bar is not None:
+        bar.close()
+    return [RequestOutput(prompts[i], ids[i], [
+        # Special tokens (EOS) are skipped in the text; an ordinary stop token id keeps its text, as vLLM does.
+        CompletionOutput(r.index, r.text, r.output_ids, r.logprobs, r.finish_reason, r.stop_reason,
+                         r.top_logprobs if params.logprobs is not None else None) for r in g])
+            for i, g in enumerate(groups)]
 
   # ------------------------------------------------------------------ score
   def score(self, pairs: Sequence[tuple[str, str]] | None = None, *,
@@ -200,10 +251,31 @@ class LLM:
         raise ValueError(f"pair {i}: context and continuation must both be non-empty after tokenization.")
       self._check_tokens(c + x, f"pair {i}")
     out = []
-    for start in range(0, len(token_pairs), self.max_batch_size):
-      batch = token_pairs[start:start + self.max_batch_size]
-      chosen, greedy = self.generator.score([c + x for c, x in batch])
-      for (c, x), lp, g in zip(batch, chosen, greedy):
-        lp, g = lp[len(c) - 1:], g[len(c) - 1:]
-        out.append(ScoreOutput(c, x, [float(v) for v in lp], float(np.sum(lp, dtype=np.float64)), bool(np.all(g))))
+    for (c, x), (lp, g) in zip(token_pairs, self.engine.score([c + x for c, x in token_pairs])):
+      lp, g = lp[len(c) - 1:], g[len(c) - 1:]
+      out.append(ScoreOutput(c, x, [float(v) for v in lp], float(np.sum(lp, dtype=np.float64)), bool(np.all(g))))
     return out
+
+
+def _progress(total: int, use_tqdm: bool | None):
+  """A tqdm bar over `total` sequences, or None. Default: shown on a terminal or in a notebook, not in a log."""
+  if use_tqdm is None:
+    use_tqdm = sys.stderr.isatty() or "ipykernel" in sys.modules
+  if not use_tqdm:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc="Generating", unit="seq", dynamic_ncols=True)
+
+
+def enable_compilation_cache(path: str) -> None:
+  """jax's persistent compilation cache in `path`: every program compiled from now on is stored there, and a later
+  process that compiles the same program loads it instead (a server restart skips most of its warmup)."""
+  import os
+
+  import jax
+
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -142,6 +142,7 @@ class SamplingArrays:
   bias_values: jax.Array  # [B, MAX_LOGIT_BIAS] float32
   stop_ids: jax.Array  # [B, MAX_STOP_IDS] int32, masked while position < min_len; -1 = unused
   min_len: jax.Array  # int32 absolute position before which stop_ids cannot be sampled (prompt len + min_tokens)
+  num_logprobs: jax.Array  # int32 top-n logprobs the row asked for (0: none; the top-n work is skipped if no row asks)
 
   @classmethod
   def create(cls, n: int, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
@@ -154,7 +155,8 @@ class SamplingArrays:
                frequency_penalty=full(frequency_penalty, np.float32), seed=full(seed, np.uint32),
                bias_ids=np.full((n, MAX_LOGIT_BIAS), -1, np.int32),
                bias_values=np.zeros((n, MAX_LOGIT_BIAS), np.float32),
-               stop_ids=np.full((n, MAX_STOP_IDS), -1, np.int32), min_len=np.zeros((n,), np.int32))
+               stop_ids=np.full((n, MAX_STOP_IDS), -1, np.int32), min_len=np.zeros((n,), np.int32),
+               num_logprobs=np.zeros((n,), np.int32))
 
   @classmethod
   def from_params(cls, params: list[SamplingParams], seeds: list[int], stop_ids: list[tuple[int, ...]],
@@ -173,6 +175,7 @@ class SamplingArrays:
       ids = tuple(stop_ids[i])[:MAX_STOP_IDS]
       out.stop_ids[i, :len(ids)] = ids
       out.min_len[i] = min_lens[i] if p.min_tokens else 0
+      out.num_logprobs[i] = p.logprobs or 0
     return out
 
 
@@ -238,5 +241,8 @@ def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, hist
   chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
   if not num_top:
     return tokens_B, chosen_B
-  top_lp, top_ids = jax.lax.top_k(logprobs_BV, num_top)
+  B = logprobs_BV.shape[0]
+  top_lp, top_ids = jax.lax.cond(
+      jnp.any(s.num_logprobs > 0), lambda x: tuple(jax.lax.top_k(x, num_top)),
+      lambda x: (jnp.zeros((B, num_top), x.dtype), jnp.zeros((B, num_top), jnp.int32)), logprobs_BV)
   return tokens_B, chosen_B, top_ids.astype(jnp.int32), top_lp

@@ -32,6 +32,7 @@ from flax import nnx, struct
 from jaxllm.layers.llama import Llama
 from jaxllm.layers.paged import PagedKVCache, PagedPrefill
 from jaxllm.sampling import MAX_LOGPROBS, SamplingArrays, TokenHistory, sample
+from jaxllm.sharding.distributed import host_value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -250,6 +251,25 @@ class Engine:
     def set_pages(state: DecodeState, mask_S, rows_SM):
       return state.replace(page_table=jnp.where(mask_S[:, None], rows_SM, state.page_table))
 
+    def score(params, tokens_RT):
+      """Full forward over padded rows, no pages: log p(token t+1 | tokens <= t) and whether it was the argmax."""
+      model = nnx.merge(graphdef, params)
+      R, T = tokens_RT.shape
+      positions_RT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
+      logits_RTV = model.logits(model(tokens_RT, positions_RT, None, c.attention_impl)[0][:, :-1])
+      logprobs_RTV = jax.nn.log_softmax(logits_RTV.astype(jnp.float32), axis=-1)
+      target_RT = tokens_RT[:, 1:]
+      chosen_RT = jnp.take_along_axis(logprobs_RTV, target_RT[..., None], axis=-1)[..., 0]
+      return chosen_RT, jnp.argmax(logprobs_RTV, axis=-1) == target_RT
+
+    def logits(params, tokens_RT):
+      model = nnx.merge(graphdef, params)
+      R, T = tokens_RT.shape
+      positions_RT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
+      return model.logits(model(tokens_RT, positions_RT, None, c.attention_impl)[0]).astype(jnp.float32)
+
+    self._score = jax.jit(score)
+    self._logits = jax.jit(logits)
     self._set_pages = jax.jit(set_pages, donate_argnums=0)
     self._fork = jax.jit(fork, donate_argnums=0)
     self._prefill = jax.jit(prefill, donate_argnums=1)
@@ -341,6 +361,25 @@ class Engine:
     None: max_model_len."""
     pages = self.config.pages_per_seq if max_kv_len is None else self.decode_pages(max_kv_len)
     return self._generate(self.params, state, pages)
+
+  # ------------------------------------------------------------------ scoring (no pages, no state)
+  def score(self, rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each token row (at most max_model_len tokens): the logprob of each of tokens[1:] given its prefix, and
+    whether it was the argmax. Rows run max_prefill_batch at a time in the prefill buckets."""
+    out = []
+    for start in range(0, len(rows), self.config.max_prefill_batch):
+      chunk = rows[start:start + self.config.max_prefill_batch]
+      R, T = self.prefill_shape(len(chunk), max(len(r) for r in chunk))
+      tokens = np.zeros((R, T), np.int32)
+      for i, r in enumerate(chunk):
+        tokens[i, :len(r)] = r
+      chosen, greedy = (host_value(x) for x in self._score(self.params, tokens))
+      out += [(chosen[i, :len(r) - 1], greedy[i, :len(r) - 1]) for i, r in enumerate(chunk)]
+    return out
+
+  def logits(self, tokens_RT) -> np.ndarray:
+    """float32 logits [R, T, V] of a full forward over equal-length, unpadded token rows (a test and notebook aid)."""
+    return host_value(self._logits(self.params, np.asarray(tokens_RT, np.int32)))
 
   # ------------------------------------------------------------------ compilation
   def warmup(self) -> None:

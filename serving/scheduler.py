@@ -322,6 +322,7 @@ class Scheduler:
     elif self.allocator.owns(req.request_id):
       self.allocator.free(req.request_id)
     req.status, req.finish_reason = FINISHED, reason
+    self.requests.pop(req.request_id, None)  # the caller holds the Request; the scheduler forgets it
     if reason == "abort":
       delta += req.detok.flush()
     if req.on_update is not None:

@@ -3,6 +3,14 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this test session and the CLI processes it starts (they inherit the
+# variables): a program compiled once, e.g. the default model's decode step, is loaded by the next process that
+# needs it. A fresh directory per session keeps runs independent.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxllm-test-jit-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 import numpy as np
 import pytest

@@ -68,7 +68,7 @@ def test_converted_default_model_keeps_its_tokenizer(tmp_path, default_llm):
   assert llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == \
       default_llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
   ids = np.array([llm.tokenizer.encode("The capital of France is")])
-  np.testing.assert_array_equal(llm.generator.logits(ids), default_llm.generator.logits(ids))
+  np.testing.assert_array_equal(llm.logits(ids), default_llm.logits(ids))
   out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                  SamplingParams(max_tokens=16, temperature=0))[0]
   assert out.text == "The capital of France is Paris."

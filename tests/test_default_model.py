@@ -23,7 +23,7 @@ def test_logits_match_transformers(default_llm, hf_default):
     assert ids == default_llm.tokenizer.encode(prompt)
     with torch.no_grad():
       ref = model(torch.tensor([ids])).logits[0].numpy()
-    ours = default_llm.generator.logits(np.array([ids]))[0]
+    ours = default_llm.logits(np.array([ids]))[0]
     worst = max(worst, float(np.abs(ours - ref).max()))
   assert worst <= 1e-3, worst
 

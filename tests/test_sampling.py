@@ -86,13 +86,17 @@ def test_penalties_bias_and_min_tokens_change_logits_exactly_as_defined():
   got = process_logits(jnp.asarray(LOGITS)[None], s, jnp.array([14]), history)  # min_tokens reached
   np.testing.assert_allclose(np.asarray(got)[0], z, rtol=1e-6)
   # Greedy picks the argmax of the processed logits; the reported logprob is the raw model's.
-  tok, lp, top_ids, top_lp = sample(jnp.asarray(LOGITS)[None], s.replace(temperature=np.zeros(1, np.float32)),
-                                    jnp.array([13]), history, num_top=3)
+  greedy = s.replace(temperature=np.zeros(1, np.float32), num_logprobs=np.full(1, 3, np.int32))
+  tok, lp, top_ids, top_lp = sample(jnp.asarray(LOGITS)[None], greedy, jnp.array([13]), history, num_top=3)
   raw = LOGITS - np.log(np.exp(LOGITS.astype(np.float64)).sum())
   assert int(tok[0]) == int(np.argmax(held)) == 2
   np.testing.assert_allclose(float(lp[0]), raw[2], atol=1e-6)
   np.testing.assert_array_equal(np.asarray(top_ids)[0], np.argsort(-LOGITS)[:3])
   np.testing.assert_allclose(np.asarray(top_lp)[0], np.sort(raw)[::-1][:3], atol=1e-6)
+  # No row asking for logprobs: the top-n work is skipped and comes back empty.
+  _, _, top_ids, top_lp = sample(jnp.asarray(LOGITS)[None], greedy.replace(num_logprobs=np.zeros(1, np.int32)),
+                                 jnp.array([13]), history, num_top=3)
+  assert not np.asarray(top_ids).any() and not np.asarray(top_lp).any()
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -113,28 +113,43 @@ def test_forced_preemption_gives_the_unconstrained_outputs(model, alone):
   assert sched.allocator.num_free == 12
 
 
-def test_many_requests_with_cancellations_free_every_page(engine):
+def test_2000_mixed_requests_with_cancellations_and_preemptions_free_every_page(model, alone):
+  # A cache too small for every slot to grow: preemptions happen throughout; a fifth of the requests are n = 2
+  # samples sharing pages; cancellations hit queued, running and in-flight requests alike.
+  eng = Engine(model, EngineConfig(max_model_len=128, num_slots=8, page_size=8, num_pages=48, max_prefill_batch=4,
+                                   min_prefill_len=32, decode_steps=4))
   rng = np.random.default_rng(4)
-  sched = Scheduler(engine)
-  live, done, cancelled = [], 0, 0
-  for i in range(300):
+  sched = Scheduler(eng)
+  live, cancelled, checked = [], 0, []
+  while len(live) < 2000:
     prompt = rng.integers(0, 256, int(rng.integers(1, 40))).tolist()
-    live.append(sched.add(prompt, SamplingParams(max_tokens=int(rng.integers(1, 12)), temperature=0.7, seed=i)))
-    if rng.random() < 0.5:
+    max_tokens = int(rng.integers(1, 40))
+    if rng.random() < 0.2:
+      live += sched.add_samples(prompt, SamplingParams(n=2, max_tokens=max_tokens, temperature=0.8),
+                                seeds=[len(live), len(live) + 1])
+    elif rng.random() < 0.02:  # greedy ones are checked against the prompt run alone below
+      live.append(sched.add(prompt, SamplingParams(max_tokens=max_tokens, temperature=0)))
+      checked.append((live[-1], prompt, max_tokens))
+    else:
+      live.append(sched.add(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=len(live))))
+    if rng.random() < 0.6:
       sched.step()
-    if rng.random() < 0.15:  # cancel a random unfinished request: queued, running or with tokens in flight
-      pending = [r for r in live if not r.finished]
+      sched.allocator.check()
+    if rng.random() < 0.08:  # cancel a random unfinished request
+      pending = [r for r in live if not r.finished and r not in [c[0] for c in checked]]
       if pending:
         assert sched.cancel(pending[int(rng.integers(len(pending)))].request_id)
         cancelled += 1
   sched.run_until_done()
-  for r in live:
-    assert r.finished and r.finish_reason in ("length", "abort")
-    done += r.finish_reason == "length"
-  assert cancelled > 10 and done + cancelled == 300
+  assert all(r.finished for r in live)
+  done = sum(r.finish_reason == "length" for r in live)
+  assert cancelled > 50 and done + cancelled == len(live) >= 2000
+  assert sched.num_preemptions > 20 and sched.num_forks > 50
+  for r, prompt, max_tokens in checked:
+    assert r.output_ids == alone(prompt, max_tokens)
   sched.allocator.check()
   assert sched.allocator.num_free == sched.allocator.capacity
-  assert all(s is None for s in sched.slots)
+  assert all(s is None for s in sched.slots) and not sched.requests
 
 
 @pytest.mark.parametrize("prompt, params, message", [

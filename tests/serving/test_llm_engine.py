@@ -1,0 +1,115 @@
+"""`LLM` on the engine: offline batches through the scheduler, n > 1, the progress bar, the KV-cache sizing and
+the persistent compilation cache, on a tiny random model (the default model's outputs vs transformers are in
+test_default_model)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.config import ModelConfig
+from jaxllm.serving.engine import EngineConfig, page_bytes, size_kv_cache
+
+CONFIG = ModelConfig(vocab_size=256, d_model=64, d_ff=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                     max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """A tiny random Llama written by transformers' save_pretrained (no tokenizer: token ids in, token ids out)."""
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  torch.manual_seed(0)
+  hf = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    max_position_embeddings=256, tie_word_embeddings=False))
+  d = tmp_path_factory.mktemp("tiny")
+  hf.save_pretrained(d)
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def llm(saved):
+  return LLM(saved, max_num_seqs=4, decode_steps=4)
+
+
+def test_offline_batch_larger_than_the_slots_comes_back_in_input_order(llm):
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(1, 60, 11)]
+  lengths = [int(m) for m in rng.integers(1, 20, 11)]
+  outs = [llm.generate(prompt_token_ids=[p], sampling_params=SamplingParams(max_tokens=m, temperature=0,
+                                                                            ignore_eos=True))[0]
+          for p, m in zip(prompts, lengths)]
+  # All at once: 11 prompts over 4 slots, each admitted as another finishes; the longest max_tokens decides none.
+  batch = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=19, temperature=0,
+                                                                                ignore_eos=True))
+  for p, m, one, many in zip(prompts, lengths, outs, batch):
+    assert many.prompt_token_ids == p
+    assert many.token_ids[:m] == one.token_ids and len(many.token_ids) == 19
+  assert llm.scheduler.allocator.num_free == llm.scheduler.allocator.capacity
+  assert not llm.scheduler.requests  # finished requests are not kept
+
+
+def test_n_samples_with_a_seed_are_reproducible_and_independent(llm):
+  params = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=7, ignore_eos=True, logprobs=2)
+  a = llm.generate(prompt_token_ids=[[1, 2, 3, 4, 5] * 5], sampling_params=params)[0]
+  b = llm.generate(prompt_token_ids=[[9, 9], [1, 2, 3, 4, 5] * 5], sampling_params=params)[1]
+  assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+  assert len({tuple(o.token_ids) for o in a.outputs}) == 3
+  assert [o.index for o in a.outputs] == [0, 1, 2]
+  for o in a.outputs:  # top-2 logprobs hold the raw distribution's two best; the chosen token's logprob is <= them
+    assert len(o.top_logprobs) == 12 and all(len(d) == 2 for d in o.top_logprobs)
+    assert all(lp <= max(d.values()) + 1e-6 for lp, d in zip(o.logprobs, o.top_logprobs))
+
+
+def test_progress_bar_counts_every_sequence(llm, capsys):
+  llm.generate(prompt_token_ids=[[1, 2], [3, 4], [5, 6]], sampling_params=SamplingParams(n=2, max_tokens=3),
+               use_tqdm=True)
+  err = capsys.readouterr().err
+  assert "6/6" in err and "Generating" in err
+  llm.generate(prompt_token_ids=[[1, 2]], sampling_params=SamplingParams(max_tokens=3))  # not a terminal: no bar
+  assert "Generating" not in capsys.readouterr().err
+
+
+def test_a_bad_prompt_queues_nothing(llm):
+  with pytest.raises(ValueError, match="prompt_token_ids\\[1\\].*outside"):
+    llm.generate(prompt_token_ids=[[1, 2], [1, 999]])
+  assert not llm.scheduler.has_work()
+
+
+def test_kv_cache_is_sized_from_a_memory_budget():
+  ec = EngineConfig(max_model_len=256, num_slots=4, page_size=16)
+  per_page = page_bytes(ec, CONFIG, "float32")
+  assert per_page == 2 * 2 * 2 * 16 * 16 * 4  # K and V, 2 layers, 2 KV heads, 16 tokens, head dim 16, f32
+  assert size_kv_cache(ec, CONFIG, "float32") == ec.pages_wanted  # 0.5 of free RAM holds more than all slots need
+  assert size_kv_cache(EngineConfig(max_model_len=256, num_pages=40), CONFIG, "float32") == 40
+  with pytest.raises(ValueError, match="fewer than one sequence of max_model_len=256"):
+    size_kv_cache(EngineConfig(max_model_len=256, kv_cache_memory_fraction=1e-12), CONFIG, "float32")
+  with pytest.raises(ValueError, match="kv_cache_memory_fraction=1.5"):
+    EngineConfig(max_model_len=256, kv_cache_memory_fraction=1.5)
+
+
+def test_compilation_cache_dir_is_reused_by_a_second_process(saved, tmp_path):
+  """The second process loads every program the first compiled (jax counts the hits) and compiles nothing new."""
+  script = f"""
+import jax, json
+hits = []
+jax.monitoring.register_event_listener(lambda name, **kw: hits.append(name))
+from jaxllm import LLM, SamplingParams
+llm = LLM({saved!r}, max_num_seqs=2, compilation_cache_dir={str(tmp_path / 'cache')!r})
+out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=5, temperature=0))
+print(json.dumps([hits.count('/jax/compilation_cache/cache_hits'), hits.count('/jax/compilation_cache/cache_misses'),
+                  out[0].token_ids]))
+"""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT") and k != "JAX_COMPILATION_CACHE_DIR"}
+  runs = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                    check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
+  (hits1, misses1, toks1), (hits2, misses2, toks2) = runs
+  assert misses1 > 0 and os.listdir(tmp_path / "cache")
+  assert hits2 >= misses1 and misses2 == 0
+  assert toks1 == toks2
