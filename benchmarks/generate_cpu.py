@@ -10,10 +10,11 @@ is generated tokens per second of wall time, prefill included. Prints a table an
 import argparse
 import datetime
 import os
-import platform
 import time
 
 import numpy as np
+
+import common
 
 PROMPTS = [
     "The capital of France is",
@@ -56,23 +57,11 @@ def time_hf(model, batch, new_tokens, pad_id):
   return elapsed
 
 
-def copy_bandwidth_gbs() -> float:
-  """Host memory bandwidth (read + write bytes counted), best of 5 copies of 256 MB."""
-  src = np.ones(64 * 2**20, np.float32)
-  dst = np.empty_like(src)
-  best = float("inf")
-  for _ in range(5):
-    start = time.perf_counter()
-    np.copyto(dst, src)
-    best = min(best, time.perf_counter() - start)
-  return 2 * src.nbytes / best / 1e9
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--batch_sizes", default="1,8")
-  ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
+  ap.add_argument("--results", default=common.RESULTS)
   args = ap.parse_args()
 
   import torch
@@ -92,10 +81,10 @@ def main():
     theirs = time_hf(hf, batch, args.new_tokens, llm.tokenizer.pad_id or 0)
     rows.append((b, b * args.new_tokens / ours, b * args.new_tokens / theirs))
 
-  bandwidth = copy_bandwidth_gbs()
+  bandwidth = common.copy_bandwidth_gbs()
   weight_bytes = llm.config.num_params * 4
   ceiling = bandwidth * 1e9 / weight_bytes  # batch-1 steps/s if a step did nothing but stream the f32 weights
-  device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+  device = common.device_name()
   lines = [
       f"### generate_cpu.py — {datetime.date.today()} — {device}",
       "",
@@ -107,10 +96,7 @@ def main():
       "| batch | jaxllm tok/s | transformers tok/s | ratio |",
       "|---:|---:|---:|---:|",
   ] + [f"| {b} | {o:.1f} | {t:.1f} | {o / t:.2f}x |" for b, o, t in rows] + [""]
-  table = "\n".join(lines)
-  print(table)
-  with open(args.results, "a") as f:
-    f.write(table + "\n")
+  common.publish(lines, args.results)
 
 
 if __name__ == "__main__":

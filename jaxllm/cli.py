@@ -11,6 +11,7 @@ COMMANDS = {
     "generate": "Generate text from a prompt (or chat with --chat).",
     "chat": "Interactive chat on a terminal; one --prompt otherwise.",
     "convert": "Convert a GGUF / HF checkpoint to jaxllm's orbax format for fast reloads.",
+    "serve": "OpenAI-compatible HTTP server (completions, chat, streaming, metrics).",
     "plan": "Capacity plan: weight / KV bytes per device and per-layer collectives for a model on a mesh.",
 }
 

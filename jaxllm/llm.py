@@ -165,11 +165,12 @@ class LLM:
     return ids
 
   # ------------------------------------------------------------------ generate
-  def generate(self, prompts: str | Sequence[str] | None = None, sampling_params: SamplingParams | None = None, *,
+  def generate(self, prompts: str | Sequence[str] | None = None,
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                prompt_token_ids: Sequence[Sequence[int]] | None = None,
                use_tqdm: bool | None = None) -> list[RequestOutput]:
-    """Continuations of every prompt, in input order. use_tqdm: a progress bar over finished sequences (None: on
-    when stderr is a terminal or in a notebook)."""
+    """Continuations of every prompt, in input order. sampling_params: one for all prompts or a list of one per
+    prompt. use_tqdm: a progress bar over finished sequences (None: on when stderr is a terminal or a notebook)."""
     params = sampling_params or SamplingParams()
     if (prompts is None) == (prompt_token_ids is None):
       raise ValueError("pass exactly one of `prompts` (text) or `prompt_token_ids`.")
@@ -194,24 +195,28 @@ class LLM:
     ids = [self._check_tokens(tok.encode(t, add_bos=False), f"conversation {i}") for i, t in enumerate(texts)]
     return self._generate(texts, ids, sampling_params or SamplingParams(), use_tqdm)
 
-  def _generate(self, prompts: list, ids: list[list[int]], params: SamplingParams,
+  def _generate(self, prompts: list, ids: list[list[int]], params,
                 use_tqdm: bool | None = None) -> list[RequestOutput]:
-    if params.stop and self.tokenizer is None:
+    plist = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != len(ids) or not all(isinstance(p, SamplingParams) for p in plist):
+      raise ValueError(f"sampling_params must be one SamplingParams or a list of one per prompt ({len(ids)}); got "
+                       f"{len(plist)} items.")
+    if any(p.stop for p in plist) and self.tokenizer is None:
       raise ValueError(f"stop strings need a tokenizer and {self.source} has none; pass tokenizer=PATH or use "
                        "stop_token_ids.")
     sched = self.scheduler
-    for i, p in enumerate(ids):  # every prompt is checked before any is queued: a bad one queues nothing
+    for i, (p, sp) in enumerate(zip(ids, plist)):  # every prompt is checked before any is queued
       try:
-        sched.validate(p, params)
+        sched.validate(p, sp)
       except ValueError as e:
         raise ValueError(f"prompt {i}: {e}") from None
     groups = []
-    for p in ids:
-      base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63 - 1))
+    for p, sp in zip(ids, plist):
+      base = sp.seed if sp.seed is not None else int(self._rng.integers(0, 2**63 - 1))
       # Sample k of seed s gets its own stream: hash (s, k), so (s, 1) never collides with (s + 1, 0).
-      seeds = [int(np.random.SeedSequence([base, k]).generate_state(1)[0]) for k in range(params.n)]
-      groups.append(sched.add_samples(p, params, seeds=seeds))
-    bar = _progress(len(ids) * params.n, use_tqdm)
+      seeds = [int(np.random.SeedSequence([base, k]).generate_state(1)[0]) for k in range(sp.n)]
+      groups.append(sched.add_samples(p, sp, seeds=seeds))
+    bar = _progress(sum(len(g) for g in groups), use_tqdm)
     try:
       done = 0
       while sched.has_work():
@@ -232,7 +237,7 @@ class LLM:
     return [RequestOutput(prompts[i], ids[i], [
         # Special tokens (EOS) are skipped in the text; an ordinary stop token id keeps its text, as vLLM does.
         CompletionOutput(r.index, r.text, r.output_ids, r.logprobs, r.finish_reason, r.stop_reason,
-                         r.top_logprobs if params.logprobs is not None else None) for r in g])
+                         r.top_logprobs if r.params.logprobs is not None else None) for r in g])
             for i, g in enumerate(groups)]
 
   # ------------------------------------------------------------------ score

@@ -13,7 +13,11 @@ prompt's first token. `insert` copies R prefixes into slot rows of the decode st
 token, sampling settings, token history) with a scatter that drops rows whose slot is -1. `generate` runs
 `decode_steps` steps in one `lax.scan`: the slots' last tokens form the ragged token axis (q_len = 1 each) of
 `layers.paged.PagedKVCache`, so ragged paged attention reads each slot's own pages; idle slots read and write only the
-scratch page. Every function is jitted once per shape bucket with the state donated (updated in place), and sampling
+scratch page. A generate call is compiled per (slot bucket, page bucket): it computes only slots [0, num_slots)
+(the requests sit in the lowest slots) and gathers only the first `num_pages` entries of their page tables, as many
+as the longest running sequence needs, both rounded up to a power of two; so a lone request does not pay for
+num_slots rows, nor short sequences for max_model_len. `fork` seats a further sample of a just-prefilled prompt in
+a slot over the prompt's shared pages (n > 1 without a second prefill). Every function is jitted once per shape bucket with the state donated (updated in place), and sampling
 settings live in the state as per-slot arrays, so no request ever recompiles anything.
 
 The host (`serving.scheduler`) owns page ids and must have allocated pages for every position a step writes; a slot
@@ -45,6 +49,9 @@ class EngineConfig:
   num_pages: int | None = None
   kv_cache_memory_fraction: float | None = None  # None: 0.9 on GPU/TPU; on CPU min(4 GiB, 0.5 of free RAM)
   max_prefill_batch: int = 8  # prompts per prefill call (rounded down to a power of two)
+  # Padded tokens (R x T of the bucket) one prefill call may take: a long prompt is not batched with prompts that
+  # would be padded to its length (vLLM's max_num_batched_tokens). A single prompt always fits.
+  max_prefill_tokens: int = 2048
   min_prefill_len: int = 16  # smallest prompt bucket; buckets double up to max_model_len
   decode_steps: int = 1  # decode steps per generate call
   num_top_logprobs: int = 0  # top-n logprobs computed per token (0: off; at most MAX_LOGPROBS)
@@ -55,7 +62,8 @@ class EngineConfig:
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r} must be a positive integer.")
 
-    for name in ("max_model_len", "num_slots", "page_size", "max_prefill_batch", "min_prefill_len", "decode_steps"):
+    for name in ("max_model_len", "num_slots", "page_size", "max_prefill_batch", "max_prefill_tokens",
+                 "min_prefill_len", "decode_steps"):
       positive(name)
     if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
       raise ValueError(f"EngineConfig.num_pages={self.num_pages!r} must be an integer >= 2 (one is scratch).")
@@ -92,6 +100,16 @@ class EngineConfig:
       out.append(n)
       n *= 2
     return tuple(out) + (self.pages_per_seq,)
+
+  @property
+  def decode_slot_buckets(self) -> tuple[int, ...]:
+    """Slots a decode step computes: powers of two up to num_slots. The scheduler seats requests in the lowest free
+    slot, so a step with few requests runs a small batch instead of all num_slots rows."""
+    out, n = [], 1
+    while n < self.num_slots:
+      out.append(n)
+      n *= 2
+    return tuple(out) + (self.num_slots,)
 
   @property
   def prefill_batches(self) -> tuple[int, ...]:
@@ -201,20 +219,24 @@ class Engine:
       return state.replace(active=state.active & ~slots_mask_S,
                            page_table=jnp.where(slots_mask_S[:, None], 0, state.page_table))
 
-    def generate(params, state: DecodeState, num_pages: int):
+    def generate(params, full: DecodeState, num_pages: int, num_slots: int):
+      """decode_steps steps of slots [0, num_slots) (the bucket holding every occupied slot) over the first num_pages
+      pages of each; the other slots are not computed at all."""
       model = nnx.merge(graphdef, params)
-      S = state.page_table.shape[0]
-      C, M = c.page_size, num_pages
-      table_SM = state.page_table[:, :M]  # attention reads only the first M pages of every slot (the bucket)
+      S, C, M = num_slots, c.page_size, num_pages
+      head = lambda x: x[:S]  # noqa: E731
+      state = full.replace(page_table=full.page_table[:S, :M], positions=head(full.positions),
+                           tokens=head(full.tokens), active=head(full.active),
+                           sampling=jax.tree.map(head, full.sampling), history=jax.tree.map(head, full.history))
 
       def step(state: DecodeState, _):
         pos_S = state.positions
-        page_S = jnp.take_along_axis(table_SM, jnp.minimum(pos_S // C, M - 1)[:, None], axis=1)[:, 0]
+        page_S = jnp.take_along_axis(state.page_table, jnp.minimum(pos_S // C, M - 1)[:, None], axis=1)[:, 0]
         in_range = state.active & (pos_S < M * C)  # else (a stale slot past the bucket): scratch page only
         cache = PagedKVCache(
             k=state.k, v=state.v, slot_page_T=jnp.where(in_range, page_S, 0), slot_offset_T=pos_S % C,
             kv_lens=jnp.where(in_range, pos_S + 1, 1),
-            page_indices=jnp.where(in_range[:, None], table_SM, 0),
+            page_indices=jnp.where(in_range[:, None], state.page_table, 0),
             cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), num_seqs=jnp.int32(S), decode_only=True)
         h_1SD, cache = model(state.tokens[None], pos_S[None], cache, c.attention_impl)
         tok, lp, top_ids, top_lp = pick(model.logits(h_1SD)[0], state.sampling, pos_S + 1, state.history)
@@ -226,8 +248,12 @@ class Engine:
         return state, (tok, lp, top_ids, top_lp)
 
       state, (tok, lp, top_ids, top_lp) = jax.lax.scan(step, state, None, length=c.decode_steps)
-      return state, ResultTokens(tokens=tok.T, logprobs=lp.T, top_ids=top_ids.transpose(1, 0, 2),
-                                 top_logprobs=top_lp.transpose(1, 0, 2))
+      put = lambda dst, src: dst.at[:S].set(src)  # noqa: E731
+      full = full.replace(k=state.k, v=state.v, positions=put(full.positions, state.positions),
+                          tokens=put(full.tokens, state.tokens),
+                          history=jax.tree.map(put, full.history, state.history))
+      return full, ResultTokens(tokens=tok.T, logprobs=lp.T, top_ids=top_ids.transpose(1, 0, 2),
+                                top_logprobs=top_lp.transpose(1, 0, 2))
 
     def fork(state: DecodeState, prefix: Prefix, row, slot, page_row_M, src_page, dst_page, token,
              sampling: SamplingArrays):
@@ -275,7 +301,7 @@ class Engine:
     self._prefill = jax.jit(prefill, donate_argnums=1)
     self._insert = jax.jit(insert, donate_argnums=0)
     self._release = jax.jit(release, donate_argnums=0)
-    self._generate = jax.jit(generate, donate_argnums=1, static_argnums=2)
+    self._generate = jax.jit(generate, donate_argnums=1, static_argnums=(2, 3))
 
   # ------------------------------------------------------------------ state
   def init_state(self) -> DecodeState:
@@ -355,12 +381,20 @@ class Engine:
     need = -(-max(max_kv_len, 1) // self.config.page_size)
     return next((b for b in self.config.decode_page_buckets if b >= need), self.config.pages_per_seq)
 
-  def generate(self, state: DecodeState, max_kv_len: int | None = None) -> tuple[DecodeState, ResultTokens]:
-    """`decode_steps` steps for every slot. `max_kv_len`: no active slot holds more tokens than this by the end of
-    the call (its pages are the only ones attention gathers; a slot past it writes and reads the scratch page only);
-    None: max_model_len."""
-    pages = self.config.pages_per_seq if max_kv_len is None else self.decode_pages(max_kv_len)
-    return self._generate(self.params, state, pages)
+  def decode_slots(self, num_slots: int) -> int:
+    """The slot bucket a generate call over slots [0, num_slots) runs with."""
+    return next((b for b in self.config.decode_slot_buckets if b >= num_slots), self.config.num_slots)
+
+  def generate(self, state: DecodeState, max_kv_len: int | None = None,
+               num_slots: int | None = None) -> tuple[DecodeState, ResultTokens]:
+    """`decode_steps` steps for slots [0, num_slots) (None: all), whose results come back as rows [0, bucket).
+    `max_kv_len`: no active slot holds more tokens than this by the end of the call (its pages are the only ones
+    attention gathers; a slot past it writes and reads the scratch page only); None: max_model_len. Both are rounded
+    up to their buckets, so every call runs a program warmup compiled."""
+    c = self.config
+    pages = c.pages_per_seq if max_kv_len is None else self.decode_pages(max_kv_len)
+    slots = c.num_slots if num_slots is None else self.decode_slots(num_slots)
+    return self._generate(self.params, state, pages, slots)
 
   # ------------------------------------------------------------------ scoring (no pages, no state)
   def score(self, rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -394,8 +428,9 @@ class Engine:
       state = self.insert(state, prefix, [])
     state = self.fork(state, prefix, 0, 0, [0], 0, 0, 0, SamplingArrays.create(1, temperature=0.0))
     state = self.release(state, [])
-    for pages in c.decode_page_buckets:
-      state, _ = self._generate(self.params, state, pages)
+    for slots in c.decode_slot_buckets:
+      for pages in c.decode_page_buckets:
+        state, _ = self._generate(self.params, state, pages, slots)
     jax.block_until_ready(self.set_pages(state, {}))
 
   def num_compilations(self) -> int:

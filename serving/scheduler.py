@@ -8,12 +8,16 @@
 
 One `step()`:
   1. admit: waiting requests in arrival order take a free slot and pages for their tokens plus the steps ahead; up to
-     `max_prefill_batch` of them are prefilled in one call and inserted into their slots.
+     `max_prefill_batch` of them (and no more than `max_prefill_tokens` padded tokens) are prefilled in one call
+     and inserted into their slots. The further samples of an
+     n > 1 request (`add_samples`) that fit a slot too are forked from their prompt's prefill instead: they share its
+     full pages and copy only the last one (`Engine.fork`); one left waiting is later prefilled on its own.
   2. reserve: every running request gets pages for the positions the next generate call writes; when the pool is
      short, the latest-admitted running request is preempted (slot and pages freed; it waits at the front of the
      queue and is later prefilled again over prompt + output so far: recompute, as vLLM does).
-  3. dispatch `generate` (asynchronous), then absorb the *previous* call's tokens: the device runs one call ahead of
-     the host, so copying tokens back and detokenizing never leave it idle.
+  3. dispatch `generate` (asynchronous) over the page bucket the longest running request needs, then absorb the
+     *previous* call's tokens: the device runs one call ahead of the host, so copying tokens back and detokenizing
+     never leave it idle.
 Absorbing applies EOS / stop ids / stop strings / max_tokens, streams deltas to `on_update`, and frees a finished
 request's slot and pages. Tokens computed for a slot whose request already ended (or was preempted or cancelled)
 are dropped: each in-flight result remembers which request held each slot when it was dispatched.
@@ -179,7 +183,8 @@ class Scheduler:
     longest = self._reserve()
     keep = 0
     if any(s is not None for s in self.slots):
-      self.state, result = self.engine.generate(self.state, longest)
+      occupied = 1 + max(i for i, r in enumerate(self.slots) if r is not None)
+      self.state, result = self.engine.generate(self.state, longest, occupied)
       self._inflight.append(("generate", result, self._holders()))
       self.num_steps += 1
       keep = 1  # the call just dispatched stays in flight while the host reads everything older
@@ -211,6 +216,11 @@ class Scheduler:
       if len(batch) == self.config.max_prefill_batch:
         break
       tokens = req.prompt_ids + req.output_ids
+      if batch:  # would the padded batch outgrow the prefill token budget?
+        R, T = self.engine.prefill_shape(len(batch) + 1, max(len(tokens), *(len(r.prompt_ids) + len(r.output_ids)
+                                                                             for r in batch)))
+        if R * T > self.config.max_prefill_tokens:
+          break
       if not self.allocator.allocate(req.request_id, min(len(tokens) + lookahead, limit)):
         break  # first come, first served: nothing overtakes the head of the queue
       self.waiting.popleft()

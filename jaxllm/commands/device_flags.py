@@ -1,4 +1,5 @@
-"""Flags every model-loading subcommand shares: the device mesh, its layout, and the multi-host start.
+"""Flags every model-loading subcommand shares: the device mesh, its layout, the multi-host start, and the
+persistent compilation cache.
 
     --mesh data=2,model=4 --layout tp                                   # one host
     --mesh model=16 --coordinator_address HOST:PORT --num_processes 2 --process_id 0   # each of two hosts
@@ -17,6 +18,8 @@ _LAYOUT = flags.DEFINE_enum("layout", "tp", ["tp", "2d", "dp"], "Sharding layout
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "A directory for jax's persistent "
+                                          "compilation cache: programs compiled once are loaded by later runs.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host with the cluster detected by jax (Cloud TPU pods, "
                                  "SLURM, Open MPI) instead of the three flags above.")
 
@@ -25,6 +28,10 @@ def setup():
   """-> (mesh or None, layout). Raises ValueError for a bad multi-host setting or mesh."""
   from jaxllm.sharding import distributed
 
+  if _COMPILATION_CACHE.value:
+    from jaxllm.llm import enable_compilation_cache
+
+    enable_compilation_cache(_COMPILATION_CACHE.value)
   joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)
   if joined and not _MESH.value:

@@ -51,6 +51,12 @@ def test_offline_batch_larger_than_the_slots_comes_back_in_input_order(llm):
   for p, m, one, many in zip(prompts, lengths, outs, batch):
     assert many.prompt_token_ids == p
     assert many.token_ids[:m] == one.token_ids and len(many.token_ids) == 19
+  # One SamplingParams per prompt, as vLLM takes them: each request stops at its own max_tokens.
+  each = llm.generate(prompt_token_ids=prompts, sampling_params=[
+      SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in lengths])
+  assert [o.token_ids for o in each] == [o.token_ids for o in outs]
+  with pytest.raises(ValueError, match="one per prompt"):
+    llm.generate(prompt_token_ids=prompts, sampling_params=[SamplingParams()] * 3)
   assert llm.scheduler.allocator.num_free == llm.scheduler.allocator.capacity
   assert not llm.scheduler.requests  # finished requests are not kept
 

@@ -1,0 +1,51 @@
+"""What every benchmark script shares: the device's measured copy bandwidth (the memory-bandwidth floor's
+denominator), the device's name for the results heading, and appending a table to RESULTS.md."""
+
+import os
+import platform
+import time
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def copy_bandwidth_gbs() -> float:
+  """Memory bandwidth of the device jax runs on (read + write bytes counted), best of 5 copies: 256 MB with numpy on
+  CPU (XLA:CPU does not beat it), 1 GiB through a jitted op on an accelerator."""
+  import jax
+  import jax.numpy as jnp
+
+  best = float("inf")
+  if jax.default_backend() == "cpu":
+    src = np.ones(64 * 2**20, np.float32)
+    dst = np.empty_like(src)
+    for _ in range(5):
+      start = time.perf_counter()
+      np.copyto(dst, src)
+      best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+  src = jnp.ones(256 * 2**20, jnp.float32)
+  copy = jax.jit(lambda x: x * 1.0)
+  jax.block_until_ready(copy(src))
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(copy(src))
+    best = min(best, time.perf_counter() - start)
+  return 2 * src.nbytes / best / 1e9
+
+
+def device_name() -> str:
+  import jax
+
+  if jax.default_backend() == "cpu":
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+  return jax.devices()[0].device_kind
+
+
+def publish(lines: list[str], path: str = RESULTS) -> None:
+  """Prints the table and appends it to `path`."""
+  table = "\n".join(lines)
+  print(table)
+  with open(path, "a") as f:
+    f.write(table + "\n")

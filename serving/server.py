@@ -1,0 +1,564 @@
+"""`jaxllm serve` / `python -m jaxllm.serving.server`: an OpenAI-compatible HTTP server over the engine.
+
+    jaxllm serve --model default --port 8000 --max_num_seqs 32
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+
+Data flow: aiohttp handlers (one event loop) parse and validate a request (`serving.protocol`), tokenize it, and
+submit it to the `EngineLoop`, whose own thread runs the continuous-batching scheduler; the scheduler's text deltas
+come back to the handler on the event loop, which answers with one JSON body or streams server-sent events ending in
+`data: [DONE]`. A client that disconnects has its request cancelled (its pages are freed). `GET /health` is 503 until
+the model is loaded and warmed up (the port is open from the start, so a load balancer sees "not ready", not
+"refused"), and again while draining after SIGTERM, when in-flight requests finish before the process exits.
+
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for a malformed or invalid request
+(including a prompt longer than max_model_len), 401 for a wrong API key, 404 for an unknown model, 503 when the
+waiting queue is full or the server is not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+
+import numpy as np
+from aiohttp import web
+from pydantic import ValidationError
+
+from jaxllm.serving import protocol
+from jaxllm.serving.engine_loop import EngineLoop, RequestStream
+
+log = logging.getLogger("jaxllm.serve")
+SERVER = web.AppKey("server", object)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+  model: str = "default"
+  served_model_name: str | None = None
+  tokenizer: str | None = None
+  host: str = "127.0.0.1"
+  port: int = 8000
+  dtype: str = "float32"
+  max_num_seqs: int = 32
+  max_model_len: int | None = None
+  page_size: int = 16
+  num_pages: int | None = None
+  kv_cache_memory_fraction: float | None = None
+  decode_steps: int = 8
+  max_waiting: int = 1024  # queued requests beyond which new ones get 503
+  api_key: str | None = None
+  warmup: bool = True
+  seed: int = 0
+
+
+class APIError(Exception):
+
+  def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.type, self.param = status, message, type_, param
+
+  def response(self) -> web.Response:
+    body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+    return web.json_response(body, status=self.status)
+
+
+class Metrics:
+  """Prometheus metrics of one server (own registry, so several servers in one process do not collide)."""
+
+  def __init__(self, server: "Server"):
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    self.registry = r = CollectorRegistry()
+    p = "jaxllm_"
+    self.requests = Counter(p + "requests", "Requests answered, by endpoint and status.", ["endpoint", "status"],
+                            registry=r)
+    self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+    self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens.", registry=r)
+    self.ttft = Histogram(p + "time_to_first_token_seconds", "Arrival to first generated token.", registry=r,
+                          buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+    self.tpot = Histogram(p + "time_per_output_token_seconds", "Mean time per generated token after the first.",
+                          registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+    g = lambda name, doc, fn: Gauge(p + name, doc, registry=r).set_function(fn)  # noqa: E731
+    g("num_requests_waiting", "Requests queued for a slot.", lambda: server.loop.num_waiting if server.loop else 0)
+    g("num_requests_running", "Requests holding a slot.", lambda: server.loop.num_running if server.loop else 0)
+    g("kv_pages_used", "KV-cache pages held by sequences.", server.pages_used)
+    g("kv_pages_total", "KV-cache pages (scratch page excluded).", server.pages_total)
+    g("num_preemptions", "Requests preempted so far (recomputed later).",
+      lambda: server.loop.scheduler.num_preemptions if server.loop else 0)
+
+  def render(self) -> bytes:
+    from prometheus_client import generate_latest
+
+    return generate_latest(self.registry)
+
+
+class Server:
+  """The model, tokenizer and engine loop behind the HTTP handlers. `load()` runs off the event loop."""
+
+  def __init__(self, config: ServerConfig, mesh=None, layout: str = "tp"):
+    self.config = config
+    self.mesh, self.layout = mesh, layout
+    self.loop: EngineLoop | None = None
+    self.tokenizer = None
+    self.model_name = config.served_model_name or config.model
+    self.state = "loading"  # -> "ready" -> "draining"
+    self.load_error: str | None = None
+    self.metrics = Metrics(self)
+    self._rng = np.random.default_rng(config.seed)
+
+  def load(self) -> None:
+    from jaxllm import LLM
+
+    c = self.config
+    try:
+      llm = LLM(c.model, dtype=c.dtype, tokenizer=c.tokenizer, max_model_len=c.max_model_len,
+                max_num_seqs=c.max_num_seqs, seed=c.seed, mesh=self.mesh, layout=self.layout,
+                page_size=c.page_size, num_pages=c.num_pages, kv_cache_memory_fraction=c.kv_cache_memory_fraction,
+                decode_steps=c.decode_steps)
+      if llm.tokenizer is None:
+        raise ValueError(f"{c.model} has no tokenizer; pass --tokenizer.")
+      self.llm, self.tokenizer, self.max_model_len = llm, llm.tokenizer, llm.max_model_len
+      if c.warmup:
+        self.state = "warming up"
+        llm.warmup()
+      self.loop = EngineLoop(llm.scheduler, max_waiting=c.max_waiting)
+      self.loop.start()
+      self.state = "ready"
+      log.info("ready: %r", llm)
+    except Exception as e:  # noqa: BLE001 - reported by /health and the log, the process stays up to say so
+      self.state, self.load_error = "failed", f"{type(e).__name__}: {e}"
+      log.error("loading %s failed: %s", c.model, self.load_error)
+
+  def pages_used(self) -> float:
+    if self.loop is None:
+      return 0
+    a = self.loop.scheduler.allocator
+    return a.capacity - a.num_free
+
+  def pages_total(self) -> float:
+    return self.loop.scheduler.allocator.capacity if self.loop is not None else 0
+
+  def seeds(self, seed: int | None, n: int) -> list[int]:
+    base = seed if seed is not None else int(self._rng.integers(0, 2**63 - 1))
+    return [int(np.random.SeedSequence([base, k]).generate_state(1)[0]) for k in range(n)]
+
+
+# -------------------------------------------------------------------------------------------------------- handlers
+async def _body(request: web.Request, schema):
+  try:
+    data = await request.json(loads=json.loads)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise APIError(400, f"the request body is not valid JSON: {e}") from None
+  if not isinstance(data, dict):
+    raise APIError(400, "the request body must be a JSON object.")
+  try:
+    return schema.model_validate(data)
+  except ValidationError as e:
+    first = e.errors()[0]
+    where = ".".join(str(x) for x in first["loc"]) or None
+    raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
+
+
+def _server(request: web.Request) -> Server:
+  server = request.app[SERVER]
+  if server.state != "ready":
+    raise APIError(503, f"the server is {server.state}; retry when GET /health answers 200.", "service_unavailable")
+  if not server.loop.alive:
+    raise APIError(503, f"the engine stopped: {server.loop.error!r}", "service_unavailable")
+  return server
+
+
+def _check_model(server: Server, name: str | None) -> None:
+  if name is not None and name not in (server.model_name, server.config.model):
+    raise APIError(404, f"the model {name!r} does not exist; this server serves {server.model_name!r}.",
+                   "not_found_error", "model")
+
+
+def _submit(server: Server, prompt_ids, params, seed) -> RequestStream:
+  try:
+    return server.loop.submit(prompt_ids, params, request_id=uuid.uuid4().hex, seeds=server.seeds(seed, params.n))
+  except OverflowError as e:
+    raise APIError(503, str(e), "service_unavailable") from None
+  except ValueError as e:
+    raise APIError(400, str(e)) from None
+
+
+def _max_tokens(server: Server, prompt_len: int, asked: int | None) -> int:
+  room = server.max_model_len - prompt_len
+  if room < 1:
+    raise APIError(400, f"the prompt has {prompt_len} tokens; this model's max_model_len is {server.max_model_len}, "
+                   "which must leave room for at least one generated token.", param="prompt")
+  if asked is None:
+    return room
+  if asked < 1:
+    raise APIError(400, f"max_tokens={asked} must be at least 1.", param="max_tokens")
+  if asked > room:
+    raise APIError(400, f"max_tokens={asked} plus the prompt's {prompt_len} tokens exceed max_model_len="
+                   f"{server.max_model_len}; ask for at most {room}.", param="max_tokens")
+  return asked
+
+
+def _sampling(server, req, prompt_len, max_tokens, logprobs):
+  try:
+    return req.sampling_params(_max_tokens(server, prompt_len, max_tokens), logprobs)
+  except ValueError as e:
+    raise APIError(400, str(e)) from None
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _record(server: Server, stream: RequestStream) -> None:
+  m = server.metrics
+  m.prompt_tokens.inc(len(stream.requests[0].prompt_ids) if stream.requests else 0)
+  n_out = sum(len(r.output_ids) for r in stream.requests)
+  m.generation_tokens.inc(n_out)
+  if stream.first_token_time is not None:
+    m.ttft.observe(stream.first_token_time - stream.arrival)
+    longest = max(len(r.output_ids) for r in stream.requests)
+    if longest > 1:
+      m.tpot.observe((time.monotonic() - stream.first_token_time) / (longest - 1))
+
+
+def _finish_reason(req) -> str:
+  return "stop" if req.finish_reason == "abort" else req.finish_reason
+
+
+class _SSE:
+  """A server-sent-events response; a write to a client that left raises ConnectionResetError."""
+
+  def __init__(self, request: web.Request):
+    self.request = request
+    self.response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+  async def open(self):
+    await self.response.prepare(self.request)
+
+  async def send(self, payload) -> None:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    await self.response.write(f"data: {data}\n\n".encode())
+
+  async def close(self):
+    await self.send("[DONE]")
+    await self.response.write_eof()
+    return self.response
+
+
+async def _run(server: Server, streams: list[RequestStream], on_update) -> None:
+  """Feeds every update of `streams` to `on_update(stream_index, update)`; cancels them all if this task is cancelled
+  (client gone) or on_update raises (a write to a closed connection)."""
+  queue: asyncio.Queue = asyncio.Queue()
+
+  async def pump(i, s):
+    async for u in s:
+      await queue.put((i, u))
+
+  tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+  open_samples = sum(s.n for s in streams)
+  try:
+    while open_samples:
+      i, u = await queue.get()
+      open_samples -= u.finished
+      await on_update(i, u)
+  except BaseException:
+    for s in streams:
+      server.loop.cancel(s)
+    raise
+  finally:
+    for t in tasks:
+      t.cancel()
+    for s in streams:
+      if s.finished:
+        _record(server, s)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+  server = _server(request)
+  req = await _body(request, protocol.CompletionRequest)
+  _check_model(server, req.model)
+  if req.best_of not in (None, req.n):
+    raise APIError(400, "best_of other than n is not supported.", param="best_of")
+  tok = server.tokenizer
+  p = req.prompt
+  if isinstance(p, str):
+    prompts = [p]
+  elif p and all(isinstance(x, int) for x in p):
+    prompts = [list(p)]
+  else:
+    prompts = list(p)
+  if not prompts:
+    raise APIError(400, "prompt must not be empty.", param="prompt")
+  ids = [tok.encode(x) if isinstance(x, str) else list(x) for x in prompts]
+  if req.logprobs is not None and req.logprobs < 0:
+    raise APIError(400, f"logprobs={req.logprobs} must be >= 0.", param="logprobs")
+  params = [_sampling(server, req, len(i), req.max_tokens, req.logprobs) for i in ids]
+  streams = [_submit(server, i, sp, req.seed) for i, sp in zip(ids, params)]
+  rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
+  texts = {}
+
+  def logprobs_of(r, start_offset=0):
+    if req.logprobs is None:
+      return None
+    toks = [tok.decode([t]) for t in r.output_ids]
+    offsets = list(np.cumsum([start_offset] + [len(t) for t in toks[:-1]])) if toks else []
+    return {"tokens": toks, "token_logprobs": r.logprobs,
+            "top_logprobs": [{tok.decode([k]): v for k, v in d.items()} for d in r.top_logprobs],
+            "text_offset": [int(o) for o in offsets]}
+
+  if req.stream:
+    sse = _SSE(request)
+    await sse.open()
+
+    async def on_update(i, u):
+      choice = {"index": i * n + u.index, "text": u.delta, "logprobs": None,
+                "finish_reason": _finish_reason(u.request) if u.finished else None}
+      if u.delta or u.finished:
+        await sse.send({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                        "choices": [choice]})
+
+    await _run(server, streams, on_update)
+    if req.stream_options and req.stream_options.include_usage:
+      await sse.send({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                      "choices": [], "usage": _usage(sum(len(i) * n for i in ids),
+                                                     sum(len(r.output_ids) for s in streams for r in s.requests))})
+    server.metrics.requests.labels("completions", "200").inc()
+    return await sse.close()
+
+  async def collect(i, u):
+    texts[(i, u.index)] = texts.get((i, u.index), "") + u.delta
+
+  await _run(server, streams, collect)
+  choices = []
+  for i, s in enumerate(streams):
+    for r in s.requests:
+      text = texts.get((i, r.index), "")
+      prefix = prompts[i] if req.echo and isinstance(prompts[i], str) else ""
+      choices.append({"index": i * n + r.index, "text": prefix + text, "logprobs": logprobs_of(r, len(prefix)),
+                      "finish_reason": _finish_reason(r)})
+  server.metrics.requests.labels("completions", "200").inc()
+  return web.json_response({
+      "id": rid, "object": "text_completion", "created": created, "model": server.model_name, "choices": choices,
+      "usage": _usage(sum(len(i) * n for i in ids), sum(len(r.output_ids) for s in streams for r in s.requests))})
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+  server = _server(request)
+  req = await _body(request, protocol.ChatCompletionRequest)
+  _check_model(server, req.model)
+  tok = server.tokenizer
+  try:
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+  except ValueError as e:
+    raise APIError(400, str(e), param="messages") from None
+  except Exception as e:  # noqa: BLE001 - a template that raises (e.g. roles out of order) is the request's fault
+    raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
+  ids = tok.encode(text, add_bos=False)
+  top = req.top_logprobs if req.logprobs else None
+  if req.top_logprobs is not None and not req.logprobs:
+    raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+  params = _sampling(server, req, len(ids), req.max_completion_tokens or req.max_tokens,
+                     (top or 0) if req.logprobs else None)
+  stream = _submit(server, ids, params, req.seed)
+  rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+  def logprobs_of(r):
+    if not req.logprobs:
+      return None
+
+    def entry(t, lp):
+      s = tok.decode([t])
+      return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(k, v) for k, v in d.items()]}
+                        for t, lp, d in zip(r.output_ids, r.logprobs, r.top_logprobs)]}
+
+  if req.stream:
+    sse = _SSE(request)
+    await sse.open()
+    for k in range(req.n):
+      await sse.send({"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
+                      "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}]})
+
+    async def on_update(_, u):
+      if u.delta or u.finished:
+        await sse.send({"id": rid, "object": "chat.completion.chunk", "created": created,
+                        "model": server.model_name,
+                        "choices": [{"index": u.index, "delta": {"content": u.delta} if u.delta else {},
+                                     "logprobs": None,
+                                     "finish_reason": _finish_reason(u.request) if u.finished else None}]})
+
+    await _run(server, [stream], on_update)
+    if req.stream_options and req.stream_options.include_usage:
+      await sse.send({"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
+                      "choices": [], "usage": _usage(len(ids) * req.n,
+                                                     sum(len(r.output_ids) for r in stream.requests))})
+    server.metrics.requests.labels("chat", "200").inc()
+    return await sse.close()
+
+  texts: dict[int, str] = {}
+
+  async def collect(_, u):
+    texts[u.index] = texts.get(u.index, "") + u.delta
+
+  await _run(server, [stream], collect)
+  server.metrics.requests.labels("chat", "200").inc()
+  return web.json_response({
+      "id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
+      "choices": [{"index": r.index, "message": {"role": "assistant", "content": texts.get(r.index, "")},
+                   "logprobs": logprobs_of(r), "finish_reason": _finish_reason(r)} for r in stream.requests],
+      "usage": _usage(len(ids) * req.n, sum(len(r.output_ids) for r in stream.requests))})
+
+
+async def models(request: web.Request) -> web.Response:
+  server = request.app[SERVER]
+  return web.json_response({"object": "list", "data": [{
+      "id": server.model_name, "object": "model", "created": 0, "owned_by": "jaxllm",
+      "max_model_len": getattr(server, "max_model_len", None)}]})
+
+
+async def health(request: web.Request) -> web.Response:
+  server = request.app[SERVER]
+  ok = server.state == "ready" and server.loop is not None and server.loop.alive
+  body = {"status": server.state if ok or server.state != "ready" else "engine stopped"}
+  if server.load_error:
+    body["error"] = server.load_error
+  return web.json_response(body, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+  return web.Response(body=request.app[SERVER].metrics.render(), content_type="text/plain")
+
+
+async def tokenize(request: web.Request) -> web.Response:
+  server = _server(request)
+  req = await _body(request, protocol.TokenizeRequest)
+  _check_model(server, req.model)
+  if (req.prompt is None) == (req.messages is None):
+    raise APIError(400, "pass exactly one of prompt or messages.")
+  tok = server.tokenizer
+  if req.messages is not None:
+    text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
+    ids = tok.encode(text, add_bos=False)
+  else:
+    ids = tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False)
+  return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+  server = _server(request)
+  req = await _body(request, protocol.DetokenizeRequest)
+  _check_model(server, req.model)
+  bad = [t for t in req.tokens if not 0 <= t < server.llm.config.vocab_size]
+  if bad:
+    raise APIError(400, f"tokens outside the vocabulary [0, {server.llm.config.vocab_size}): {bad[:5]}.",
+                   param="tokens")
+  return web.json_response({"prompt": server.tokenizer.decode(req.tokens)})
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler):
+  server: Server = request.app[SERVER]
+  try:
+    key = server.config.api_key
+    if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
+      raise APIError(401, "invalid API key: send 'Authorization: Bearer <key>'.", "authentication_error")
+    return await handler(request)
+  except APIError as e:
+    server.metrics.requests.labels(request.path, str(e.status)).inc()
+    return e.response()
+  except web.HTTPException as e:  # aiohttp's own 404 / 405 / 413, in OpenAI's error shape
+    if e.status < 400:
+      raise
+    server.metrics.requests.labels(request.path, str(e.status)).inc()
+    return APIError(e.status, f"{e.reason}: {request.method} {request.path}", "invalid_request_error").response()
+  except (ConnectionResetError, asyncio.CancelledError):
+    raise
+  except Exception as e:  # noqa: BLE001 - never let one request take the server down
+    log.exception("internal error on %s", request.path)
+    server.metrics.requests.labels(request.path, "500").inc()
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error").response()
+
+
+def create_app(server: Server, max_body_bytes: int = 4 << 20) -> web.Application:
+  app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body_bytes)
+  app[SERVER] = server
+  app.add_routes([
+      web.post("/v1/completions", completions), web.post("/v1/chat/completions", chat_completions),
+      web.get("/v1/models", models), web.get("/health", health), web.get("/metrics", metrics),
+      web.post("/tokenize", tokenize), web.post("/detokenize", detokenize)])
+  return app
+
+
+async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event | None = None,
+                exit_on_load_failure: bool = True) -> None:
+  """Opens the port, loads the model on a thread (health says 503 meanwhile), serves until `stop` is set or SIGTERM /
+  SIGINT, then drains: new requests get 503 while in-flight ones finish."""
+  c = server.config
+  runner = web.AppRunner(create_app(server), handler_cancellation=True, access_log=None)
+  await runner.setup()
+  site = web.TCPSite(runner, c.host, c.port)
+  await site.start()
+  stop = stop or asyncio.Event()
+  loop = asyncio.get_running_loop()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    try:
+      loop.add_signal_handler(sig, stop.set)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests): `stop` is the way out
+      pass
+  port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else c.port
+  server.port = port
+  log.info("listening on http://%s:%d (loading %s)", c.host, port, c.model)
+  await asyncio.to_thread(server.load)
+  if server.state == "failed" and exit_on_load_failure:
+    await runner.cleanup()
+    return
+  if ready_line and server.state == "ready":
+    print(f"jaxllm serve: ready on http://{c.host}:{port} — try:\n  curl http://{c.host}:{port}/v1/chat/completions "
+          "-H 'Content-Type: application/json' -d '{\"messages\": [{\"role\": \"user\", \"content\": "
+          "\"What is the capital of France?\"}], \"max_tokens\": 32}'", flush=True)
+  await stop.wait()
+  server.state = "draining"
+  log.info("draining: finishing in-flight requests")
+  if server.loop is not None:
+    await asyncio.to_thread(server.loop.stop, True)
+  await runner.cleanup()
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def run_in_thread(config: ServerConfig) -> tuple[Server, threading.Thread, asyncio.AbstractEventLoop, asyncio.Event]:
+  """A server on its own thread and event loop (tests, notebooks); set the event via loop.call_soon_threadsafe to
+  stop it."""
+  server = Server(config)
+  started = threading.Event()
+  box = {}
+
+  def main():
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    box["loop"], box["stop"] = loop, asyncio.Event()
+    started.set()
+    loop.run_until_complete(serve(server, ready_line=False, stop=box["stop"]))
+
+  t = threading.Thread(target=main, daemon=True)
+  t.start()
+  started.wait()
+  return server, t, box["loop"], box["stop"]
+
+
+if __name__ == "__main__":  # python -m jaxllm.serving.server --flags: the same as `jaxllm serve --flags`
+  import sys
+
+  from jaxllm.cli import run
+
+  sys.argv.insert(1, "serve")
+  run()

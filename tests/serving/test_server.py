@@ -1,0 +1,232 @@
+"""The HTTP server on a free loopback port, driven by the official `openai` client and by raw HTTP: completions,
+chat, streaming, logprobs, n; greedy text over HTTP equals `LLM.generate`; malformed input gets 4xx and the server
+keeps serving; concurrent streaming clients, some disconnecting mid-stream, all get complete answers and every KV
+page comes back."""
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from jaxllm import SamplingParams
+from jaxllm.serving.server import ServerConfig, run_in_thread
+
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+  srv, thread, loop, stop = run_in_thread(ServerConfig(model="default", port=0, max_model_len=512, max_num_seqs=8,
+                                                       warmup=False, served_model_name="smollm2"))
+  deadline = time.time() + 300
+  while getattr(srv, "port", None) is None or srv.state != "ready":
+    assert srv.state != "failed", srv.load_error
+    assert time.time() < deadline, srv.state
+    time.sleep(0.2)
+  yield srv
+  loop.call_soon_threadsafe(stop.set)
+  thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  from openai import OpenAI
+
+  return OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def raw(server, path, body=None, method=None, headers=None):
+  """(status, parsed JSON or text) of one request; `body` bytes are sent as they are."""
+  data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+  req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=data, method=method,
+                               headers={"Content-Type": "application/json", **(headers or {})})
+  try:
+    with urllib.request.urlopen(req, timeout=120) as r:
+      text = r.read().decode()
+      status = r.status
+  except urllib.error.HTTPError as e:
+    text, status = e.read().decode(), e.code
+  try:
+    return status, json.loads(text)
+  except json.JSONDecodeError:
+    return status, text
+
+
+def pages_all_free(server, timeout=30):
+  alloc = server.loop.scheduler.allocator
+  deadline = time.time() + timeout
+  while alloc.num_free != alloc.capacity and time.time() < deadline:
+    time.sleep(0.1)
+  return alloc.num_free == alloc.capacity
+
+
+def test_health_models_tokenize_detokenize(server, client):
+  assert raw(server, "/health") == (200, {"status": "ready"})
+  assert [m.id for m in client.models.list().data] == ["smollm2"]
+  status, body = raw(server, "/tokenize", {"prompt": "Hello world"})
+  assert status == 200 and body["tokens"] == server.tokenizer.encode("Hello world")
+  assert raw(server, "/detokenize", {"tokens": body["tokens"]}) == (200, {"prompt": "Hello world"})
+
+
+def test_greedy_completion_over_http_equals_llm_generate(server, client, default_llm):
+  prompt = "The capital of France is"
+  got = client.completions.create(model="smollm2", prompt=prompt, max_tokens=16, temperature=0)
+  want = default_llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0))[0]
+  assert got.choices[0].text == want.text
+  assert got.choices[0].finish_reason == want.finish_reason
+  assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+  assert got.usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_streamed_and_not(server, client):
+  full = client.chat.completions.create(model="smollm2", messages=PARIS, max_tokens=32, temperature=0)
+  assert full.choices[0].message.content == "The capital of France is Paris."
+  assert full.choices[0].finish_reason == "stop"
+  chunks = list(client.chat.completions.create(model="smollm2", messages=PARIS, max_tokens=32, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}))
+  text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+  assert text == full.choices[0].message.content
+  assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+  assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_logprobs_n_seed_and_stop(server, client):
+  out = client.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=6, temperature=0, logprobs=2)
+  lp = out.choices[0].logprobs
+  assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+  assert "".join(lp.tokens) == out.choices[0].text
+  assert all(max(t.values()) >= v - 1e-5 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+  a = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=8, n=2, seed=3,
+                                temperature=1.0)
+  b = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=8, n=2, seed=3,
+                                temperature=1.0)
+  assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 2
+  chat = client.chat.completions.create(model="smollm2", messages=PARIS, max_tokens=32, temperature=0,
+                                        stop=["Paris"], logprobs=True, top_logprobs=1)
+  assert chat.choices[0].message.content == "The capital of France is "
+  assert chat.choices[0].logprobs.content[0].top_logprobs[0].token == chat.choices[0].logprobs.content[0].token
+
+
+@pytest.mark.parametrize("path, body, status, needle", [
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b"\xff\xfe{}", 400, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "JSON object"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_token": 5}, 400, "max_token"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "gpt-9"),
+    ("/v1/completions", {"prompt": "hi " * 300_000}, 400, "max_model_len"),
+    ("/v1/completions", {"prompt": [1, 2, 10**7]}, 400, "vocabulary"),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ("/v1/chat/completions", {"messages": PARIS, "top_logprobs": 3}, 400, "top_logprobs"),
+    ("/v1/nope", {}, 404, "Not Found"),
+])
+def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, client, path, body, status, needle):
+  got_status, got = raw(server, path, body)
+  assert got_status == status, got
+  assert needle in got["error"]["message"] and got["error"]["code"] == status
+  assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).choices[0].text is not None
+  assert pages_all_free(server)
+
+
+def test_metrics_count_requests_and_tokens(server, client):
+  client.completions.create(model="smollm2", prompt="Hi", max_tokens=3, temperature=0)
+  status, text = raw(server, "/metrics")
+  assert status == 200
+  for name in ("jaxllm_requests_total", "jaxllm_generation_tokens_total", "jaxllm_time_to_first_token_seconds",
+               "jaxllm_kv_pages_used", "jaxllm_num_requests_waiting", "jaxllm_num_preemptions"):
+    assert name in text, name
+  assert 'jaxllm_requests_total{endpoint="completions",status="200"}' in text
+
+
+def test_concurrent_streams_with_disconnects_all_complete_and_free_every_page(server, default_llm):
+  """64 streaming clients at once over 8 slots; every fourth hangs up after its first chunk. The others' text equals
+  the same request run alone; afterwards every page is free."""
+  import aiohttp
+
+  prompts = [f"Count from {i} to {i + 5}:" for i in range(64)]
+  want = {i: o.text for i, o in enumerate(default_llm.generate(
+      prompts, SamplingParams(max_tokens=12, temperature=0)))}
+  url = f"http://127.0.0.1:{server.port}/v1/completions"
+
+  async def one(session, i):
+    body = {"prompt": prompts[i], "max_tokens": 12, "temperature": 0, "stream": True}
+    async with session.post(url, json=body) as r:
+      assert r.status == 200
+      text, done = "", False
+      async for line in r.content:
+        line = line.decode().strip()
+        if not line:
+          continue
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+          done = True
+          break
+        text += json.loads(payload)["choices"][0]["text"]
+        if i % 4 == 3:
+          return None  # hang up mid-stream
+      assert done
+      return text
+
+  async def main():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+      return await asyncio.gather(*(one(session, i) for i in range(64)))
+
+  results = asyncio.run(main())
+  for i, text in enumerate(results):
+    if i % 4 != 3:
+      assert text == want[i], i
+  assert pages_all_free(server)
+  assert not server.loop.scheduler.requests
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
+  """A real `jaxllm serve` process: a request in flight when SIGTERM arrives still gets its whole answer; then the
+  process exits 0."""
+  import os
+  import signal
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serving.server", "--model=default", f"--port={port}",
+                           "--max_model_len=256", "--max_num_seqs=4", "--nowarmup", "--api_key=sekret"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    ready = proc.stdout.readline()
+    assert "ready on" in ready, proc.stderr.read()
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = json.dumps({"prompt": "Tell me a long story.", "max_tokens": 48, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    unauth = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+      urllib.request.urlopen(unauth, timeout=60)
+    assert e.value.code == 401
+    result = {}
+
+    def call():
+      req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json",
+                                                            "Authorization": "Bearer sekret"})
+      with urllib.request.urlopen(req, timeout=300) as r:
+        result["body"] = json.loads(r.read())
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGTERM)
+    t.join(300)
+    assert result["body"]["usage"]["completion_tokens"] == 48
+    assert proc.wait(120) == 0
+  finally:
+    proc.kill()
