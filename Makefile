@@ -1,11 +1,11 @@
-# The two commands a newcomer needs:  `make demo` (set up, chat with the default model)  and  `make test`.
+# The two commands a newcomer needs:  `make serve` (set up, serve the default model on 127.0.0.1:8000)  and  `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all serve demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,18 @@ test: setup
 test-all: setup
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Main job until the server lands: chat with the default model (interactive on a terminal, one question otherwise).
+# The main job: the OpenAI-compatible server on the default model. Compiled programs are cached in .jit-cache, so
+# only the first start pays for the whole warmup.
+SERVE_ARGS ?= --max_model_len 2048
+serve: setup
+	$(VENV)/bin/jaxllm serve --model default --host 127.0.0.1 --port 8000 --compilation_cache_dir .jit-cache $(SERVE_ARGS)
+
+# Chat with the default model on a terminal (one question when stdin is not a terminal).
 demo: setup
 	$(VENV)/bin/jaxllm chat --model default
 
 bench: setup
-	JAX_PLATFORMS=cpu $(PY) benchmarks/generate_cpu.py
+	JAX_PLATFORMS=cpu $(PY) benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .jit-cache

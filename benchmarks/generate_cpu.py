@@ -12,8 +12,6 @@ import datetime
 import os
 import time
 
-import numpy as np
-
 import common
 
 PROMPTS = [

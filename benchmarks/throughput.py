@@ -89,13 +89,13 @@ def decode_step_seconds(llm, slots, context):
   active = np.arange(c.num_slots) < slots
   fresh = lambda s: s.replace(active=jnp.asarray(active), positions=jnp.full((c.num_slots,), context, jnp.int32),  # noqa: E731
                               page_table=jnp.asarray(table))
-  st, r = eng.generate(fresh(st), context + c.decode_steps)
+  st, r = eng.generate(fresh(st), context + c.decode_steps, slots)
   jax.block_until_ready(r)
   best = float("inf")
   for _ in range(3):
     st = fresh(st)
     start = time.perf_counter()
-    st, r = eng.generate(st, context + c.decode_steps)
+    st, r = eng.generate(st, context + c.decode_steps, slots)
     jax.block_until_ready(r)
     best = min(best, time.perf_counter() - start)
   del st
@@ -160,6 +160,19 @@ def main():
   prompts, outs = workload(np.random.default_rng(args.seed), args.num_prompts, llm.config.vocab_size, args)
   ours, reqs = run_ours(llm, prompts, outs)
   rows = [("jaxllm (continuous batching, paged)", ours)]
+  # Decode steps and bandwidth before transformers loads: torch's OpenMP threads keep spinning after its generate
+  # and would slow every later measurement in this process.
+  bandwidth = common.copy_bandwidth_gbs()
+  mc = llm.config
+  item = np.dtype(args.dtype if args.dtype != "bfloat16" else np.float16).itemsize
+  weight_bytes = mc.num_params * item
+  kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * item
+  steps = []
+  for slots in sorted({1, args.max_num_seqs}):
+    t = decode_step_seconds(llm, slots, args.step_context)
+    floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
+    steps.append((slots, t, floor))
+
   agree = None
   if not args.skip_hf and not args.preset:
     import torch
@@ -173,17 +186,6 @@ def main():
     rows.append(("transformers generate (static batches, left-padded)", theirs))
     # Greedy on both sides: count the requests whose first 8 tokens agree (f32 noise may flip a near-tie later).
     agree = sum(r.token_ids[:8] == g[:8] for r, g in zip(reqs, got))
-
-  bandwidth = common.copy_bandwidth_gbs()
-  mc = llm.config
-  item = np.dtype(args.dtype if args.dtype != "bfloat16" else np.float16).itemsize
-  weight_bytes = mc.num_params * item
-  kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * item
-  steps = []
-  for slots in sorted({1, args.max_num_seqs}):
-    t = decode_step_seconds(llm, slots, args.step_context)
-    floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
-    steps.append((slots, t, floor))
 
   total_out = sum(outs)
   device = common.device_name()

@@ -140,7 +140,7 @@ class LLM:
 
   def warmup(self) -> None:
     """Compiles every shape bucket now (as a server does at start) instead of on first use."""
-    self.engine.warmup()
+    self.scheduler.state = self.engine.warmup(self.scheduler.state)
 
   def logits(self, token_rows) -> np.ndarray:
     """float32 logits [R, T, V] of a full forward pass over equal-length token rows."""

@@ -416,22 +416,33 @@ class Engine:
     return host_value(self._logits(self.params, np.asarray(tokens_RT, np.int32)))
 
   # ------------------------------------------------------------------ compilation
-  def warmup(self) -> None:
-    """Compiles every bucket (all prefill (R, T) shapes, insert per R, release, generate, set_pages) on a scratch
-    state, which is dropped afterwards."""
+  def warmup(self, state: DecodeState | None = None) -> DecodeState:
+    """Compiles every bucket a scheduler can call: each prefill (R, T) within the prefill token budget (and R = 1 at
+    any T), insert per R, fork, release, set_pages, and generate per (slot bucket, page bucket). Runs on `state` (an
+    idle scheduler's: only the scratch page is written) and returns it, so no second KV cache is allocated; None
+    makes a scratch state that is dropped."""
+    import logging
+    import time
+
     c = self.config
-    state = self.init_state()
+    start, before = time.perf_counter(), self.num_compilations()
+    state = self.init_state() if state is None else state
     for R in c.prefill_batches:
       for T in c.prefill_lengths:
+        if R > 1 and R * T > c.max_prefill_tokens:
+          continue
         sampling = SamplingArrays.create(R, temperature=0.0)
         state, prefix = self.prefill(state, [[0] * T] * R, [T] * R, [[0]] * R, sampling)
       state = self.insert(state, prefix, [])
     state = self.fork(state, prefix, 0, 0, [0], 0, 0, 0, SamplingArrays.create(1, temperature=0.0))
-    state = self.release(state, [])
+    state = self.release(state, [0])
     for slots in c.decode_slot_buckets:
       for pages in c.decode_page_buckets:
         state, _ = self._generate(self.params, state, pages, slots)
-    jax.block_until_ready(self.set_pages(state, {}))
+    state = jax.block_until_ready(self.set_pages(state, {}))
+    logging.getLogger("jaxllm.engine").info("warmup: %d programs in %.1f s", self.num_compilations() - before,
+                                            time.perf_counter() - start)
+    return state
 
   def num_compilations(self) -> int:
     """Programs compiled so far (jit cache entries of every engine function); flat after warmup."""

@@ -316,6 +316,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
   if req.stream:
     sse = _SSE(request)
     await sse.open()
+    if req.echo:
+      for i, x in enumerate(prompts):
+        for k in range(n):
+          await sse.send({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                          "choices": [{"index": i * n + k, "text": x if isinstance(x, str) else tok.decode(ids[i]),
+                                       "logprobs": None, "finish_reason": None}]})
 
     async def on_update(i, u):
       choice = {"index": i * n + u.index, "text": u.delta, "logprobs": None,
@@ -336,12 +342,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
     texts[(i, u.index)] = texts.get((i, u.index), "") + u.delta
 
   await _run(server, streams, collect)
+  prompt_scores = None
+  if req.echo and req.logprobs is not None:  # scoring over HTTP: the prompt's own token logprobs
+    prompt_scores = await asyncio.to_thread(server.llm.engine.score, ids)
   choices = []
   for i, s in enumerate(streams):
+    prefix = "" if not req.echo else prompts[i] if isinstance(prompts[i], str) else tok.decode(ids[i])
     for r in s.requests:
-      text = texts.get((i, r.index), "")
-      prefix = prompts[i] if req.echo and isinstance(prompts[i], str) else ""
-      choices.append({"index": i * n + r.index, "text": prefix + text, "logprobs": logprobs_of(r, len(prefix)),
+      lp = logprobs_of(r, len(prefix))
+      if lp is not None and prompt_scores is not None:
+        ptoks = [tok.decode([t]) for t in ids[i]]
+        offsets = np.cumsum([0] + [len(t) for t in ptoks[:-1]])
+        lp = {"tokens": ptoks + lp["tokens"],
+              "token_logprobs": [None] + [float(v) for v in prompt_scores[i][0]] + lp["token_logprobs"],
+              "top_logprobs": [None] * len(ptoks) + lp["top_logprobs"],
+              "text_offset": [int(o) for o in offsets] + lp["text_offset"]}
+      choices.append({"index": i * n + r.index, "text": prefix + texts.get((i, r.index), ""), "logprobs": lp,
                       "finish_reason": _finish_reason(r)})
   server.metrics.requests.labels("completions", "200").inc()
   return web.json_response({

@@ -111,6 +111,18 @@ def test_logprobs_n_seed_and_stop(server, client):
   assert chat.choices[0].logprobs.content[0].top_logprobs[0].token == chat.choices[0].logprobs.content[0].token
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
+  prompt = "The capital of France is Paris"
+  out = client.completions.create(model="smollm2", prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                  logprobs=0)
+  lp = out.choices[0].logprobs
+  ids = default_llm.tokenizer.encode(prompt)
+  assert out.choices[0].text.startswith(prompt)
+  assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
+  want = default_llm.score(token_pairs=[(ids[:1], ids[1:])])[0].logprobs
+  assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+
+
 @pytest.mark.parametrize("path, body, status, needle", [
     ("/v1/completions", b"{not json", 400, "not valid JSON"),
     ("/v1/completions", b"\xff\xfe{}", 400, "not valid JSON"),
