@@ -140,6 +140,7 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ("/v1/chat/completions", {"messages": PARIS, "top_logprobs": 3}, 400, "top_logprobs"),
     ("/v1/nope", {}, 404, "Not Found"),
+    ("/v1/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', 413, "Too Large"),
 ])
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, client, path, body, status, needle):
   got_status, got = raw(server, path, body)
@@ -147,6 +148,16 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, client,
   assert needle in got["error"]["message"] and got["error"]["code"] == status
   assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).choices[0].text is not None
   assert pages_all_free(server)
+
+
+def test_a_full_queue_answers_503_and_the_server_recovers(server, client):
+  server.loop.max_waiting = 0  # as if --max_waiting requests were already queued
+  try:
+    status, body = raw(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+  finally:
+    server.loop.max_waiting = 1024
+  assert status == 503 and "capacity" in body["error"]["message"]
+  assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).choices[0].text is not None
 
 
 def test_metrics_count_requests_and_tokens(server, client):
