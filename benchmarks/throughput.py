@@ -195,7 +195,7 @@ def main():
       f"{model_name}, greedy, {args.num_prompts} requests: prompt lengths "
       f"{min(len(p) for p in prompts)}..{max(len(p) for p in prompts)} (mean {np.mean([len(p) for p in prompts]):.0f}), "
       f"output lengths {min(outs)}..{max(outs)} (mean {np.mean(outs):.0f}), {total_out} output tokens; "
-      f"{args.max_num_seqs} sequences at a time on both sides; one run.",
+      f"{args.max_num_seqs} sequences at a time{' on both sides' if len(rows) > 1 else ''}; one run.",
       "",
       "| engine | seconds | output tok/s | ratio |",
       "|---|---:|---:|---:|",
