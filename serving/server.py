@@ -541,7 +541,7 @@ async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event 
   if ready_line and server.state == "ready":
     print(f"jaxllm serve: ready on http://{c.host}:{port} — try:\n  curl http://{c.host}:{port}/v1/chat/completions "
           "-H 'Content-Type: application/json' -d '{\"messages\": [{\"role\": \"user\", \"content\": "
-          "\"What is the capital of France?\"}], \"max_tokens\": 32}'", flush=True)
+          "\"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}'", flush=True)
   await stop.wait()
   server.state = "draining"
   log.info("draining: finishing in-flight requests")

@@ -229,6 +229,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
   try:
     ready = proc.stdout.readline()
     assert "ready on" in ready, proc.stderr.read()
+    curl = proc.stdout.readline()  # the example it prints asks for the greedy answer
+    assert '"temperature": 0' in curl and f"http://127.0.0.1:{port}/v1/chat/completions" in curl
     url = f"http://127.0.0.1:{port}/v1/completions"
     body = json.dumps({"prompt": "Tell me a long story.", "max_tokens": 48, "temperature": 0,
                        "ignore_eos": True}).encode()
