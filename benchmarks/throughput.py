@@ -21,6 +21,7 @@ import argparse
 import datetime
 import os
 import time
+import types
 
 import numpy as np
 
@@ -124,7 +125,7 @@ class RandomModel:
     sched = Scheduler(self.engine)
     reqs = [sched.add(p, sp) for p, sp in zip(prompt_token_ids, sampling_params)]
     sched.run_until_done()
-    return [type("Out", (), {"token_ids": r.output_ids})() for r in reqs]
+    return [types.SimpleNamespace(token_ids=r.output_ids) for r in reqs]
 
 
 def main():

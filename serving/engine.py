@@ -27,6 +27,8 @@ that runs past its pages (a finished request still in flight) writes to the scra
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -84,32 +86,20 @@ class EngineConfig:
 
   @property
   def prefill_lengths(self) -> tuple[int, ...]:
-    out, n = [], self.min_prefill_len
-    while n < self.max_model_len:
-      out.append(n)
-      n *= 2
-    return tuple(out) + (self.max_model_len,)
+    return _doublings(self.min_prefill_len, self.max_model_len)
 
   @property
   def decode_page_buckets(self) -> tuple[int, ...]:
     """Pages per slot that a decode step attends over: powers of two from the smallest prompt bucket's, up to
     pages_per_seq. A step reads only as many pages as its longest slot needs, rounded up to a bucket, not
     max_model_len's worth for every slot."""
-    out, n = [], -(-self.min_prefill_len // self.page_size)
-    while n < self.pages_per_seq:
-      out.append(n)
-      n *= 2
-    return tuple(out) + (self.pages_per_seq,)
+    return _doublings(-(-self.min_prefill_len // self.page_size), self.pages_per_seq)
 
   @property
   def decode_slot_buckets(self) -> tuple[int, ...]:
     """Slots a decode step computes: powers of two up to num_slots. The scheduler seats requests in the lowest free
     slot, so a step with few requests runs a small batch instead of all num_slots rows."""
-    out, n = [], 1
-    while n < self.num_slots:
-      out.append(n)
-      n *= 2
-    return tuple(out) + (self.num_slots,)
+    return _doublings(1, self.num_slots)
 
   @property
   def prefill_batches(self) -> tuple[int, ...]:
@@ -118,6 +108,15 @@ class EngineConfig:
       out.append(n)
       n *= 2
     return tuple(out)
+
+
+def _doublings(first: int, last: int) -> tuple[int, ...]:
+  """first, 2 * first, 4 * first, ... while below `last`, then `last` itself: a bucket ladder."""
+  out, n = [], first
+  while n < last:
+    out.append(n)
+    n *= 2
+  return tuple(out) + (last,)
 
 
 @struct.dataclass
@@ -277,22 +276,19 @@ class Engine:
     def set_pages(state: DecodeState, mask_S, rows_SM):
       return state.replace(page_table=jnp.where(mask_S[:, None], rows_SM, state.page_table))
 
-    def score(params, tokens_RT):
-      """Full forward over padded rows, no pages: log p(token t+1 | tokens <= t) and whether it was the argmax."""
-      model = nnx.merge(graphdef, params)
-      R, T = tokens_RT.shape
-      positions_RT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
-      logits_RTV = model.logits(model(tokens_RT, positions_RT, None, c.attention_impl)[0][:, :-1])
-      logprobs_RTV = jax.nn.log_softmax(logits_RTV.astype(jnp.float32), axis=-1)
-      target_RT = tokens_RT[:, 1:]
-      chosen_RT = jnp.take_along_axis(logprobs_RTV, target_RT[..., None], axis=-1)[..., 0]
-      return chosen_RT, jnp.argmax(logprobs_RTV, axis=-1) == target_RT
-
     def logits(params, tokens_RT):
+      """Full forward over rows from position 0, no pages: float32 logits [R, T, V]."""
       model = nnx.merge(graphdef, params)
       R, T = tokens_RT.shape
       positions_RT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
       return model.logits(model(tokens_RT, positions_RT, None, c.attention_impl)[0]).astype(jnp.float32)
+
+    def score(params, tokens_RT):
+      """log p(token t+1 | tokens <= t) over padded rows, and whether it was the argmax."""
+      logprobs_RTV = jax.nn.log_softmax(logits(params, tokens_RT)[:, :-1], axis=-1)
+      target_RT = tokens_RT[:, 1:]
+      chosen_RT = jnp.take_along_axis(logprobs_RTV, target_RT[..., None], axis=-1)[..., 0]
+      return chosen_RT, jnp.argmax(logprobs_RTV, axis=-1) == target_RT
 
     self._score = jax.jit(score)
     self._logits = jax.jit(logits)
@@ -421,9 +417,6 @@ class Engine:
     any T), insert per R, fork, release, set_pages, and generate per (slot bucket, page bucket). Runs on `state` (an
     idle scheduler's: only the scratch page is written) and returns it, so no second KV cache is allocated; None
     makes a scratch state that is dropped."""
-    import logging
-    import time
-
     c = self.config
     start, before = time.perf_counter(), self.num_compilations()
     state = self.init_state() if state is None else state

@@ -23,7 +23,7 @@ import threading
 import time
 
 from jaxllm.sampling import SamplingParams
-from jaxllm.serving.scheduler import Request, Scheduler
+from jaxllm.serving.scheduler import FINISHED, Request, Scheduler
 
 
 @dataclasses.dataclass
@@ -159,6 +159,6 @@ class EngineLoop:
       for req in list(sched.requests.values()):
         if req.on_update is not None and not req.finished:
           req.finish_reason = "abort"
-          req.status = "finished"
+          req.status = FINISHED
           req.on_update(req, "")
       raise

@@ -297,8 +297,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
   if not prompts:
     raise APIError(400, "prompt must not be empty.", param="prompt")
   ids = [tok.encode(x) if isinstance(x, str) else list(x) for x in prompts]
-  if req.logprobs is not None and req.logprobs < 0:
-    raise APIError(400, f"logprobs={req.logprobs} must be >= 0.", param="logprobs")
   params = [_sampling(server, req, len(i), req.max_tokens, req.logprobs) for i in ids]
   streams = [_submit(server, i, sp, req.seed) for i, sp in zip(ids, params)]
   rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
