@@ -12,6 +12,7 @@ COMMANDS = {
     "chat": "Interactive chat on a terminal; one --prompt otherwise.",
     "convert": "Convert a GGUF / HF checkpoint to jaxllm's orbax format for fast reloads.",
     "serve": "OpenAI-compatible HTTP server (completions, chat, streaming, metrics).",
+    "score": "Batch scoring: log-likelihoods / perplexities of a JSONL or ArrayRecord dataset (resumable).",
     "plan": "Capacity plan: weight / KV bytes per device and per-layer collectives for a model on a mesh.",
 }
 

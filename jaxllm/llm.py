@@ -5,6 +5,7 @@
     out[0].text, out[0].token_ids, out[0].finish_reason
     llm.chat([{"role": "user", "content": "Hi!"}])
     llm.score([("The capital of France is", " Paris")])   # continuation logprobs, their sum, is_greedy
+    llm.score(["A whole text to score."])[0].perplexity   # long texts: sliding windows (`stride=`)
 
 Requests are validated on the host (clear errors, nothing reaches the device) and tokenized; then every prompt goes
 into the engine's continuous-batching scheduler at once (offline mode: `jaxllm.serving.scheduler` over the paged
@@ -64,11 +65,22 @@ class RequestOutput:
 
 @dataclasses.dataclass
 class ScoreOutput:
+  """A scored pair, or a scored text (its first token is the context, the rest are scored)."""
   context_token_ids: list[int]
   continuation_token_ids: list[int]
   logprobs: list[float]  # per continuation token
   sum_logprob: float
   is_greedy: bool  # every continuation token is the argmax given its prefix
+
+  @property
+  def num_tokens(self) -> int:
+    return len(self.logprobs)
+
+  @property
+  def perplexity(self) -> float:
+    import math
+
+    return math.exp(-self.sum_logprob / len(self.logprobs))
 
 
 class LLM:
@@ -241,24 +253,69 @@ class LLM:
             for i, g in enumerate(groups)]
 
   # ------------------------------------------------------------------ score
-  def score(self, pairs: Sequence[tuple[str, str]] | None = None, *,
-            token_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None) -> list[ScoreOutput]:
-    """log p(continuation | context) per token, as lm-eval-harness computes it (context and continuation tokenized
-    separately, BOS only on the context)."""
-    if (pairs is None) == (token_pairs is None):
-      raise ValueError("pass exactly one of `pairs` (text) or `token_pairs`.")
-    if pairs is not None:
+  def score(self, inputs=None, *, token_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+            token_texts: Sequence[Sequence[int]] | None = None, stride: int | None = None,
+            max_length: int | None = None, max_batch_size: int = 64,
+            max_batch_tokens: int = 4096) -> list[ScoreOutput]:
+    """Log-likelihoods, by the path `jaxllm score` runs (`jaxllm.serving.scoring`), in input order.
+
+    inputs: a text, a (context, continuation) pair, or a list of them (mixed is fine).
+      - A pair: log p(continuation | context) per continuation token and `is_greedy`, as lm-eval-harness's
+        `loglikelihood` computes them; context beyond max_model_len is cut from the left.
+      - A text: every token after the first, and `perplexity`. A text longer than max_length (default
+        max_model_len) is scored in sliding windows of max_length tokens every `stride` tokens (default
+        max_length // 2), HF's recipe.
+    token_pairs / token_texts: the same with token ids instead of text.
+    max_batch_size, max_batch_tokens: rows and padded tokens per forward pass (length-bucketed batches).
+    """
+    from jaxllm.serving import scoring
+
+    given = [x is not None for x in (inputs, token_pairs, token_texts)]
+    if sum(given) != 1:
+      raise ValueError("pass exactly one of `inputs` (texts and/or (context, continuation) pairs), `token_pairs` "
+                       "or `token_texts`.")
+    scorer = scoring.Scorer(self.engine, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                            max_length=max_length)
+    stride = scorer.max_len // 2 if stride is None else stride
+    if not isinstance(stride, int) or not 1 <= stride <= scorer.max_len:
+      raise ValueError(f"stride={stride!r} must be an integer in [1, max_length={scorer.max_len}].")
+    items, kinds = [], []
+    if inputs is not None:
+      inputs = [inputs] if isinstance(inputs, (str, tuple)) else list(inputs)
       tok = self._require_tokenizer()
-      token_pairs = [(tok.encode(c), tok.encode(x, add_bos=False)) for c, x in pairs]
-    token_pairs = [(list(c), list(x)) for c, x in token_pairs]
-    for i, (c, x) in enumerate(token_pairs):
-      if not c or not x:
-        raise ValueError(f"pair {i}: context and continuation must both be non-empty after tokenization.")
-      self._check_tokens(c + x, f"pair {i}")
+      for i, x in enumerate(inputs):
+        try:
+          if isinstance(x, str):
+            items.append(scoring.text_item(tok.encode(x)))
+          elif isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(s, str) for s in x):
+            items.append(scoring.pair_item(*scoring.encode_pair(tok, *x)))
+          else:
+            raise ValueError(f"expected a text or a (context, continuation) pair of strings, got {x!r:.80}")
+        except ValueError as e:
+          raise ValueError(f"inputs[{i}]: {e}") from None
+        kinds.append("text" if isinstance(x, str) else "pair")
+    else:
+      rows = token_pairs if token_pairs is not None else token_texts
+      for i, x in enumerate(rows):
+        try:
+          items.append(scoring.pair_item(*x) if token_pairs is not None else scoring.text_item(list(x)))
+        except (ValueError, TypeError) as e:
+          raise ValueError(f"{'token_pairs' if token_pairs is not None else 'token_texts'}[{i}]: {e}") from None
+        kinds.append("pair" if token_pairs is not None else "text")
+    wins = []
+    for i, (item, kind) in enumerate(zip(items, kinds)):
+      bad = item.tokens[(item.tokens < 0) | (item.tokens >= self.config.vocab_size)]
+      try:
+        if len(bad):
+          raise ValueError(f"token ids outside [0, {self.config.vocab_size}): {bad[:5].tolist()}")
+        wins.append(scorer.windows(item, stride if kind == "text" else None))
+      except ValueError as e:
+        raise ValueError(f"item {i}: {e}") from None
     out = []
-    for (c, x), (lp, g) in zip(token_pairs, self.engine.score([c + x for c, x in token_pairs])):
-      lp, g = lp[len(c) - 1:], g[len(c) - 1:]
-      out.append(ScoreOutput(c, x, [float(v) for v in lp], float(np.sum(lp, dtype=np.float64)), bool(np.all(g))))
+    for item, s in zip(items, scorer.submit(items, wins).result()):
+      ids = item.tokens.tolist()
+      out.append(ScoreOutput(ids[:item.first_target], ids[item.first_target:], [float(v) for v in s.logprobs],
+                             s.sum_logprob, s.is_greedy))
     return out
 
 

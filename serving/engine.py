@@ -393,19 +393,11 @@ class Engine:
     return self._generate(self.params, state, pages, slots)
 
   # ------------------------------------------------------------------ scoring (no pages, no state)
-  def score(self, rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each token row (at most max_model_len tokens): the logprob of each of tokens[1:] given its prefix, and
-    whether it was the argmax. Rows run max_prefill_batch at a time in the prefill buckets."""
-    out = []
-    for start in range(0, len(rows), self.config.max_prefill_batch):
-      chunk = rows[start:start + self.config.max_prefill_batch]
-      R, T = self.prefill_shape(len(chunk), max(len(r) for r in chunk))
-      tokens = np.zeros((R, T), np.int32)
-      for i, r in enumerate(chunk):
-        tokens[i, :len(r)] = r
-      chosen, greedy = (host_value(x) for x in self._score(self.params, tokens))
-      out += [(chosen[i, :len(r) - 1], greedy[i, :len(r) - 1]) for i, r in enumerate(chunk)]
-    return out
+  def score_tokens(self, tokens_RT: np.ndarray):
+    """Dispatches a full forward over padded token rows [R, T] (one compile per shape; `jaxllm.serving.scoring`
+    picks the buckets) -> device arrays (logprob of tokens[:, 1:] given their prefix [R, T-1] float32, and whether
+    each was the argmax [R, T-1] bool). Asynchronous: read them with `host_value`."""
+    return self._score(self.params, np.asarray(tokens_RT, np.int32))
 
   def logits(self, tokens_RT) -> np.ndarray:
     """float32 logits [R, T, V] of a full forward over equal-length, unpadded token rows (a test and notebook aid)."""
