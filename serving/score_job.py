@@ -269,8 +269,8 @@ def run(llm, config: JobConfig) -> dict:
     it_ds = ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
   else:
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
-  it = iter(it_ds)
-  if state is not None:
+  it = iter(it_ds) if not complete else None
+  if state is not None and not complete:
     it.set_state(state)
 
   scorer = scoring.Scorer(llm.engine, max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens)

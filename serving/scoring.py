@@ -127,8 +127,8 @@ def batch_plan(lengths: Sequence[int], length_buckets: Sequence[int], max_batch_
                sort_by_length: bool = True) -> list[tuple[int, int, list[int]]]:
   """Rows (by length) -> [(R, T, row indices)] of padded batches. With sort_by_length, rows are grouped by their
   length bucket T and each group is cut into batches of R = the largest power of two with R x T within
-  max_batch_tokens (and R <= max_batch_size); a group's remainder is cut into powers of two too (13 rows: 8 + 4 + 1),
-  so no batch has a padding row. Without it, consecutive rows batch as they come (the padding a naive loader pays)."""
+  max_batch_tokens (and R <= max_batch_size); a group's remainder goes in batches of R/8, R/64, ..., 1 rows, so no
+  batch has a padding row and each bucket has at most a few batch shapes to compile. Without it, consecutive rows batch as they come (the padding a naive loader pays)."""
   def bucket(n):
     return next(t for t in length_buckets if t >= n)
 
@@ -155,10 +155,13 @@ def batch_plan(lengths: Sequence[int], length_buckets: Sequence[int], max_batch_
   out = []
   for T in sorted(groups, reverse=True):
     idx, R = groups[T], rows_for(T)
-    while idx:
-      r = R if len(idx) >= R else 1 << (len(idx).bit_length() - 1)
-      out.append((r, T, idx[:r]))
-      idx = idx[r:]
+    # Batch sizes R, R/8, R/64, ..., 1: a group's remainder is cut into those (36 rows at R = 64: 4 x 8 + 4 x 1), so
+    # no batch has a padding row, and each length bucket compiles at most a few programs.
+    levels = sorted({R >> (3 * k) for k in range(8) if R >> (3 * k)} | {1}, reverse=True)
+    for r in levels:
+      while len(idx) >= r:
+        out.append((r, T, idx[:r]))
+        idx = idx[r:]
   return out
 
 

@@ -342,7 +342,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
   await _run(server, streams, collect)
   prompt_scores = None
   if req.echo and req.logprobs is not None:  # scoring over HTTP: the prompt's own token logprobs
-    prompt_scores = await asyncio.to_thread(server.llm.engine.score, ids)
+    prompt_scores = await asyncio.to_thread(_prompt_logprobs, server.llm, ids)
   choices = []
   for i, s in enumerate(streams):
     prefix = "" if not req.echo else prompts[i] if isinstance(prompts[i], str) else tok.decode(ids[i])
@@ -352,7 +352,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         ptoks = [tok.decode([t]) for t in ids[i]]
         offsets = np.cumsum([0] + [len(t) for t in ptoks[:-1]])
         lp = {"tokens": ptoks + lp["tokens"],
-              "token_logprobs": [None] + [float(v) for v in prompt_scores[i][0]] + lp["token_logprobs"],
+              "token_logprobs": [None] + prompt_scores[i] + lp["token_logprobs"],
               "top_logprobs": [None] * len(ptoks) + lp["top_logprobs"],
               "text_offset": [int(o) for o in offsets] + lp["text_offset"]}
       choices.append({"index": i * n + r.index, "text": prefix + texts.get((i, r.index), ""), "logprobs": lp,
@@ -576,3 +576,12 @@ if __name__ == "__main__":  # python -m jaxllm.serving.server --flags: the same 
 
   sys.argv.insert(1, "serve")
   run()
+
+
+def _prompt_logprobs(llm, ids: list[list[int]]) -> list[list[float]]:
+  """Each prompt token's logprob given the tokens before it (the first has none), by `LLM.score`'s path."""
+  scored = [i for i, row in enumerate(ids) if len(row) >= 2]
+  out = [[] for _ in ids]
+  for i, s in zip(scored, llm.score(token_texts=[ids[i] for i in scored]) if scored else []):
+    out[i] = s.logprobs
+  return out

@@ -4,6 +4,7 @@ A tiny random Llama (written by transformers' save_pretrained) with SmolLM2's re
 numbers against transformers on the default model are in test_scoring.py.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -85,11 +86,23 @@ def test_kill_and_rerun_gives_the_uninterrupted_output(tmp_path, tiny_model):
   assert len(lines) == 1202 and [json.loads(x)["line"] for x in lines] == list(range(1, 1203))
   assert sum("error" in json.loads(x) for x in lines) >= 2
 
-  done = score_cli(*common, "--output", str(out))  # a finished job reruns as a no-op
-  assert done.returncode == 0 and "already complete" in done.stderr
-  assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
-  changed = score_cli(*common[:-4], "--checkpoint_every", "16", "--num_workers", "1", "--output", str(out))
-  assert changed.returncode == 1 and "checkpoint_every differ" in changed.stderr and "--overwrite" in changed.stderr
+
+def test_a_finished_job_reruns_as_a_no_op_and_other_settings_are_refused(tmp_path, tiny_llm):
+  write_jsonl(tmp_path / "in.jsonl", varied_records(40, seed=4))
+  cfg = score_job.JobConfig(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), num_workers=0,
+                            checkpoint_every=8)
+  first = score_job.run(tiny_llm, cfg)
+  data = (tmp_path / "out.jsonl").read_bytes()
+  again = score_job.run(tiny_llm, cfg)
+  assert again["records"] == first["records"] == 40 and again["scored_tokens"] == 0
+  assert (tmp_path / "out.jsonl").read_bytes() == data
+  with pytest.raises(score_job.JobError, match=r"\(checkpoint_every, stride differ\).*--overwrite"):
+    score_job.run(tiny_llm, dataclasses.replace(cfg, checkpoint_every=16, stride=50))
+  (tmp_path / "other.jsonl").write_text("not ours\n")
+  with pytest.raises(score_job.JobError, match="other.jsonl exists and no progress file"):
+    score_job.run(tiny_llm, dataclasses.replace(cfg, output=str(tmp_path / "other.jsonl")))
+  redo = score_job.run(tiny_llm, dataclasses.replace(cfg, output=str(tmp_path / "other.jsonl"), overwrite=True))
+  assert redo["records"] == 40 and (tmp_path / "other.jsonl").read_bytes() == data
 
 
 def _free_port() -> int:
@@ -100,8 +113,8 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_give_the_one_process_output(tmp_path, tiny_model):
-  write_jsonl(tmp_path / "in.jsonl", varied_records(301, seed=2), [(7, b"[1, 2]")])
+def test_two_processes_of_four_devices_give_the_one_process_output(tmp_path, tiny_model, tiny_llm):
+  write_jsonl(tmp_path / "in.jsonl", varied_records(121, seed=2), [(7, b"[1, 2]")])
   common = ["--model", tiny_model, "--input", str(tmp_path / "in.jsonl"), "--max_model_len", "128",
             "--checkpoint_every", "32", "--num_workers", "0", "--token_logprobs"]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -113,15 +126,15 @@ def test_two_processes_of_four_devices_give_the_one_process_output(tmp_path, tin
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  one = score_cli(*common, "--output", str(tmp_path / "one.jsonl"))
-  assert one.returncode == 0, one.stderr[-3000:]
+  score_job.run(tiny_llm, score_job.JobConfig(str(tmp_path / "in.jsonl"), str(tmp_path / "one.jsonl"),
+                                              num_workers=0, checkpoint_every=32, token_logprobs=True))
 
   parts = [tmp_path / f"multi.jsonl.part-0000{i}-of-00002" for i in (0, 1)]
   part_lines = [[json.loads(x)["line"] for x in p.read_text().split("\n")[:-1]] for p in parts]
-  assert part_lines[0] == list(range(1, 152)) and part_lines[1] == list(range(152, 303))  # contiguous shards
+  assert part_lines[0] == list(range(1, 62)) and part_lines[1] == list(range(62, 123))  # contiguous shards
   multi = [json.loads(x) for x in (tmp_path / "multi.jsonl").read_text().split("\n")[:-1]]
   single = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().split("\n")[:-1]]
-  assert len(multi) == len(single) == 302
+  assert len(multi) == len(single) == 122
   for m, s in zip(multi, single):
     assert {k: v for k, v in m.items() if k not in ("logprob", "perplexity", "token_logprobs")} == {
         k: v for k, v in s.items() if k not in ("logprob", "perplexity", "token_logprobs")}
@@ -143,7 +156,7 @@ def test_two_processes_of_four_devices_give_the_one_process_output(tmp_path, tin
   for i in (0, 1):
     os.rename(str(parts[i]) + ".progress.json", again + f".part-0000{i}-of-00002.progress.json")
   merged = score_cli("--merge", "--output", again)
-  assert merged.returncode == 0 and f"{again}: 302 records" in merged.stdout, merged.stderr
+  assert merged.returncode == 0 and f"{again}: 122 records" in merged.stdout, merged.stderr
   assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "multi.jsonl").read_bytes()
 
 
