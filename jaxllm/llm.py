@@ -4,6 +4,7 @@
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16, temperature=0))
     out[0].text, out[0].token_ids, out[0].finish_reason
     llm.chat([{"role": "user", "content": "Hi!"}])
+    for chunk in llm.stream([{"role": "user", "content": "Hi!"}]): print(chunk, end="")   # as it is generated
     llm.score([("The capital of France is", " Paris")])   # continuation logprobs, their sum, is_greedy
     llm.score(["A whole text to score."])[0].perplexity   # long texts: sliding windows (`stride=`)
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -61,6 +62,17 @@ class RequestOutput:
   @property
   def finish_reason(self) -> str:
     return self.outputs[0].finish_reason
+
+
+@dataclasses.dataclass
+class StreamChunk:
+  """New output of a streamed request: `print(chunk, end="")` prints its text."""
+  text: str  # the new text (never a partial UTF-8 character, never a prefix of a stop string that may still match)
+  token_ids: list[int]  # the new tokens
+  finish_reason: str | None = None  # set on the last chunk: "stop" or "length"
+
+  def __str__(self) -> str:
+    return self.text
 
 
 @dataclasses.dataclass
@@ -251,6 +263,61 @@ class LLM:
         CompletionOutput(r.index, r.text, r.output_ids, r.logprobs, r.finish_reason, r.stop_reason,
                          r.top_logprobs if r.params.logprobs is not None else None) for r in g])
             for i, g in enumerate(groups)]
+
+  # ------------------------------------------------------------------ stream
+  def stream(self, prompt, sampling_params: SamplingParams | None = None, *,
+             add_generation_prompt: bool = True) -> Iterator[StreamChunk]:
+    """Yields the continuation of one prompt as it is generated:
+
+        for chunk in llm.stream([{"role": "user", "content": "Hi!"}]):
+            print(chunk, end="", flush=True)
+
+    prompt: a text, a conversation (a list of {"role", "content"} dicts, rendered with the chat template), or token
+    ids. Chunks arrive once per engine call (`decode_steps` tokens). Leaving the loop early (break, an exception,
+    KeyboardInterrupt) cancels the request and frees its KV pages."""
+    tok = self.tokenizer
+    if isinstance(prompt, str):
+      ids = self._check_tokens(self._require_tokenizer().encode(prompt), "prompt")
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+      text = self._require_tokenizer().apply_chat_template(list(prompt), add_generation_prompt=add_generation_prompt)
+      ids = self._check_tokens(tok.encode(text, add_bos=False), "conversation")
+    elif isinstance(prompt, (list, tuple, np.ndarray)) and len(prompt) and all(
+        isinstance(t, (int, np.integer)) for t in prompt):
+      ids = self._check_tokens(prompt, "prompt token ids")
+    else:
+      raise ValueError(f"stream() takes a text, a conversation (a list of {{'role', 'content'}} dicts) or a list of "
+                       f"token ids; got {type(prompt).__name__} {prompt!r:.60}.")
+    params = sampling_params or SamplingParams()
+    if not isinstance(params, SamplingParams):
+      raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
+    if params.n != 1:
+      raise ValueError(f"stream() streams one sequence; got SamplingParams(n={params.n}). Use generate() for n > 1.")
+    if params.stop and tok is None:
+      raise ValueError(f"stop strings need a tokenizer and {self.source} has none.")
+    sched = self.scheduler
+    sched.validate(ids, params)
+    deltas: list[str] = []
+    seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63 - 1))
+    seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])  # sample 0 of generate() with this seed
+    req = sched.add(ids, params, seed=seed, on_update=lambda r, d: deltas.append(d))
+    sent = 0
+    try:
+      while True:
+        if not req.finished:
+          sched.step()
+        new_ids = req.output_ids[sent:]
+        if deltas or new_ids or req.finished:
+          text = "".join(deltas)
+          deltas.clear()
+          sent += len(new_ids)
+          if text or new_ids or req.finished:
+            yield StreamChunk(text, list(new_ids), req.finish_reason if req.finished else None)
+        if req.finished:
+          return
+    finally:
+      if not req.finished:
+        sched.cancel(req.request_id)
+        sched.run_until_done()
 
   # ------------------------------------------------------------------ score
   def score(self, inputs=None, *, token_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,

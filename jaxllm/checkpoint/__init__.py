@@ -12,6 +12,7 @@ Each yields the ModelConfig, the params as a nested dict of arrays (layout of `j
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from typing import Any
 
@@ -38,21 +39,58 @@ class LoadedCheckpoint:
   dtype: str
 
 
+# Names people type for the dtypes we take.
+_DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat": "bfloat16", "fp32": "float32", "f32": "float32", "float": "float32",
+                  "fp16": "float16", "half": "float16", "f16": "float16"}
+
+
 def check_dtype(dtype) -> str:
-  name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+  try:
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+  except TypeError:
+    name = str(dtype)
   if name not in DTYPES:
-    raise ValueError(f"dtype={dtype!r} is not supported; choose one of {DTYPES}.")
+    guess = _DTYPE_ALIASES.get(name.lower().replace("torch.", "").replace("jnp.", ""), None)
+    if guess is None:
+      close = difflib.get_close_matches(name, DTYPES, n=1)
+      guess = close[0] if close else None
+    hint = f" Did you mean {guess!r}?" if guess in DTYPES else ""
+    raise ValueError(f"dtype={dtype!r} is not supported; choose one of {DTYPES}.{hint}")
   return name
 
 
 def resolve_path(model: str) -> str:
   if model == "default":
     return default_model.gguf_path()
-  path = os.path.expanduser(model)
+  if not isinstance(model, (str, os.PathLike)):
+    raise TypeError(f"model must be 'default' or a path, got {type(model).__name__} {model!r:.60}.")
+  path = os.path.expanduser(os.fspath(model))
   if not os.path.exists(path):
-    raise FileNotFoundError(f"model {model!r} not found: no such file or directory (use 'default', a .gguf file, an HF "
-                            "checkpoint directory or a `jaxllm convert` output directory).")
+    raise FileNotFoundError(f"model {model!r} not found: no such file or directory.{_close_paths(path)} Use "
+                            "'default', a .gguf file, an HF checkpoint directory or a `jaxllm convert` output "
+                            "directory.")
   return path
+
+
+def _close_paths(path: str) -> str:
+  """' Did you mean ...?' for a mistyped path: close names in the nearest existing parent directory (and 'default')."""
+  parent, name = os.path.split(os.path.normpath(path))
+  missing = []
+  while parent and not os.path.isdir(parent):  # a typo in a directory part: suggest from the deepest existing one
+    parent, missing_part = os.path.split(parent)
+    missing.insert(0, missing_part)
+  base = parent or "."
+  typed = missing[0] if missing else name
+  try:
+    entries = [e for e in os.listdir(base) if not e.startswith(".")]
+  except OSError:
+    entries = []
+  close = difflib.get_close_matches(typed, entries, n=3, cutoff=0.6)
+  rest = missing[1:] + [name] if missing else []
+  found = [os.path.join(parent, c, *rest) if parent else os.path.join(c, *rest) for c in close]
+  if difflib.get_close_matches(path, ["default"], n=1, cutoff=0.7):
+    found.insert(0, "default")
+  return f" Did you mean {' or '.join(repr(f) for f in found)}?" if found else ""
 
 
 def load_checkpoint(model: str, dtype="float32", mesh=None, layout: str = "tp") -> LoadedCheckpoint:

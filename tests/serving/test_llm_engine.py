@@ -119,3 +119,23 @@ print(json.dumps([hits.count('/jax/compilation_cache/cache_hits'), hits.count('/
   assert misses1 > 0 and os.listdir(tmp_path / "cache")
   assert hits2 >= misses1 and misses2 == 0
   assert toks1 == toks2
+
+
+def test_stream_yields_what_generate_returns_and_frees_pages_when_left_early(llm, rng):
+  prompt = rng.integers(3, 256, 23).tolist()
+  for params in (SamplingParams(max_tokens=19, temperature=0, ignore_eos=True),
+                 SamplingParams(max_tokens=19, temperature=0.9, top_k=20, seed=11, ignore_eos=True)):
+    want = llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0].outputs[0]
+    chunks = list(llm.stream(prompt, params))
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    assert len(chunks) >= 19 // 4  # one chunk per engine call of decode_steps=4 tokens
+    assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+  alloc = llm.scheduler.allocator
+  free = alloc.num_free
+  for chunk in llm.stream(prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)):
+    break  # a notebook user interrupting: the request is cancelled and its pages come back
+  assert alloc.num_free == free and not llm.scheduler.requests
+  with pytest.raises(ValueError, match="n > 1"):
+    next(llm.stream(prompt, SamplingParams(n=2)))
+  with pytest.raises(ValueError, match="takes a text, a conversation"):
+    next(llm.stream({"role": "user"}))
