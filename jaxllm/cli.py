@@ -23,6 +23,18 @@ def _usage() -> str:
   return "\n".join(lines)
 
 
+def _command_help(name: str, module) -> str:
+  """The subcommand's docstring and its flags (its own and the shared device flags), which absl's --help would leave
+  out: they are not defined in the program's main module."""
+  from absl import flags
+
+  text = [f"usage: jaxllm {name} [--flags]", "", (module.__doc__ or "").strip(), ""]
+  for mod in (module, sys.modules.get("jaxllm.commands.device_flags")):
+    if mod is not None and mod in (sys.modules.get(m) for m in flags.FLAGS.flags_by_module_dict()):
+      text += [flags.FLAGS.module_help(mod), ""]
+  return "\n".join(text).rstrip()
+
+
 def run() -> None:
   if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
     print(_usage())
@@ -40,6 +52,9 @@ def run() -> None:
   from jaxllm.commands import parse_flags
 
   module = importlib.import_module(f"jaxllm.commands.{name}")
+  if any(a in ("-h", "--help", "--helpshort") for a in sys.argv[2:]):
+    print(_command_help(name, module))
+    sys.exit(0)
   app.run(module.main, argv=[f"jaxllm {name}"] + sys.argv[2:], flags_parser=parse_flags)
 
 

@@ -93,3 +93,13 @@ def test_cli_errors_name_the_bad_value(args, message):
   assert r.returncode != 0
   assert message in r.stderr
   assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command,expected", [("score", ["--input", "--stride", "--mesh"]),
+                                              ("generate", ["--prompt", "--max_tokens", "--mesh"]),
+                                              ("serve", ["--max_num_seqs", "--port"])])
+def test_subcommand_help_lists_its_flags(command, expected):
+  r = jaxllm_cli(command, "--help", timeout=120)
+  assert r.returncode == 0 and r.stdout.startswith(f"usage: jaxllm {command}"), r.stderr[-2000:]
+  for flag in expected:
+    assert f"  {flag}:" in r.stdout, (flag, r.stdout[:2000])
