@@ -305,13 +305,11 @@ class LLM:
       while True:
         if not req.finished:
           sched.step()
-        new_ids = req.output_ids[sent:]
-        if deltas or new_ids or req.finished:
-          text = "".join(deltas)
-          deltas.clear()
-          sent += len(new_ids)
-          if text or new_ids or req.finished:
-            yield StreamChunk(text, list(new_ids), req.finish_reason if req.finished else None)
+        new_ids, text = req.output_ids[sent:], "".join(deltas)
+        deltas.clear()
+        sent += len(new_ids)
+        if text or new_ids or req.finished:
+          yield StreamChunk(text, list(new_ids), req.finish_reason if req.finished else None)
         if req.finished:
           return
     finally:

@@ -125,8 +125,8 @@ class ArrayRecordInput:
 
 
 def open_source(spec: str):
-  """A JSONL file, or ArrayRecord files (a path, a glob or a comma-separated list ending in .array_record or
-  .arrayrecord, optionally with an @N shard suffix pattern already expanded)."""
+  """A JSONL file, or ArrayRecord files: a path, a glob or a comma-separated list of files named *.array_record,
+  *.arrayrecord or *.array_record-NNNNN-of-NNNNN (the sharded naming)."""
   paths = []
   for part in spec.split(","):
     found = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
@@ -283,13 +283,10 @@ def run(llm, config: JobConfig) -> dict:
     pending = None
     while True:
       chunk = None if complete else next(it, None)
-      if P > 1 and _all_processes_done(chunk is None):
+      if _all_processes_done(chunk is None) if P > 1 else chunk is None:
         break
-      if chunk is None and P == 1:
-        break
-      submitted = None
-      if chunk is not None or P > 1:
-        submitted = _submit(scorer, chunk or [], stride, config.strict, it.get_state() if chunk else None)
+      # A process with nothing left still takes part in the others' batches (multi-process runs are in lockstep).
+      submitted = _submit(scorer, chunk or [], stride, config.strict, it.get_state() if chunk else None)
       if pending is not None:
         out_bytes = _finish(pending, out, prog_path, fingerprint, config, summary, progress, out_bytes)
       pending = submitted if chunk is not None else None

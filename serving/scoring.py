@@ -181,13 +181,13 @@ class Stats:
 class Pending:
   """Results of one `Scorer.submit`, read back on `result()` (the device works on them meanwhile)."""
 
-  def __init__(self, items, plan, item_windows, outputs):
-    self._items, self._plan, self._windows, self._outputs = items, plan, item_windows, outputs
+  def __init__(self, plan, item_windows, outputs):
+    self._plan, self._windows, self._outputs = plan, item_windows, outputs
 
   def result(self) -> list[ItemScore]:
     row_out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for (_, _, idx), out in zip(self._plan, self._outputs):
-      chosen, greedy = (host_value(x) if not isinstance(x, np.ndarray) else x for x in out)
+      chosen, greedy = (host_value(x) for x in out)
       for b, r in enumerate(idx):
         row_out[r] = (chosen[b], greedy[b])
     scores, r = [], 0
@@ -252,7 +252,7 @@ class Scorer:
       outputs = [self.engine.score_tokens(t) for t in batches]
     else:
       outputs = _lockstep(self.engine, batches)
-    return Pending(list(items), plan, [list(w) for w in item_windows], outputs)
+    return Pending(plan, [list(w) for w in item_windows], outputs)
 
   def score(self, items: Sequence[Item], stride: int | None = None) -> list[ItemScore]:
     return self.submit(items, [self.windows(it, stride) for it in items]).result()
