@@ -25,7 +25,7 @@ test-all: setup
 
 # The main job: the OpenAI-compatible server on the default model. Compiled programs are cached in .jit-cache, so
 # only the first start pays for the whole warmup.
-SERVE_ARGS ?= --max_model_len 1024 --max_num_seqs 16
+SERVE_ARGS ?= --max_model_len 1024 --max_num_seqs 16 --max_num_batched_tokens 256
 serve: setup
 	$(VENV)/bin/jaxllm serve --model default --host 127.0.0.1 --port 8000 --compilation_cache_dir .jit-cache $(SERVE_ARGS)
 

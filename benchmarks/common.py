@@ -1,5 +1,5 @@
-"""What every benchmark script shares: the device's measured copy bandwidth (the memory-bandwidth floor's
-denominator), the device's name for the results heading, and appending a table to RESULTS.md."""
+"""What every benchmark script shares: the device's measured copy bandwidth and matmul FLOP/s (the denominators of
+the bandwidth and compute floors), the device's name for the results heading, and appending a table to RESULTS.md."""
 
 import os
 import platform
@@ -33,6 +33,24 @@ def copy_bandwidth_gbs() -> float:
     jax.block_until_ready(copy(src))
     best = min(best, time.perf_counter() - start)
   return 2 * src.nbytes / best / 1e9
+
+
+def matmul_tflops(dtype: str = "float32") -> float:
+  """Achievable matmul throughput of the device jax runs on: best of 5 jitted [n, n] x [n, n] products (n = 1024 on
+  CPU, 8192 on an accelerator), 2 n^3 FLOPs each."""
+  import jax
+  import jax.numpy as jnp
+
+  n = 1024 if jax.default_backend() == "cpu" else 8192
+  a = jnp.ones((n, n), dtype)
+  mm = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(mm(a, a))
+  best = float("inf")
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(mm(a, a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best / 1e12
 
 
 def device_name() -> str:

@@ -10,8 +10,9 @@ random vocabulary ids; every request generates exactly its output length (EOS ig
 A warm-up pass first on both sides (jit compilation / first-call overhead not timed). Figure: requested output tokens
 per second of wall time, prefill included.
 
-Decode step: the engine's generate call with every slot active at context --step_context, divided by its
-decode_steps; the floor is (weight bytes + KV bytes read per step) / measured copy bandwidth.
+Decode step: one engine step (forward + sampler programs) with every sequence decoding one token at context
+--step_context; the bandwidth floor is (weight bytes + KV bytes read per step) / measured copy bandwidth, the compute
+floor the step's FLOPs / measured matmul FLOP/s.
 
     python benchmarks/throughput.py [--num_prompts 64] [--max_num_seqs 32]
     python benchmarks/throughput.py --preset llama3-8b --dtype bfloat16 --max_num_seqs 64 --num_prompts 256  # GPU
@@ -77,30 +78,38 @@ def run_hf(model, prompts, outs, batch, pad_id):
 
 
 def decode_step_seconds(llm, slots, context):
-  """Seconds per decode step with `slots` slots active at `context` tokens (distinct pages each)."""
+  """Seconds per engine step with `slots` sequences each decoding one token at `context` (distinct pages each):
+  the step's forward and sampler programs, warm, best of 5."""
   import jax
-  import jax.numpy as jnp
+
+  from jaxllm.sampling import SamplingArrays
+  from jaxllm.serving.engine import Row
 
   eng = llm.engine
-  c = eng.config
+  C = eng.config.page_size
+  n = -(-(context + 1) // C)
+  rows = [Row(slot=i, start=context, tokens=[None], pages=list(range(1 + i * n, 1 + (i + 1) * n)),
+              sampling=SamplingArrays.create(1, temperature=0.0), sample=True) for i in range(slots)]
+  batch = eng.build(rows)
   st = eng.init_state()
-  pages = -(-(context + c.decode_steps) // c.page_size)
-  table = np.zeros((c.num_slots, c.pages_per_seq), np.int32)
-  table[:slots, :pages] = 1 + np.arange(slots * pages).reshape(slots, pages)
-  active = np.arange(c.num_slots) < slots
-  fresh = lambda s: s.replace(active=jnp.asarray(active), positions=jnp.full((c.num_slots,), context, jnp.int32),  # noqa: E731
-                              page_table=jnp.asarray(table))
-  st, r = eng.generate(fresh(st), context + c.decode_steps, slots)
+  st, r = eng.step(st, batch)
   jax.block_until_ready(r)
   best = float("inf")
-  for _ in range(3):
-    st = fresh(st)
+  for _ in range(5):
     start = time.perf_counter()
-    st, r = eng.generate(st, context + c.decode_steps, slots)
+    st, r = eng.step(st, batch)
     jax.block_until_ready(r)
     best = min(best, time.perf_counter() - start)
   del st
-  return best / c.decode_steps
+  return best, batch.tokens_T.shape[0], batch.page_indices_SM.shape[1]
+
+
+def step_flops(mc, rows, context):
+  """FLOPs of one decode step: 2 per weight per row (LM head on the sampled rows included) plus attention scores and
+  values over `context` keys."""
+  weights = mc.num_params - (0 if mc.tie_embeddings else mc.vocab_size * mc.d_model)  # the lookup table is free
+  attention = 4 * mc.num_layers * mc.num_heads * mc.head_dim * context
+  return rows * (2 * weights + attention)
 
 
 class RandomModel:
@@ -113,11 +122,13 @@ class RandomModel:
 
     from jaxllm.config import ModelConfig
     from jaxllm.layers import Llama
-    from jaxllm.serving.engine import Engine, EngineConfig
+    from jaxllm.serving.config import EngineConfig
+    from jaxllm.serving.engine import Engine
 
     self.config = ModelConfig.from_preset(preset)
     model = Llama(self.config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
-    self.engine = Engine(model, EngineConfig(max_model_len=max_model_len, num_slots=max_num_seqs, decode_steps=8))
+    self.engine = Engine(model, EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                             max_num_batched_tokens=max(512, max_num_seqs)))
 
   def generate(self, prompt_token_ids, sampling_params, use_tqdm=False):
     from jaxllm.serving.scheduler import Scheduler
@@ -132,6 +143,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--num_prompts", type=int, default=64)
   ap.add_argument("--max_num_seqs", type=int, default=32)
+  ap.add_argument("--max_num_batched_tokens", type=int, default=512)
   ap.add_argument("--input_median", type=int, default=96)
   ap.add_argument("--min_input", type=int, default=8)
   ap.add_argument("--max_input", type=int, default=512)
@@ -156,7 +168,8 @@ def main():
     llm = RandomModel(args.preset, args.dtype, max_len, args.max_num_seqs)
     model_name = f"{args.preset} shape, random {args.dtype} weights"
   else:
-    llm = LLM("default", dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.max_num_seqs)
+    llm = LLM("default", dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     model_name = f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to {args.dtype})"
   prompts, outs = workload(np.random.default_rng(args.seed), args.num_prompts, llm.config.vocab_size, args)
   ours, reqs = run_ours(llm, prompts, outs)
@@ -168,11 +181,13 @@ def main():
   item = np.dtype(args.dtype if args.dtype != "bfloat16" else np.float16).itemsize
   weight_bytes = mc.num_params * item
   kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * item
+  tflops = common.matmul_tflops(args.dtype)
   steps = []
   for slots in sorted({1, args.max_num_seqs}):
-    t = decode_step_seconds(llm, slots, args.step_context)
+    t, T, M = decode_step_seconds(llm, slots, args.step_context)
     floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
-    steps.append((slots, t, floor))
+    compute = step_flops(mc, slots, args.step_context) / (tflops * 1e12)
+    steps.append((slots, T, M, t, floor, compute))
 
   agree = None
   if not args.skip_hf and not args.preset:
@@ -205,12 +220,15 @@ def main():
     lines += ["", f"First 8 greedy tokens identical on both sides for {agree}/{len(reqs)} requests."]
   lines += [
       "",
-      f"Decode step at context {args.step_context}: floor = (weights {weight_bytes / 1e6:.0f} MB + KV read) / "
-      f"{bandwidth:.1f} GB/s measured copy bandwidth; 'of floor' is the memory-bandwidth utilisation (MBU).",
+      f"Decode step (one engine step: forward + sampler, every sequence decoding one token) at context "
+      f"{args.step_context}. Bandwidth floor = (weights {weight_bytes / 1e6:.0f} MB + KV read) / {bandwidth:.1f} GB/s "
+      f"measured copy bandwidth; compute floor = FLOPs of the step (2 per weight per row + attention) / "
+      f"{tflops:.3f} TFLOP/s measured {args.dtype} matmul. 'of floor' is the larger floor over the step time.",
       "",
-      "| slots | step ms | floor ms | of floor |",
-      "|---:|---:|---:|---:|",
-  ] + [f"| {s} | {t * 1e3:.1f} | {f * 1e3:.1f} | {f / t:.0%} |" for s, t, f in steps] + [""]
+      "| sequences | bucket (tokens, pages) | step ms | bandwidth floor ms | compute floor ms | of floor | step / compute floor |",
+      "|---:|---|---:|---:|---:|---:|---:|",
+  ] + [f"| {s} | {T}, {M} | {t * 1e3:.1f} | {f * 1e3:.1f} | {c * 1e3:.1f} | {max(f, c) / t:.0%} | {t / c:.1f}x |"
+       for s, T, M, t, f, c in steps] + [""]
   common.publish(lines, args.results)
 
 

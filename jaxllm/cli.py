@@ -24,12 +24,13 @@ def _usage() -> str:
 
 
 def _command_help(name: str, module) -> str:
-  """The subcommand's docstring and its flags (its own and the shared device flags), which absl's --help would leave
+  """The subcommand's docstring and its flags (its own and the shared engine and device flags), which absl's --help would leave
   out: they are not defined in the program's main module."""
   from absl import flags
 
   text = [f"usage: jaxllm {name} [--flags]", "", (module.__doc__ or "").strip(), ""]
-  for mod in (module, sys.modules.get("jaxllm.commands.device_flags")):  # device_flags: if the command uses it
+  shared = ("jaxllm.commands.engine_flags", "jaxllm.commands.device_flags")  # if the command uses them
+  for mod in (module, *(sys.modules.get(m) for m in shared)):
     if mod is not None:
       text += [flags.FLAGS.module_help(mod), ""]
   return "\n".join(text).rstrip()

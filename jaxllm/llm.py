@@ -24,8 +24,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from jaxllm import checkpoint
-from jaxllm.sampling import MAX_LOGPROBS, SamplingParams
-from jaxllm.serving.engine import Engine, EngineConfig
+from jaxllm.sampling import SamplingParams
+from jaxllm.serving.config import EngineConfig
+from jaxllm.serving.engine import Engine
 from jaxllm.serving.scheduler import Scheduler
 
 
@@ -102,22 +103,21 @@ class LLM:
     model: "default", a preset-free checkpoint path (.gguf file, HF dir, `jaxllm convert` dir).
     dtype: parameter dtype, "float32" or "bfloat16".
     tokenizer: a tokenizer path to use instead of the checkpoint's own.
-    max_model_len: prompt + generated tokens per sequence (default: the model's context length).
-    max_num_seqs: sequences decoded together (the engine's slots).
     seed: seeds the draws of requests whose SamplingParams.seed is None.
     mesh, layout: a device mesh ("model=8", "data=2,model=4", or a jax Mesh) and its sharding layout.
-    page_size, num_pages, kv_cache_memory_fraction: the paged KV cache (see `EngineConfig`).
-    decode_steps: decode steps per engine call (the host reads tokens back once per call).
-    max_prefill_batch: prompts prefilled together in one call.
     compilation_cache_dir: a directory for jax's persistent compilation cache (programs compiled once are reused
       by later processes).
+    engine_config: the engine's settings (`jaxllm.serving.config.EngineConfig`), or
+    **engine_args: any of its fields by name, e.g. max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=256,
+      enable_prefix_caching=False, page_size, num_pages, kv_cache_memory_fraction.
   """
 
-  def __init__(self, model: str = "default", *, dtype: str = "float32", tokenizer: str | None = None,
-               max_model_len: int | None = None, max_num_seqs: int = 32, seed: int = 0,
-               mesh: str | None = None, layout: str = "tp", page_size: int = 16, num_pages: int | None = None,
-               kv_cache_memory_fraction: float | None = None, decode_steps: int = 8, max_prefill_batch: int = 8,
-               compilation_cache_dir: str | None = None):
+  def __init__(self, model: str = "default", *, dtype: str = "float32", tokenizer: str | None = None, seed: int = 0,
+               mesh: str | None = None, layout: str = "tp", compilation_cache_dir: str | None = None,
+               engine_config: EngineConfig | None = None, **engine_args):
+    if engine_config is not None and engine_args:
+      raise ValueError(f"pass engine_config or engine settings by name ({', '.join(engine_args)}), not both.")
+    engine_config = engine_config or EngineConfig.from_kwargs(**engine_args)  # a bad setting fails before loading
     if compilation_cache_dir is not None:
       enable_compilation_cache(compilation_cache_dir)
     self.mesh = None
@@ -136,20 +136,12 @@ class LLM:
       self.tokenizer = load_tokenizer(tokenizer)
     else:
       self.tokenizer = ckpt.tokenizer
-    context = self.config.max_position_embeddings
-    if max_model_len is not None and (not isinstance(max_model_len, int) or not 2 <= max_model_len <= context):
-      raise ValueError(f"max_model_len={max_model_len!r} must be an integer in [2, {context}] (the model's context "
-                       "length).")
-    self.max_model_len = max_model_len or context
-    if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-      raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}.")
+    engine_config = engine_config.resolve(self.config.max_position_embeddings)
+    self.max_model_len = engine_config.max_model_len
     self._rng = np.random.default_rng(seed)
     built = checkpoint.build_model(self.config, ckpt.params, self.dtype, self.mesh, layout)
     self.kv_placement = getattr(built, "kv_placement", None)  # how the KV heads sit on the mesh (None: one device)
-    self.engine = Engine(built, EngineConfig(
-        max_model_len=self.max_model_len, num_slots=max_num_seqs, page_size=page_size, num_pages=num_pages,
-        kv_cache_memory_fraction=kv_cache_memory_fraction, decode_steps=decode_steps,
-        max_prefill_batch=max_prefill_batch, num_top_logprobs=MAX_LOGPROBS))
+    self.engine = Engine(built, engine_config)
     eos = tuple(self.tokenizer.eos_ids) if self.tokenizer is not None else ()
     self.scheduler = Scheduler(self.engine, self.tokenizer, eos_ids=eos, seed=seed)
 
@@ -158,7 +150,8 @@ class LLM:
     e = self.engine.config
     return (f"LLM({c.name!r}, {c.num_params / 1e6:.1f}M params, dtype={self.dtype}, layers={c.num_layers}, "
             f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len}, "
-            f"KV cache: {self.engine.num_pages - 1} pages x {e.page_size} tokens, max_num_seqs={e.num_slots}"
+            f"KV cache: {self.engine.num_pages - 1} pages x {e.page_size} tokens, max_num_seqs={e.max_num_seqs}, "
+            f"max_num_batched_tokens={e.max_num_batched_tokens}, prefix caching {'on' if e.enable_prefix_caching else 'off'}"
             + (f", mesh={dict(self.mesh.shape)}, layout={self.layout}, KV: {self.kv_placement.note}"
                if self.mesh is not None else "") + ")")
 
@@ -273,7 +266,7 @@ class LLM:
             print(chunk, end="", flush=True)
 
     prompt: a text, a conversation (a list of {"role", "content"} dicts, rendered with the chat template), or token
-    ids. Chunks arrive once per engine call (`decode_steps` tokens). Leaving the loop early (break, an exception,
+    ids. A chunk arrives after every engine step (each token as it is made). Leaving the loop early (break, an exception,
     KeyboardInterrupt) cancels the request and frees its KV pages."""
     tok = self.tokenizer
     if isinstance(prompt, str):

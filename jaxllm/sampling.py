@@ -9,6 +9,12 @@ every setting the device needs. `sample()` turns a row of float32 logits into a 
 Each row's PRNG key is fold_in(key(seed), position): a seeded request gives the same tokens whatever else is in the
 batch. The logprob reported for a token (and the top-n alternatives) is that of the unmodified model distribution, as
 vLLM reports by default.
+
+A stage no row of the batch uses is skipped at run time (`lax.cond`), so a plain greedy or temperature-only batch
+does one pass of the [B, V] logits plus the draw: no [B, V] log_softmax unless top-n logprobs are asked for, no
+history read without penalties, and the filter thresholds come from the row maximum (min-p only), `lax.top_k` (every
+top_k <= 64) or a full sort, whichever is the least the batch needs. Each path picks exactly the tokens of the
+straightforward sampler (tests/sampler_oracle.py) for the same seeds.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from flax import struct
 MAX_LOGIT_BIAS = 64  # entries of logit_bias per request (a fixed width, so a request never recompiles)
 MAX_STOP_IDS = 16  # stop token ids masked until min_tokens, per request
 MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (vLLM's default max_logprobs)
+TOP_K_FAST = 64  # a batch whose sampling rows all have top_k <= this (or no top-k / top-p) skips the full sort
+TOP_P_MARGIN = 1e-4  # ... unless a top-p decision lies this close to top_p (see _threshold_B1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -187,62 +195,175 @@ class TokenHistory:
   in_prompt: jax.Array  # [B, V] bool
 
 
-def process_logits(logits_BV, s: SamplingArrays, positions_B, history: TokenHistory | None = None):
-  """Bias, penalties and the min_tokens mask applied to float32 logits (the distribution the token is drawn from)."""
+def process_logits(logits_BV, s: SamplingArrays, positions_B, history: TokenHistory | None = None,
+                   history_rows_B: jax.Array | None = None):
+  """Bias, penalties and the min_tokens mask applied to float32 logits (the distribution the token is drawn from).
+
+  Each stage runs under a `lax.cond` on whether any row uses it, so a batch without biases, penalties or a pending
+  min_tokens pays nothing for them; a skipped stage is the identity (a zero bias, a penalty of 1 / 0 and an empty
+  mask change no logit). With `history_rows_B`, row b reads history row history_rows_B[b] of a larger table (e.g.
+  the engine's [num_slots, V] state); the gather happens inside the penalty branch only.
+  """
   B, V = logits_BV.shape
   rows_B1 = jnp.arange(B)[:, None]
-  bias = jnp.where(s.bias_ids >= 0, s.bias_values, 0.0)
-  logits_BV = logits_BV.at[rows_B1, jnp.where(s.bias_ids >= 0, s.bias_ids, V)].add(bias, mode="drop")
-  if history is not None:
-    counts = history.output_counts
-    seen = (counts > 0) | history.in_prompt
+  if history is not None and history_rows_B is None and history.output_counts.shape[0] != B:
+    raise ValueError(f"history has {history.output_counts.shape[0]} rows for a batch of {B}: pass history_rows_B "
+                     "to say which history row each batch row reads.")
+
+  def add_bias(z_BV):
+    bias = jnp.where(s.bias_ids >= 0, s.bias_values, 0.0)
+    return z_BV.at[rows_B1, jnp.where(s.bias_ids >= 0, s.bias_ids, V)].add(bias, mode="drop")
+
+  def penalize(z_BV):
+    counts, in_prompt = history.output_counts, history.in_prompt
+    if history_rows_B is not None:
+      counts, in_prompt = counts[history_rows_B], in_prompt[history_rows_B]
+    seen = (counts > 0) | in_prompt
     rp = s.repetition_penalty[:, None]
-    logits_BV = jnp.where(seen, jnp.where(logits_BV > 0, logits_BV / rp, logits_BV * rp), logits_BV)
-    logits_BV = (logits_BV - s.frequency_penalty[:, None] * counts
-                 - s.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))
+    z_BV = jnp.where(seen, jnp.where(z_BV > 0, z_BV / rp, z_BV * rp), z_BV)
+    return (z_BV - s.frequency_penalty[:, None] * counts
+            - s.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))
+
   hold = (positions_B < s.min_len)[:, None] & (s.stop_ids >= 0)
-  return logits_BV.at[rows_B1, jnp.where(hold, s.stop_ids, V)].set(-jnp.inf, mode="drop")
+
+  def mask_stops(z_BV):
+    return z_BV.at[rows_B1, jnp.where(hold, s.stop_ids, V)].set(-jnp.inf, mode="drop")
+
+  keep = lambda z_BV: z_BV  # noqa: E731
+  logits_BV = jax.lax.cond(jnp.any(s.bias_ids >= 0), add_bias, keep, logits_BV)
+  if history is not None:
+    penalized = (s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0)
+    logits_BV = jax.lax.cond(jnp.any(penalized), penalize, keep, logits_BV)
+  return jax.lax.cond(jnp.any(hold), mask_stops, keep, logits_BV)
+
+
+def _min_p_threshold(s: SamplingArrays, max_B1):
+  """min-p (vLLM applies it last): p >= min_p * p_max  <=>  z >= z_max + log(min_p); -inf where min_p is off."""
+  return jnp.where(s.min_p[:, None] > 0, max_B1 + jnp.log(jnp.maximum(s.min_p, 1e-30))[:, None], -jnp.inf)
+
+
+def _effective_top_k(s: SamplingArrays, V: int):
+  return jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
+
+
+def filter_path(s: SamplingArrays, V: int):
+  """Which way the batch's filter thresholds are found (an int32 scalar, see _threshold_B1): 0 by_max when no
+  sampling row uses top-k or top-p, 1 by_top_k when each one's top_k is in (0, TOP_K_FAST] (V >= 2 * TOP_K_FAST),
+  2 by_sort otherwise. Greedy rows' settings do not count."""
+  k_B = _effective_top_k(s, V)
+  free_B = (s.temperature <= 0) | ((k_B == V) & (s.top_p >= 1))
+  short_ok = jnp.all(free_B | (k_B <= TOP_K_FAST)) if V >= 2 * TOP_K_FAST else False
+  return jnp.where(jnp.all(free_B), 0, jnp.where(short_ok, 1, 2)).astype(jnp.int32)
+
+
+def _sort_threshold(scaled_BV, s: SamplingArrays):
+  """The reference: thresholds read off the whole sorted vocabulary."""
+  V = scaled_BV.shape[-1]
+  k_B = _effective_top_k(s, V)
+  sorted_desc = -jnp.sort(-scaled_BV, axis=-1)
+  # top-k: everything below the k-th largest logit goes.
+  kth = jnp.take_along_axis(sorted_desc, (k_B - 1)[:, None], axis=-1)
+  # top-p over the top-k survivors: keep a sorted token while the mass before it is < top_p.
+  sorted_masked = jnp.where(jnp.arange(V)[None] < k_B[:, None], sorted_desc, -jnp.inf)
+  probs = jax.nn.softmax(sorted_masked, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = (mass_before < s.top_p[:, None]) | (s.top_p[:, None] >= 1.0)  # f32 cumsum can reach 1 early
+  n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
+  pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+  return jnp.maximum(jnp.maximum(kth, pth), _min_p_threshold(s, sorted_desc[:, :1]))
+
+
+def _top_k_threshold(scaled_BV, s: SamplingArrays):
+  """_sort_threshold from the top TOP_K_FAST only, for rows with top_k <= TOP_K_FAST or neither top-k nor top-p.
+  -> (threshold [B, 1], close_call [B]: a top-p decision of the row lies within TOP_P_MARGIN of top_p)."""
+  V, K = scaled_BV.shape[-1], TOP_K_FAST
+  k_B = _effective_top_k(s, V)
+  top_p_B1 = s.top_p[:, None]
+  # The sort's first K values. XLA lowers top_k to sort + slice and turns that back into a TopK call only while the
+  # slice is the sort's one user; the barrier stops later slices of top_BK from being merged into it (a full sort).
+  top_BK = jax.lax.optimization_barrier(jax.lax.top_k(scaled_BV, K)[0])
+  kk_B = jnp.minimum(k_B, K)
+  # Rows without top-k (here also without top-p) keep everything: -inf, where the reference has the row's minimum.
+  kth = jnp.where((k_B <= K)[:, None], jnp.take_along_axis(top_BK, (kk_B - 1)[:, None], axis=-1), -jnp.inf)
+  probs = jax.nn.softmax(jnp.where(jnp.arange(K)[None] < kk_B[:, None], top_BK, -jnp.inf), axis=-1)
+  cum = jnp.cumsum(probs, axis=-1)
+  mass_before = cum - probs
+  keep_sorted = (mass_before < top_p_B1) | (top_p_B1 >= 1.0)
+  n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
+  # The reference also keeps the V - k zero-probability tokens past k when the total is < top_p: its n_keep then
+  # reaches past V - k - 1 >= k - 1 (V >= 2K), so its pth lies below kth and cuts nothing.
+  tail_kept = (cum[:, -1:] < top_p_B1) | (top_p_B1 >= 1.0)
+  pth = jnp.where(tail_kept, -jnp.inf, jnp.take_along_axis(top_BK, (n_keep - 1)[:, None], axis=-1))
+  threshold = jnp.maximum(jnp.maximum(kth, pth), _min_p_threshold(s, top_BK[:, :1]))
+  gap = jnp.abs(jnp.concatenate([mass_before, cum[:, -1:]], axis=-1) - top_p_B1)
+  close_call = (s.top_p < 1) & jnp.any(~(gap > TOP_P_MARGIN), axis=-1)  # a NaN mass counts as close
+  return threshold, close_call
+
+
+def _threshold_B1(scaled_BV, s: SamplingArrays):
+  """The smallest scaled logit each row keeps after top-k, top-p (over the top-k survivors) and min-p, [B, 1].
+
+  Drawing from where(scaled >= threshold, scaled, -inf) is vLLM's filtered distribution. Three ways to the reference's
+  kept set, picked per batch at run time by filter_path:
+    by_max:   no sampling row uses top-k or top-p: only min-p's z_max + log(min_p) can cut, else the threshold is
+              -inf, every scaled logit passes and the draw is categorical(key, scaled) -- the reference's draw too, as
+              its threshold (the row's minimum, from the full sort) also passes every logit.
+    by_top_k: the top-p mass of k <= TOP_K_FAST survivors is summed over K entries here and over V (zeros past k) in
+              the reference, possibly in another order. Both are within (2k + 4) * 2^-24 < 1e-5 of the exact sum, so
+              they can disagree on `mass_before < top_p` only within 2e-5 of top_p. When a sampling row with top_p < 1
+              has a partial mass (or its total, which decides the zeros past k) within TOP_P_MARGIN of top_p, this
+              path hands the batch to by_sort: the kept set is the reference's by construction.
+    by_sort:  the reference's full-vocabulary sort.
+  """
+  sampling_B = s.temperature > 0
+
+  def by_max(_):
+    return _min_p_threshold(s, jnp.max(scaled_BV, axis=-1, keepdims=True))
+
+  def by_top_k(_):
+    threshold, close_call = _top_k_threshold(scaled_BV, s)
+    return jax.lax.cond(jnp.any(close_call & sampling_B), by_sort, lambda _: threshold, None)
+
+  def by_sort(_):
+    return _sort_threshold(scaled_BV, s)
+
+  V = scaled_BV.shape[-1]
+  short = by_top_k if V >= 2 * TOP_K_FAST else by_sort  # filter_path never picks it then; top_k needs V >= K
+  return jax.lax.switch(filter_path(s, V), [by_max, short, by_sort], None)
 
 
 def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, history: TokenHistory | None = None,
-           num_top: int = 0):
+           num_top: int = 0, history_rows_B: jax.Array | None = None):
   """-> (token ids [B] int32, their logprobs [B] float32) and, with num_top > 0, (top ids [B, num_top], top logprobs
-  [B, num_top]) of the unmodified model distribution. `positions_B` is the position of the token being chosen."""
-  logits_BV = logits_BV.astype(jnp.float32)
-  logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-  z_BV = process_logits(logits_BV, s, positions_B, history)
-  greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
+  [B, num_top]) of the unmodified model distribution. `positions_B` is the position of the token being chosen;
+  `history_rows_B` (optional) maps batch rows to rows of a larger `history` table (see process_logits).
 
-  def filtered_sample(_):
-    V = z_BV.shape[-1]
+  Every optional stage (bias, penalties, min_tokens mask, the draw, the filter thresholds, the top-n logprobs) is a
+  `lax.cond` / `lax.switch` on the rows' settings: one compiled program serves every mix, and each stage costs
+  nothing in a batch that does not use it. The tokens are those of the straightforward sampler (every stage always
+  applied, a full sort for the filters) for the same seeds, the logprobs equal to float32 rounding.
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  z_BV = process_logits(logits_BV, s, positions_B, history, history_rows_B)
+  greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
+  sampling_B = s.temperature > 0
+
+  def filtered_sample(z_BV):
     scaled = z_BV / jnp.maximum(s.temperature, 1e-6)[:, None]
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    # top-k: everything below the k-th largest logit goes.
-    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    # top-p over the top-k survivors: keep a sorted token while the mass before it is < top_p.
-    sorted_masked = jnp.where(jnp.arange(V)[None] < k[:, None], sorted_desc, -jnp.inf)
-    probs = jax.nn.softmax(sorted_masked, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (mass_before < s.top_p[:, None]) | (s.top_p[:, None] >= 1.0)  # f32 cumsum can reach 1 early
-    n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
-    pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-    # min-p over the survivors (vLLM applies it last): p >= min_p * p_max  <=>  z >= z_max + log(min_p).
-    log_min_p = jnp.log(jnp.maximum(s.min_p, 1e-30))[:, None]
-    mth = jnp.where(s.min_p[:, None] > 0, sorted_desc[:, :1] + log_min_p, -jnp.inf)
-    threshold = jnp.maximum(jnp.maximum(kth, pth), mth)
-    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    masked = jnp.where(scaled >= _threshold_B1(scaled, s), scaled, -jnp.inf)
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions_B)
     return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
-  any_sampling = jnp.any(s.temperature > 0)
-  sampled_B = jax.lax.cond(any_sampling, filtered_sample, lambda _: greedy_B, None)
-  tokens_B = jnp.where(s.temperature > 0, sampled_B, greedy_B)
-  chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+  sampled_B = jax.lax.cond(jnp.any(sampling_B), filtered_sample, lambda _: greedy_B, z_BV)
+  tokens_B = jnp.where(sampling_B, sampled_B, greedy_B)
+  # log_softmax at the chosen token only: (x_t - max) - log(sum(exp(x - max))), log_softmax's own arithmetic.
+  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  log_norm_B1 = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
+  chosen_B = (jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1) - max_B1 - log_norm_B1)[:, 0]
   if not num_top:
     return tokens_B, chosen_B
-  B = logprobs_BV.shape[0]
+  B = logits_BV.shape[0]
   top_lp, top_ids = jax.lax.cond(
-      jnp.any(s.num_logprobs > 0), lambda x: tuple(jax.lax.top_k(x, num_top)),
-      lambda x: (jnp.zeros((B, num_top), x.dtype), jnp.zeros((B, num_top), jnp.int32)), logprobs_BV)
+      jnp.any(s.num_logprobs > 0), lambda x: tuple(jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), num_top)),
+      lambda x: (jnp.zeros((B, num_top), x.dtype), jnp.zeros((B, num_top), jnp.int32)), logits_BV)
   return tokens_B, chosen_B, top_ids.astype(jnp.int32), top_lp

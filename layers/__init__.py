@@ -1,5 +1,5 @@
 """Flax NNX Llama modules: RMSNorm, RoPE, GQA attention, SwiGLU MLP, decoder layer, the Llama model."""
 
-from jaxllm.layers.llama import DecoderLayer, KVCache, Llama
+from jaxllm.layers.llama import DecoderLayer, Llama
 
-__all__ = ["DecoderLayer", "KVCache", "Llama"]
+__all__ = ["DecoderLayer", "Llama"]

@@ -6,8 +6,8 @@ Data flow for one layer:  x_BTD --wq/wk/wv--> q_BTNH, k_BTKH, v_BTKH --rope--> c
 A cache view is anything with `attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale) -> o_BTNH`. It decides where the
 new K/V go and which kernel reads them:
   NoCache                        a prompt from position 0 attending to itself: flash attention, nothing stored;
-  layers.llama.StackedCacheView  the contiguous [L, B, S, K, H] cache of the first generation path;
-  layers.paged.PagedCacheView    paged K/V and a flat (ragged) token axis: ragged paged attention.
+  layers.paged.PagedCacheView    paged K/V and a flat (ragged) token axis: ragged paged attention;
+  tests.oracle.StackedCacheView  the tests' contiguous oracle cache [L, B, S, K, H]: the position-causal reference.
 """
 
 from typing import Protocol

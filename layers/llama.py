@@ -6,17 +6,18 @@ with `jax.lax.scan`: a 30-layer model traces and compiles one layer, not thirty.
     h_BTD, cache = model(tokens_BT, positions_BT, cache)     # cache=None: full forward over the given tokens
     logits_BTV = model.logits(h_BTD)                          # float32
 
-`KVCache` is the contiguous cache of the first generation path: k/v [L, B, S, K, H], token at position p of row b
-stored at [:, b, p]. It rides through the layer scan as carry, so each step writes only its new entries in place.
+A cache is any `LayerCache`: per-layer K/V stacked on a leading L axis that ride through the layer scan as carry (so
+each step writes only its new entries in place), and a `view` per layer that stores the new K/V and picks the kernel.
+The library's cache is `jaxllm.layers.paged.PagedKVCache`; the tests' contiguous oracle cache (`tests/oracle.py`)
+plugs in the same way.
 """
 
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
-from jaxllm import pallas_kernels
 from jaxllm.config import ModelConfig, rope_inv_freq
 from jaxllm.layers.attention import Attention, CacheView, NoCache
 from jaxllm.layers.mlp import MLP
@@ -38,7 +39,10 @@ class DecoderLayer(nnx.Module):
 
 
 class LayerCache(Protocol):
-  """A cache with per-layer K/V stacked on a leading L axis (`k`, `v`) that hands each layer a view of itself."""
+  """A cache with per-layer K/V stacked on a leading L axis (`k`, `v`) that hands each layer a view of itself.
+
+  A `flax.struct.dataclass` fits: `Llama.__call__` returns `cache.replace(k=..., v=...)` after the layer scan.
+  """
 
   k: jax.Array
   v: jax.Array
@@ -46,45 +50,8 @@ class LayerCache(Protocol):
   def view(self, k, v, layer, attention_impl) -> CacheView:
     ...
 
-
-@struct.dataclass
-class KVCache:
-  """Contiguous KV cache. k, v: [L, B, S, K, H] in the model dtype."""
-
-  k: jax.Array
-  v: jax.Array
-
-  @classmethod
-  def zeros(cls, config: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-  @property
-  def length(self) -> int:
-    return self.k.shape[2]
-
-  def view(self, k, v, layer, attention_impl):
-    return StackedCacheView(k, v, layer)
-
-
-class StackedCacheView:
-  """One layer's view of a KVCache inside the layer scan: writes the new K/V rows, attends over the layer's cache.
-
-  The token at position p of row b is stored at [layer, b, p]; keys are visible by position (kv_pos <= q_pos), so
-  slots not yet written (after the row's current position) are never read into a real row's output.
-  """
-
-  def __init__(self, k_LBSKH, v_LBSKH, layer):
-    self.k, self.v, self.layer = k_LBSKH, v_LBSKH, layer
-
-  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
-    B, S = self.k.shape[1:3]
-    rows_B1 = jnp.arange(B)[:, None]
-    self.k = self.k.at[self.layer, rows_B1, positions_BT].set(k_BTKH, mode="drop")
-    self.v = self.v.at[self.layer, rows_B1, positions_BT].set(v_BTKH, mode="drop")
-    kv_pos_1S = jnp.arange(S, dtype=positions_BT.dtype)[None]
-    return pallas_kernels.attention(q_BTNH, self.k[self.layer], self.v[self.layer], positions_BT, kv_pos_1S,
-                                    sm_scale=sm_scale)
+  def replace(self, **updates) -> "LayerCache":
+    ...
 
 
 class Llama(nnx.Module):
@@ -114,9 +81,10 @@ class Llama(nnx.Module):
                attention_impl: str | None = None):
     """Hidden states [B, T, D] after the final norm, and the updated cache.
 
-    cache=None: the tokens are whole prompts from position 0 (flash attention, nothing stored). Otherwise the cache's
-    per-layer views store the new K/V and pick the kernel (`KVCache`, or `jaxllm.layers.paged.PagedKVCache` with B = 1
-    and the ragged token axis as T). `attention_impl` names the kernel implementation (see `jaxllm.pallas_kernels`).
+    cache=None: the tokens are whole prompts from position 0 (flash attention, nothing stored). Otherwise the cache (a
+    `LayerCache`, e.g. `jaxllm.layers.paged.PagedKVCache` with B = 1 and the ragged token axis as T) hands each layer a
+    view that stores the new K/V and picks the kernel. `attention_impl` names the kernel implementation (see
+    `jaxllm.pallas_kernels`).
     """
     x_BTD = self._constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0))
     graphdef, stacked = nnx.split(self.layers)

@@ -7,10 +7,8 @@ A step feeds the model B = 1 and the new tokens of all sequences concatenated on
 cu_q_lens[i]:cu_q_lens[i+1]). `slot_page_T` / `slot_offset_T` say where each new token's K/V go (vLLM's slot mapping:
 page id and offset within the page, computed by the host allocator from the page table); the view writes them, then
 ragged paged attention reads every sequence's pages up to its kv_len. Padding rows point at a scratch page the
-allocator never hands out.
-
-`PagedPrefill` is the prompt side of the engine: whole prompts as a padded [B, T] batch from position 0, attended with
-flash attention (lengths_B keep pads out), their K/V written into each prompt's pages on the way through.
+allocator never hands out. Decode tokens (one row for their sequence) and prefill chunks (many rows, possibly after a
+cached prefix) mix freely in one step: this is the serving engine's only attention path.
 """
 
 import jax
@@ -33,7 +31,6 @@ class PagedKVCache:
   page_indices: jax.Array  # [S, M] int32
   cu_q_lens: jax.Array  # [S + 1] int32
   num_seqs: jax.Array  # int32 scalar
-  decode_only: bool = struct.field(pytree_node=False, default=False)  # T == S, one token per slot (static)
 
   @staticmethod
   def zero_pages(config: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -44,15 +41,12 @@ class PagedKVCache:
     return PagedCacheView(self, k, v, layer, attention_impl)
 
 
-class _PagesView:
+class PagedCacheView:
   """One layer's view of [L, P, K, C, H] pages inside the layer scan, with the step's metadata."""
 
-  def __init__(self, meta, k, v, layer, attention_impl):
+  def __init__(self, meta: PagedKVCache, k, v, layer, attention_impl):
     self.meta, self.k, self.v, self.layer = meta, k, v, layer
     self.impl, self.interpret = pallas_kernels.split_impl(attention_impl)
-
-
-class PagedCacheView(_PagesView):
 
   def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
     if q_BTNH.shape[0] != 1:
@@ -63,34 +57,5 @@ class PagedCacheView(_PagesView):
     self.v = self.v.at[self.layer, m.slot_page_T, :, m.slot_offset_T].set(v_BTKH[0])
     o_TNH = pallas_kernels.ragged_paged_attention(
         q_BTNH[0], self.k[self.layer], self.v[self.layer], m.kv_lens, m.page_indices, m.cu_q_lens, m.num_seqs,
-        sm_scale=sm_scale, implementation=self.impl, interpret=self.interpret, decode_only=m.decode_only)
+        sm_scale=sm_scale, implementation=self.impl, interpret=self.interpret)
     return o_TNH[None]
-
-
-@struct.dataclass
-class PagedPrefill:
-  """Prompts [B, T] (right-padded to their lengths) whose K/V go into pages. page_rows_BM: each prompt's page ids."""
-
-  k: jax.Array  # [L, P, K, C, H]
-  v: jax.Array  # [L, P, K, C, H]
-  page_rows_BM: jax.Array  # int32
-  lengths_B: jax.Array  # int32
-
-  def view(self, k, v, layer, attention_impl):
-    return PagedPrefillView(self, k, v, layer, attention_impl)
-
-
-class PagedPrefillView(_PagesView):
-
-  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
-    m = self.meta
-    C = self.k.shape[3]
-    B, T = positions_BT.shape
-    real_BT = positions_BT < m.lengths_B[:, None]
-    page_BT = jnp.take_along_axis(m.page_rows_BM, jnp.minimum(positions_BT // C, m.page_rows_BM.shape[1] - 1), axis=1)
-    page_T = jnp.where(real_BT, page_BT, 0).reshape(B * T)  # pads go to the scratch page 0
-    offset_T = (positions_BT % C).reshape(B * T)
-    self.k = self.k.at[self.layer, page_T, :, offset_T].set(k_BTKH.reshape(B * T, *k_BTKH.shape[2:]))
-    self.v = self.v.at[self.layer, page_T, :, offset_T].set(v_BTKH.reshape(B * T, *v_BTKH.shape[2:]))
-    return pallas_kernels.flash_attention(q_BTNH, k_BTKH, v_BTKH, m.lengths_B, sm_scale=sm_scale, causal=True,
-                                          implementation=self.impl, interpret=self.interpret)

@@ -3,7 +3,7 @@
   flash_attention(q_BTNH, k_BSKH, v_BSKH, lengths_B)                 prefill: a prompt attending to itself
   ragged_paged_attention(q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
                                                                       decode and mixed prefill chunks over paged KV
-  attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS)             causal-by-position reference (contiguous cache)
+  attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS)             causal-by-position reference (the tests' oracle)
 
 The model names an implementation with one string, `AttentionImpl`: None (best for the backend), "xla", "tpu", "gpu",
 or "tpu-interpret" / "gpu-interpret" to run the Pallas kernels interpreted on CPU (tests).

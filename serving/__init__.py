@@ -1,13 +1,14 @@
-"""The serving stack: paged KV cache, prefill/insert/generate engine, continuous-batching scheduler (HTTP server and
-scoring jobs to come).
+"""The serving stack: one mixed ragged engine step over a paged KV cache, the scheduler around it, and its users.
 
-    page_allocator.py  host-side page ids: allocate / grow / free, accounting checked
-    engine.py          jit prefill (flash attention, KV into pages) / insert / generate (ragged paged attention) /
-                       release over a donated, typed DecodeState; per-slot sampling arrays, so nothing recompiles
-    scheduler.py       waiting queue -> admission -> prefill + insert -> generate loop (one call in flight) -> stop
-                       rules -> free; preemption by recompute, cancellation, streaming callbacks
+    config.py          EngineConfig (the one carrier of engine settings) and the shape buckets
+    kv_cache.py        how many KV pages fit the device memory
+    page_allocator.py  host-side page ids with automatic prefix caching (hashed full pages, LRU eviction)
+    engine.py          the step: decode tokens + prefill chunks through the model and ragged paged attention, then
+                       the LM head and sampler (two jitted programs, the state donated); prefill / insert / generate
+    scheduler.py       token-budgeted continuous batching: decodes, prefill chunks, admissions with prefix hits,
+                       preemption by recompute, one step in flight while the host absorbs the previous one
     detokenizer.py     incremental text with stop strings and partial UTF-8 held back
-
-`jaxllm.LLM` still generates through `jaxllm.generate` (contiguous cache); moving it onto the scheduler is the next
-step of the engine issue (#5).
+    engine_loop.py     the scheduler on its own thread for an asyncio caller
+    server.py          the OpenAI-compatible HTTP server (protocol.py: the request schemas)
+    scoring.py         log-likelihoods by full forward passes; score_job.py: the grain batch job
 """

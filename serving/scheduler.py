@@ -1,26 +1,33 @@
-"""Continuous batching: requests join and leave the decode batch every step, over the engine and the page allocator.
+"""Continuous batching with chunked prefill and automatic prefix caching, over the engine's one mixed step.
 
     sched = Scheduler(engine, tokenizer, eos_ids=(2,))
     req = sched.add(prompt_ids, SamplingParams(max_tokens=64), on_update=callback)   # validated on the host
     while sched.has_work():
-        sched.step()                # admit -> reserve pages (preempting if short) -> dispatch generate -> absorb
+        sched.step()                # schedule -> dispatch one step -> absorb the previous step's tokens
     req.output_ids, req.text, req.finish_reason
 
-One `step()`:
-  1. admit: waiting requests in arrival order take a free slot and pages for their tokens plus the steps ahead; up to
-     `max_prefill_batch` of them (and no more than `max_prefill_tokens` padded tokens) are prefilled in one call
-     and inserted into their slots. The further samples of an
-     n > 1 request (`add_samples`) that fit a slot too are forked from their prompt's prefill instead: they share its
-     full pages and copy only the last one (`Engine.fork`); one left waiting is later prefilled on its own.
-  2. reserve: every running request gets pages for the positions the next generate call writes; when the pool is
-     short, the latest-admitted running request is preempted (slot and pages freed; it waits at the front of the
-     queue and is later prefilled again over prompt + output so far: recompute, as vLLM does).
-  3. dispatch `generate` (asynchronous) over the page bucket the longest running request needs, then absorb the
-     *previous* call's tokens: the device runs one call ahead of the host, so copying tokens back and detokenizing
-     never leave it idle.
-Absorbing applies EOS / stop ids / stop strings / max_tokens, streams deltas to `on_update`, and frees a finished
-request's slot and pages. Tokens computed for a slot whose request already ended (or was preempted or cancelled)
-are dropped: each in-flight result remembers which request held each slot when it was dispatched.
+One `step()` (vLLM v1's scheduler, token-budgeted):
+  1. decodes: every running sequence whose tokens are all computed gets one row (its last sampled token, still on
+     the device) and a page for it; when the pool is short, the latest-admitted running request is preempted (its
+     pages go back to the prefix cache; it waits at the front of the queue and is later recomputed from prompt +
+     output so far, mostly from cached pages).
+  2. running prefills: the next chunk of each partly prefilled prompt, within what is left of
+     `max_num_batched_tokens`.
+  3. admission: waiting requests in arrival order take a slot, the longest cached prefix of their tokens
+     (`PageAllocator.match`) and pages for the first chunk of the rest, while slots, budget and pages last; nothing
+     overtakes the head of the queue.
+  The rows go to the engine as one step (asynchronous); the full pages they complete are registered in the prefix
+  cache at once, so a request admitted later in the same step (another sample of the same prompt, say) reuses them.
+  Then the *previous* step's tokens are absorbed: the device runs one step ahead of the host, so copying tokens back
+  and detokenizing never leave it idle, and a new request is admitted at every step.
+Absorbing applies EOS / stop ids / stop strings / max_tokens, streams each token's text to `on_update`, and frees a
+finished request's slot and pages. Tokens computed for a request that has since ended, been preempted or cancelled
+are dropped: each in-flight result remembers which admission (epoch) of each request it belongs to.
+
+n > 1 samples of a prompt are separate requests: the first one's prompt pages are in the prefix cache by the time the
+others are admitted (in the same step or later), so each of them computes only the prompt's last partial page.
+Requests with repetition / presence / frequency penalties do not take cached prefixes: their token history is built
+from the tokens they compute themselves.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import numpy as np
 
 from jaxllm.sampling import SamplingArrays, SamplingParams
 from jaxllm.serving.detokenizer import Detokenizer
-from jaxllm.serving.engine import Engine
+from jaxllm.serving.engine import Engine, Row
 from jaxllm.serving.page_allocator import PageAllocator
 from jaxllm.sharding.distributed import host_value
 
@@ -49,7 +56,8 @@ class Request:
   params: SamplingParams
   seed: int
   detok: Detokenizer
-  on_update: Callable[["Request", str], None] | None = None  # (request, new text) after each absorbed token batch
+  sampling: SamplingArrays  # [1] the request's sampling row
+  on_update: Callable[["Request", str], None] | None = None  # (request, new text) after each absorbed token
   status: str = WAITING
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -60,8 +68,14 @@ class Request:
   arrival: int = 0
   max_new: int = 0  # max_tokens capped by max_model_len - prompt length
   epoch: int = 0  # bumped at every admission: in-flight results of an earlier admission are not this one's
-  parent: "Request | None" = None  # sample k > 0 of an n > 1 request: shares sample 0's prompt pages when admitted with it
   index: int = 0  # which sample of its prompt this is
+  # Per admission:
+  num_computed: int = 0  # positions whose K/V are written (or will be, by steps already dispatched)
+  pending: int = 0  # tokens sampled by dispatched steps, not yet absorbed
+  replay_end: int = 0  # prompt + output length at admission: outputs below it are recomputed, not sampled
+  num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied at the last admission
+  fresh: bool = False  # no step of this admission has run yet
+  pages_committed: int = 0  # full pages offered to the prefix cache
 
   @property
   def text(self) -> str:
@@ -76,8 +90,19 @@ class Request:
     return self.status == FINISHED
 
   @property
-  def max_total(self) -> int:
-    return len(self.prompt_ids) + self.params.max_tokens
+  def num_tokens(self) -> int:
+    """Prompt + output tokens, those still in flight included."""
+    return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+  def known(self, start: int, stop: int) -> list[int]:
+    """Token ids at positions [start, stop) that the host has (prompt, then absorbed output)."""
+    n = len(self.prompt_ids)
+    head = self.prompt_ids[start:min(stop, n)]
+    return head + self.output_ids[max(start - n, 0):max(stop - n, 0)]
+
+
+def uses_penalties(p: SamplingParams) -> bool:
+  return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 class Scheduler:
@@ -88,17 +113,22 @@ class Scheduler:
     self.tokenizer = tokenizer
     self.eos_ids = tuple(eos_ids)
     self.vocab_size = engine.model_config.vocab_size
-    self.allocator = PageAllocator(engine.num_pages, self.config.page_size)
+    self.allocator = PageAllocator(engine.num_pages, self.config.page_size,
+                                   enable_prefix_caching=self.config.enable_prefix_caching)
     self.state = engine.init_state()
     self.waiting: collections.deque[Request] = collections.deque()
-    self.slots: list[Request | None] = [None] * self.config.num_slots
+    self.running: list[Request] = []  # in admission order
+    self.slots: list[Request | None] = [None] * self.config.max_num_seqs
     self.requests: dict[str, Request] = {}
-    self._inflight: collections.deque = collections.deque()  # (kind, device result, [(request, slot)...])
+    self._inflight: collections.deque = collections.deque()  # (device result, [(request, row, epoch, sampled)])
     self._rng = np.random.default_rng(seed)
     self._ids = itertools.count()
     self.num_steps = 0
     self.num_preemptions = 0
-    self.num_forks = 0  # samples admitted on a prompt's shared pages (no prefill of their own)
+    self.num_prompt_tokens_computed = 0  # prompt (and recomputed) tokens run through the model
+    # vLLM's prefix_cache_queries / prefix_cache_hits: tokens of admitted requests, and those the cache supplied.
+    self.prefix_cache_queries = 0
+    self.prefix_cache_hits = 0
 
   # ------------------------------------------------------------------ requests
   def validate(self, prompt_ids, params: SamplingParams) -> list[int]:
@@ -132,9 +162,8 @@ class Scheduler:
 
   def add_samples(self, prompt_ids, params: SamplingParams, *, request_id: str | None = None,
                   on_update: Callable | None = None, seeds: list[int] | None = None) -> list[Request]:
-    """params.n samples of one prompt, ids `{request_id}/{k}`. When they are admitted together (slots and pages
-    allowing), the prompt is prefilled once and samples 1.. share its full KV pages (each copies only the page the
-    prompt ends in); otherwise a sample is prefilled on its own. `seeds[k]` (or fresh ones) seed sample k."""
+    """params.n samples of one prompt, ids `{request_id}/{k}`; `seeds[k]` (or fresh ones) seed sample k. With prefix
+    caching on, the prompt's full pages are computed once and shared."""
     ids = self.validate(prompt_ids, params)
     if seeds is not None and len(seeds) != params.n:
       raise ValueError(f"seeds has {len(seeds)} entries for n={params.n} samples.")
@@ -144,7 +173,7 @@ class Scheduler:
     out = []
     for k in range(params.n):
       r = self._add(ids, params, f"{base}/{k}", on_update, None if seeds is None else seeds[k])
-      r.parent, r.index = (out[0] if out else None), k
+      r.index = k
       out.append(r)
     return out
 
@@ -155,10 +184,10 @@ class Scheduler:
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
     if seed is None:
       seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
-    req = Request(request_id=request_id, prompt_ids=ids, params=params, seed=seed,
+    sampling = SamplingArrays.from_params([params], [seed], [tuple(stop_ids)], [len(ids) + params.min_tokens])
+    req = Request(request_id=request_id, prompt_ids=ids, params=params, seed=seed, sampling=sampling,
                   detok=Detokenizer(self.tokenizer, frozenset(stop_ids), params.stop, stream=on_update is not None),
-                  on_update=on_update,
-                  arrival=next(self._ids))
+                  on_update=on_update, arrival=next(self._ids))
     req.max_new = min(params.max_tokens, self.config.max_model_len - len(ids))
     self.requests[request_id] = req
     self.waiting.append(req)
@@ -175,19 +204,17 @@ class Scheduler:
     return True
 
   def has_work(self) -> bool:
-    return bool(self.waiting) or any(s is not None for s in self.slots) or bool(self._inflight)
+    return bool(self.waiting) or bool(self.running) or bool(self._inflight)
 
   # ------------------------------------------------------------------ the loop
   def step(self) -> None:
-    self._admit()
-    longest = self._reserve()
+    rows = self._schedule()
     keep = 0
-    if any(s is not None for s in self.slots):
-      occupied = 1 + max(i for i, r in enumerate(self.slots) if r is not None)
-      self.state, result = self.engine.generate(self.state, longest, occupied)
-      self._inflight.append(("generate", result, self._holders()))
+    if rows:
+      self.state, result = self.engine.step(self.state, self.engine.build([row for _, row in rows]))
+      self._inflight.append((result, [(r, i, r.epoch, row.sample) for i, (r, row) in enumerate(rows)]))
       self.num_steps += 1
-      keep = 1  # the call just dispatched stays in flight while the host reads everything older
+      keep = 1  # the step just dispatched stays in flight while the host reads everything older
     while len(self._inflight) > keep:
       self._absorb(*self._inflight.popleft())
 
@@ -195,95 +222,81 @@ class Scheduler:
     while self.has_work():
       self.step()
 
-  def _holders(self) -> list[tuple[Request, int, int]]:
-    return [(r, i, r.epoch) for i, r in enumerate(self.slots) if r is not None]
-
-  # ------------------------------------------------------------------ admission
-  def _admit(self) -> None:
-    lookahead, C, limit = self.config.decode_steps, self.config.page_size, self.config.max_model_len
-    batch: list[Request] = []
-    forks: list[Request] = []  # further samples of a prompt in `batch`: they share its pages instead of a prefill
-    free_slots = [i for i, r in enumerate(self.slots) if r is None]
-    while self.waiting and len(batch) + len(forks) < len(free_slots):
+  # ------------------------------------------------------------------ scheduling
+  def _schedule(self) -> list[tuple[Request, Row]]:
+    budget = self.config.max_num_batched_tokens
+    scheduled: dict[Request, int] = {}  # request -> tokens this step (insertion order: decodes first)
+    preempted = False
+    # 1. decodes, then 2. running prefills (a decode never waits behind a prompt chunk).
+    for decoding in (True, False):
+      for req in list(self.running):
+        if req.status != RUNNING or req in scheduled:
+          continue
+        remaining = req.num_tokens - req.num_computed
+        if (remaining == 1) != decoding or remaining == 0 or len(req.output_ids) + req.pending >= req.max_new:
+          continue
+        n = min(remaining, budget)
+        if n == 0:
+          break
+        while not self.allocator.ensure(req.request_id, req.num_computed + n):
+          victim = self.running[-1]
+          budget += scheduled.pop(victim, 0)
+          self._preempt(victim)
+          preempted = True
+          if victim is req:
+            break
+        if req.status == RUNNING:
+          scheduled[req] = n
+          budget -= n
+    # 3. admissions (none in a step that had to preempt: the pool is short).
+    while (self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs):
       req = self.waiting[0]
-      parent = req.parent
-      if parent is not None and parent in batch and not parent.output_ids and not req.output_ids:
-        n = len(req.prompt_ids)
-        if not self.allocator.fork(parent.request_id, req.request_id, (n - 1) // C, min(n + lookahead, limit)):
-          break
-        forks.append(self.waiting.popleft())
-        continue
-      if len(batch) == self.config.max_prefill_batch:
-        break
       tokens = req.prompt_ids + req.output_ids
-      if batch:  # would the padded batch outgrow the prefill token budget?
-        R, T = self.engine.prefill_shape(len(batch) + 1, max(len(tokens), *(len(r.prompt_ids) + len(r.output_ids)
-                                                                             for r in batch)))
-        if R * T > self.config.max_prefill_tokens:
-          break
-      if not self.allocator.allocate(req.request_id, min(len(tokens) + lookahead, limit)):
-        break  # first come, first served: nothing overtakes the head of the queue
+      hit = [] if uses_penalties(req.params) else self.allocator.match(tokens)
+      start = len(hit) * self.config.page_size
+      n = min(len(tokens) - start, budget)
+      if not self.allocator.allocate(req.request_id, start + n, hit):
+        break
       self.waiting.popleft()
-      batch.append(req)
-    if not batch:
-      return
-    prompts = [r.prompt_ids + r.output_ids for r in batch]
-    sampling = SamplingArrays.from_params(
-        [r.params for r in batch], [r.seed for r in batch], [tuple(r.detok.stop_ids) for r in batch],
-        [len(r.prompt_ids) + r.params.min_tokens for r in batch])
-    pages = [self.allocator.pages(r.request_id) for r in batch]
-    self.state, prefix = self.engine.prefill(self.state, prompts, [len(r.prompt_ids) for r in batch], pages, sampling)
-    slots = free_slots[:len(batch)]
-    self.state = self.engine.insert(self.state, prefix, slots)
-    for r, s in zip(batch, slots):
-      self._seat(r, s)
-    self._inflight.append(("prefill", prefix, [(r, i, r.epoch) for i, r in enumerate(batch)]))
-    for r, s in zip(forks, free_slots[len(batch):]):
-      n = len(r.prompt_ids)
-      own, theirs = self.allocator.pages(r.request_id), self.allocator.pages(r.parent.request_id)
-      sampling = SamplingArrays.from_params([r.params], [r.seed], [tuple(r.detok.stop_ids)],
-                                            [n + r.params.min_tokens])
-      self.state = self.engine.fork(self.state, prefix, batch.index(r.parent), s, own, theirs[(n - 1) // C],
-                                    own[(n - 1) // C], r.prompt_ids[-1], sampling)
-      self._seat(r, s)
-    self.num_forks += len(forks)
+      self._seat(req, start, len(tokens))
+      if self.allocator.enable_prefix_caching:
+        self.prefix_cache_queries += len(tokens)
+        self.prefix_cache_hits += start
+      scheduled[req] = n
+      budget -= n
+    return [(req, self._row(req, n)) for req, n in scheduled.items()]
 
-  def _seat(self, req: Request, slot: int) -> None:
+  def _row(self, req: Request, n: int) -> Row:
+    """req's next n positions as a step row; advances its bookkeeping as if the step had run (it will have, before
+    any later step reads its pages)."""
+    start, stop = req.num_computed, req.num_computed + n
+    tokens = req.known(start, stop)
+    assert n - len(tokens) <= 1, "only the latest sampled token can be unknown to the host"
+    tokens += [None] * (n - len(tokens))  # the last sampled token, still on the device
+    sample = stop == req.num_tokens
+    row = Row(slot=req.slot, start=start, tokens=tokens, pages=self.allocator.pages(req.request_id),
+              sampling=req.sampling, sample=sample, prompt_len=len(req.prompt_ids), replay_end=req.replay_end,
+              reset=req.fresh)
+    req.fresh = False
+    req.num_computed = stop
+    req.pending += sample
+    if start < req.replay_end:
+      self.num_prompt_tokens_computed += min(stop, req.replay_end) - start
+    full = min(len(req.prompt_ids) + len(req.output_ids), stop) // self.config.page_size
+    if full > req.pages_committed:  # full pages whose tokens the host knows: into the prefix cache
+      self.allocator.commit(req.request_id, req.known(0, full * self.config.page_size), stop)
+      req.pages_committed = full
+    return row
+
+  def _seat(self, req: Request, num_cached: int, num_tokens: int) -> None:
+    slot = self.slots.index(None)
     req.status, req.slot = RUNNING, slot
     req.epoch += 1
+    req.num_computed, req.pending, req.replay_end = num_cached, 0, num_tokens
+    req.num_cached_tokens, req.fresh = num_cached, True
+    req.pages_committed = num_cached // self.config.page_size
     self.slots[slot] = req
-
-  def _reserve(self) -> int:
-    """Pages for every position the next generate call writes; preempts the latest admitted request when short.
-    Returns the most tokens any running request will hold after that call (which page bucket it needs)."""
-    ahead = self.config.decode_steps
-    grown = {}
-    longest = 1
-    for req in sorted((r for r in self.slots if r is not None), key=lambda r: r.arrival):
-      if req.status != RUNNING:
-        continue
-      # Positions written next: tokens known so far (+ in flight) ... bounded by max_model_len.
-      need = min(self._position(req) + ahead, self.config.max_model_len)
-      before = len(self.allocator.pages(req.request_id))
-      while not self.allocator.ensure(req.request_id, need):
-        victim = max((r for r in self.slots if r is not None), key=lambda r: r.arrival)
-        self._preempt(victim)
-        if victim is req:
-          break
-      if req.status == RUNNING:
-        longest = max(longest, need)
-        if len(self.allocator.pages(req.request_id)) != before:
-          grown[req.slot] = self.allocator.pages(req.request_id)
-    if grown:
-      self.state = self.engine.set_pages(self.state, grown)
-    return longest
-
-  def _position(self, req: Request) -> int:
-    """Tokens the device will have cached for `req` once everything dispatched so far has run."""
-    calls = collections.Counter(kind for kind, _, holders in self._inflight
-                                if any(r is req and e == req.epoch for r, _, e in holders))
-    return (len(req.prompt_ids) + len(req.output_ids) + calls["prefill"]
-            + calls["generate"] * self.config.decode_steps)
+    self.running.append(req)
 
   def _preempt(self, req: Request) -> None:
     self._free_slot(req)
@@ -293,44 +306,35 @@ class Scheduler:
     self.waiting.appendleft(req)
 
   # ------------------------------------------------------------------ results
-  def _absorb(self, kind: str, result, holders: list[tuple[Request, int, int]]) -> None:
+  def _absorb(self, result, holders: list[tuple[Request, int, int, bool]]) -> None:
+    if not any(sampled for *_, sampled in holders):
+      return
     host = jax.tree.map(host_value, result)
-    for req, row, epoch in holders:
-      if req.status != RUNNING or req.epoch != epoch:
-        continue  # ended, preempted or re-admitted since dispatch: these tokens are not its own
-      if kind == "prefill":
-        toks, lps = host.tokens[row:row + 1], host.logprobs[row:row + 1]
-        tops = (host.top_ids[row:row + 1], host.top_logprobs[row:row + 1])
-      else:
-        toks, lps = host.tokens[row], host.logprobs[row]
-        tops = (host.top_ids[row], host.top_logprobs[row])
-      self._take(req, toks, lps, tops)
+    for req, row, epoch, sampled in holders:
+      if not sampled or req.status != RUNNING or req.epoch != epoch:
+        continue  # a chunk that samples nothing, or ended / preempted / re-admitted since dispatch
+      req.pending -= 1
+      self._take(req, int(host.tokens[row]), float(host.logprobs[row]),
+                 (host.top_ids[row], host.top_logprobs[row]))
 
-  def _take(self, req: Request, toks, lps, tops) -> None:
-    delta = []
-    n_top = req.params.logprobs or 0
-    for i, (t, lp) in enumerate(zip(toks, lps)):
-      req.output_ids.append(int(t))
-      req.logprobs.append(float(lp))
-      if req.params.logprobs is not None:
-        req.top_logprobs.append({int(a): float(b) for a, b in zip(tops[0][i][:n_top], tops[1][i][:n_top])})
-      delta.append(req.detok.add(int(t)))
-      if req.detok.finished:
-        break
-      if len(req.output_ids) >= req.max_new:
-        delta.append(req.detok.flush())
-        break
+  def _take(self, req: Request, tok: int, lp: float, tops) -> None:
+    req.output_ids.append(tok)
+    req.logprobs.append(lp)
+    if req.params.logprobs is not None:
+      n_top = req.params.logprobs
+      req.top_logprobs.append({int(a): float(b) for a, b in zip(tops[0][:n_top], tops[1][:n_top])})
+    delta = req.detok.add(tok)
+    if not req.detok.finished and len(req.output_ids) >= req.max_new:
+      delta += req.detok.flush()
     if req.detok.finished:
       reason = "stop" if req.detok.stop_reason is not None else "length"
-      self._finish(req, reason, "".join(delta))
+      self._finish(req, reason, delta)
     elif req.on_update is not None:
-      req.on_update(req, "".join(delta))
+      req.on_update(req, delta)
 
   def _finish(self, req: Request, reason: str, delta: str = "") -> None:
     if req.slot is not None:
       self._free_slot(req)
-    elif self.allocator.owns(req.request_id):
-      self.allocator.free(req.request_id)
     req.status, req.finish_reason = FINISHED, reason
     self.requests.pop(req.request_id, None)  # the caller holds the Request; the scheduler forgets it
     if reason == "abort":
@@ -339,8 +343,8 @@ class Scheduler:
       req.on_update(req, delta)
 
   def _free_slot(self, req: Request) -> None:
-    slot = req.slot
-    self.slots[slot] = None
+    self.slots[req.slot] = None
+    self.running.remove(req)
     req.slot = None
+    req.pending = 0
     self.allocator.free(req.request_id)
-    self.state = self.engine.release(self.state, [slot])

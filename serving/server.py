@@ -31,6 +31,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from jaxllm.serving import protocol
+from jaxllm.serving.config import EngineConfig
 from jaxllm.serving.engine_loop import EngineLoop, RequestStream
 
 log = logging.getLogger("jaxllm.serve")
@@ -45,12 +46,7 @@ class ServerConfig:
   host: str = "127.0.0.1"
   port: int = 8000
   dtype: str = "float32"
-  max_num_seqs: int = 32
-  max_model_len: int | None = None
-  page_size: int = 16
-  num_pages: int | None = None
-  kv_cache_memory_fraction: float | None = None
-  decode_steps: int = 8
+  engine: EngineConfig = EngineConfig()
   max_waiting: int = 1024  # queued requests beyond which new ones get 503
   api_key: str | None = None
   warmup: bool = True
@@ -89,13 +85,34 @@ class Metrics:
     g("num_requests_running", "Requests holding a slot.", lambda: server.loop.num_running if server.loop else 0)
     g("kv_pages_used", "KV-cache pages held by sequences.", server.pages_used)
     g("kv_pages_total", "KV-cache pages (scratch page excluded).", server.pages_total)
+    g("kv_pages_cached", "KV-cache pages held by no request, kept for prefix-cache hits (evicted when needed).",
+      lambda: server.loop.scheduler.allocator.num_cached if server.loop else 0)
     g("num_preemptions", "Requests preempted so far (recomputed later).",
       lambda: server.loop.scheduler.num_preemptions if server.loop else 0)
+    r.register(_SchedulerCounters(server, p))
 
   def render(self) -> bytes:
     from prometheus_client import generate_latest
 
     return generate_latest(self.registry)
+
+
+class _SchedulerCounters:
+  """The scheduler's running totals as Prometheus counters (read at scrape time): vLLM's prefix_cache_queries /
+  prefix_cache_hits (prompt tokens of admitted requests, and those the prefix cache supplied)."""
+
+  COUNTERS = (("prefix_cache_queries", "Prompt tokens of admitted requests, looked up in the prefix cache."),
+              ("prefix_cache_hits", "Prompt tokens the prefix cache supplied (not computed)."))
+
+  def __init__(self, server: "Server", prefix: str):
+    self.server, self.prefix = server, prefix
+
+  def collect(self):
+    from prometheus_client.core import CounterMetricFamily
+
+    sched = self.server.loop.scheduler if self.server.loop is not None else None
+    for name, doc in self.COUNTERS:
+      yield CounterMetricFamily(self.prefix + name, doc, value=getattr(sched, name, 0))
 
 
 class Server:
@@ -117,10 +134,8 @@ class Server:
 
     c = self.config
     try:
-      llm = LLM(c.model, dtype=c.dtype, tokenizer=c.tokenizer, max_model_len=c.max_model_len,
-                max_num_seqs=c.max_num_seqs, seed=c.seed, mesh=self.mesh, layout=self.layout,
-                page_size=c.page_size, num_pages=c.num_pages, kv_cache_memory_fraction=c.kv_cache_memory_fraction,
-                decode_steps=c.decode_steps)
+      llm = LLM(c.model, dtype=c.dtype, tokenizer=c.tokenizer, seed=c.seed, mesh=self.mesh, layout=self.layout,
+                engine_config=c.engine)
       if llm.tokenizer is None:
         raise ValueError(f"{c.model} has no tokenizer; pass --tokenizer.")
       self.llm, self.tokenizer, self.max_model_len = llm, llm.tokenizer, llm.max_model_len

@@ -1,13 +1,14 @@
-"""Invariances of the generation path: cached decode == full forward, padding and batch company change nothing."""
+"""Invariances of the tests' generation oracle (`tests/oracle.py`): cached decode == full forward, padding and batch
+company change nothing."""
 
 import numpy as np
 import pytest
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.generate import Generator
 from jaxllm.layers import Llama
 from jaxllm.sampling import SamplingArrays
+from tests.oracle import Generator
 
 TOL = 1e-5  # f32
 

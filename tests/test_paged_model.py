@@ -6,9 +6,9 @@ from flax import nnx
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
-from jaxllm.generate import Generator
 from jaxllm.layers import Llama
 from jaxllm.layers.paged import PagedKVCache
+from tests.oracle import Generator
 
 PAGE = 8
 NUM_PAGES = 40

@@ -110,3 +110,180 @@ def test_bad_sampling_params_name_the_field(kwargs, message):
 
   with pytest.raises(ValueError, match=f"SamplingParams.{message}="):
     SamplingParams(**kwargs)
+
+
+# --- The fast sampler against the straightforward one (tests/sampler_oracle.py) -----------------------------------
+
+from jaxllm.sampling import TOP_K_FAST, TokenHistory, filter_path  # noqa: E402
+from tests.sampler_oracle import sample_reference  # noqa: E402
+
+FAST = jax.jit(sample, static_argnames="num_top")
+REFERENCE = jax.jit(sample_reference, static_argnames="num_top")
+NUM_TOP = 5
+BY_MAX, BY_TOP_K, BY_SORT = 0, 1, 2
+# What a row asks for, as (temperature, top_k, top_p, min_p) drawn from rng for a vocabulary of V.
+KINDS = {
+    # A greedy row's filter settings must not matter (they would force a full sort if they counted).
+    "greedy": lambda r, V: (0.0, int(r.integers(0, V)), r.uniform(0.05, 1), r.uniform(0, 0.5)),
+    "temperature": lambda r, V: (r.uniform(0.2, 2), 0, 1.0, 0.0),
+    "min_p": lambda r, V: (r.uniform(0.2, 2), 0, 1.0, r.uniform(0.01, 0.5)),
+    "top_k_small": lambda r, V: (r.uniform(0.2, 2), int(r.integers(1, TOP_K_FAST + 1)), 1.0, 0.0),
+    "top_k_top_p": lambda r, V: (r.uniform(0.2, 2), int(r.integers(1, TOP_K_FAST + 1)), _top_p(r), 0.0),
+    "top_k_all": lambda r, V: (r.uniform(0.2, 2), int(r.integers(1, TOP_K_FAST + 1)), _top_p(r), r.uniform(0, 0.3)),
+    "top_k_large": lambda r, V: (r.uniform(0.2, 2), int(r.integers(TOP_K_FAST + 1, V + 50)), 1.0, 0.0),
+    "top_p": lambda r, V: (r.uniform(0.2, 2), 0, _top_p(r), 0.0),
+    "top_k_large_top_p": lambda r, V: (r.uniform(0.2, 2), int(r.integers(TOP_K_FAST + 1, 1000)), _top_p(r), 0.0),
+}
+MIXES = {  # -> the filter path the batch must take
+    "rankless": (("greedy", "temperature", "min_p"), BY_MAX),
+    "small_top_k": (("greedy", "temperature", "min_p", "top_k_small", "top_k_top_p", "top_k_all"), BY_TOP_K),
+    "everything": (tuple(KINDS), BY_SORT),
+}
+
+
+def _top_p(r):
+  """Mostly uniform, sometimes a round fraction: with tied logits the top-p mass lands exactly on it (a close call)."""
+  return float(r.choice([0.25, 0.5, 0.75])) if r.random() < 0.2 else r.uniform(0.05, 0.99)
+
+
+def random_batch(rng, B, V, kinds, *, history_rows=None):
+  """Logits of varied sharpness (some with exact ties), per-row settings drawn from `kinds`, and per row at random:
+  penalties with a history touching the row's top tokens, logit biases (on top tokens too), a min_tokens hold on top
+  tokens (active or just expired), and top-n logprobs. -> (logits, SamplingArrays, positions, TokenHistory)."""
+  scale_B1 = rng.choice([0.3, 1.0, 3.0, 10.0, 30.0], size=(B, 1))
+  logits = rng.standard_normal((B, V)).astype(np.float32) * scale_B1
+  tied = rng.random(B) < 0.2
+  logits[tied] = np.round(logits[tied])
+  logits = logits.astype(np.float32)
+  top_B10 = np.argsort(-logits, axis=-1)[:, :10]
+  s = SamplingArrays.create(B, seed=rng.integers(0, 2**32, B, dtype=np.uint64))
+  positions = rng.integers(8, 200, B).astype(np.int32)
+  rows = B if history_rows is None else history_rows
+  counts = np.where(rng.random((rows, V)) < 0.002, rng.integers(1, 4, (rows, V)), 0).astype(np.int32)
+  in_prompt = rng.random((rows, V)) < 0.002
+  for b in range(B):
+    s.temperature[b], s.top_k[b], s.top_p[b], s.min_p[b] = KINDS[str(rng.choice(kinds))](rng, V)
+    if rng.random() < 0.3:
+      s.repetition_penalty[b] = rng.uniform(0.5, 2.0)
+      s.presence_penalty[b], s.frequency_penalty[b] = rng.uniform(-2, 2, 2)
+    if rng.random() < 0.2:
+      ids = np.unique(np.concatenate([rng.choice(top_B10[b], 3), rng.integers(0, V, 3)]))
+      s.bias_ids[b, :len(ids)] = ids
+      s.bias_values[b, :len(ids)] = rng.uniform(-30, 30, len(ids))
+    if rng.random() < 0.3:
+      ids = np.unique(rng.choice(top_B10[b], 3))
+      s.stop_ids[b, :len(ids)] = ids
+      s.min_len[b] = positions[b] + rng.choice([1, 0])  # held at this position, or held no more
+    if rng.random() < 0.3:
+      s.num_logprobs[b] = rng.integers(1, NUM_TOP + 1)
+  for b, row in enumerate(range(B) if history_rows is None else rng.choice(rows, B, replace=False)):
+    seen = rng.choice(top_B10[b], 4)
+    counts[row, seen] = rng.integers(0, 3, 4)
+    in_prompt[row, rng.choice(top_B10[b], 2)] = True
+  return logits, s, positions, TokenHistory(output_counts=counts, in_prompt=in_prompt)
+
+
+def assert_same_as_reference(logits, s, positions, history=None, num_top=0, history_rows_B=None):
+  """Identical tokens, logprobs (and top-n) within float32 rounding."""
+  got = FAST(logits, s, positions, history, num_top=num_top, history_rows_B=history_rows_B)
+  if history_rows_B is not None:
+    history = jax.tree.map(lambda x: np.asarray(x)[np.asarray(history_rows_B)], history)
+  want = REFERENCE(logits, s, positions, history, num_top=num_top)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5, rtol=0)
+  if num_top:
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+    np.testing.assert_allclose(np.asarray(got[3]), np.asarray(want[3]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("V, seeds", [(1000, 40), (49152, 4)])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_random_mixes_pick_the_reference_tokens(mix, V, seeds):
+  kinds, path = MIXES[mix]
+  rng = np.random.default_rng(V)
+  for _ in range(seeds):
+    logits, s, positions, history = random_batch(rng, 32, V, kinds)
+    assert int(filter_path(s, V)) == path
+    assert_same_as_reference(logits, s, positions, history, NUM_TOP)
+
+
+@pytest.mark.parametrize("settings, path", [
+    (dict(temperature=0.0, top_k=1000, top_p=0.5), BY_MAX),  # all greedy: nothing is drawn at all
+    (dict(temperature=0.8), BY_MAX),
+    (dict(temperature=1.2, min_p=0.05), BY_MAX),
+    (dict(temperature=0.7, top_k=50), BY_TOP_K),
+    (dict(temperature=0.7, top_k=TOP_K_FAST, top_p=0.9, min_p=0.01), BY_TOP_K),
+    (dict(temperature=0.7, top_k=TOP_K_FAST + 1), BY_SORT),
+    (dict(temperature=0.7, top_p=0.9), BY_SORT),
+])
+def test_uniform_batches_take_their_fast_path_and_match(settings, path):
+  """Every row alike (the benchmark's batches) at the default model's vocabulary: no bias, penalties, min_tokens or
+  logprobs asked for, so each of those stages is skipped too (with a history present)."""
+  B, V = 32, 49152
+  rng = np.random.default_rng(1)
+  logits, _, positions, history = random_batch(rng, B, V, ("greedy",))
+  s = SamplingArrays.create(B, seed=np.arange(B), **settings)
+  assert int(filter_path(s, V)) == path
+  assert_same_as_reference(logits, s, positions, history, NUM_TOP)
+
+
+def test_top_p_close_calls_fall_back_to_the_sort():
+  """Tied logits put a top-p mass exactly on top_p; the top-k path must hand such a batch to the full sort and still
+  pick the reference's tokens. Random top_p values almost never do."""
+  from jaxllm.sampling import _top_k_threshold
+
+  B, V = 32, 1000
+  rng = np.random.default_rng(2)
+  _, _, positions, history = random_batch(rng, B, V, ("greedy",))
+  logits = rng.standard_normal((B, V)).astype(np.float32) - 30
+  logits[:, :8] = 2.0  # eight equally likely leaders, the rest ~e-32 behind: the mass before the j-th is j/8
+  top_p = np.where(np.arange(B) % 2 == 0, rng.choice([0.25, 0.5, 0.75], B), rng.uniform(0.05, 0.95, B))
+  s = SamplingArrays.create(B, temperature=1.0, top_k=32, top_p=top_p, seed=np.arange(B))
+  _, close_call = jax.jit(_top_k_threshold)(logits, s)
+  close_call = np.asarray(close_call)
+  assert close_call[0::2].all()
+  assert close_call[1::2].mean() < 0.2, close_call[1::2].mean()
+  assert_same_as_reference(logits, s, positions, history, NUM_TOP)
+
+
+def test_top_k_thresholds_keep_the_sorted_sets_over_many_rows():
+  """Kept sets of the top-k path vs the full sort (which the mixes above hold to the reference) over 4096 rows whose
+  top_p sits just off a partial mass (by 1e-7 .. 1e-2, so about half are within TOP_P_MARGIN): wherever the top-k path
+  does not call it close, the sets agree token for token."""
+  from jaxllm.sampling import _sort_threshold, _top_k_threshold
+
+  B, V = 512, 1000
+  rng = np.random.default_rng(3)
+  checked = 0
+  for _ in range(8):
+    scaled = (rng.standard_normal((B, V)) * rng.choice([0.5, 2.0, 8.0], (B, 1))).astype(np.float32)
+    k = rng.integers(1, TOP_K_FAST + 1, B)
+    p = np.exp(np.sort(scaled, axis=-1)[:, ::-1][:, :TOP_K_FAST].astype(np.float64))
+    p = np.where(np.arange(TOP_K_FAST) < k[:, None], p, 0)
+    mass = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
+    at = mass[np.arange(B), rng.integers(0, k)]
+    top_p = np.clip(at + rng.choice([-1, 1], B) * 10.0 ** rng.uniform(-7, -2, B), 0.01, 0.999)
+    s = SamplingArrays.create(B, temperature=1.0, top_k=k, top_p=top_p, min_p=rng.choice([0, 0.05], B))
+    fast, close_call = jax.jit(_top_k_threshold)(scaled, s)
+    kept_fast = scaled >= np.asarray(fast)
+    kept_sort = scaled >= np.asarray(jax.jit(_sort_threshold)(scaled, s))
+    far = ~np.asarray(close_call)
+    np.testing.assert_array_equal(kept_fast[far], kept_sort[far])
+    checked += far.sum()
+  assert checked > 0.3 * 8 * B, checked
+
+
+def test_history_rows_gather_from_a_larger_table_only_when_penalties_are_on():
+  B, V, S = 32, 1000, 48
+  rng = np.random.default_rng(4)
+  for _ in range(10):
+    logits, s, positions, table = random_batch(rng, B, V, tuple(KINDS), history_rows=S)
+    rows = rng.choice(S, B, replace=False).astype(np.int32)
+    assert_same_as_reference(logits, s, positions, table, NUM_TOP, history_rows_B=rows)
+  # The [S, V] table is read only inside the penalty branch's cond: a batch without penalties never touches it.
+  jaxpr = jax.make_jaxpr(lambda h, r: sample(logits, s, positions, h, history_rows_B=r))(table, rows).jaxpr
+  history_vars = set(jaxpr.invars[:2])
+  readers = {e.primitive.name for e in jaxpr.eqns if history_vars & {v for v in e.invars if not hasattr(v, "val")}}
+  assert readers == {"cond"}, readers
+  with pytest.raises(ValueError, match="history has 48 rows for a batch of 32"):
+    sample(logits, s, positions, table)

@@ -4,7 +4,7 @@ import sys
 
 from absl import flags
 
-from jaxllm.commands import device_flags, fail
+from jaxllm.commands import device_flags, engine_flags, fail
 
 _MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, an HF checkpoint dir or a convert dir.")
 _PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "First user message.")
@@ -23,7 +23,8 @@ def main(argv):
     params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value)
     print(f"loading {_MODEL.value} ...", file=sys.stderr)
     mesh, layout = device_flags.setup()
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value, mesh=mesh, layout=layout)
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value, mesh=mesh, layout=layout,
+              engine_config=engine_flags.engine_config())
   except (ValueError, OSError) as e:
     fail(str(e))
   print(repr(llm), file=sys.stderr)

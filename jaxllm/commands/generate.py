@@ -2,7 +2,7 @@
 
 from absl import flags
 
-from jaxllm.commands import device_flags, fail
+from jaxllm.commands import device_flags, engine_flags, fail
 
 _MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, an HF checkpoint dir or a convert dir.")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt text.")
@@ -37,7 +37,8 @@ def main(argv):
     params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                             top_p=_TOP_P.value, seed=_SEED.value)
     mesh, layout = device_flags.setup()
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value, mesh=mesh, layout=layout)
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value, mesh=mesh, layout=layout,
+              engine_config=engine_flags.engine_config())
     if _CHAT.value:
       messages = ([{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else [])
       out = llm.chat(messages + [{"role": "user", "content": _PROMPT.value}], params)[0]

@@ -1,8 +1,9 @@
-"""`jaxllm serve`: the OpenAI-compatible HTTP server (`jaxllm.serving.server`), flags named like vLLM's."""
+"""`jaxllm serve`: the OpenAI-compatible HTTP server (`jaxllm.serving.server`), flags named like vLLM's (the engine's
+are `jaxllm.commands.engine_flags`)."""
 
 from absl import flags
 
-from jaxllm.commands import device_flags, fail
+from jaxllm.commands import device_flags, engine_flags, fail
 
 _MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, an HF checkpoint dir or a convert dir.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "A tokenizer path to use instead of the checkpoint's own.")
@@ -11,14 +12,6 @@ _SERVED = flags.DEFINE_string("served_model_name", None, "The model name clients
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
-_MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 32, "Sequences decoded together (engine slots).")
-_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", None, "Prompt + generated tokens per sequence (default: the "
-                                      "model's context length).")
-_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.")
-_NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV-cache pages (default: from --kv_cache_memory_fraction).")
-_KV_FRACTION = flags.DEFINE_float("kv_cache_memory_fraction", None, "Fraction of free device memory for the KV "
-                                  "cache (default 0.9 on GPU/TPU; on CPU min(4 GiB, half the free RAM)).")
-_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Decode steps per engine call.")
 _MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Queued requests beyond which new ones are answered 503.")
 _API_KEY = flags.DEFINE_string("api_key", None, "If set, /v1/ requests need 'Authorization: Bearer KEY'.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape bucket before reporting ready.")
@@ -36,9 +29,7 @@ def main(argv):
   logging.basicConfig(level=_LOG_LEVEL.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   try:
     config = ServerConfig(model=_MODEL.value, served_model_name=_SERVED.value, tokenizer=_TOKENIZER.value,
-                          host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value, max_num_seqs=_MAX_NUM_SEQS.value,
-                          max_model_len=_MAX_MODEL_LEN.value, page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
-                          kv_cache_memory_fraction=_KV_FRACTION.value, decode_steps=_DECODE_STEPS.value,
+                          host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value, engine=engine_flags.engine_config(),
                           max_waiting=_MAX_WAITING.value, api_key=_API_KEY.value, warmup=_WARMUP.value)
     mesh, layout = device_flags.setup()
   except ValueError as e:

@@ -20,6 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxllm.pallas_kernels.backend import default_implementation
 from jaxllm.pallas_kernels.flash_attention.kernel_gpu import flash_attention_gpu
 from jaxllm.pallas_kernels.flash_attention.kernel_tpu import flash_attention_tpu
 from jaxllm.pallas_kernels.flash_attention.reference import flash_attention_reference
@@ -70,8 +71,7 @@ def _check_block(name: str, value: int, implementation: str) -> None:
 
 def _pick_implementation(implementation: str | None) -> str:
   if implementation is None:
-    backend = jax.default_backend()
-    return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}.get(backend, "xla")
+    return default_implementation()
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"unknown flash_attention implementation={implementation!r}; choose one of {IMPLEMENTATIONS} or None."

@@ -1,7 +1,7 @@
 """Ragged paged attention (vLLM-TPU formulation): one call serves a mixed batch of prefill chunks and decodes.
 
 `ragged_paged_attention(...)` is the single dispatch. It validates the arguments, then runs one of
-  "xla"  reference.py   plain jnp (per-sequence page gather + the project's position-causal oracle); CPU default,
+  "xla"  xla.py         plain XLA ops over a static work list of (sequence, query block) items; CPU default,
   "tpu"  kernel_tpu.py  Mosaic kernel: scalar-prefetched metadata, double-buffered page DMAs HBM -> VMEM,
   "gpu"  kernel_gpu.py  Triton kernel: one program per (query unit, KV head), page gathers, online softmax.
 
@@ -16,26 +16,29 @@ M max pages per sequence):
   metadata kv_lens [S], page_indices [S, M], cu_q_lens [S + 1], num_seqs (scalar), all int32.
 Semantics: query row r of sequence i (q_len = cu_q_lens[i+1] - cu_q_lens[i]) sits at position kv_len - q_len + r
 and attends to the sequence's cached positions <= its own (the new tokens' K/V are already in the pages).
+
+reference.py holds `ragged_paged_attention_reference`, the plain-jnp oracle (cost S * T * L) that all three
+implementations are tested against; it is not a serving path.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.pallas_kernels.backend import default_implementation
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_gpu import ragged_paged_attention_gpu
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_tpu import ragged_paged_attention_tpu
-from jaxllm.pallas_kernels.ragged_paged_attention.reference import (paged_decode_attention_reference,
-                                                                    ragged_paged_attention_reference)
+from jaxllm.pallas_kernels.ragged_paged_attention.xla import ragged_paged_attention_xla
 
 IMPLEMENTATIONS = ("xla", "tpu", "gpu")
 BLOCK_SIZES = {
-    "xla": (),
+    "xla": ("block_q",),
     "tpu": ("block_q", "pages_per_block"),
     "gpu": ("block_q", "pages_per_block", "num_warps", "num_stages"),
 }
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
-_reference_jit = jax.jit(ragged_paged_attention_reference, static_argnames=("sm_scale",))
+_xla_jit = jax.jit(ragged_paged_attention_xla, static_argnames=("sm_scale", "block_q"))
 
 
 def ragged_paged_attention(
@@ -50,7 +53,6 @@ def ragged_paged_attention(
     sm_scale: float | None = None,
     implementation: str | None = None,
     interpret: bool = False,
-    decode_only: bool = False,
     **block_sizes,
 ) -> jax.Array:
   """Causal GQA attention of a ragged batch of new tokens over a paged KV cache.
@@ -69,15 +71,13 @@ def ragged_paged_attention(
     num_seqs: int32 scalar (or [1]) array: slots >= num_seqs are padding and ignored. Decode (q_len = 1) and prefill
       chunks (q_len > 1) may be mixed freely; each needs q_len <= kv_len.
     sm_scale: softmax scale; default H ** -0.5.
-    implementation: None picks "tpu" on a TPU backend, "gpu" on a CUDA backend and "xla" (the reference) otherwise;
-      or one of IMPLEMENTATIONS.
+    implementation: None picks "tpu" on a TPU backend, "gpu" on a CUDA backend and "xla" otherwise; or one of
+      IMPLEMENTATIONS.
     interpret: run the Pallas kernel ("tpu" or "gpu") in interpret mode, e.g. on CPU (the TPU kernel uses the TPU
       interpreter, which simulates DMAs/semaphores and raises on out-of-bounds reads).
-    decode_only: the caller's static promise that T == S, num_seqs == S and cu_q_lens == arange(S + 1) (one new token
-      per slot, the engine's decode step); "xla" then runs the batched decode formulation
-      (`paged_decode_attention_reference`) instead of the general per-sequence one. The kernels ignore it.
-    **block_sizes: kernel tuning, see BLOCK_SIZES: block_q (query tokens per TPU grid step / per GPU program),
-      pages_per_block (pages per KV step), num_warps / num_stages (GPU). Defaults are picked from the shapes.
+    **block_sizes: tuning, see BLOCK_SIZES: block_q (query tokens per XLA work item / TPU grid step / GPU program),
+      pages_per_block (pages per KV step), num_warps / num_stages (GPU). Defaults are picked from the shapes; for
+      "xla" block_q is 1 when T <= S (decode-shaped: one row per item, nothing wasted) and 8 otherwise.
 
   Returns:
     [T, N, H] in q's dtype (softmax and accumulation in float32).
@@ -87,7 +87,7 @@ def ragged_paged_attention(
     concrete (not traced), on page ids outside [0, P), kv_len beyond M * C, q_len > kv_len, or cu_q_lens not starting
     at 0 / decreasing / past T.
   """
-  impl = implementation or _default_implementation()
+  impl = implementation or default_implementation()
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"ragged_paged_attention implementation={impl!r} is not available; choose one of "
                      f"{IMPLEMENTATIONS}.")
@@ -101,27 +101,13 @@ def ragged_paged_attention(
                                                          num_seqs)
   sm_scale = float(q_TNH.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
   args = (q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-  if impl == "xla" and decode_only:
-    if q_TNH.shape[0] != page_indices.shape[0]:
-      raise ValueError(f"decode_only needs one query row per sequence slot: T={q_TNH.shape[0]}, "
-                       f"S={page_indices.shape[0]}.")
-    return paged_decode_attention_reference(q_TNH, k_pages, v_pages, kv_lens, page_indices, sm_scale=sm_scale)
   if impl == "xla":
-    return _reference_jit(*args, sm_scale=sm_scale)
+    return _xla_jit(*args, sm_scale=sm_scale, block_q=_xla_block_q(q_TNH, page_indices, block_sizes))
   if impl == "tpu":
     _check_tpu_tiling(q_TNH, k_pages, block_sizes)
     return ragged_paged_attention_tpu(*args, sm_scale=sm_scale, interpret=interpret, **block_sizes)
   _check_gpu_tiling(q_TNH, k_pages, block_sizes)
   return ragged_paged_attention_gpu(*args, sm_scale=sm_scale, interpret=interpret, **block_sizes)
-
-
-def _default_implementation() -> str:
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return "tpu"
-  if backend in ("gpu", "cuda"):
-    return "gpu"
-  return "xla"
 
 
 def _concrete(x):
@@ -195,6 +181,15 @@ def _validate(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
                          f"{len(used)} entries).")
   as_i32 = lambda x: jnp.asarray(x, jnp.int32)
   return as_i32(kv_lens), as_i32(page_indices), as_i32(cu_q_lens), jnp.reshape(as_i32(num_seqs), ())
+
+
+def _xla_block_q(q, page_indices, block_sizes) -> int:
+  """block_q for "xla": the caller's, else 1 when T <= S (decode-shaped batch), else 8 (prefill chunks present)."""
+  T, S = q.shape[0], page_indices.shape[0]
+  block_q = block_sizes.get("block_q", 1 if T <= S else 8)
+  if isinstance(block_q, bool) or not isinstance(block_q, (int, np.integer)) or block_q <= 0:
+    raise ValueError(f"implementation='xla' needs block_q={block_q!r} to be a positive int.")
+  return int(block_q)
 
 
 def _check_tpu_tiling(q, k_pages, block_sizes):

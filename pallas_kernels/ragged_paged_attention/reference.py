@@ -10,9 +10,8 @@ Unused pages are never read: page-table entries past cdiv(kv_len, page_size) are
 entry before the gather, and the keys/values of every slot at or past kv_len (the tail of the last page included)
 are zeroed, so NaN or garbage there cannot reach the result (p * NaN would be NaN even with p = 0).
 
-Cost is S * T * L per head (every slot scores every query row); this is an oracle and a CPU fallback, not a fast path.
-`paged_decode_attention_reference` is the XLA path for the common decode-only step (q_len = 1 for every slot, row i
-is slot i): one batched gather of each slot's pages and one batched attention, S * L per head.
+Cost is S * T * L per head (every slot scores every query row): this is the oracle the implementations ("xla" in
+xla.py, the TPU and GPU kernels) are tested against, not a serving path.
 """
 
 import jax
@@ -68,26 +67,3 @@ def ragged_paged_attention_reference(
     o_TNH = jnp.where(in_seq_T[:, None, None], o_i_TNH, o_TNH)
   return o_TNH
 
-
-def paged_decode_attention_reference(q_SNH, k_PKCH, v_PKCH, kv_lens_S, page_indices_SM, *, sm_scale: float):
-  """Decode-only ragged paged attention: row i of q is slot i's one new token (at position kv_lens[i] - 1).
-
-  Same unused-page rules as above: entries past cdiv(kv_len, C) are redirected to the slot's first page; logits of
-  keys at or past kv_len are masked and their values zeroed, so garbage (even NaN) there never reaches the output.
-  [S, N, H] in q's dtype.
-  """
-  S, N, H = q_SNH.shape
-  P, K, C, _ = k_PKCH.shape
-  M = page_indices_SM.shape[1]
-  G = N // K
-  used_SM = jnp.arange(M)[None] < ((kv_lens_S + C - 1) // C)[:, None]
-  pages_SM = jnp.clip(jnp.where(used_SM, page_indices_SM, page_indices_SM[:, :1]), 0, P - 1)
-  visible_SMC = (jnp.arange(M * C)[None] < kv_lens_S[:, None]).reshape(S, M, C)
-  # The gathered pages stay [S, M, K, C, H] (no transpose to [S, K, M * C, H]: that copy cost a third of the time).
-  q_SKGH = q_SNH.reshape(S, K, G, H)
-  logits = jnp.einsum("SKGH,SMKCH->SKGMC", q_SKGH, k_PKCH[pages_SM], preferred_element_type=jnp.float32) * sm_scale
-  logits = jnp.where(visible_SMC[:, None, None], logits, -jnp.inf)  # also drops a NaN from an invisible key
-  probs = jax.nn.softmax(logits.reshape(S, K, G, M * C), axis=-1).reshape(S, K, G, M, C)
-  v_SMKCH = jnp.where(visible_SMC[:, :, None, :, None], v_PKCH[pages_SM], 0).astype(jnp.float32)
-  o_SKGH = jnp.einsum("SKGMC,SMKCH->SKGH", probs, v_SMKCH)
-  return o_SKGH.reshape(S, N, H).astype(q_SNH.dtype)

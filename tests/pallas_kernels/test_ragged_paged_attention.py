@@ -1,5 +1,6 @@
-"""Ragged paged attention: reference vs naive float64 numpy, Pallas kernels (interpreted) vs reference, validation,
-and lowering of both kernels for TPU (Mosaic) and CUDA (Triton) with jax.export.
+"""Ragged paged attention: the plain-jnp oracle vs naive float64 numpy, the "xla" implementation vs naive numpy over
+ragged layouts and block sizes, Pallas kernels (interpreted) vs the oracle, validation, and lowering of both kernels
+for TPU (Mosaic) and CUDA (Triton) with jax.export.
 
 Every case poisons the cache: pages no sequence uses, page-table entries past a sequence's used pages, padding slots
 (>= num_seqs), the tail of each last page past kv_len and the bucket-padding query rows are all NaN, so any stray read
@@ -15,12 +16,14 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from jaxllm.pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
 def make_case(rng, q_lens, kv_lens, *, N, K, H=128, C=16, dtype=jnp.float32, pad_seqs=0, pad_rows=0, spare_pages=1,
-              unused_out_of_range=False):
+              num_nan_pages=3, unused_out_of_range=False):
   """A ragged batch over a shuffled, NaN-poisoned paged cache [P, K, C, H].
 
   Unused page-table entries point at NaN pages, or with unused_out_of_range at ids outside [0, P) (legal: they are
@@ -30,7 +33,6 @@ def make_case(rng, q_lens, kv_lens, *, N, K, H=128, C=16, dtype=jnp.float32, pad
   S = num_seqs + pad_seqs
   need = [-(-kv // C) for kv in kv_lens]
   M = max(need) + spare_pages
-  num_nan_pages = 3
   P = sum(need) + num_nan_pages
   k = rng.standard_normal((P, K, C, H)).astype(np.float32)
   v = rng.standard_normal((P, K, C, H)).astype(np.float32)
@@ -85,6 +87,19 @@ def naive_numpy(q, k, v, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale):
   return out
 
 
+def as_numpy(args):
+  """The case's arrays as numpy (float arrays as float32, so bf16 inputs reach naive_numpy exactly)."""
+  return [np.asarray(a.astype(jnp.float32)) if jnp.issubdtype(a.dtype, jnp.floating) else np.asarray(a) for a in args]
+
+
+_reference_jit = jax.jit(ragged_paged_attention_reference, static_argnames=("sm_scale",))
+
+
+def reference(args):
+  """The plain-jnp oracle at the default scale."""
+  return _reference_jit(*args, sm_scale=args[0].shape[-1] ** -0.5)
+
+
 def assert_close(out, ref, args, dtype):
   q_len_total = int(args[5][int(args[6])])
   out = np.asarray(out.astype(jnp.float32))
@@ -107,21 +122,68 @@ def run_kernel(impl, args, **kw):
 
 def test_reference_matches_naive_numpy(rng):
   args = make_case(rng, [1, 17, 5, 1], [30, 40, 5, 70], N=6, K=2, H=32, pad_seqs=1, pad_rows=3)
-  ref = ragged_paged_attention(*args)  # CPU default: implementation "xla"
   expected = naive_numpy(*(np.asarray(a) for a in args), sm_scale=32 ** -0.5)
-  assert_close(ref, expected, args, jnp.float32)
+  assert_close(reference(args), expected, args, jnp.float32)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_decode_only_xla_path_matches_naive_numpy(rng, dtype):
-  """The batched decode formulation (one new token per slot) over NaN-poisoned pages, incl. out-of-range entries."""
-  args = make_case(rng, [1] * 6, [1, 16, 17, 50, 64, 3], N=8, K=2, H=32, dtype=dtype, unused_out_of_range=True)
-  out = ragged_paged_attention(*args, implementation="xla", decode_only=True)
-  as_np = [np.asarray(a.astype(jnp.float32)) if jnp.issubdtype(a.dtype, jnp.floating) else np.asarray(a) for a in args]
-  assert_close(out, naive_numpy(*as_np, sm_scale=32 ** -0.5), args, dtype)
-  padded = make_case(rng, [1] * 3, [4, 9, 2], N=8, K=2, H=32, pad_rows=2)  # T = 5 rows for S = 3 slots
-  with pytest.raises(ValueError, match="one query row per sequence slot"):
-    ragged_paged_attention(*padded, implementation="xla", decode_only=True)
+# The "xla" cases are metadata in two fixed buckets (T, S, M, P), as in serving: one compiled program per bucket,
+# block_q and dtype serves every layout. C = 4, H = 16. (name, bucket, q_lens, kv_lens, make_case options).
+DECODE_BUCKET = (8, 8, 17, 48)  # T <= S: default block_q 1
+MIXED_BUCKET = (30, 8, 12, 48)  # T > S: default block_q 8; 30 is not a multiple of 4, 8 or 16
+XLA_LAYOUTS = [
+    ("decode", DECODE_BUCKET, [1] * 8, [1, 16, 17, 50, 64, 3, 4, 9], dict(unused_out_of_range=True)),
+    ("decode_padded", DECODE_BUCKET, [1] * 5, [7, 33, 2, 12, 40], {}),
+    ("decodes_then_chunks", MIXED_BUCKET, [1, 1, 1, 7, 12], [5, 20, 33, 7, 30], {}),
+    ("chunks_then_decodes", MIXED_BUCKET, [12, 7, 1, 1, 1], [30, 7, 5, 20, 33], dict(unused_out_of_range=True)),
+    ("interleaved_empty", MIXED_BUCKET, [1, 9, 0, 1, 0, 13, 1], [40, 9, 6, 3, 0, 20, 17], {}),
+    # Every sequence but the first starts inside a block: needs all W items for block_q 4, 8 and 16.
+    ("straddling", MIXED_BUCKET, [3, 4, 4, 4, 4, 6, 4, 1], [3, 10, 4, 20, 8, 6, 30, 12], {}),
+]
+# dtype: (N, K, block_q values). bf16 runs the default block_q only (1 in the decode bucket, 8 in the mixed one).
+XLA_DTYPES = {jnp.float32: (8, 2, (1, 4, 8, 16)), jnp.bfloat16: (6, 2, ())}
+
+
+def num_items(q_lens, block_q):
+  """The number of (sequence, query block) work items a layout needs, counted in Python."""
+  cu = np.cumsum([0] + q_lens)
+  return sum((e - 1) // block_q - s // block_q + 1 for s, e in zip(cu[:-1], cu[1:]) if e > s)
+
+
+@pytest.mark.parametrize("dtype", XLA_DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("layout", XLA_LAYOUTS, ids=[c[0] for c in XLA_LAYOUTS])
+def test_xla_matches_naive_numpy(rng, layout, dtype):
+  """Any ragged layout, several block_q (and the default): decodes and chunks with cached prefixes in any order,
+  q_len 0 slots, padding slots and rows, NaN in unused pages and page tails."""
+  name, (T, S, M, P), q_lens, kv_lens, opts = layout
+  N, K, block_qs = XLA_DTYPES[dtype]
+  C = 4
+  need = [-(-kv // C) for kv in kv_lens]
+  args = make_case(rng, q_lens, kv_lens, N=N, K=K, H=16, C=C, dtype=dtype, pad_rows=T - sum(q_lens),
+                   pad_seqs=S - len(q_lens), spare_pages=M - max(need), num_nan_pages=P - sum(need), **opts)
+  assert args[0].shape[0] == T and args[4].shape == (S, M) and args[1].shape[0] == P
+  if name == "straddling":
+    assert all(num_items(q_lens, b) == num_work_items(T, S, b) for b in (4, 8, 16))
+  expected = naive_numpy(*as_numpy(args), sm_scale=16 ** -0.5)
+  for block_q in block_qs + (None,):
+    kw = {} if block_q is None else dict(block_q=block_q)
+    out = ragged_paged_attention(*args, implementation="xla", **kw)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    try:
+      assert_close(out, expected, args, dtype)
+    except AssertionError as e:
+      raise AssertionError(f"block_q={block_q}: {e}") from e
+
+
+def test_xla_fully_masked_row_stays_local(rng):
+  """A sequence whose rows see no key (q_len > kv_len, only reachable with traced metadata) shares both of its
+  blocks with other sequences; their rows are unchanged and nothing is NaN."""
+  args = make_case(rng, [3, 2, 3], [10, 6, 12], N=4, K=2, H=16, C=4)  # block 0: rows 0-3, block 1: rows 4-7
+  f = jax.jit(functools.partial(ragged_paged_attention, implementation="xla", block_q=4))
+  good = np.asarray(f(*args))
+  bad = np.asarray(f(*args[:3], args[3].at[1].set(0), *args[4:]))
+  assert np.isfinite(bad).all()
+  np.testing.assert_array_equal(bad[:3], good[:3])  # sequence 0: rows 0-2, sequence 1: rows 3-4
+  np.testing.assert_array_equal(bad[5:], good[5:])
 
 
 # (name, q_lens, kv_lens, N, K, C, dtype, extra make_case/kernel options)
@@ -145,7 +207,7 @@ def test_kernel_matches_reference(rng, impl, case):
   if impl == "gpu":  # the GPU kernel has its own block_q default (rows per program)
     opts.pop("block_q", None)
   args = make_case(rng, q_lens, kv_lens, N=N, K=K, C=C, dtype=dtype, **make_opts)
-  ref = ragged_paged_attention(*args, implementation="xla")
+  ref = reference(args)
   out = run_kernel(impl, args, **opts)
   assert out.shape == args[0].shape and out.dtype == dtype
   assert_close(out, ref, args, dtype)
@@ -164,7 +226,7 @@ def test_traced_metadata_under_jit(rng):
   """Under jit the value checks are skipped and the kernel still matches (metadata is traced)."""
   args = make_case(rng, [3, 1], [20, 9], N=4, K=2)
   f = jax.jit(functools.partial(ragged_paged_attention, implementation="gpu", interpret=True))
-  assert_close(f(*args), ragged_paged_attention(*args, implementation="xla"), args, jnp.float32)
+  assert_close(f(*args), reference(args), args, jnp.float32)
 
 
 def _valid_args():
@@ -198,6 +260,7 @@ VALIDATION = [
     ("implementation", dict(implementation="cuda"), "implementation='cuda'"),
     ("interpret_xla", dict(implementation="xla", interpret=True), "interpret=True"),
     ("block_size_name", dict(implementation="tpu", block_k=8), "block_k"),
+    ("xla_block_q", dict(implementation="xla", block_q=0), "positive int"),
     ("tpu_page_size", dict(implementation="tpu", k_pages=jnp.zeros((6, 2, 12, 32)), v_pages=jnp.zeros((6, 2, 12, 32)),
                            kv_lens=jnp.array([20, 3], jnp.int32)), "multiple of 8"),
     ("gpu_block_q", dict(implementation="gpu", block_q=3), "power of two"),
@@ -249,6 +312,6 @@ def test_kernel_sweep(impl, dtype, C, N, K):
   kv_lens = [int(q + rng.integers(0, 3 * C)) for q in q_lens]
   args = make_case(rng, q_lens, kv_lens, N=N, K=K, C=C, dtype=dtype, pad_seqs=2, pad_rows=7,
                    unused_out_of_range=bool(N % 4))
-  ref = ragged_paged_attention(*args, implementation="xla")
+  ref = reference(args)
   out = run_kernel(impl, args, pages_per_block=2)
   assert_close(out, ref, args, dtype)

@@ -1,6 +1,9 @@
-"""The engine and scheduler on a tiny random model: batch invariance, seeded sampling, preemption, page accounting,
-no recompilation after warmup, bad requests. The oracle is `jaxllm.generate.Generator` running each prompt alone
-(contiguous cache, its own code path), itself checked against transformers in test_hf_parity / test_generate."""
+"""The engine's mixed step and the scheduler on a tiny random model: batch invariance with chunked prefill and the
+prefix cache on and off, seeded sampling, preemption, page accounting, no recompilation after warmup, bad requests.
+The oracle is `tests.oracle.Generator` running each prompt alone (contiguous cache, its own code path), itself
+checked against transformers in test_hf_parity / test_generate."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -9,15 +12,18 @@ from flax import nnx
 
 from jaxllm import checkpoint
 from jaxllm.config import ModelConfig
-from jaxllm.generate import Generator
 from jaxllm.layers import Llama
 from jaxllm.sampling import SamplingArrays, SamplingParams
-from jaxllm.serving.engine import Engine, EngineConfig
+from jaxllm.serving.config import EngineConfig
+from jaxllm.serving.engine import Engine
 from jaxllm.serving.scheduler import Scheduler
+from tests.oracle import Generator
 
 CONFIG = ModelConfig(vocab_size=256, d_model=64, d_ff=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                      max_position_embeddings=512)
 MAX_LEN = 384
+# Chunks of at most 64 tokens: prompts up to 300 tokens are prefilled over several steps beside the decodes.
+ENGINE = EngineConfig(max_model_len=MAX_LEN, max_num_seqs=8, max_num_batched_tokens=64, page_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def alone(model):
-  """Each prompt generated on its own (batch of one) by the first generation path."""
+  """Each prompt generated on its own (batch of one) by the oracle."""
   gen = Generator(model, max_batch_size=1)
   cache = {}
 
@@ -44,10 +50,14 @@ def alone(model):
 
 @pytest.fixture(scope="module")
 def engine(model):
-  eng = Engine(model, EngineConfig(max_model_len=MAX_LEN, num_slots=8, page_size=16, max_prefill_batch=4,
-                                   min_prefill_len=32, decode_steps=2))
+  eng = Engine(model, ENGINE)
   eng.warmup()
   return eng
+
+
+def engine_with(model, **changes):
+  """Another engine over the same model: programs of equal shapes are shared, so nothing new compiles."""
+  return Engine(model, dataclasses.replace(ENGINE, **changes))
 
 
 def run_with_arrivals(sched, prompts, params, rng, seeds=None):
@@ -63,21 +73,55 @@ def run_with_arrivals(sched, prompts, params, rng, seeds=None):
   return [reqs[i] for i in range(len(prompts))]
 
 
-def test_greedy_outputs_equal_each_prompt_alone_whatever_the_batch(engine, alone):
+def assert_all_pages_back(sched):
+  sched.allocator.check()
+  assert sched.allocator.num_free == sched.allocator.capacity  # free, or cached and held by nobody
+  assert all(s is None for s in sched.slots) and not sched.running and not sched.requests
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_greedy_outputs_equal_each_prompt_alone_whatever_the_batch(model, engine, alone, prefix_caching):
   rng = np.random.default_rng(1)
   lengths = rng.integers(1, 301, 32)
-  prompts = [rng.integers(0, 256, int(n)).tolist() for n in lengths]
+  system = rng.integers(0, 256, 40).tolist()  # a third of the prompts share a 40-token prefix (2 full pages)
+  prompts = [(system if i % 3 == 0 else []) + rng.integers(0, 256, int(n)).tolist() for i, n in enumerate(lengths)]
+  prompts = [p[:MAX_LEN - 30] for p in prompts]
   max_tokens = [int(m) for m in rng.integers(1, 24, 32)]
   params = [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens]
   compiled = engine.num_compilations()
-  sched = Scheduler(engine)
+  sched = Scheduler(engine_with(model, enable_prefix_caching=prefix_caching))
   reqs = run_with_arrivals(sched, prompts, params, rng)
   for i, r in enumerate(reqs):
     assert r.output_ids == alone(prompts[i], max_tokens[i]), i
     assert r.finish_reason == "length" and len(r.logprobs) == max_tokens[i]
   assert engine.num_compilations() == compiled  # every shape was compiled by warmup
-  sched.allocator.check()
-  assert sched.allocator.num_free == sched.allocator.capacity
+  hits = sched.prefix_cache_hits
+  assert (hits > 0) == prefix_caching
+  assert sched.num_steps > max(len(p) for p in prompts) // ENGINE.max_num_batched_tokens  # long prompts chunked
+  assert_all_pages_back(sched)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_running_decodes(engine, alone):
+  rng = np.random.default_rng(7)
+  short = [rng.integers(0, 256, 5).tolist() for _ in range(4)]
+  long = rng.integers(0, 256, 330).tolist()
+  sched = Scheduler(engine)
+  runners = [sched.add(p, SamplingParams(max_tokens=40, temperature=0)) for p in short]
+  for _ in range(3):
+    sched.step()
+  before = [len(r.output_ids) for r in runners]
+  big = sched.add(long, SamplingParams(max_tokens=8, temperature=0))
+  steps = 0
+  while big.num_computed < len(long):
+    sched.step()
+    steps += 1
+  # 330 tokens at <= 64 - 4 per step: at least 6 steps, and every decode moved on at each of them.
+  assert steps >= 330 // 60
+  assert all(len(r.output_ids) + r.pending >= b + steps for r, b in zip(runners, before))
+  sched.run_until_done()
+  assert big.output_ids == alone(long, 8)
+  for p, r in zip(short, runners):
+    assert r.output_ids == alone(p, 40)
 
 
 def test_seeded_sampling_is_independent_of_batch_company(engine, alone):
@@ -98,9 +142,8 @@ def test_seeded_sampling_is_independent_of_batch_company(engine, alone):
 
 def test_forced_preemption_gives_the_unconstrained_outputs(model, alone):
   # 12 usable pages of 8 tokens: four sequences of ~40 tokens cannot all grow to ~64; the latest admitted is
-  # preempted and later recomputed from prompt + output so far.
-  eng = Engine(model, EngineConfig(max_model_len=128, num_slots=4, page_size=8, num_pages=13, max_prefill_batch=2,
-                                   min_prefill_len=32, decode_steps=2))
+  # preempted and later recomputed from prompt + output so far (mostly from its own cached pages).
+  eng = Engine(model, dataclasses.replace(ENGINE, max_model_len=128, max_num_seqs=4, page_size=8, num_pages=13))
   rng = np.random.default_rng(3)
   prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(20, 40, 6)]
   sched = Scheduler(eng)
@@ -109,20 +152,21 @@ def test_forced_preemption_gives_the_unconstrained_outputs(model, alone):
   assert sched.num_preemptions > 0
   for p, r in zip(prompts, reqs):
     assert r.output_ids == alone(p, 24)
-  sched.allocator.check()
-  assert sched.allocator.num_free == 12
+  assert_all_pages_back(sched)
 
 
-def test_2000_mixed_requests_with_cancellations_and_preemptions_free_every_page(model, alone):
+def test_2000_mixed_requests_with_cancellations_preemptions_and_prefix_hits_free_every_page(model, alone):
   # A cache too small for every slot to grow: preemptions happen throughout; a fifth of the requests are n = 2
-  # samples sharing pages; cancellations hit queued, running and in-flight requests alike.
-  eng = Engine(model, EngineConfig(max_model_len=128, num_slots=8, page_size=8, num_pages=48, max_prefill_batch=4,
-                                   min_prefill_len=32, decode_steps=4))
+  # samples, a third share one of a few prefixes; cancellations hit queued, running and in-flight requests alike.
+  eng = Engine(model, dataclasses.replace(ENGINE, max_model_len=128, page_size=8, num_pages=48))
   rng = np.random.default_rng(4)
+  prefixes = [rng.integers(0, 256, 24).tolist() for _ in range(3)]
   sched = Scheduler(eng)
   live, cancelled, checked = [], 0, []
   while len(live) < 2000:
     prompt = rng.integers(0, 256, int(rng.integers(1, 40))).tolist()
+    if rng.random() < 0.3:
+      prompt = prefixes[int(rng.integers(3))] + prompt[:16]
     max_tokens = int(rng.integers(1, 40))
     if rng.random() < 0.2:
       live += sched.add_samples(prompt, SamplingParams(n=2, max_tokens=max_tokens, temperature=0.8),
@@ -144,12 +188,11 @@ def test_2000_mixed_requests_with_cancellations_and_preemptions_free_every_page(
   assert all(r.finished for r in live)
   done = sum(r.finish_reason == "length" for r in live)
   assert cancelled > 50 and done + cancelled == len(live) >= 2000
-  assert sched.num_preemptions > 20 and sched.num_forks > 50
+  assert sched.num_preemptions > 20
+  assert sched.prefix_cache_hits > 1000  # tokens: shared prefixes, n = 2 siblings, recomputes
   for r, prompt, max_tokens in checked:
     assert r.output_ids == alone(prompt, max_tokens)
-  sched.allocator.check()
-  assert sched.allocator.num_free == sched.allocator.capacity
-  assert all(s is None for s in sched.slots) and not sched.requests
+  assert_all_pages_back(sched)
 
 
 @pytest.mark.parametrize("prompt, params, message", [
@@ -159,9 +202,9 @@ def test_2000_mixed_requests_with_cancellations_and_preemptions_free_every_page(
     ([1, 2], SamplingParams(logit_bias={999: 1.0}), "logit_bias names token ids"),
     ([1, 2], SamplingParams(logprobs=5), "num_top_logprobs"),
 ])
-def test_bad_requests_are_rejected_before_the_device_and_the_engine_keeps_serving(engine, alone, prompt, params,
-                                                                                  message):
-  sched = Scheduler(engine)
+def test_bad_requests_are_rejected_before_the_device_and_the_engine_keeps_serving(model, engine, alone, prompt,
+                                                                                  params, message):
+  sched = Scheduler(engine_with(model, num_top_logprobs=0) if "logprobs" in message else engine)
   good = sched.add([5, 6, 7], SamplingParams(max_tokens=5, temperature=0))
   with pytest.raises(ValueError, match=message):
     sched.add(prompt, params)
@@ -171,34 +214,51 @@ def test_bad_requests_are_rejected_before_the_device_and_the_engine_keeps_servin
 
 def test_n_samples_share_the_prompt_pages_and_draw_what_each_seed_draws_alone(engine, alone):
   rng = np.random.default_rng(5)
-  prompt = rng.integers(0, 256, 70).tolist()  # 70 tokens: 4 full pages shared, the 5th copied per sample
+  prompt = rng.integers(0, 256, 70).tolist()  # 70 tokens: 4 full pages computed once, the 5th by every sample
   params = SamplingParams(n=4, max_tokens=10, temperature=0.8, top_k=50)
   seeds = [11, 12, 13, 14]
   sched = Scheduler(engine)
   samples = sched.add_samples(prompt, params, seeds=seeds)
   other = sched.add([3, 4, 5], SamplingParams(max_tokens=6, temperature=0))
   sched.step()
-  assert sched.num_forks == 3  # one prefill for the prompt; samples 1..3 joined on its pages
-  assert sched.allocator.num_shared() == 4
+  # Sample 0's first chunk (64 tokens, the budget) registers 4 full pages; samples 1..3 are admitted in later steps
+  # on those pages and compute only positions 64..69.
   sched.run_until_done()
+  assert [r.num_cached_tokens for r in samples] == [0, 64, 64, 64]
+  assert sched.num_prompt_tokens_computed == 70 + 3 * 6 + 3
   for k, r in enumerate(samples):
     assert r.output_ids == alone(prompt, 10, 0.8, seeds[k], 50), k
   assert len({tuple(r.output_ids) for r in samples}) > 1
   assert other.output_ids == alone([3, 4, 5], 6)
-  sched.allocator.check()
-  assert sched.allocator.num_free == sched.allocator.capacity
+  assert_all_pages_back(sched)
 
 
-def test_n_samples_without_room_to_share_are_prefilled_on_their_own(model, alone):
-  # Two slots: sample 0 and 1 share; samples 2 and 3 wait for a slot and are prefilled alone later.
-  eng = Engine(model, EngineConfig(max_model_len=128, num_slots=2, page_size=8, max_prefill_batch=2,
-                                   min_prefill_len=32, decode_steps=2))
-  prompt = list(range(1, 21))
-  sched = Scheduler(eng)
-  samples = sched.add_samples(prompt, SamplingParams(n=4, max_tokens=8, temperature=1.0), seeds=[1, 2, 3, 4])
+def test_a_prompt_of_whole_pages_recomputes_only_its_last_page(engine, alone):
+  prompt = list(range(1, 49))  # 3 full pages: the cache may supply 2, the request computes the third itself
+  sched = Scheduler(engine)
+  a = sched.add(prompt, SamplingParams(max_tokens=4, temperature=0))
   sched.run_until_done()
-  assert sched.num_forks == 1
-  for k, r in enumerate(samples):
-    assert r.output_ids == alone(prompt, 8, 1.0, k + 1), k
-  sched.allocator.check()
-  assert sched.allocator.num_free == sched.allocator.capacity
+  b = sched.add(prompt, SamplingParams(max_tokens=4, temperature=0))
+  sched.run_until_done()
+  assert (a.num_cached_tokens, b.num_cached_tokens) == (0, 32)
+  assert a.output_ids == b.output_ids == alone(prompt, 4)
+  assert_all_pages_back(sched)
+
+
+def test_penalized_requests_build_their_own_history(engine):
+  # A repetition penalty reads the whole prompt: such a request takes no cached prefix and still equals itself alone.
+  rng = np.random.default_rng(6)
+  prompt = rng.integers(0, 256, 50).tolist()
+  params = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.8, frequency_penalty=0.5)
+  sched = Scheduler(engine)
+  warm = sched.add(prompt, SamplingParams(max_tokens=2, temperature=0))  # puts the prompt's pages in the cache
+  sched.run_until_done()
+  pen = sched.add(prompt, params)
+  plain = sched.add(prompt, SamplingParams(max_tokens=12, temperature=0))
+  sched.run_until_done()
+  solo = Scheduler(engine)
+  ref = solo.add(prompt, params)
+  solo.run_until_done()
+  assert warm.finished and pen.num_cached_tokens == 0 and plain.num_cached_tokens == 48
+  assert pen.output_ids == ref.output_ids
+  assert pen.output_ids != plain.output_ids  # the penalties did something

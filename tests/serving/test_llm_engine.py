@@ -12,7 +12,8 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.config import ModelConfig
-from jaxllm.serving.engine import EngineConfig, page_bytes, size_kv_cache
+from jaxllm.serving.config import EngineConfig
+from jaxllm.serving.kv_cache import page_bytes, size_kv_cache
 
 CONFIG = ModelConfig(vocab_size=256, d_model=64, d_ff=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                      max_position_embeddings=256)
@@ -35,7 +36,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(saved):
-  return LLM(saved, max_num_seqs=4, decode_steps=4)
+  return LLM(saved, max_num_seqs=4, max_num_batched_tokens=32)
 
 
 def test_offline_batch_larger_than_the_slots_comes_back_in_input_order(llm):
@@ -88,8 +89,19 @@ def test_a_bad_prompt_queues_nothing(llm):
   assert not llm.scheduler.has_work()
 
 
+def test_engine_settings_have_one_carrier(saved):
+  with pytest.raises(ValueError, match="unknown engine setting 'max_num_seq' \\(did you mean 'max_num_seqs'\\?\\)"):
+    LLM(saved, max_num_seq=4)
+  with pytest.raises(ValueError, match="max_model_len=300 exceeds the model's context length 256"):
+    LLM(saved, max_model_len=300)
+  with pytest.raises(ValueError, match="not both"):
+    LLM(saved, engine_config=EngineConfig(), max_num_seqs=2)
+  with pytest.raises(ValueError, match="max_num_batched_tokens=8 must be at least max_num_seqs=16"):
+    EngineConfig(max_num_seqs=16, max_num_batched_tokens=8)
+
+
 def test_kv_cache_is_sized_from_a_memory_budget():
-  ec = EngineConfig(max_model_len=256, num_slots=4, page_size=16)
+  ec = EngineConfig(max_model_len=256, max_num_seqs=4, page_size=16)
   per_page = page_bytes(ec, CONFIG, "float32")
   assert per_page == 2 * 2 * 2 * 16 * 16 * 4  # K and V, 2 layers, 2 KV heads, 16 tokens, head dim 16, f32
   assert size_kv_cache(ec, CONFIG, "float32") == ec.pages_wanted  # 0.5 of free RAM holds more than all slots need
@@ -128,7 +140,7 @@ def test_stream_yields_what_generate_returns_and_frees_pages_when_left_early(llm
     want = llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0].outputs[0]
     chunks = list(llm.stream(prompt, params))
     assert [t for c in chunks for t in c.token_ids] == want.token_ids
-    assert len(chunks) >= 19 // 4  # one chunk per engine call of decode_steps=4 tokens
+    assert len(chunks) == 19  # token by token: one chunk per engine step
     assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
   alloc = llm.scheduler.allocator
   free = alloc.num_free

@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from jaxllm import SamplingParams
+from jaxllm.serving.config import EngineConfig
 from jaxllm.serving.server import ServerConfig, run_in_thread
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -20,8 +21,8 @@ PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server():
-  srv, thread, loop, stop = run_in_thread(ServerConfig(model="default", port=0, max_model_len=512, max_num_seqs=8,
-                                                       warmup=False, served_model_name="smollm2"))
+  srv, thread, loop, stop = run_in_thread(ServerConfig(model="default", port=0, warmup=False, served_model_name="smollm2",
+                                                       engine=EngineConfig(max_model_len=512, max_num_seqs=8)))
   deadline = time.time() + 300
   while getattr(srv, "port", None) is None or srv.state != "ready":
     assert srv.state != "failed", srv.load_error
@@ -168,6 +169,23 @@ def test_metrics_count_requests_and_tokens(server, client):
                "jaxllm_kv_pages_used", "jaxllm_num_requests_waiting", "jaxllm_num_preemptions"):
     assert name in text, name
   assert 'jaxllm_requests_total{endpoint="completions",status="200"}' in text
+
+
+def metric(server, name: str) -> float:
+  _, text = raw(server, "/metrics")
+  return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_prefix_cache_hits_show_in_metrics(server, client):
+  system = {"role": "system", "content": "You are a terse assistant. " * 12}  # ~70 tokens: 4 full pages
+  before = (metric(server, "jaxllm_prefix_cache_queries_total"), metric(server, "jaxllm_prefix_cache_hits_total"))
+  answers = [client.chat.completions.create(model="smollm2", messages=[system, {"role": "user", "content": q}],
+                                            max_tokens=4, temperature=0).choices[0].message.content
+             for q in ("Hi!", "Hello!", "Hi!")]
+  queries = metric(server, "jaxllm_prefix_cache_queries_total") - before[0]
+  hits = metric(server, "jaxllm_prefix_cache_hits_total") - before[1]
+  assert queries > 3 * 70 and hits >= 2 * 64  # the 2nd and 3rd reuse the system prompt's pages
+  assert answers[0] == answers[2]
 
 
 def test_concurrent_streams_with_disconnects_all_complete_and_free_every_page(server, default_llm):

@@ -20,12 +20,13 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxllm import checkpoint  # noqa: E402
-from jaxllm.generate import Generator  # noqa: E402
 from jaxllm.layers import Llama  # noqa: E402
 from jaxllm.sharding import make_mesh  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # common.py, and the repo root for tests.oracle
 from common import TINY_8_2, greedy, inputs  # noqa: E402
+from tests.oracle import Generator  # noqa: E402
 
 
 def main():

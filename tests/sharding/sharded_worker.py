@@ -15,12 +15,13 @@ from flax import nnx
 
 from jaxllm import checkpoint
 from jaxllm.config import ModelConfig
-from jaxllm.generate import Generator
 from jaxllm.layers import Llama
 from jaxllm.sharding import make_mesh
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # common.py, and the repo root for tests.oracle
 from common import greedy, inputs  # noqa: E402
+from tests.oracle import Generator  # noqa: E402
 
 CASES = [("model=8", "tp"), ("data=2,model=4", "tp"), ("x=2,y=4", "2d"), ("data=8", "dp")]
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")

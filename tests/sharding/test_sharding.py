@@ -82,8 +82,8 @@ def test_two_processes_of_four_devices_match_one_device():
   from flax import nnx
 
   from jaxllm import checkpoint
-  from jaxllm.generate import Generator
   from jaxllm.layers import Llama
+  from tests.oracle import Generator
 
   sys.path.insert(0, os.path.dirname(__file__))
   from common import TINY_8_2, greedy, inputs

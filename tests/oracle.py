@@ -1,14 +1,28 @@
-"""The first generation path: batched prefill + chunked decode over a contiguous KV cache, all jit-compiled.
+"""The tests' independent generation oracle: batched prefill + chunked decode over a contiguous KV cache.
 
+The library generates only through the paged engine (`jaxllm.serving`); engine tests compare it against this separate
+code path, typically with each prompt generated alone (`max_batch_size=1`). Here the cache is contiguous, k/v
+[L, B, S, K, H] with the token at position p of row b at [:, b, p] (`KVCache`, plugged into `Llama.__call__` as a
+`LayerCache`), and decode attends with the position-causal reference `jaxllm.pallas_kernels.attention`, not ragged
+paged attention. The oracle is itself checked: its logits against transformers in test_hf_parity; in test_generate,
+cached decode == full forward, and padding or batch company change nothing.
+
+    gen = Generator(model)
+    gen.logits(tokens_BT)                                      -> float32 [B, T, V], full forward
+    gen.score(rows)                                            -> per row: logprob of each next token, was it the argmax
+    gen.generate(prompts, max_new, sampling, stop_fn, max_len) -> per row: new token ids, their logprobs
+
+The jit programs behind them:
+
+    forward_logits(params, tokens_BT, positions_BT)            -> float32 logits [B, T, V]
     prefill(params, tokens_BT, lengths_B, cache, sampling)     -> first token per row, its logprob, cache
     decode(params, cache, tokens_B, positions_B, sampling, n)  -> n more tokens per row (lax.scan), cache
-    score(params, tokens_BT)                                   -> logprob of each next token and whether it is the argmax
+    score(params, tokens_BT)                                   -> logprob of each next token, whether it is the argmax
 
 Prompts are right-padded to a length bucket; pads sit at later positions than every real token, so they never reach a
 real row's attention (see `jaxllm.pallas_kernels.reference`). Shapes are bucketed (batch to a power of two, prompt and
-cache lengths to multiples of 64/128) so a session compiles a handful of programs. The cache is donated: decode updates
-it in place. The host loop dispatches chunk i+1 before it reads chunk i's tokens, so device work and host bookkeeping
-overlap. The paged engine in `jaxllm.serving` replaces this path.
+cache lengths to multiples of 64/128) so a test compiles a handful of programs. The cache is donated: decode updates
+it in place. The host loop dispatches chunk i+1 before it reads chunk i's tokens.
 """
 
 from __future__ import annotations
@@ -16,11 +30,49 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
-from jaxllm.layers.llama import KVCache, Llama
+from jaxllm import pallas_kernels
+from jaxllm.config import ModelConfig
+from jaxllm.layers.llama import Llama
 from jaxllm.sampling import SamplingArrays, sample
 from jaxllm.sharding.distributed import host_value
+
+
+@struct.dataclass
+class KVCache:
+  """Contiguous KV cache. k, v: [L, B, S, K, H] in the model dtype; rides through the layer scan as carry."""
+
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, config: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  def view(self, k, v, layer, attention_impl):
+    return StackedCacheView(k, v, layer)
+
+
+class StackedCacheView:
+  """One layer's view of a KVCache inside the layer scan: writes the new K/V rows, attends over the layer's cache.
+
+  The token at position p of row b is stored at [layer, b, p]; keys are visible by position (kv_pos <= q_pos), so
+  slots not yet written (after the row's current position) are never read into a real row's output.
+  """
+
+  def __init__(self, k_LBSKH, v_LBSKH, layer):
+    self.k, self.v, self.layer = k_LBSKH, v_LBSKH, layer
+
+  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
+    B, S = self.k.shape[1:3]
+    rows_B1 = jnp.arange(B)[:, None]
+    self.k = self.k.at[self.layer, rows_B1, positions_BT].set(k_BTKH, mode="drop")
+    self.v = self.v.at[self.layer, rows_B1, positions_BT].set(v_BTKH, mode="drop")
+    kv_pos_1S = jnp.arange(S, dtype=positions_BT.dtype)[None]
+    return pallas_kernels.attention(q_BTNH, self.k[self.layer], self.v[self.layer], positions_BT, kv_pos_1S,
+                                    sm_scale=sm_scale)
 
 
 def bucket(n: int, multiple: int, cap: int | None = None) -> int:
