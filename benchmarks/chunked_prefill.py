@@ -80,7 +80,7 @@ def scenario(llm, short_prompts, long_prompt, args) -> Run:
     wall = step()
     if carried:
       chunk_steps.append(wall)
-    carried = long.num_computed > before
+    carried = before < min(long.num_computed, len(long_prompt))  # a prompt chunk (its first decode row is not)
     prefill_steps += carried
   b_end = stamps[long.request_id][0]
   sched.run_until_done()

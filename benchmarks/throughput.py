@@ -83,6 +83,7 @@ def decode_step_seconds(llm, slots, context):
   import jax
 
   from jaxllm.sampling import SamplingArrays
+  from jaxllm.serving import engine as engine_lib
   from jaxllm.serving.engine import Row
 
   eng = llm.engine
@@ -94,12 +95,20 @@ def decode_step_seconds(llm, slots, context):
   st = eng.init_state()
   st, r = eng.step(st, batch)
   jax.block_until_ready(r)
-  best = float("inf")
-  for _ in range(5):
+  best = {"step": float("inf"), "forward": float("inf"), "pick": float("inf")}
+
+  def timed(name, fn, *a, **kw):
     start = time.perf_counter()
-    st, r = eng.step(st, batch)
-    jax.block_until_ready(r)
-    best = min(best, time.perf_counter() - start)
+    out = jax.block_until_ready(fn(*a, **kw))
+    best[name] = min(best[name], time.perf_counter() - start)
+    return out
+
+  for _ in range(5):  # the whole step, then its two programs on their own (the per-stage profile)
+    st, r = timed("step", eng.step, st, batch)
+    st, h = timed("forward", engine_lib._forward, eng.graphdef, eng.params, st, batch,
+                  attention_impl=eng.config.attention_impl)
+    st, r = timed("pick", engine_lib._pick, eng.graphdef, eng.params, st, h, batch.seqs,
+                  num_top=eng.config.num_top_logprobs)
   del st
   return best, batch.tokens_T.shape[0], batch.page_indices_SM.shape[1]
 
@@ -184,10 +193,11 @@ def main():
   tflops = common.matmul_tflops(args.dtype)
   steps = []
   for slots in sorted({1, args.max_num_seqs}):
-    t, T, M = decode_step_seconds(llm, slots, args.step_context)
+    times, T, M = decode_step_seconds(llm, slots, args.step_context)
+    t = times["step"]
     floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
     compute = step_flops(mc, slots, args.step_context) / (tflops * 1e12)
-    steps.append((slots, T, M, t, floor, compute))
+    steps.append((slots, T, M, t, floor, compute, times["forward"], times["pick"]))
 
   agree = None
   if not args.skip_hf and not args.preset:
@@ -225,10 +235,11 @@ def main():
       f"measured copy bandwidth; compute floor = FLOPs of the step (2 per weight per row + attention) / "
       f"{tflops:.3f} TFLOP/s measured {args.dtype} matmul. 'of floor' is the larger floor over the step time.",
       "",
-      "| sequences | bucket (tokens, pages) | step ms | bandwidth floor ms | compute floor ms | of floor | step / compute floor |",
-      "|---:|---|---:|---:|---:|---:|---:|",
-  ] + [f"| {s} | {T}, {M} | {t * 1e3:.1f} | {f * 1e3:.1f} | {c * 1e3:.1f} | {max(f, c) / t:.0%} | {t / c:.1f}x |"
-       for s, T, M, t, f, c in steps] + [""]
+      "| sequences | bucket (tokens, pages) | step ms | model ms | LM head + sampler ms | bandwidth floor ms | "
+      "compute floor ms | of floor | step / compute floor |",
+      "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+  ] + [f"| {s} | {T}, {M} | {t * 1e3:.1f} | {fw * 1e3:.1f} | {pk * 1e3:.1f} | {f * 1e3:.1f} | {c * 1e3:.1f} | "
+       f"{max(f, c) / t:.0%} | {t / c:.1f}x |" for s, T, M, t, f, c, fw, pk in steps] + [""]
   common.publish(lines, args.results)
 
 

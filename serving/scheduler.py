@@ -225,7 +225,9 @@ class Scheduler:
   # ------------------------------------------------------------------ scheduling
   def _schedule(self) -> list[tuple[Request, Row]]:
     budget = self.config.max_num_batched_tokens
-    scheduled: dict[Request, int] = {}  # request -> tokens this step (insertion order: decodes first)
+    # request -> its row, built (and its full pages offered to the prefix cache) as soon as it is scheduled, so a
+    # request admitted after it in this step can reuse those pages (insertion order: decodes first).
+    scheduled: dict[Request, Row] = {}
     preempted = False
     # 1. decodes, then 2. running prefills (a decode never waits behind a prompt chunk).
     for decoding in (True, False):
@@ -239,14 +241,15 @@ class Scheduler:
         if n == 0:
           break
         while not self.allocator.ensure(req.request_id, req.num_computed + n):
-          victim = self.running[-1]
-          budget += scheduled.pop(victim, 0)
+          victim = self.running[-1]  # never one whose prefill chunk is already scheduled: those are older
+          dropped = scheduled.pop(victim, None)
+          budget += len(dropped.tokens) if dropped else 0
           self._preempt(victim)
           preempted = True
           if victim is req:
             break
         if req.status == RUNNING:
-          scheduled[req] = n
+          scheduled[req] = self._row(req, n)
           budget -= n
     # 3. admissions (none in a step that had to preempt: the pool is short).
     while (self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs):
@@ -262,9 +265,9 @@ class Scheduler:
       if self.allocator.enable_prefix_caching:
         self.prefix_cache_queries += len(tokens)
         self.prefix_cache_hits += start
-      scheduled[req] = n
+      scheduled[req] = self._row(req, n)
       budget -= n
-    return [(req, self._row(req, n)) for req, n in scheduled.items()]
+    return list(scheduled.items())
 
   def _row(self, req: Request, n: int) -> Row:
     """req's next n positions as a step row; advances its bookkeeping as if the step had run (it will have, before

@@ -233,6 +233,20 @@ def test_n_samples_share_the_prompt_pages_and_draw_what_each_seed_draws_alone(en
   assert_all_pages_back(sched)
 
 
+def test_samples_admitted_in_one_step_reuse_the_pages_that_step_writes(engine, alone):
+  # 40 tokens, n = 3, budget 64: sample 0 computes all 40; samples 1 and 2 join in the same step on its 2 full pages
+  # (written earlier in the same forward pass, layer by layer) and compute 8 tokens each: 56 tokens in one step.
+  prompt = list(range(7, 47))
+  sched = Scheduler(engine)
+  samples = sched.add_samples(prompt, SamplingParams(n=3, max_tokens=6, temperature=0.9), seeds=[1, 2, 3])
+  sched.step()
+  assert [r.num_cached_tokens for r in samples] == [0, 32, 32] and all(r.num_computed == 40 for r in samples)
+  sched.run_until_done()
+  for k, r in enumerate(samples):
+    assert r.output_ids == alone(prompt, 6, 0.9, k + 1), k
+  assert_all_pages_back(sched)
+
+
 def test_a_prompt_of_whole_pages_recomputes_only_its_last_page(engine, alone):
   prompt = list(range(1, 49))  # 3 full pages: the cache may supply 2, the request computes the third itself
   sched = Scheduler(engine)
