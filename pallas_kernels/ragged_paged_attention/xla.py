@@ -98,7 +98,7 @@ def ragged_paged_attention_xla(
 
   # Gather: query blocks and each item's page window.
   q_pad_TNH = jnp.pad(q_TNH, ((0, num_blocks * block_q - T), (0, 0), (0, 0)))
-  q_WbKGH = q_pad_TNH.reshape(num_blocks, block_q, K, G, H)[block_W]
+  q_WbKGH = _take(q_pad_TNH.reshape(num_blocks, block_q, K, G, H), block_W)
   used_WM = jnp.arange(M) < ((kv_len_W + C - 1) // C)[:, None]
   pages_WM = page_indices_SM[seq_W]
   pages_WM = jnp.clip(jnp.where(used_WM, pages_WM, pages_WM[:, :1]), 0, P - 1)
@@ -107,15 +107,21 @@ def ragged_paged_attention_xla(
 
   # Attend. Invisible logits are replaced (not added to), so a NaN key never survives the mask. A row's position is
   # below kv_len, so the causal test also hides every key at or past kv_len.
-  s_WKGbMC = jnp.einsum("WbKGH,WMKCH->WKGbMC", q_WbKGH, k_PKCH[pages_WM],
+  s_WKGbMC = jnp.einsum("WbKGH,WMKCH->WKGbMC", q_WbKGH, _take(k_PKCH, pages_WM),
                         preferred_element_type=jnp.float32) * sm_scale
   visible_WbMC = in_seq_Wb[:, :, None, None] & (kv_pos_MC <= q_pos_Wb[:, :, None, None])
   s_WKGbMC = jnp.where(visible_WbMC[:, None, None], s_WKGbMC, _MASKED)
   p_WKGbMC = jax.nn.softmax(s_WKGbMC, axis=(-2, -1))
-  v_WMKCH = jnp.where(in_kv_WMC[:, :, None, :, None], v_PKCH[pages_WM], 0).astype(jnp.float32)
+  v_WMKCH = jnp.where(in_kv_WMC[:, :, None, :, None], _take(v_PKCH, pages_WM), 0).astype(jnp.float32)
   o_WbKGH = jnp.einsum("WKGbMC,WMKCH->WbKGH", p_WKGbMC, v_WMKCH)
 
   # Scatter each item's own rows back; rows of other sequences (and unused items) go out of range and are dropped.
   row_Wb = jnp.where(in_seq_Wb, t_Wb, T)
   o_TNH = jnp.zeros((T, N, H), q_TNH.dtype)
   return o_TNH.at[row_Wb.reshape(-1)].set(o_WbKGH.reshape(W * block_q, N, H).astype(q_TNH.dtype), mode="drop")
+
+
+def _take(x, indices):
+  """x[indices] along axis 0 for indices already in range. `mode="clip"` skips the out-of-bounds handling of plain
+  indexing, which XLA:CPU runs about 7x slower (8 ms vs 1.2 ms to gather 2,048 pages of [3, 16, 64] float32)."""
+  return jnp.take(x, indices, axis=0, mode="clip")
