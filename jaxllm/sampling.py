@@ -202,7 +202,7 @@ def process_logits(logits_BV, s: SamplingArrays, positions_B, history: TokenHist
   Each stage runs under a `lax.cond` on whether any row uses it, so a batch without biases, penalties or a pending
   min_tokens pays nothing for them; a skipped stage is the identity (a zero bias, a penalty of 1 / 0 and an empty
   mask change no logit). With `history_rows_B`, row b reads history row history_rows_B[b] of a larger table (e.g.
-  the engine's [num_slots, V] state); the gather happens inside the penalty branch only.
+  the engine's [max_num_seqs, V] state); the gather happens inside the penalty branch only.
   """
   B, V = logits_BV.shape
   rows_B1 = jnp.arange(B)[:, None]

@@ -2,7 +2,7 @@
 
     engine = Engine(model, EngineConfig(max_model_len=2048, max_num_seqs=32))
     state = engine.init_state()
-    batch = StepBatch.build(engine, rows)          # decode tokens + prefill chunks (`serving.scheduler` builds them)
+    batch = engine.build(rows)                     # decode tokens + prefill chunks (`serving.scheduler` picks them)
     state, result = engine.step(state, batch)      # asynchronous: read `result` one step later
 
 The step. Every call runs one ragged batch of new tokens through the model once: one token for every decoding
