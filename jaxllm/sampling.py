@@ -118,6 +118,11 @@ class SamplingParams:
       bad("stop_token_ids", self.stop_token_ids, f"must be at most {MAX_STOP_IDS - 2} non-negative integers")
     object.__setattr__(self, "stop_token_ids", ids)
 
+  @property
+  def uses_penalties(self) -> bool:
+    """Whether a repetition, presence or frequency penalty is on (the token history is read)."""
+    return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
   def check_vocab(self, vocab_size: int) -> None:
     """Token ids the request names must exist in the model's vocabulary."""
     for field, ids in (("logit_bias", list(self.logit_bias)), ("stop_token_ids", list(self.stop_token_ids))):
@@ -186,6 +191,10 @@ class SamplingArrays:
       out.num_logprobs[i] = p.logprobs or 0
     return out
 
+  def uses_penalties(self) -> jax.Array:
+    """[B] bool: the rows that read the token history (a repetition, presence or frequency penalty is on)."""
+    return (self.repetition_penalty != 1) | (self.presence_penalty != 0) | (self.frequency_penalty != 0)
+
 
 @struct.dataclass
 class TokenHistory:
@@ -232,8 +241,7 @@ def process_logits(logits_BV, s: SamplingArrays, positions_B, history: TokenHist
   keep = lambda z_BV: z_BV  # noqa: E731
   logits_BV = jax.lax.cond(jnp.any(s.bias_ids >= 0), add_bias, keep, logits_BV)
   if history is not None:
-    penalized = (s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0)
-    logits_BV = jax.lax.cond(jnp.any(penalized), penalize, keep, logits_BV)
+    logits_BV = jax.lax.cond(jnp.any(s.uses_penalties()), penalize, keep, logits_BV)
   return jax.lax.cond(jnp.any(hold), mask_stops, keep, logits_BV)
 
 

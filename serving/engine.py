@@ -108,10 +108,6 @@ class StepResult:
   top_logprobs: jax.Array  # [S, n] float32
 
 
-def _uses_penalties(s: SamplingArrays) -> jax.Array:
-  return (s.repetition_penalty != 1.0) | (s.presence_penalty != 0.0) | (s.frequency_penalty != 0.0)
-
-
 def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention_impl: str | None):
   """The model over one ragged batch: K/V into the pages, the penalties' history fed the step's prompt and replayed
   tokens (only when a sequence in it uses penalties). Returns the state and the hidden state of each sequence's last
@@ -136,7 +132,7 @@ def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention
     counts = counts.at[b.slot_T, jnp.where(b.history_T == 2, tokens_T, V)].add(1, mode="drop")
     return TokenHistory(output_counts=counts, in_prompt=in_prompt)
 
-  history = jax.lax.cond(jnp.any(_uses_penalties(q.sampling) & valid_S), record_inputs, lambda h: h, state.history)
+  history = jax.lax.cond(jnp.any(q.sampling.uses_penalties() & valid_S), record_inputs, lambda h: h, state.history)
   return state.replace(k=cache.k, v=cache.v, history=history), h_SD
 
 
@@ -157,7 +153,7 @@ def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, *, num_top
     (tok_S, lp_S), top_ids, top_lp = drawn, jnp.zeros((S, 0), jnp.int32), jnp.zeros((S, 0), jnp.float32)
   into = jnp.where(b.sample_S & valid_S, b.slot_S, Z)
   history = jax.lax.cond(
-      jnp.any(_uses_penalties(b.sampling) & valid_S),
+      jnp.any(b.sampling.uses_penalties() & valid_S),
       lambda h: h.replace(output_counts=h.output_counts.at[into, tok_S].add(1, mode="drop")), lambda h: h,
       state.history)
   state = state.replace(tokens=state.tokens.at[into].set(tok_S, mode="drop"), history=history)
@@ -313,6 +309,6 @@ class Engine:
 
   @staticmethod
   def num_compilations() -> int:
-    """Step programs (forward and pick) compiled so far in this process (engines of the same model and shapes share them); flat once
-    warmup has run."""
+    """Step programs (forward and pick) compiled so far in this process (engines of the same model and shapes share
+    them); flat once warmup has run."""
     return _forward._cache_size() + _pick._cache_size()

@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxllm.serving.config import EngineConfig
+from jaxllm.serving.config import EngineConfig, cdiv
 
 CPU_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU default KV space; the CPU default fraction is also capped at this
 
@@ -24,7 +24,7 @@ def page_bytes(engine_config: EngineConfig, model_config, dtype, num_shards: int
   """Bytes one KV page (all layers, K and V) takes on each device holding a 1/num_shards slice of its heads."""
   mc = model_config
   per_page = 2 * mc.num_layers * mc.num_kv_heads * engine_config.page_size * mc.head_dim * jnp.dtype(dtype).itemsize
-  return -(-per_page // num_shards)
+  return cdiv(per_page, num_shards)
 
 
 def free_device_bytes(devices) -> tuple[int, bool]:

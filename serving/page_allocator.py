@@ -32,6 +32,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxllm.serving.config import cdiv
+
 SCRATCH_PAGE = 0  # padding tokens and idle slots write here; no sequence ever reads it
 _ROOT_KEY = b""  # the parent of a sequence's first page
 _TOKEN_DTYPE = np.dtype("<i4")  # the bytes hashed per token: the same on every host
@@ -104,7 +106,7 @@ class PageAllocator:
     return self.num_pages - 1
 
   def pages_for(self, num_tokens: int) -> int:
-    return -(-num_tokens // self.page_size)
+    return cdiv(num_tokens, self.page_size)
 
   def pages(self, seq) -> list[int]:
     return self._owned[seq]

@@ -101,10 +101,6 @@ class Request:
     return head + self.output_ids[max(start - n, 0):max(stop - n, 0)]
 
 
-def uses_penalties(p: SamplingParams) -> bool:
-  return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
 class Scheduler:
 
   def __init__(self, engine: Engine, tokenizer=None, eos_ids: tuple[int, ...] = (), seed: int = 0):
@@ -255,7 +251,7 @@ class Scheduler:
     while (self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs):
       req = self.waiting[0]
       tokens = req.prompt_ids + req.output_ids
-      hit = [] if uses_penalties(req.params) else self.allocator.match(tokens)
+      hit = [] if req.params.uses_penalties else self.allocator.match(tokens)
       start = len(hit) * self.config.page_size
       n = min(len(tokens) - start, budget)
       if not self.allocator.allocate(req.request_id, start + n, hit):
