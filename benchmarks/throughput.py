@@ -110,7 +110,7 @@ def decode_step_seconds(llm, slots, context):
     st, r = timed("pick", engine_lib._pick, eng.graphdef, eng.params, st, h, batch.seqs,
                   num_top=eng.config.num_top_logprobs)
   del st
-  return best, batch.tokens_T.shape[0], batch.page_indices_SM.shape[1]
+  return best, batch.tokens_T.shape[0]
 
 
 def step_flops(mc, rows, context):
@@ -193,11 +193,11 @@ def main():
   tflops = common.matmul_tflops(args.dtype)
   steps = []
   for slots in sorted({1, args.max_num_seqs}):
-    times, T, M = decode_step_seconds(llm, slots, args.step_context)
+    times, T = decode_step_seconds(llm, slots, args.step_context)
     t = times["step"]
     floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
     compute = step_flops(mc, slots, args.step_context) / (tflops * 1e12)
-    steps.append((slots, T, M, t, floor, compute, times["forward"], times["pick"]))
+    steps.append((slots, T, t, floor, compute, times["forward"], times["pick"]))
 
   agree = None
   if not args.skip_hf and not args.preset:
@@ -235,11 +235,11 @@ def main():
       f"measured copy bandwidth; compute floor = FLOPs of the step (2 per weight per row + attention) / "
       f"{tflops:.3f} TFLOP/s measured {args.dtype} matmul. 'of floor' is the larger floor over the step time.",
       "",
-      "| sequences | bucket (tokens, pages) | step ms | model ms | LM head + sampler ms | bandwidth floor ms | "
+      "| sequences | token bucket | step ms | model ms | LM head + sampler ms | bandwidth floor ms | "
       "compute floor ms | of floor | step / compute floor |",
       "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-  ] + [f"| {s} | {T}, {M} | {t * 1e3:.1f} | {fw * 1e3:.1f} | {pk * 1e3:.1f} | {f * 1e3:.1f} | {c * 1e3:.1f} | "
-       f"{max(f, c) / t:.0%} | {t / c:.1f}x |" for s, T, M, t, f, c, fw, pk in steps] + [""]
+  ] + [f"| {s} | {T} | {t * 1e3:.1f} | {fw * 1e3:.1f} | {pk * 1e3:.1f} | {f * 1e3:.1f} | {c * 1e3:.1f} | "
+       f"{max(f, c) / t:.0%} | {t / c:.1f}x |" for s, T, t, f, c, fw, pk in steps] + [""]
   common.publish(lines, args.results)
 
 

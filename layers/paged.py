@@ -1,7 +1,16 @@
 """Paged KV cache for a ragged batch: the layout the ragged paged attention kernel reads.
 
-    k, v: [L, P, K, C, H]     P pages of C tokens per layer (KV head before token: one contiguous [C, H] tile per
-                              head and page, see jaxllm.pallas_kernels.ragged_paged_attention)
+    k, v: [L * P, K, C, H]   the L layers' pages of C tokens as one pool: layer l's page p is pool page l * P + p
+                             (KV head before token: one contiguous [C, H] tile per head and page, see
+                             jaxllm.pallas_kernels.ragged_paged_attention). The engine keeps them stacked
+                             [L, P, K, C, H]; `PagedKVCache.over` and `stacked` reshape (free) in and out.
+
+Why one pool rather than a per-layer slice: the K/V write and attention read inside the layer scan must both work in
+place on the scan's carry. Slicing out k[layer] copies the layer's whole pool whenever its reader is a loop or a
+kernel call rather than a fusable gather, and carrying [L, P, ...] while attention reads a reshaped pool lets XLA split
+the write into two buffers (a copy of the whole cache per layer; seen on XLA:CPU for one-row steps). Either way a
+step would cost in proportion to the cache, not to the batch. With the pool as the carry, the write is one in-place
+scatter and every attention implementation reads the same buffer with page ids offset by layer * P.
 
 A step feeds the model B = 1 and the new tokens of all sequences concatenated on the T axis (sequence i owns rows
 cu_q_lens[i]:cu_q_lens[i+1]). `slot_page_T` / `slot_offset_T` say where each new token's K/V go (vLLM's slot mapping:
@@ -23,17 +32,31 @@ from jaxllm.config import ModelConfig
 class PagedKVCache:
   """Pages plus one step's metadata. Shapes: T new tokens, S sequence slots, M pages per sequence."""
 
-  k: jax.Array  # [L, P, K, C, H]
-  v: jax.Array  # [L, P, K, C, H]
-  slot_page_T: jax.Array  # int32 page id for each new token's K/V
+  k: jax.Array  # [L * P, K, C, H]
+  v: jax.Array  # [L * P, K, C, H]
+  slot_page_T: jax.Array  # int32 page id (in [0, P)) for each new token's K/V
   slot_offset_T: jax.Array  # int32 offset in that page
   kv_lens: jax.Array  # [S] int32, context length including this step's tokens
-  page_indices: jax.Array  # [S, M] int32
+  page_indices: jax.Array  # [S, M] int32, page ids in [0, P)
   cu_q_lens: jax.Array  # [S + 1] int32
   num_seqs: jax.Array  # int32 scalar
+  num_layers: int = struct.field(pytree_node=False, default=1)
+
+  @classmethod
+  def over(cls, k_LPKCH: jax.Array, v_LPKCH: jax.Array, **metadata) -> "PagedKVCache":
+    """The cache over stacked pages [L, P, K, C, H] (reshaped, not copied, into the pool)."""
+    L = k_LPKCH.shape[0]
+    pool = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    return cls(k=pool(k_LPKCH), v=pool(v_LPKCH), num_layers=L, **metadata)
+
+  def stacked(self) -> tuple[jax.Array, jax.Array]:
+    """k, v as [L, P, K, C, H]."""
+    stack = lambda x: x.reshape(self.num_layers, -1, *x.shape[1:])  # noqa: E731
+    return stack(self.k), stack(self.v)
 
   @staticmethod
   def zero_pages(config: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Stacked [L, P, K, C, H] zero pages."""
     shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
@@ -42,7 +65,7 @@ class PagedKVCache:
 
 
 class PagedCacheView:
-  """One layer's view of [L, P, K, C, H] pages inside the layer scan, with the step's metadata."""
+  """One layer's view of the [L * P, K, C, H] pool inside the layer scan, with the step's metadata."""
 
   def __init__(self, meta: PagedKVCache, k, v, layer, attention_impl):
     self.meta, self.k, self.v, self.layer = meta, k, v, layer
@@ -52,10 +75,11 @@ class PagedCacheView:
     if q_BTNH.shape[0] != 1:
       raise ValueError(f"a paged step takes the ragged tokens as B=1, T=tokens; got B={q_BTNH.shape[0]}.")
     m = self.meta
-    # Advanced indices on axes 1 and 3 with a slice between: the update is laid out [T, K, H].
-    self.k = self.k.at[self.layer, m.slot_page_T, :, m.slot_offset_T].set(k_BTKH[0])
-    self.v = self.v.at[self.layer, m.slot_page_T, :, m.slot_offset_T].set(v_BTKH[0])
+    offset = self.layer * (self.k.shape[0] // m.num_layers)  # this layer's first pool page
+    # Advanced indices on axes 0 and 2 with a slice between: the update is laid out [T, K, H].
+    self.k = self.k.at[m.slot_page_T + offset, :, m.slot_offset_T].set(k_BTKH[0])
+    self.v = self.v.at[m.slot_page_T + offset, :, m.slot_offset_T].set(v_BTKH[0])
     o_TNH = pallas_kernels.ragged_paged_attention(
-        q_BTNH[0], self.k[self.layer], self.v[self.layer], m.kv_lens, m.page_indices, m.cu_q_lens, m.num_seqs,
+        q_BTNH[0], self.k, self.v, m.kv_lens, m.page_indices + offset, m.cu_q_lens, m.num_seqs,
         sm_scale=sm_scale, implementation=self.impl, interpret=self.interpret)
     return o_TNH[None]

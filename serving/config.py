@@ -9,10 +9,9 @@ flags build an `EngineConfig` from these fields; nothing copies them through lay
 
 Buckets. A step runs a ragged batch of T tokens (one per decoding sequence plus prefill chunks) over at most
 min(T, max_num_seqs) sequences. T is rounded up to a token bucket: 1, powers of 4 from 4 up to max_num_batched_tokens,
-and max_num_seqs itself (a full decode batch is exact). On the XLA attention path (CPU) the step also gathers a fixed
-number of pages per sequence, rounded up to a page bucket (powers of 4 up to the pages of max_model_len); the Pallas
-kernels read only the pages a sequence uses, so there the page count is always the full one. Compiled programs: the
-model per (token bucket, page bucket) plus the sampler per distinct min(T, max_num_seqs).
+and max_num_seqs itself (a full decode batch is exact). Nothing is bucketed by pages: every attention implementation
+reads only the pages each sequence uses (the XLA path with a loop whose trip count follows them). Compiled programs:
+the model per token bucket plus the sampler per distinct min(T, max_num_seqs).
 """
 
 from __future__ import annotations
@@ -103,13 +102,6 @@ class EngineConfig:
     to max_num_batched_tokens, and max_num_seqs (a full decode batch is exact)."""
     budget = self.max_num_batched_tokens
     return tuple(sorted(set(ladder(min(4, budget), budget, 4)) | {1, self.max_num_seqs}))
-
-  def page_buckets(self, reads_all_pages: bool) -> tuple[int, ...]:
-    """Pages per sequence a step gathers; `reads_all_pages`: the attention implementation gathers a fixed number (the
-    XLA path), so fewer for short sequences pays; otherwise one bucket, all of them."""
-    if not reads_all_pages:
-      return (self.pages_per_seq,)
-    return ladder(min(4, self.pages_per_seq), self.pages_per_seq, 4)
 
 
 def cdiv(a: int, b: int) -> int:

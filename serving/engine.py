@@ -15,8 +15,8 @@ the next step and in the result for the host. The JetStream names map onto it: `
 `insert` is the host seating a sequence in a slot (no device work), `generate` is a step's decode rows.
 
 A step is two jitted programs dispatched back to back (no host sync between them): `forward` (the model, compiled
-per token bucket T and page bucket M) and `pick` (LM head and sampler over the S = min(T, max_num_seqs) last rows,
-compiled per S), so the sampler's many branches compile a few times rather than once per (T, M). Sampling settings
+per token bucket T) and `pick` (LM head and sampler over the S = min(T, max_num_seqs) last rows, compiled per S), so
+the sampler's many branches compile a few times rather than once per T. Sampling settings
 arrive per step as [S] rows, so a new request never recompiles; the only per-slot device state is the last sampled
 token and the penalties' token history, which a step touches only when a sequence in it uses penalties. The state is
 donated: the KV pages are updated in place.
@@ -33,8 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxllm import pallas_kernels
-from jaxllm.pallas_kernels.backend import default_implementation
 from jaxllm.layers.llama import Llama
 from jaxllm.layers.paged import PagedKVCache
 from jaxllm.sampling import SamplingArrays, TokenHistory, sample
@@ -111,14 +109,14 @@ class StepResult:
 def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention_impl: str | None):
   """The model over one ragged batch: K/V into the pages, the penalties' history fed the step's prompt and replayed
   tokens (only when a sequence in it uses penalties). Returns the state and the hidden state of each sequence's last
-  row [S, D]. Compiled per (T, M); the state's pages and history are donated."""
+  row [S, D]. Compiled per T; the state's pages and history are donated."""
   model = nnx.merge(graphdef, params)
   b, q = batch, batch.seqs
   Z = state.tokens.shape[0]
   valid_S = jnp.arange(q.slot_S.shape[0]) < q.num_seqs
   tokens_T = jnp.where(b.use_last_T, state.tokens[b.slot_T], b.tokens_T)
-  cache = PagedKVCache(k=state.k, v=state.v, slot_page_T=b.page_T, slot_offset_T=b.offset_T, kv_lens=q.kv_lens_S,
-                       page_indices=b.page_indices_SM, cu_q_lens=b.cu_q_lens_S1, num_seqs=q.num_seqs)
+  cache = PagedKVCache.over(state.k, state.v, slot_page_T=b.page_T, slot_offset_T=b.offset_T, kv_lens=q.kv_lens_S,
+                            page_indices=b.page_indices_SM, cu_q_lens=b.cu_q_lens_S1, num_seqs=q.num_seqs)
   h_1TD, cache = model(tokens_T[None], b.positions_T[None], cache, attention_impl)
   h_SD = h_1TD[0, jnp.maximum(b.cu_q_lens_S1[1:] - 1, 0)]
 
@@ -133,7 +131,8 @@ def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention
     return TokenHistory(output_counts=counts, in_prompt=in_prompt)
 
   history = jax.lax.cond(jnp.any(q.sampling.uses_penalties() & valid_S), record_inputs, lambda h: h, state.history)
-  return state.replace(k=cache.k, v=cache.v, history=history), h_SD
+  k, v = cache.stacked()
+  return state.replace(k=k, v=v, history=history), h_SD
 
 
 def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, *, num_top: int):
@@ -193,10 +192,7 @@ class Engine:
     self.activation_sharding = model.activation_sharding
     self.graphdef, self.params = nnx.split(model)
     self.num_pages = size_kv_cache(config, model.config, model.dtype, self.activation_sharding)
-    impl, _ = pallas_kernels.split_impl(config.attention_impl)
-    on_xla = (impl or default_implementation()) == "xla"
     self.token_buckets = config.token_buckets
-    self.page_buckets = config.page_buckets(reads_all_pages=on_xla)
     self._static = dict(attention_impl=config.attention_impl)
 
   # ------------------------------------------------------------------ state
@@ -213,10 +209,10 @@ class Engine:
                                             in_prompt=jnp.zeros((Z, V), bool)))
 
   # ------------------------------------------------------------------ the step
-  def step_shape(self, num_tokens: int, max_pages: int) -> tuple[int, int, int]:
-    """The (T, S, M) bucket a step of `num_tokens` rows whose longest sequence holds `max_pages` pages runs with."""
+  def step_shape(self, num_tokens: int) -> tuple[int, int]:
+    """The (T, S) bucket a step of `num_tokens` rows runs with."""
     T = bucket(max(num_tokens, 1), self.token_buckets)
-    return T, min(T, self.config.max_num_seqs), bucket(max(max_pages, 1), self.page_buckets)
+    return T, min(T, self.config.max_num_seqs)
 
   def build(self, rows: list[Row]) -> StepBatch:
     """A StepBatch from the step's rows (at most max_num_seqs of them, at most max_num_batched_tokens tokens)."""
@@ -225,8 +221,8 @@ class Engine:
     if len(rows) > c.max_num_seqs or n_tok > c.max_num_batched_tokens:
       raise ValueError(f"a step takes at most {c.max_num_seqs} sequences and {c.max_num_batched_tokens} tokens; got "
                        f"{len(rows)} and {n_tok}.")
-    T, S, M = self.step_shape(n_tok, max((cdiv(r.start + len(r.tokens), c.page_size) for r in rows), default=1))
-    C = c.page_size
+    T, S = self.step_shape(n_tok)
+    C, M = c.page_size, c.pages_per_seq
     i32 = lambda n, fill=0: np.full((n,), fill, np.int32)  # noqa: E731
     tokens, positions, slot_T, page_T, offset_T = i32(T), i32(T), i32(T), i32(T, SCRATCH_PAGE), i32(T)
     use_last, hist_T = np.zeros((T,), bool), np.zeros((T,), np.int8)
@@ -285,26 +281,26 @@ class Engine:
 
   # ------------------------------------------------------------------ compilation
   def warmup(self, state: EngineState | None = None) -> EngineState:
-    """Compiles the step for every (token bucket, page bucket). Runs on `state` (an idle scheduler's: padding rows
+    """Compiles the step for every token bucket. Runs on `state` (an idle scheduler's: padding rows
     write only the scratch page) and returns it, so no second KV cache is allocated; None makes a scratch state."""
     start, before = time.perf_counter(), self.num_compilations()
     state = self.init_state() if state is None else state
     for T in self.token_buckets:
-      for M in self.page_buckets:
-        state, _ = self.step(state, self._padding_batch(T, M))
+      state, _ = self.step(state, self._padding_batch(T))
     state = jax.block_until_ready(state)
     logging.getLogger("jaxllm.engine").info("warmup: %d programs in %.1f s", self.num_compilations() - before,
                                             time.perf_counter() - start)
     return state
 
-  def _padding_batch(self, T: int, M: int) -> StepBatch:
-    """A step of bucket (T, M) with no sequences (every row padding)."""
+  def _padding_batch(self, T: int) -> StepBatch:
+    """A step of bucket T with no sequences (every row padding)."""
     S = min(T, self.config.max_num_seqs)
     z = lambda n, dt=np.int32: np.zeros((n,), dt)  # noqa: E731
     seqs = SeqBatch(num_seqs=np.int32(0), kv_lens_S=z(S), slot_S=z(S), sample_S=z(S, bool), reset_S=z(S, bool),
                     sampling=SamplingArrays.create(S, temperature=0.0))
     return StepBatch(tokens_T=z(T), use_last_T=z(T, bool), positions_T=z(T), slot_T=z(T), page_T=z(T), offset_T=z(T),
-                     history_T=z(T, np.int8), page_indices_SM=np.zeros((S, M), np.int32), cu_q_lens_S1=z(S + 1),
+                     history_T=z(T, np.int8), page_indices_SM=np.zeros((S, self.config.pages_per_seq), np.int32),
+                     cu_q_lens_S1=z(S + 1),
                      seqs=seqs)
 
   @staticmethod

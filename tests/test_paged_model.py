@@ -41,11 +41,12 @@ def run_step(model, k, v, seqs, new_tokens, impl):
   table = np.full((len(seqs), M), -1, np.int32)
   for i, (t, _) in enumerate(seqs):
     table[i, :len(t)] = t
-  cache = PagedKVCache(k=k, v=v, slot_page_T=jnp.array(pages, jnp.int32), slot_offset_T=jnp.array(offsets, jnp.int32),
-                       kv_lens=jnp.array(kv_lens, jnp.int32), page_indices=jnp.array(table),
-                       cu_q_lens=jnp.array(cu, jnp.int32), num_seqs=jnp.int32(len(seqs)))
+  cache = PagedKVCache.over(k, v, slot_page_T=jnp.array(pages, jnp.int32),
+                            slot_offset_T=jnp.array(offsets, jnp.int32), kv_lens=jnp.array(kv_lens, jnp.int32),
+                            page_indices=jnp.array(table), cu_q_lens=jnp.array(cu, jnp.int32),
+                            num_seqs=jnp.int32(len(seqs)))
   h, cache = model(jnp.array([tokens], jnp.int32), jnp.array([positions], jnp.int32), cache, attention_impl=impl)
-  return np.asarray(model.logits(h)[0]), cache.k, cache.v
+  return np.asarray(model.logits(h)[0]), *cache.stacked()
 
 
 @pytest.mark.parametrize("impl", ["xla", "gpu-interpret", "tpu-interpret"])

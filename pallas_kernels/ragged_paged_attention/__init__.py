@@ -1,7 +1,8 @@
 """Ragged paged attention (vLLM-TPU formulation): one call serves a mixed batch of prefill chunks and decodes.
 
 `ragged_paged_attention(...)` is the single dispatch. It validates the arguments, then runs one of
-  "xla"  xla.py         plain XLA ops over a static work list of (sequence, query block) items; CPU default,
+  "xla"  xla.py         plain XLA ops, flash-decoding style: (sequence, query block, KV block) items folded by a
+                        loop whose trip count follows the keys actually read; CPU default,
   "tpu"  kernel_tpu.py  Mosaic kernel: scalar-prefetched metadata, double-buffered page DMAs HBM -> VMEM,
   "gpu"  kernel_gpu.py  Triton kernel: one program per (query unit, KV head), page gathers, online softmax.
 
@@ -28,17 +29,18 @@ import numpy as np
 from jaxllm.pallas_kernels.backend import default_implementation
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_gpu import ragged_paged_attention_gpu
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_tpu import ragged_paged_attention_tpu
-from jaxllm.pallas_kernels.ragged_paged_attention.xla import ragged_paged_attention_xla
+from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items, ragged_paged_attention_xla
 
 IMPLEMENTATIONS = ("xla", "tpu", "gpu")
 BLOCK_SIZES = {
-    "xla": ("block_q",),
+    "xla": ("block_q", "pages_per_block", "items_per_step"),
     "tpu": ("block_q", "pages_per_block"),
     "gpu": ("block_q", "pages_per_block", "num_warps", "num_stages"),
 }
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
-_xla_jit = jax.jit(ragged_paged_attention_xla, static_argnames=("sm_scale", "block_q"))
+_xla_jit = jax.jit(ragged_paged_attention_xla,
+                   static_argnames=("sm_scale", "block_q", "pages_per_block", "items_per_step"))
 
 
 def ragged_paged_attention(
@@ -75,9 +77,9 @@ def ragged_paged_attention(
       IMPLEMENTATIONS.
     interpret: run the Pallas kernel ("tpu" or "gpu") in interpret mode, e.g. on CPU (the TPU kernel uses the TPU
       interpreter, which simulates DMAs/semaphores and raises on out-of-bounds reads).
-    **block_sizes: tuning, see BLOCK_SIZES: block_q (query tokens per XLA work item / TPU grid step / GPU program),
-      pages_per_block (pages per KV step), num_warps / num_stages (GPU). Defaults are picked from the shapes; for
-      "xla" block_q is 1 when T <= S (decode-shaped: one row per item, nothing wasted) and 8 otherwise.
+    **block_sizes: tuning, see BLOCK_SIZES: block_q (query tokens per XLA pair / TPU grid step / GPU program),
+      pages_per_block (pages per KV step), items_per_step (XLA: KV items per loop iteration), num_warps /
+      num_stages (GPU). Defaults are picked from the shapes (`xla_block_sizes` for "xla").
 
   Returns:
     [T, N, H] in q's dtype (softmax and accumulation in float32).
@@ -102,7 +104,8 @@ def ragged_paged_attention(
   sm_scale = float(q_TNH.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
   args = (q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
   if impl == "xla":
-    return _xla_jit(*args, sm_scale=sm_scale, block_q=_xla_block_q(q_TNH, page_indices, block_sizes))
+    return _xla_jit(*args, sm_scale=sm_scale, **xla_block_sizes(q_TNH.shape[0], page_indices.shape[0],
+                                                                  k_pages.shape[2], **block_sizes))
   if impl == "tpu":
     _check_tpu_tiling(q_TNH, k_pages, block_sizes)
     return ragged_paged_attention_tpu(*args, sm_scale=sm_scale, interpret=interpret, **block_sizes)
@@ -183,13 +186,24 @@ def _validate(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
   return as_i32(kv_lens), as_i32(page_indices), as_i32(cu_q_lens), jnp.reshape(as_i32(num_seqs), ())
 
 
-def _xla_block_q(q, page_indices, block_sizes) -> int:
-  """block_q for "xla": the caller's, else 1 when T <= S (decode-shaped batch), else 8 (prefill chunks present)."""
-  T, S = q.shape[0], page_indices.shape[0]
-  block_q = block_sizes.get("block_q", 1 if T <= S else 8)
-  if isinstance(block_q, bool) or not isinstance(block_q, (int, np.integer)) or block_q <= 0:
-    raise ValueError(f"implementation='xla' needs block_q={block_q!r} to be a positive int.")
-  return int(block_q)
+def xla_block_sizes(T: int, S: int, C: int, **given) -> dict[str, int]:
+  """Block sizes for "xla": the caller's, else
+    block_q         1 when T <= S (a decode-shaped bucket: one row per pair, nothing wasted), else T // 8 clipped to
+                    [8, 64] (a prefill chunk's keys are gathered once per block_q rows);
+    pages_per_block enough pages for 64 keys: a decode row at context L reads cdiv(L, 64) items;
+    items_per_step  the number of pairs W (at least 8): about one KV block per pair per iteration."""
+  block_q = given.get("block_q", 1 if T <= S else min(max(T // 8, 8), 64))
+  sizes = dict(block_q=block_q, pages_per_block=given.get("pages_per_block", max(1, 64 // C)),
+               items_per_step=given.get("items_per_step", max(8, num_work_items(T, S, block_q)
+                                                               if _positive_int(block_q) else 8)))
+  for name, x in sizes.items():
+    if not _positive_int(x):
+      raise ValueError(f"implementation='xla' needs {name}={x!r} to be a positive int.")
+  return {name: int(x) for name, x in sizes.items()}
+
+
+def _positive_int(x) -> bool:
+  return not isinstance(x, bool) and isinstance(x, (int, np.integer)) and x > 0
 
 
 def _check_tpu_tiling(q, k_pages, block_sizes):

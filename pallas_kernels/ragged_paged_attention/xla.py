@@ -1,30 +1,34 @@
 """Ragged paged attention in plain XLA ops: the general path for CPU (and any backend without a kernel).
 
 Shape letters: T query tokens, N query heads, K KV heads, G = N // K, H head dim, P pages, C page size, S sequence
-slots, M page-table width, b = block_q rows of a query block, W work items.
+slots, M page-table width, b = block_q rows of a query block, W query-block pairs, p = pages_per_block pages of a KV
+block, I = items_per_step KV items per loop iteration.
 
-The XLA analogue of the TPU kernel's grid is a static list of W work items. The T query rows (padded to a multiple of
-block_q) are cut into blocks of block_q rows; an item is a pair (sequence i, block) for every block that sequence i's
-rows [cu_q_lens[i], cu_q_lens[i+1]) touch, so a block shared by two sequences is computed once for each. Every item
-holds at least one real row, and each sequence adds at most one block that it shares with the previous one, so
-W = min(T, cdiv(T, block_q) + min(S, T) - 1) items always suffice; the list is built on device from the metadata
-(a cumsum of items per sequence and a searchsorted from item to sequence) and items past the real count are masked.
+Flash-decoding in XLA: the work is split along the keys as well as the queries, so every step reads each sequence's
+cached keys about once, whatever the longest sequence in the batch.
+  Pairs. The T query rows (padded to a multiple of block_q) are cut into blocks of block_q rows; a pair is a
+    (sequence i, block) for every block that sequence i's rows [cu_q_lens[i], cu_q_lens[i+1]) touch, so a block shared
+    by two sequences is computed once for each. W = min(T, cdiv(T, block_q) + min(S, T) - 1) pairs always suffice
+    (each sequence adds at most one block it shares with the previous one); the list is built on device (a cumsum of
+    blocks per sequence and a searchsorted from pair to sequence), pairs past the real count are masked.
+  Items. A pair needs the KV blocks (p pages, p * C keys, in its sequence's page order) up to the position of its last
+    row: causal, so a chunk's early blocks read few keys and a decode row reads cdiv(kv_len, p * C) blocks. The items
+    (pair, KV block) are numbered by a cumsum of blocks per pair; their real count R is known only on device.
+  Loop. A `fori_loop` with a dynamic trip count cdiv(R, I) takes I items per iteration: gather their query blocks
+    [I, b, K, G, H] and pages [I, p, K, C, H] (entries past cdiv(kv_len, C) redirected to the sequence's first page,
+    never dereferenced), score "IbKGH,IpKCH->IKGbpC" in float32 (GQA without repeating K/V), mask, and fold each item's
+    (max, sum, weighted values) into its pair's running softmax [W, K, G, b] with scatter-max / scatter-add (the
+    log-sum-exp merge; items of one pair may share an iteration). One program serves every context length: nothing
+    is bucketed by pages, and the work done is the work needed, rounded up to I items.
+  Masks. A key is visible to a row iff the row belongs to the item's sequence and the key's position is <= the row's
+    position kv_len - (cu_q_lens[i+1] - t). Invisible logits are replaced (not added to), and values at positions >=
+    kv_len are zeroed, so garbage or NaN in page tails and unused pages never reaches the output.
+  Scatter. Each row is valid in exactly one pair; valid rows are written to o [T, N, H], the others dropped. Rows past
+    cu_q_lens[num_seqs] (bucket padding) come back as 0.
 
-Data flow, all batched over the W items:
-  1. Gather: each item's query block [W, b, N, H] and its sequence's pages [W, M, K, C, H]. Page-table entries past
-     cdiv(kv_len, C) are redirected to the sequence's first page (never dereferenced).
-  2. Attend: logits "WbKGH,WMKCH->WKGbMC" in float32 (GQA without repeating K/V); a key is visible to a row iff the
-     row belongs to the item's sequence and the key's position is <= the row's position kv_len - (cu_q_lens[i+1] - t).
-     Logits of invisible keys are masked and values at positions >= kv_len are zeroed, so garbage or NaN in page tails
-     and unused pages never reaches the output. Softmax in float32, then "WKGbMC,WMKCH->WbKGH".
-  3. Scatter: each row is valid in exactly one item; valid rows are written to o [T, N, H], the others are dropped.
-     Rows past cu_q_lens[num_seqs] (bucket padding) come back as 0.
-
-Cost model, per query head: compute ~ W * block_q * M * C (every item scores its whole block against the sequence's
-whole page window); the gathered KV is ~ W * M * C * K * H elements for each of K and V. block_q = 1 gives W = T, the
-per-row decode formulation (no wasted rows, one page window per row); a larger block_q divides the number of gathered
-page windows by up to block_q for prefill chunks, at the price of masked rows in blocks that sequences only partly
-fill (at most ~ 2 * block_q per sequence).
+Cost model, per query head: compute ~ R * b * p * C; gathered KV ~ R * p * C * K * H elements each for K and V, where
+R ~ sum over pairs of cdiv(last row position + 1, p * C). block_q = 1 (decode-shaped buckets) wastes no rows; a
+larger block_q divides the number of times a prefill chunk's keys are gathered by up to block_q.
 """
 
 import jax
@@ -34,7 +38,7 @@ _MASKED = -1e30  # finite: a fully masked row gets a uniform softmax, never exp(
 
 
 def num_work_items(T: int, S: int, block_q: int) -> int:
-  """W, the static number of (sequence, query block) items that covers any valid ragged layout of T rows."""
+  """W, the static number of (sequence, query block) pairs that covers any valid ragged layout of T rows."""
   return min(T, -(-T // block_q) + min(S, T) - 1)
 
 
@@ -49,8 +53,10 @@ def ragged_paged_attention_xla(
     *,
     sm_scale: float,
     block_q: int,
+    pages_per_block: int,
+    items_per_step: int,
 ) -> jax.Array:
-  """Ragged paged attention over a static work list of query blocks.
+  """Ragged paged attention over (sequence, query block, KV block) items, I per loop iteration.
 
   Args:
     q_TNH: [T, N, H] float32 or bfloat16, every sequence's new tokens concatenated.
@@ -60,7 +66,9 @@ def ragged_paged_attention_xla(
     cu_q_lens_S1: [S + 1] int32 cumulative query lengths.
     num_seqs: int32 scalar (or [1]); slots >= num_seqs are ignored.
     sm_scale: softmax scale (static).
-    block_q: query rows per work item (static, >= 1).
+    block_q: query rows per pair (static, >= 1).
+    pages_per_block: pages per KV item (static, >= 1).
+    items_per_step: KV items per loop iteration (static, >= 1).
 
   Returns:
     [T, N, H] in q's dtype; rows no sequence owns are 0. Arguments are as in `ragged_paged_attention`, which
@@ -71,54 +79,83 @@ def ragged_paged_attention_xla(
   S, M = page_indices_SM.shape
   if S == 0:
     return jnp.zeros_like(q_TNH)
-  G = N // K
-  num_blocks = -(-T // block_q)
-  W = num_work_items(T, S, block_q)
+  G, b, p, I = N // K, block_q, pages_per_block, items_per_step
+  num_blocks = -(-T // b)
+  W = num_work_items(T, S, b)
   num_seqs = jnp.reshape(num_seqs, ()).astype(jnp.int32)
 
-  # Work list: items per sequence = blocks its rows touch; item w belongs to the first sequence whose inclusive
-  # item count exceeds w (sequences without items are skipped). "compare_all": W * S compares, no sequential loop.
+  # Pairs: blocks per sequence = blocks its rows touch; pair w belongs to the first sequence whose inclusive count
+  # exceeds w (sequences without rows are skipped). "compare_all": W * S compares, no sequential loop.
   start_S, end_S = cu_q_lens_S1[:-1], cu_q_lens_S1[1:]
   active_S = (jnp.arange(S) < num_seqs) & (end_S > start_S)
-  first_block_S = start_S // block_q
-  items_S = jnp.where(active_S, (end_S - 1) // block_q - first_block_S + 1, 0)
-  items_end_S = jnp.cumsum(items_S)
+  first_block_S = start_S // b
+  pairs_S = jnp.where(active_S, (end_S - 1) // b - first_block_S + 1, 0)
+  pairs_end_S = jnp.cumsum(pairs_S)
   w_W = jnp.arange(W, dtype=jnp.int32)
-  item_valid_W = w_W < items_end_S[-1]
-  seq_W = jnp.searchsorted(items_end_S, w_W, side="right", method="compare_all")
-  seq_W = jnp.minimum(seq_W, S - 1).astype(jnp.int32)
-  block_W = first_block_S[seq_W] + w_W - (items_end_S[seq_W] - items_S[seq_W])
-  block_W = jnp.clip(block_W, 0, num_blocks - 1)
-  kv_len_W = kv_lens_S[seq_W]
+  pair_valid_W = w_W < pairs_end_S[-1]
+  seq_W = jnp.minimum(jnp.searchsorted(pairs_end_S, w_W, side="right", method="compare_all"), S - 1)
+  seq_W = seq_W.astype(jnp.int32)
+  block_W = jnp.clip(first_block_S[seq_W] + w_W - (pairs_end_S[seq_W] - pairs_S[seq_W]), 0, num_blocks - 1)
+  kv_len_W, end_W = kv_lens_S[seq_W], end_S[seq_W]
 
-  # Rows of each item: row t = block * block_q + r belongs to the item iff it is one of its sequence's rows.
-  t_Wb = block_W[:, None] * block_q + jnp.arange(block_q, dtype=jnp.int32)
-  in_seq_Wb = item_valid_W[:, None] & (t_Wb >= start_S[seq_W][:, None]) & (t_Wb < end_S[seq_W][:, None])
-  q_pos_Wb = kv_len_W[:, None] - (end_S[seq_W][:, None] - t_Wb)
+  # Rows of each pair: row t = block * b + r belongs to it iff it is one of its sequence's rows.
+  t_Wb = block_W[:, None] * b + jnp.arange(b, dtype=jnp.int32)
+  in_seq_Wb = pair_valid_W[:, None] & (t_Wb >= start_S[seq_W][:, None]) & (t_Wb < end_W[:, None])
+  q_pos_Wb = kv_len_W[:, None] - (end_W[:, None] - t_Wb)
 
-  # Gather: query blocks and each item's page window.
-  q_pad_TNH = jnp.pad(q_TNH, ((0, num_blocks * block_q - T), (0, 0), (0, 0)))
-  q_WbKGH = _take(q_pad_TNH.reshape(num_blocks, block_q, K, G, H), block_W)
-  used_WM = jnp.arange(M) < ((kv_len_W + C - 1) // C)[:, None]
-  pages_WM = page_indices_SM[seq_W]
-  pages_WM = jnp.clip(jnp.where(used_WM, pages_WM, pages_WM[:, :1]), 0, P - 1)
-  kv_pos_MC = jnp.arange(M * C, dtype=jnp.int32).reshape(M, C)
-  in_kv_WMC = kv_pos_MC < kv_len_W[:, None, None]
+  # Items: the KV blocks each pair needs, up to its last row's position (causal).
+  last_pos_W = kv_len_W - (end_W - jnp.minimum(end_W, (block_W + 1) * b)) - 1
+  kv_blocks_W = jnp.where(pair_valid_W, jnp.maximum(last_pos_W + p * C, 0) // (p * C), 0)
+  items_end_W = jnp.cumsum(kv_blocks_W)
+  num_items = items_end_W[-1]
 
-  # Attend. Invisible logits are replaced (not added to), so a NaN key never survives the mask. A row's position is
-  # below kv_len, so the causal test also hides every key at or past kv_len.
-  s_WKGbMC = jnp.einsum("WbKGH,WMKCH->WKGbMC", q_WbKGH, _take(k_PKCH, pages_WM),
-                        preferred_element_type=jnp.float32) * sm_scale
-  visible_WbMC = in_seq_Wb[:, :, None, None] & (kv_pos_MC <= q_pos_Wb[:, :, None, None])
-  s_WKGbMC = jnp.where(visible_WbMC[:, None, None], s_WKGbMC, _MASKED)
-  p_WKGbMC = jax.nn.softmax(s_WKGbMC, axis=(-2, -1))
-  v_WMKCH = jnp.where(in_kv_WMC[:, :, None, :, None], _take(v_PKCH, pages_WM), 0).astype(jnp.float32)
-  o_WbKGH = jnp.einsum("WKGbMC,WMKCH->WbKGH", p_WKGbMC, v_WMKCH)
+  q_pad_TNH = jnp.pad(q_TNH, ((0, num_blocks * b - T), (0, 0), (0, 0)))
+  q_WbKGH = _take(q_pad_TNH.reshape(num_blocks, b, K, G, H), block_W)
+  pos_pC = jnp.arange(p * C, dtype=jnp.int32).reshape(p, C)
 
-  # Scatter each item's own rows back; rows of other sequences (and unused items) go out of range and are dropped.
+  def fold(it, carry):
+    m_WKGb, l_WKGb, o_WKGbH = carry
+    r_I = it * I + jnp.arange(I, dtype=jnp.int32)
+    item_valid_I = r_I < num_items
+    w_I = jnp.minimum(jnp.searchsorted(items_end_W, r_I, side="right", method="compare_all"), W - 1)
+    kv_block_I = r_I - (items_end_W[w_I] - kv_blocks_W[w_I])
+    seq_I, kv_len_I = seq_W[w_I], kv_len_W[w_I]
+
+    page_slot_Ip = kv_block_I[:, None] * p + jnp.arange(p, dtype=jnp.int32)
+    used_Ip = page_slot_Ip < ((kv_len_I + C - 1) // C)[:, None]
+    pages_Ip = page_indices_SM[seq_I[:, None], jnp.where(used_Ip, page_slot_Ip, 0)]
+    pages_Ip = jnp.clip(jnp.where(used_Ip, pages_Ip, page_indices_SM[seq_I, :1]), 0, P - 1)
+    key_pos_IpC = kv_block_I[:, None, None] * (p * C) + pos_pC
+
+    s_IKGbpC = jnp.einsum("IbKGH,IpKCH->IKGbpC", _take(q_WbKGH, w_I), _take(k_PKCH, pages_Ip),
+                          preferred_element_type=jnp.float32) * sm_scale
+    visible_IbpC = ((item_valid_I[:, None] & in_seq_Wb[w_I])[:, :, None, None]
+                    & (key_pos_IpC[:, None] <= q_pos_Wb[w_I][:, :, None, None]))
+    s_IKGbpC = jnp.where(visible_IbpC[:, None, None], s_IKGbpC, _MASKED)
+    m_IKGb = jnp.max(s_IKGbpC, axis=(-2, -1))
+    e_IKGbpC = jnp.exp(s_IKGbpC - m_IKGb[..., None, None])
+    v_IpKCH = jnp.where((key_pos_IpC < kv_len_I[:, None, None])[:, :, None, :, None], _take(v_PKCH, pages_Ip), 0)
+    o_IKGbH = jnp.einsum("IKGbpC,IpKCH->IKGbH", e_IKGbpC, v_IpKCH.astype(jnp.float32))
+
+    # Log-sum-exp merge into the pairs' running softmax; items past the real count go out of range and are dropped.
+    into_I = jnp.where(item_valid_I, w_I, W)
+    m_new = m_WKGb.at[into_I].max(m_IKGb, mode="drop")
+    alpha_WKGb = jnp.exp(m_WKGb - m_new)
+    beta_IKGb = jnp.exp(m_IKGb - m_new[w_I])
+    l_WKGb = (l_WKGb * alpha_WKGb).at[into_I].add(jnp.sum(e_IKGbpC, axis=(-2, -1)) * beta_IKGb, mode="drop")
+    o_WKGbH = (o_WKGbH * alpha_WKGb[..., None]).at[into_I].add(o_IKGbH * beta_IKGb[..., None], mode="drop")
+    return m_new, l_WKGb, o_WKGbH
+
+  init = (jnp.full((W, K, G, b), _MASKED, jnp.float32), jnp.zeros((W, K, G, b), jnp.float32),
+          jnp.zeros((W, K, G, b, H), jnp.float32))
+  _, l_WKGb, o_WKGbH = jax.lax.fori_loop(0, (num_items + I - 1) // I, fold, init)
+  o_WKGbH = o_WKGbH / jnp.where(l_WKGb > 0, l_WKGb, 1.0)[..., None]
+
+  # Scatter each pair's own rows back; rows of other sequences (and unused pairs) go out of range and are dropped.
   row_Wb = jnp.where(in_seq_Wb, t_Wb, T)
+  o_WbNH = jnp.moveaxis(o_WKGbH, 3, 1).reshape(W * b, N, H)
   o_TNH = jnp.zeros((T, N, H), q_TNH.dtype)
-  return o_TNH.at[row_Wb.reshape(-1)].set(o_WbKGH.reshape(W * block_q, N, H).astype(q_TNH.dtype), mode="drop")
+  return o_TNH.at[row_Wb.reshape(-1)].set(o_WbNH.astype(q_TNH.dtype), mode="drop")
 
 
 def _take(x, indices):

@@ -152,7 +152,7 @@ def num_items(q_lens, block_q):
 @pytest.mark.parametrize("dtype", XLA_DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("layout", XLA_LAYOUTS, ids=[c[0] for c in XLA_LAYOUTS])
 def test_xla_matches_naive_numpy(rng, layout, dtype):
-  """Any ragged layout, several block_q (and the default): decodes and chunks with cached prefixes in any order,
+  """Any ragged layout, several block sizes (and the defaults): decodes and chunks with cached prefixes in any order,
   q_len 0 slots, padding slots and rows, NaN in unused pages and page tails."""
   name, (T, S, M, P), q_lens, kv_lens, opts = layout
   N, K, block_qs = XLA_DTYPES[dtype]
@@ -164,14 +164,17 @@ def test_xla_matches_naive_numpy(rng, layout, dtype):
   if name == "straddling":
     assert all(num_items(q_lens, b) == num_work_items(T, S, b) for b in (4, 8, 16))
   expected = naive_numpy(*as_numpy(args), sm_scale=16 ** -0.5)
-  for block_q in block_qs + (None,):
-    kw = {} if block_q is None else dict(block_q=block_q)
+  # KV splits: one page per item, one item per iteration (a pair's items across many iterations); 3 pages per item,
+  # 5 items per iteration (a pair's items in one iteration, iterations straddling pairs); the defaults.
+  kv_splits = [dict(pages_per_block=1, items_per_step=1), dict(pages_per_block=3, items_per_step=5)]
+  sizes = [dict(block_q=b, **kv) for b in block_qs for kv in ([{}] + kv_splits if b in (1, 8) else [{}])]
+  for kw in sizes + [{}]:
     out = ragged_paged_attention(*args, implementation="xla", **kw)
     assert out.shape == args[0].shape and out.dtype == dtype
     try:
       assert_close(out, expected, args, dtype)
     except AssertionError as e:
-      raise AssertionError(f"block_q={block_q}: {e}") from e
+      raise AssertionError(f"{kw or 'default block sizes'}: {e}") from e
 
 
 def test_xla_fully_masked_row_stays_local(rng):
@@ -261,6 +264,7 @@ VALIDATION = [
     ("interpret_xla", dict(implementation="xla", interpret=True), "interpret=True"),
     ("block_size_name", dict(implementation="tpu", block_k=8), "block_k"),
     ("xla_block_q", dict(implementation="xla", block_q=0), "positive int"),
+    ("xla_items_per_step", dict(implementation="xla", items_per_step=0), "items_per_step=0"),
     ("tpu_page_size", dict(implementation="tpu", k_pages=jnp.zeros((6, 2, 12, 32)), v_pages=jnp.zeros((6, 2, 12, 32)),
                            kv_lens=jnp.array([20, 3], jnp.int32)), "multiple of 8"),
     ("gpu_block_q", dict(implementation="gpu", block_q=3), "power of two"),
