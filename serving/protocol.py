@@ -1,17 +1,64 @@
 """The OpenAI request schemas the server accepts (pydantic), and their translation into `SamplingParams`.
 
-Unknown fields are errors (a typo such as `max_token` must not be silently ignored); types are strict enough that
-`"max_tokens": "5"` is refused. vLLM's extra sampling fields (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`min_tokens`, `stop_token_ids`) are accepted too.
+Every field of OpenAI's chat / completions request schema (as the `openai` package types it) is one of three kinds:
+  honoured        it changes the output as OpenAI defines (sampling fields, logprobs, stream_options, ...);
+  ignored         accepted with any value because ignoring it cannot change what the client gets (`store`,
+                  `metadata`, `service_tier`, `user`, `prompt_cache_key`, ...): IGNORED;
+  unsupported     accepted only when null or empty; any other value is a 400 that names the field and says why
+                  (audio output, predicted outputs, web search, ...): UNSUPPORTED.
+Names outside OpenAI's schema (and vLLM's extensions: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`min_tokens`, `stop_token_ids`, `stream_options.continuous_usage_stats`, ...) stay errors, so a typo such as
+`max_token` is never silently ignored; types are strict enough that `"max_tokens": "5"` is refused.
+`tests/serving/test_protocol.py` walks the `openai` package's own request types so a new OpenAI field fails a test.
+
+Messages follow the reference: text content or text parts (image / audio / file parts are a 400), `name`, assistant
+messages with `tool_calls` and `content: null` (and `refusal` / `annotations` / `audio` as the client returns them,
+ignored), `tool` messages with `tool_call_id`, and `developer` rendered as the system turn.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from jaxllm.sampling import SamplingParams
+
+# Accepted with any value; ignoring them cannot change the output a client gets.
+IGNORED = ("metadata", "store", "service_tier", "user", "safety_identifier", "prompt_cache_key",
+           "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "verbosity", "parallel_tool_calls")
+# Accepted when null / empty (or the value that means "off"); anything else is a 400 naming the field and this reason.
+UNSUPPORTED = {
+    "audio": "audio output is not supported by this text model",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "moderation": "moderation is not supported",
+    "functions": "the deprecated `functions` are not supported; use `tools`",
+    "function_call": "the deprecated `function_call` is not supported; use `tool_choice`",
+    "tools": "tool calling is not supported yet",
+    "tool_choice": "tool calling is not supported yet",
+    "response_format": "structured outputs (response_format json_object / json_schema) are not supported yet",
+    "modalities": "only the 'text' modality is supported",
+    "suffix": "suffix (insertion) is not supported",
+}
+_OFF_VALUES = {"modalities": (["text"],), "response_format": ({"type": "text"},), "tool_choice": ("none",)}
+
+
+class FieldError(ValueError):
+  """A request error that names its field (the server's 400 carries it as `param`)."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field = field
+
+
+def _check_unsupported(values: dict, names) -> None:
+  for name in names:
+    v = values.get(name)
+    if v is None or v == [] or v == {} or v in _OFF_VALUES.get(name, ()):
+      continue
+    raise FieldError(name, f"{UNSUPPORTED[name]}.")
 
 
 class _Strict(BaseModel):
@@ -20,6 +67,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
   include_usage: StrictBool = False
+  continuous_usage_stats: StrictBool = False  # vLLM: usage in every chunk (guidellm asks for it)
+  include_obfuscation: Any = None  # OpenAI's padding against side channels: ignored
 
 
 class _Sampling(_Strict):
@@ -40,7 +89,14 @@ class _Sampling(_Strict):
   min_tokens: StrictInt = 0
   stream: StrictBool = False
   stream_options: StreamOptions | None = None
-  user: str | None = None
+  metadata: Any = None
+  store: Any = None
+  service_tier: Any = None
+  user: Any = None
+  safety_identifier: Any = None
+  prompt_cache_key: Any = None
+  prompt_cache_options: Any = None
+  prompt_cache_retention: Any = None
 
   def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """Raises ValueError naming the bad field (SamplingParams' own checks)."""
@@ -63,33 +119,116 @@ class CompletionRequest(_Sampling):
   max_tokens: StrictInt | None = 16
   logprobs: StrictInt | None = None
   echo: StrictBool = False
-  suffix: None = None  # not supported: only null is accepted
+  suffix: Any = None
   best_of: StrictInt | None = None
+
+  @model_validator(mode="before")
+  @classmethod
+  def _unsupported(cls, values):
+    if isinstance(values, dict):
+      _check_unsupported(values, ("suffix",))
+    return values
+
+
+class ToolCallFunction(BaseModel):
+  model_config = ConfigDict(extra="ignore")
+  name: str
+  arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+  model_config = ConfigDict(extra="ignore")
+  id: str
+  type: Literal["function"] = "function"
+  function: ToolCallFunction
 
 
 class ChatMessage(_Strict):
   role: Literal["system", "user", "assistant", "developer", "tool"]
   content: str | list[dict] | None = None
   name: str | None = None
+  tool_calls: list[ToolCall] | None = None  # assistant
+  tool_call_id: str | None = None  # tool
+  # What the openai client returns in `message` and multi-turn loops send back: ignored in history.
+  refusal: Any = None
+  annotations: Any = None
+  audio: Any = None
+  function_call: Any = None
+
+  @model_validator(mode="after")
+  def _check_role_fields(self):
+    if self.tool_calls and self.role != "assistant":
+      raise ValueError(f"tool_calls belong to assistant messages, not {self.role!r} ones.")
+    if self.role == "tool" and not self.tool_call_id:
+      raise ValueError("a tool message needs the tool_call_id of the call it answers.")
+    if self.function_call is not None:
+      raise FieldError("function_call", f"{UNSUPPORTED['function_call']}.")
+    return self
 
   def text(self) -> str:
     if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
       parts = []
       for part in self.content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-          raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported.")
-        parts.append(part["text"])
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+          parts.append(part["text"])
+        elif kind == "refusal":  # an assistant's refusal part in history: kept as its text
+          parts.append(str(part.get("refusal", "")))
+        elif kind in ("image_url", "input_image", "input_audio", "file", "input_file"):
+          raise ValueError(f"{kind} content parts are not supported by this text model; send text parts only.")
+        else:
+          raise ValueError(f"unknown content part {part!r:.80}; expected {{'type': 'text', 'text': ...}}.")
       return "".join(parts)
     return self.content or ""
+
+  def template_message(self) -> dict:
+    """The message as chat templates expect it (transformers' conventions): developer -> system, tool calls with
+    their arguments parsed from JSON text."""
+    out: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+    if self.name is not None:
+      out["name"] = self.name
+    if self.tool_calls:
+      calls = []
+      for c in self.tool_calls:
+        try:
+          args = json.loads(c.function.arguments) if c.function.arguments else {}
+        except json.JSONDecodeError:
+          raise ValueError(f"tool call {c.id!r}: function.arguments is not valid JSON.") from None
+        calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+      out["tool_calls"] = calls
+    if self.tool_call_id is not None:
+      out["tool_call_id"] = self.tool_call_id
+    return out
 
 
 class ChatCompletionRequest(_Sampling):
   messages: list[ChatMessage] = Field(min_length=1)
   max_tokens: StrictInt | None = None
   max_completion_tokens: StrictInt | None = None
-  logprobs: StrictBool = False
+  logprobs: StrictBool | None = False
   top_logprobs: StrictInt | None = None
   add_generation_prompt: StrictBool = True
+  reasoning_effort: Any = None
+  verbosity: Any = None
+  parallel_tool_calls: Any = None
+  audio: Any = None
+  prediction: Any = None
+  web_search_options: Any = None
+  moderation: Any = None
+  functions: Any = None
+  function_call: Any = None
+  tools: Any = None
+  tool_choice: Any = None
+  response_format: Any = None
+  modalities: Any = None
+
+  @model_validator(mode="before")
+  @classmethod
+  def _unsupported(cls, values):
+    if isinstance(values, dict):
+      _check_unsupported(values, ("audio", "prediction", "web_search_options", "moderation", "functions",
+                                  "function_call", "tools", "tool_choice", "response_format", "modalities"))
+    return values
 
 
 class TokenizeRequest(_Strict):

@@ -24,6 +24,7 @@ import logging
 import signal
 import threading
 import time
+import types
 import uuid
 
 import numpy as np
@@ -177,6 +178,12 @@ async def _body(request: web.Request, schema):
   except ValidationError as e:
     first = e.errors()[0]
     where = ".".join(str(x) for x in first["loc"]) or None
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, ValueError):  # our validators' own messages, without pydantic's "Value error, " prefix
+      field = getattr(cause, "field", None)
+      where = ".".join(x for x in (where, field) if x) or None
+      msg = str(cause) if field or not where else f"{where}: {cause}"
+      raise APIError(400, msg, param=where) from None
     raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
 
 
@@ -241,6 +248,12 @@ def _record(server: Server, stream: RequestStream) -> None:
     longest = max(len(r.output_ids) for r in stream.requests)
     if longest > 1:
       m.tpot.observe((time.monotonic() - stream.first_token_time) / (longest - 1))
+
+
+def _tokens_ready(req) -> int:
+  """Output tokens of `req` whose ids and logprobs are all recorded (the engine thread appends them one list at a
+  time)."""
+  return min(len(req.output_ids), len(req.logprobs), len(req.top_logprobs))
 
 
 def _finish_reason(req) -> str:
@@ -312,36 +325,53 @@ async def completions(request: web.Request) -> web.StreamResponse:
   if not prompts:
     raise APIError(400, "prompt must not be empty.", param="prompt")
   ids = [tok.encode(x) if isinstance(x, str) else list(x) for x in prompts]
-  params = [_sampling(server, req, len(i), req.max_tokens, req.logprobs) for i in ids]
-  streams = [_submit(server, i, sp, req.seed) for i, sp in zip(ids, params)]
+  score_only = req.max_tokens == 0  # the legacy API's prompt scoring: echo the prompt (and its logprobs), no tokens
+  if score_only and not req.echo:
+    raise APIError(400, "max_tokens=0 generates nothing; it is only useful with echo=true (prompt scoring).",
+                   param="max_tokens")
+  params = [_sampling(server, req, len(i), None if score_only else req.max_tokens, req.logprobs) for i in ids]
+  streams = [] if score_only else [_submit(server, i, sp, req.seed) for i, sp in zip(ids, params)]
   rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
   texts = {}
 
-  def logprobs_of(r, start_offset=0):
+  def logprobs_of(r, start_offset=0, start=0, end=None):
+    """The legacy logprobs object of output tokens [start, end) of sample r (None unless asked)."""
     if req.logprobs is None:
       return None
-    toks = [tok.decode([t]) for t in r.output_ids]
+    toks = [tok.decode([t]) for t in r.output_ids[start:end]]
     offsets = list(np.cumsum([start_offset] + [len(t) for t in toks[:-1]])) if toks else []
-    return {"tokens": toks, "token_logprobs": r.logprobs,
-            "top_logprobs": [{tok.decode([k]): v for k, v in d.items()} for d in r.top_logprobs],
+    return {"tokens": toks, "token_logprobs": r.logprobs[start:end],
+            "top_logprobs": [{tok.decode([k]): v for k, v in d.items()} for d in r.top_logprobs[start:end]],
             "text_offset": [int(o) for o in offsets]}
 
   if req.stream:
     sse = _SSE(request)
     await sse.open()
+    continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
     if req.echo:
       for i, x in enumerate(prompts):
         for k in range(n):
-          await sse.send({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                          "choices": [{"index": i * n + k, "text": x if isinstance(x, str) else tok.decode(ids[i]),
-                                       "logprobs": None, "finish_reason": None}]})
+          chunk = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                   "choices": [{"index": i * n + k, "text": x if isinstance(x, str) else tok.decode(ids[i]),
+                                "logprobs": None, "finish_reason": "length" if score_only else None}]}
+          if continuous:
+            chunk["usage"] = _usage(sum(len(row) * n for row in ids), 0)
+          await sse.send(chunk)
+
+    sent = {}  # (prompt, sample) -> output tokens whose logprobs went out
 
     async def on_update(i, u):
-      choice = {"index": i * n + u.index, "text": u.delta, "logprobs": None,
-                "finish_reason": _finish_reason(u.request) if u.finished else None}
       if u.delta or u.finished:
-        await sse.send({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                        "choices": [choice]})
+        r, start = u.request, sent.get((i, u.index), 0)
+        end = _tokens_ready(r)
+        sent[(i, u.index)] = end
+        chunk = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+                 "choices": [{"index": i * n + u.index, "text": u.delta, "logprobs": logprobs_of(r, 0, start, end),
+                              "finish_reason": _finish_reason(r) if u.finished else None}]}
+        if continuous:
+          chunk["usage"] = _usage(sum(len(x) * n for x in ids),
+                                  sum(len(x.output_ids) for s in streams for x in s.requests))
+        await sse.send(chunk)
 
     await _run(server, streams, on_update)
     if req.stream_options and req.stream_options.include_usage:
@@ -359,9 +389,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
   if req.echo and req.logprobs is not None:  # scoring over HTTP: the prompt's own token logprobs
     prompt_scores = await asyncio.to_thread(_prompt_logprobs, server.llm, ids)
   choices = []
-  for i, s in enumerate(streams):
+  samples = ([s.requests for s in streams] if not score_only else
+             [[types.SimpleNamespace(index=k, output_ids=[], logprobs=[], top_logprobs=[], finish_reason="length")
+               for k in range(n)] for _ in ids])
+  for i, requests in enumerate(samples):
     prefix = "" if not req.echo else prompts[i] if isinstance(prompts[i], str) else tok.decode(ids[i])
-    for r in s.requests:
+    for r in requests:
       lp = logprobs_of(r, len(prefix))
       if lp is not None and prompt_scores is not None:
         ptoks = [tok.decode([t]) for t in ids[i]]
@@ -384,7 +417,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
   _check_model(server, req.model)
   tok = server.tokenizer
   try:
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    messages = [m.template_message() for m in req.messages]
     text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
   except ValueError as e:
     raise APIError(400, str(e), param="messages") from None
@@ -399,32 +432,43 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
   stream = _submit(server, ids, params, req.seed)
   rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-  def logprobs_of(r):
+  def entry(t, lp):
+    s = tok.decode([t])
+    return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+  def logprobs_of(r, start=0, end=None):
+    """OpenAI's chat logprobs of output tokens [start, end) of sample r (None unless asked)."""
     if not req.logprobs:
       return None
-
-    def entry(t, lp):
-      s = tok.decode([t])
-      return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(k, v) for k, v in d.items()]}
-                        for t, lp, d in zip(r.output_ids, r.logprobs, r.top_logprobs)]}
+    rows = zip(r.output_ids[start:end], r.logprobs[start:end], r.top_logprobs[start:end])
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(k, v) for k, v in d.items()]} for t, lp, d in rows]}
 
   if req.stream:
     sse = _SSE(request)
     await sse.open()
+    continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
     for k in range(req.n):
-      await sse.send({"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
-                      "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                   "finish_reason": None}]})
+      chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
+               "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None}]}
+      if continuous:
+        chunk["usage"] = _usage(len(ids) * req.n, 0)
+      await sse.send(chunk)
+
+    sent = [0] * req.n  # output tokens whose logprobs went out, per sample
 
     async def on_update(_, u):
       if u.delta or u.finished:
-        await sse.send({"id": rid, "object": "chat.completion.chunk", "created": created,
-                        "model": server.model_name,
-                        "choices": [{"index": u.index, "delta": {"content": u.delta} if u.delta else {},
-                                     "logprobs": None,
-                                     "finish_reason": _finish_reason(u.request) if u.finished else None}]})
+        r = u.request
+        end = _tokens_ready(r)
+        chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
+                 "choices": [{"index": u.index, "delta": {"content": u.delta} if u.delta else {},
+                              "logprobs": logprobs_of(r, sent[u.index], end),
+                              "finish_reason": _finish_reason(r) if u.finished else None}]}
+        sent[u.index] = end
+        if continuous:
+          chunk["usage"] = _usage(len(ids) * req.n, sum(len(x.output_ids) for x in stream.requests))
+        await sse.send(chunk)
 
     await _run(server, [stream], on_update)
     if req.stream_options and req.stream_options.include_usage:
@@ -448,11 +492,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
       "usage": _usage(len(ids) * req.n, sum(len(r.output_ids) for r in stream.requests))})
 
 
+def _model_card(server: Server) -> dict:
+  return {"id": server.model_name, "object": "model", "created": 0, "owned_by": "jaxllm",
+          "max_model_len": getattr(server, "max_model_len", None)}
+
+
 async def models(request: web.Request) -> web.Response:
+  return web.json_response({"object": "list", "data": [_model_card(request.app[SERVER])]})
+
+
+async def model(request: web.Request) -> web.Response:
   server = request.app[SERVER]
-  return web.json_response({"object": "list", "data": [{
-      "id": server.model_name, "object": "model", "created": 0, "owned_by": "jaxllm",
-      "max_model_len": getattr(server, "max_model_len", None)}]})
+  _check_model(server, request.match_info["model_id"])
+  return web.json_response(_model_card(server))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -476,7 +528,10 @@ async def tokenize(request: web.Request) -> web.Response:
     raise APIError(400, "pass exactly one of prompt or messages.")
   tok = server.tokenizer
   if req.messages is not None:
-    text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
+    try:
+      text = tok.apply_chat_template([m.template_message() for m in req.messages])
+    except ValueError as e:
+      raise APIError(400, str(e), param="messages") from None
     ids = tok.encode(text, add_bos=False)
   else:
     ids = tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False)
@@ -523,7 +578,8 @@ def create_app(server: Server, max_body_bytes: int = 4 << 20) -> web.Application
   app[SERVER] = server
   app.add_routes([
       web.post("/v1/completions", completions), web.post("/v1/chat/completions", chat_completions),
-      web.get("/v1/models", models), web.get("/health", health), web.get("/metrics", metrics),
+      web.get("/v1/models", models), web.get("/v1/models/{model_id:.+}", model), web.get("/health", health),
+      web.get("/metrics", metrics),
       web.post("/tokenize", tokenize), web.post("/detokenize", detokenize)])
   return app
 

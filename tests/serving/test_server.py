@@ -112,6 +112,49 @@ def test_logprobs_n_seed_and_stop(server, client):
   assert chat.choices[0].logprobs.content[0].top_logprobs[0].token == chat.choices[0].logprobs.content[0].token
 
 
+def test_multi_turn_sends_back_the_clients_own_message_objects(server, client):
+  """The openai client's `choices[0].message` (refusal, annotations, audio, tool_calls ... all null) appended to the
+  history, 5 turns, and the same loop streamed; OpenAI fields clients send by habit are accepted."""
+  habits = dict(store=False, metadata={"run": "test"}, service_tier="auto", user="u1", parallel_tool_calls=None,
+                response_format={"type": "text"}, tool_choice="none")
+  messages = [{"role": "developer", "content": "Answer in a few words."}]
+  for turn in ("Hi!", "What is the capital of France?", "And of Italy?", "Thanks.", "Bye."):
+    messages.append({"role": "user", "content": turn})
+    out = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=6, temperature=0, **habits)
+    messages.append(out.choices[0].message)
+  assert all(m.content for m in messages[2::2])
+  replay = [messages[0]]
+  for i, turn in enumerate(messages[1::2]):
+    replay.append(turn)
+    chunks = client.chat.completions.create(model="smollm2", messages=replay, max_tokens=6, temperature=0,
+                                            stream=True, **habits)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == messages[2 + 2 * i].content  # greedy: the streamed history reproduces the non-streamed one
+    replay.append({"role": "assistant", "content": text})
+
+
+def test_logprobs_and_usage_in_streamed_chunks(server, client):
+  kw = dict(model="smollm2", messages=PARIS, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+  full = client.chat.completions.create(**kw)
+  chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={
+      "include_usage": True, "continuous_usage_stats": True}))
+  streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+  assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in full.choices[0].logprobs.content]
+  assert all(len(t.top_logprobs) == 2 for t in streamed)
+  used = [c.usage.completion_tokens for c in chunks if c.choices]
+  assert used == sorted(used) and used[-1] == full.usage.completion_tokens  # running totals, every chunk
+  legacy = dict(model="smollm2", prompt="1, 2, 3,", max_tokens=6, temperature=0, logprobs=2)
+  want = client.completions.create(**legacy).choices[0].logprobs
+  parts = [c.choices[0].logprobs for c in client.completions.create(**legacy, stream=True) if c.choices[0].logprobs]
+  assert [t for p in parts for t in p.tokens] == want.tokens
+  assert [v for p in parts for v in p.token_logprobs] == want.token_logprobs
+
+
+def test_model_by_id(server, client):
+  assert client.models.retrieve("smollm2").id == "smollm2"
+  assert raw(server, "/v1/models/smollm2")[1]["id"] == "smollm2"
+
+
 def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
   prompt = "The capital of France is Paris"
   out = client.completions.create(model="smollm2", prompt=prompt, max_tokens=1, temperature=0, echo=True,
@@ -122,6 +165,13 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
   assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
   want = default_llm.score(token_pairs=[(ids[:1], ids[1:])])[0].logprobs
   assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+  # max_tokens 0 with echo: the legacy API's prompt scoring, nothing generated.
+  scored = client.completions.create(model="smollm2", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+  assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+  assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+  assert len(scored.choices[0].logprobs.tokens) == len(ids)
+  status, body = raw(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0})
+  assert status == 400 and body["error"]["param"] == "max_tokens" and "echo" in body["error"]["message"]
 
 
 @pytest.mark.parametrize("path, body, status, needle", [
@@ -140,7 +190,16 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ("/v1/chat/completions", {"messages": PARIS, "top_logprobs": 3}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": PARIS, "audio": {"voice": "alloy", "format": "wav"}}, 400,
+     "audio: audio output is not supported"),
+    ("/v1/chat/completions", {"messages": PARIS, "prediction": {"type": "content", "content": "x"}}, 400,
+     "prediction"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "image_url content parts"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "18 C"}]}, 400, "tool_call_id"),
+    ("/v1/chat/completions", {"messages": PARIS, "max_completion_tokenz": 4}, 400, "max_completion_tokenz"),
     ("/v1/nope", {}, 404, "Not Found"),
+    ("/v1/models/gpt-9", None, 404, "gpt-9"),
     ("/v1/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', 413, "Too Large"),
 ])
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, client, path, body, status, needle):
