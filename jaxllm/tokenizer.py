@@ -90,13 +90,15 @@ class _HFEngine:
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str) -> list[int]:
-    return self.tok.encode(text, add_special_tokens=False).ids
+    # encode_batch, not encode: the Rust batch calls release the GIL (encode holds it for the whole text, so a
+    # 4 MB prompt tokenized on a server's worker thread would stall its event loop for seconds anyway).
+    return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-    return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    return self.tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]  # releases the GIL, as above
 
   def id_to_piece(self, token_id: int) -> str | None:
     return self.tok.id_to_token(token_id)

@@ -3,7 +3,8 @@
     jaxllm serve --model default --port 8000 --max_num_seqs 32
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
-Data flow: aiohttp handlers (one event loop) parse and validate a request (`serving.protocol`), tokenize it, and
+Data flow: aiohttp handlers (one event loop) parse and validate a request (`serving.protocol`), tokenize it (JSON
+parsing, chat templates and tokenization run on a pool of text workers, so a huge body never stalls the loop), and
 submit it to the `EngineLoop`, whose own thread runs the continuous-batching scheduler; the scheduler's text deltas
 come back to the handler on the event loop, which answers with one JSON body or streams server-sent events ending in
 `data: [DONE]`. A client that disconnects has its request cancelled (its pages are freed). `GET /health` is 503 until
@@ -11,16 +12,19 @@ the model is loaded and warmed up (the port is open from the start, so a load ba
 "refused"), and again while draining after SIGTERM, when in-flight requests finish before the process exits.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for a malformed or invalid request
-(including a prompt longer than max_model_len), 401 for a wrong API key, 404 for an unknown model, 503 when the
+(including a prompt longer than max_model_len and a body nested too deeply), 401 for a wrong API key (with --api_key,
+/v1/, /tokenize and /detokenize need it), 404 for an unknown model, 503 when the
 waiting queue is full or the server is not ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -129,6 +133,14 @@ class Server:
     self.load_error: str | None = None
     self.metrics = Metrics(self)
     self._rng = np.random.default_rng(config.seed)
+    # Text work (JSON parsing, chat templates, tokenization) runs here, never on the event loop: a 4 MB prompt must
+    # not stall every stream and /health while it is tokenized.
+    self.text_workers = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                                              thread_name_prefix="jaxllm-text")
+
+  async def off_loop(self, fn, *args):
+    """fn(*args) on the text workers; its exceptions propagate to the awaiting handler."""
+    return await asyncio.get_running_loop().run_in_executor(self.text_workers, fn, *args)
 
   def load(self) -> None:
     from jaxllm import LLM
@@ -167,10 +179,13 @@ class Server:
 
 # -------------------------------------------------------------------------------------------------------- handlers
 async def _body(request: web.Request, schema):
+  raw_body = await request.read()
   try:
-    data = await request.json(loads=json.loads)
+    data = await request.app[SERVER].off_loop(json.loads, raw_body)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise APIError(400, f"the request body is not valid JSON: {e}") from None
+  except RecursionError:
+    raise APIError(400, "the request body is nested too deeply.") from None
   if not isinstance(data, dict):
     raise APIError(400, "the request body must be a JSON object.")
   try:
@@ -185,6 +200,18 @@ async def _body(request: web.Request, schema):
       msg = str(cause) if field or not where else f"{where}: {cause}"
       raise APIError(400, msg, param=where) from None
     raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
+
+
+def _chat_prompt_ids(tok, messages, add_generation_prompt: bool) -> list[int]:
+  """The chat template's prompt, tokenized (on the text workers); a message or template error is a 400."""
+  try:
+    text = tok.apply_chat_template([m.template_message() for m in messages],
+                                   add_generation_prompt=add_generation_prompt)
+  except ValueError as e:
+    raise APIError(400, str(e), param="messages") from None
+  except Exception as e:  # noqa: BLE001 - a template that raises (e.g. roles out of order) is the request's fault
+    raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
+  return tok.encode(text, add_bos=False)
 
 
 def _server(request: web.Request) -> Server:
@@ -324,7 +351,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = list(p)
   if not prompts:
     raise APIError(400, "prompt must not be empty.", param="prompt")
-  ids = [tok.encode(x) if isinstance(x, str) else list(x) for x in prompts]
+  ids = await server.off_loop(lambda: [tok.encode(x) if isinstance(x, str) else list(x) for x in prompts])
   score_only = req.max_tokens == 0  # the legacy API's prompt scoring: echo the prompt (and its logprobs), no tokens
   if score_only and not req.echo:
     raise APIError(400, "max_tokens=0 generates nothing; it is only useful with echo=true (prompt scoring).",
@@ -416,14 +443,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
   req = await _body(request, protocol.ChatCompletionRequest)
   _check_model(server, req.model)
   tok = server.tokenizer
-  try:
-    messages = [m.template_message() for m in req.messages]
-    text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-  except ValueError as e:
-    raise APIError(400, str(e), param="messages") from None
-  except Exception as e:  # noqa: BLE001 - a template that raises (e.g. roles out of order) is the request's fault
-    raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
-  ids = tok.encode(text, add_bos=False)
+  ids = await server.off_loop(_chat_prompt_ids, tok, req.messages, req.add_generation_prompt)
   top = req.top_logprobs if req.logprobs else None
   if req.top_logprobs is not None and not req.logprobs:
     raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
@@ -528,13 +548,9 @@ async def tokenize(request: web.Request) -> web.Response:
     raise APIError(400, "pass exactly one of prompt or messages.")
   tok = server.tokenizer
   if req.messages is not None:
-    try:
-      text = tok.apply_chat_template([m.template_message() for m in req.messages])
-    except ValueError as e:
-      raise APIError(400, str(e), param="messages") from None
-    ids = tok.encode(text, add_bos=False)
+    ids = await server.off_loop(_chat_prompt_ids, tok, req.messages, True)
   else:
-    ids = tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False)
+    ids = await server.off_loop(lambda: tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False))
   return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len})
 
 
@@ -546,7 +562,7 @@ async def detokenize(request: web.Request) -> web.Response:
   if bad:
     raise APIError(400, f"tokens outside the vocabulary [0, {server.llm.config.vocab_size}): {bad[:5]}.",
                    param="tokens")
-  return web.json_response({"prompt": server.tokenizer.decode(req.tokens)})
+  return web.json_response({"prompt": await server.off_loop(server.tokenizer.decode, req.tokens)})
 
 
 @web.middleware
@@ -554,7 +570,8 @@ async def errors_and_auth(request: web.Request, handler):
   server: Server = request.app[SERVER]
   try:
     key = server.config.api_key
-    if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
+    guarded = request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")
+    if key and guarded and request.headers.get("Authorization") != f"Bearer {key}":
       raise APIError(401, "invalid API key: send 'Authorization: Bearer <key>'.", "authentication_error")
     return await handler(request)
   except APIError as e:

@@ -13,7 +13,8 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0:
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
 _MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Queued requests beyond which new ones are answered 503.")
-_API_KEY = flags.DEFINE_string("api_key", None, "If set, /v1/ requests need 'Authorization: Bearer KEY'.")
+_API_KEY = flags.DEFINE_string("api_key", None, "If set, /v1/, /tokenize and /detokenize requests need "
+                                 "'Authorization: Bearer KEY'.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape bucket before reporting ready.")
 _LOG_LEVEL = flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "Log level.")
 

@@ -198,6 +198,7 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "image_url content parts"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "18 C"}]}, 400, "tool_call_id"),
     ("/v1/chat/completions", {"messages": PARIS, "max_completion_tokenz": 4}, 400, "max_completion_tokenz"),
+    ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     ("/v1/nope", {}, 404, "Not Found"),
     ("/v1/models/gpt-9", None, 404, "gpt-9"),
     ("/v1/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', 413, "Too Large"),
@@ -208,6 +209,32 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, client,
   assert needle in got["error"]["message"] and got["error"]["code"] == status
   assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).choices[0].text is not None
   assert pages_all_free(server)
+
+
+def test_a_huge_tokenize_does_not_stall_health(server):
+  """Tokenizing a ~3.5 MB prompt of distinct words takes seconds; it runs on the text workers, so /health keeps
+  answering at once."""
+  import random
+
+  rng = random.Random(0)
+  words = ("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(500_000))
+  body = json.dumps({"prompt": " ".join(words)}).encode()
+  done, result = threading.Event(), {}
+
+  def big():
+    start = time.perf_counter()
+    result["status"], result["body"] = raw(server, "/tokenize", body)
+    result["seconds"] = time.perf_counter() - start
+    done.set()
+
+  threading.Thread(target=big).start()
+  worst, last = 0.0, time.perf_counter()  # the longest gap between two /health answers (the server shares our GIL)
+  while not done.is_set():
+    assert raw(server, "/health")[0] == 200
+    worst, last = max(worst, time.perf_counter() - last), time.perf_counter()
+    time.sleep(0.02)
+  assert result["status"] == 200 and result["body"]["count"] > 500_000
+  assert result["seconds"] > 2.0 and worst < min(1.0, result["seconds"] / 3), (worst, result["seconds"])
 
 
 def test_a_full_queue_answers_503_and_the_server_recovers(server, client):
@@ -315,6 +342,13 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
     with pytest.raises(urllib.error.HTTPError) as e:
       urllib.request.urlopen(unauth, timeout=60)
     assert e.value.code == 401
+    tokenize = f"http://127.0.0.1:{port}/tokenize"
+    with pytest.raises(urllib.error.HTTPError) as e:  # behind the key too: unauthenticated work is bounded
+      urllib.request.urlopen(urllib.request.Request(tokenize, data=b'{"prompt": "hi"}'), timeout=60)
+    assert e.value.code == 401
+    keyed = urllib.request.Request(tokenize, data=b'{"prompt": "hi"}', headers={"Authorization": "Bearer sekret"})
+    with urllib.request.urlopen(keyed, timeout=60) as r:
+      assert json.loads(r.read())["count"] >= 1
     result = {}
 
     def call():
