@@ -84,6 +84,7 @@ class ScoreOutput:
   logprobs: list[float]  # per continuation token
   sum_logprob: float
   is_greedy: bool  # every continuation token is the argmax given its prefix
+  top_logprobs: list[dict[int, float]] | None = None  # per continuation token, its num_top_logprobs likeliest tokens
 
   @property
   def num_tokens(self) -> int:
@@ -313,8 +314,8 @@ class LLM:
   # ------------------------------------------------------------------ score
   def score(self, inputs=None, *, token_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
             token_texts: Sequence[Sequence[int]] | None = None, stride: int | None = None,
-            max_length: int | None = None, max_batch_size: int = 64,
-            max_batch_tokens: int = 4096) -> list[ScoreOutput]:
+            max_length: int | None = None, max_batch_size: int = 64, max_batch_tokens: int = 4096,
+            num_top_logprobs: int = 0) -> list[ScoreOutput]:
     """Log-likelihoods, by the path `jaxllm score` runs (`jaxllm.serving.scoring`), in input order.
 
     inputs: a text, a (context, continuation) pair, or a list of them (mixed is fine).
@@ -325,6 +326,8 @@ class LLM:
         max_length // 2), HF's recipe.
     token_pairs / token_texts: the same with token ids instead of text.
     max_batch_size, max_batch_tokens: rows and padded tokens per forward pass (length-bucketed batches).
+    num_top_logprobs: also return, per scored token, the logprobs of the n likeliest tokens there (0..20), as the
+      legacy completions API's `echo` + `logprobs` returns them.
     """
     from jaxllm.serving import scoring
 
@@ -332,8 +335,13 @@ class LLM:
     if sum(given) != 1:
       raise ValueError("pass exactly one of `inputs` (texts and/or (context, continuation) pairs), `token_pairs` "
                        "or `token_texts`.")
+    from jaxllm.sampling import MAX_LOGPROBS
+
+    if isinstance(num_top_logprobs, bool) or not isinstance(num_top_logprobs, int) or not (
+        0 <= num_top_logprobs <= MAX_LOGPROBS):
+      raise ValueError(f"num_top_logprobs={num_top_logprobs!r} must be an integer in [0, {MAX_LOGPROBS}].")
     scorer = scoring.Scorer(self.engine, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                            max_length=max_length)
+                            max_length=max_length, num_top=num_top_logprobs)
     stride = scorer.max_len // 2 if stride is None else stride
     if not isinstance(stride, int) or not 1 <= stride <= scorer.max_len:
       raise ValueError(f"stride={stride!r} must be an integer in [1, max_length={scorer.max_len}].")
@@ -372,8 +380,10 @@ class LLM:
     out = []
     for item, s in zip(items, scorer.submit(items, wins).result()):
       ids = item.tokens.tolist()
+      tops = None if s.top_ids is None else [dict(zip(i.tolist(), v.tolist())) for i, v in
+                                             zip(s.top_ids, s.top_logprobs)]
       out.append(ScoreOutput(ids[:item.first_target], ids[item.first_target:], [float(v) for v in s.logprobs],
-                             s.sum_logprob, s.is_greedy))
+                             s.sum_logprob, s.is_greedy, tops))
     return out
 
 

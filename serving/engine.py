@@ -167,18 +167,23 @@ def full_logits(graphdef, params, tokens_RT, *, attention_impl: str | None):
   return model.logits(model(tokens_RT, positions_RT, None, attention_impl)[0]).astype(jnp.float32)
 
 
-def score(graphdef, params, tokens_RT, *, attention_impl: str | None):
-  """log p(token t+1 | tokens <= t) over padded rows [R, T - 1], and whether each was the argmax."""
+def score(graphdef, params, tokens_RT, *, attention_impl: str | None, num_top: int = 0):
+  """log p(token t+1 | tokens <= t) over padded rows [R, T - 1], and whether each was the argmax; with num_top, also
+  the num_top most likely tokens at each position and their logprobs ([R, T - 1, num_top] each)."""
   logprobs_RTV = jax.nn.log_softmax(full_logits(graphdef, params, tokens_RT, attention_impl=attention_impl)[:, :-1],
                                     axis=-1)
   target_RT = tokens_RT[:, 1:]
   chosen_RT = jnp.take_along_axis(logprobs_RTV, target_RT[..., None], axis=-1)[..., 0]
-  return chosen_RT, jnp.argmax(logprobs_RTV, axis=-1) == target_RT
+  greedy_RT = jnp.argmax(logprobs_RTV, axis=-1) == target_RT
+  if not num_top:
+    return chosen_RT, greedy_RT
+  top_lp, top_ids = jax.lax.top_k(logprobs_RTV, num_top)
+  return chosen_RT, greedy_RT, top_ids.astype(jnp.int32), top_lp
 
 
 _forward = jax.jit(forward, static_argnums=0, static_argnames="attention_impl", donate_argnums=2)
 _pick = jax.jit(pick, static_argnums=0, static_argnames="num_top", donate_argnums=2)
-_score = jax.jit(score, static_argnums=0, static_argnames="attention_impl")
+_score = jax.jit(score, static_argnums=0, static_argnames=("attention_impl", "num_top"))
 _logits = jax.jit(full_logits, static_argnums=0, static_argnames="attention_impl")
 
 
@@ -269,11 +274,12 @@ class Engine:
     return self.step(state, self.build(rows))
 
   # ------------------------------------------------------------------ scoring (no pages, no state)
-  def score_tokens(self, tokens_RT: np.ndarray):
+  def score_tokens(self, tokens_RT: np.ndarray, num_top: int = 0):
     """Dispatches a full forward over padded token rows [R, T] (one compile per shape; `jaxllm.serving.scoring`
     picks the buckets) -> device arrays (logprob of tokens[:, 1:] given their prefix [R, T-1] float32, and whether
-    each was the argmax [R, T-1] bool). Asynchronous: read them with `host_value`."""
-    return _score(self.graphdef, self.params, np.asarray(tokens_RT, np.int32), **self._static)
+    each was the argmax [R, T-1] bool; with num_top, the top tokens [R, T-1, num_top] int32 and their logprobs).
+    Asynchronous: read them with `host_value`."""
+    return _score(self.graphdef, self.params, np.asarray(tokens_RT, np.int32), num_top=num_top, **self._static)
 
   def logits(self, tokens_RT) -> np.ndarray:
     """float32 logits [R, T, V] of a full forward over equal-length, unpadded token rows (a test and notebook aid)."""

@@ -56,6 +56,8 @@ class Window:
 class ItemScore:
   logprobs: np.ndarray  # float32 [number of targets], in order
   greedy: np.ndarray  # bool, same shape
+  top_ids: np.ndarray | None = None  # int32 [number of targets, num_top]: the likeliest tokens (Scorer num_top > 0)
+  top_logprobs: np.ndarray | None = None  # float32, same shape
 
   @property
   def sum_logprob(self) -> float:
@@ -185,20 +187,18 @@ class Pending:
     self._plan, self._windows, self._outputs = plan, item_windows, outputs
 
   def result(self) -> list[ItemScore]:
-    row_out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    row_out: dict[int, tuple[np.ndarray, ...]] = {}  # row -> (chosen, greedy[, top_ids, top_logprobs])
     for (_, _, idx), out in zip(self._plan, self._outputs):
-      chosen, greedy = (host_value(x) for x in out)
+      arrays = [host_value(x) for x in out]
       for b, r in enumerate(idx):
-        row_out[r] = (chosen[b], greedy[b])
+        row_out[r] = tuple(a[b] for a in arrays)
     scores, r = [], 0
     for wins in self._windows:
-      lps, gs = [], []
+      parts = []
       for w in wins:
-        chosen, greedy = row_out[r]
-        lps.append(chosen[w.first - w.start - 1:w.end - w.start - 1])
-        gs.append(greedy[w.first - w.start - 1:w.end - w.start - 1])
+        parts.append([a[w.first - w.start - 1:w.end - w.start - 1] for a in row_out[r]])
         r += 1
-      scores.append(ItemScore(np.concatenate(lps), np.concatenate(gs)))
+      scores.append(ItemScore(*(np.concatenate(column) for column in zip(*parts))))
     return scores
 
 
@@ -210,7 +210,7 @@ class Scorer:
   engine's max_model_len). sort_by_length=False batches rows in arrival order (for measuring padding)."""
 
   def __init__(self, engine, *, max_batch_size: int = 64, max_batch_tokens: int = 4096,
-               sort_by_length: bool = True, max_length: int | None = None):
+               sort_by_length: bool = True, max_length: int | None = None, num_top: int = 0):
     if max_batch_size < 1 or max_batch_tokens < 1:
       raise ValueError(f"max_batch_size={max_batch_size} and max_batch_tokens={max_batch_tokens} must be positive.")
     limit = engine.config.max_model_len
@@ -220,6 +220,7 @@ class Scorer:
     self.max_len = max_length or limit
     self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
     self.sort_by_length = sort_by_length
+    self.num_top = num_top  # also return the num_top likeliest tokens at each scored position
     self.stats = Stats()
     # Padded row lengths: 8, 12, 16, 24, 32, 48, ... (a power of two and 1.5x it), then max_length. A row pads by
     # at most a third, a fifth on average; each (R, T) compiles once.
@@ -249,16 +250,16 @@ class Scorer:
     import jax
 
     if jax.process_count() == 1:
-      outputs = [self.engine.score_tokens(t) for t in batches]
+      outputs = [self.engine.score_tokens(t, self.num_top) for t in batches]
     else:
-      outputs = _lockstep(self.engine, batches)
+      outputs = _lockstep(self.engine, batches, self.num_top)
     return Pending(plan, [list(w) for w in item_windows], outputs)
 
   def score(self, items: Sequence[Item], stride: int | None = None) -> list[ItemScore]:
     return self.submit(items, [self.windows(it, stride) for it in items]).result()
 
 
-def _lockstep(engine, batches: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _lockstep(engine, batches: list[np.ndarray], num_top: int) -> list[tuple[np.ndarray, ...]]:
   """Every process runs every process's batches, in process order, one round per batch index; returns this
   process's results (already on the host)."""
   import jax
@@ -275,7 +276,7 @@ def _lockstep(engine, batches: list[np.ndarray]) -> list[tuple[np.ndarray, np.nd
         continue
       tokens = batches[i] if p == me else np.zeros((R, T), np.int32)
       tokens = np.asarray(multihost_utils.broadcast_one_to_all(tokens, is_source=p == me))
-      chosen, greedy = (host_value(x) for x in engine.score_tokens(tokens))
+      arrays = tuple(host_value(x) for x in engine.score_tokens(tokens, num_top))
       if p == me:
-        out.append((chosen, greedy))
+        out.append(arrays)
     i += 1

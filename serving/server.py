@@ -414,7 +414,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
   await _run(server, streams, collect)
   prompt_scores = None
   if req.echo and req.logprobs is not None:  # scoring over HTTP: the prompt's own token logprobs
-    prompt_scores = await asyncio.to_thread(_prompt_logprobs, server.llm, ids)
+    prompt_scores, prompt_tops = await asyncio.to_thread(_prompt_logprobs, server.llm, ids, req.logprobs)
   choices = []
   samples = ([s.requests for s in streams] if not score_only else
              [[types.SimpleNamespace(index=k, output_ids=[], logprobs=[], top_logprobs=[], finish_reason="length")
@@ -426,9 +426,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
       if lp is not None and prompt_scores is not None:
         ptoks = [tok.decode([t]) for t in ids[i]]
         offsets = np.cumsum([0] + [len(t) for t in ptoks[:-1]])
+        # The first prompt token has no logprob (nothing precedes it); the others have their top-n dicts, as vLLM
+        # and the legacy API return them (lm-eval-harness reads them to decide is_greedy).
+        ptops = [{tok.decode([k]): v for k, v in d.items()} for d in prompt_tops[i]] if req.logprobs else \
+            [{} for _ in prompt_scores[i]]
         lp = {"tokens": ptoks + lp["tokens"],
               "token_logprobs": [None] + prompt_scores[i] + lp["token_logprobs"],
-              "top_logprobs": [None] * len(ptoks) + lp["top_logprobs"],
+              "top_logprobs": [None] + ptops + lp["top_logprobs"],
               "text_offset": [int(o) for o in offsets] + lp["text_offset"]}
       choices.append({"index": i * n + r.index, "text": prefix + texts.get((i, r.index), ""), "logprobs": lp,
                       "finish_reason": _finish_reason(r)})
@@ -666,10 +670,12 @@ if __name__ == "__main__":  # python -m jaxllm.serving.server --flags: the same 
   run()
 
 
-def _prompt_logprobs(llm, ids: list[list[int]]) -> list[list[float]]:
-  """Each prompt token's logprob given the tokens before it (the first has none), by `LLM.score`'s path."""
+def _prompt_logprobs(llm, ids: list[list[int]], num_top: int):
+  """Each prompt token's logprob given the tokens before it (the first has none) and the num_top likeliest tokens
+  there ({id: logprob}), by `LLM.score`'s path: ([[logprob, ...]], [[{id: logprob}, ...]]) per prompt."""
   scored = [i for i, row in enumerate(ids) if len(row) >= 2]
-  out = [[] for _ in ids]
-  for i, s in zip(scored, llm.score(token_texts=[ids[i] for i in scored]) if scored else []):
-    out[i] = s.logprobs
-  return out
+  logprobs, tops = [[] for _ in ids], [[] for _ in ids]
+  results = llm.score(token_texts=[ids[i] for i in scored], num_top_logprobs=num_top) if scored else []
+  for i, s in zip(scored, results):
+    logprobs[i], tops[i] = s.logprobs, s.top_logprobs
+  return logprobs, tops

@@ -65,14 +65,17 @@ def test_score_matches_transformers_log_softmax(default_llm, hf_default):
   model, tok = hf_default
   pairs = [("The capital of France is", " Paris"), ("The capital of France is", " a banana split"),
            ("1, 2, 3, 4,", " 5, 6")]
-  scores = default_llm.score(pairs)
+  scores = default_llm.score(pairs, num_top_logprobs=3)
   for (ctx, cont), s in zip(pairs, scores):
     c, x = tok.encode(ctx), tok.encode(cont)
     with torch.no_grad():
       lp = torch.log_softmax(model(torch.tensor([c + x])).logits[0].double(), -1).numpy()
-    ref = lp[np.arange(len(c) - 1, len(c) + len(x) - 1), x]
-    np.testing.assert_allclose(s.logprobs, ref, atol=1e-3, rtol=0)
+    rows = np.arange(len(c) - 1, len(c) + len(x) - 1)
+    np.testing.assert_allclose(s.logprobs, lp[rows, x], atol=1e-3, rtol=0)
     assert s.is_greedy == bool(all(lp[len(c) - 1 + i].argmax() == t for i, t in enumerate(x)))
+    for row, top in zip(rows, s.top_logprobs):  # the 3 likeliest tokens at each scored position, and their logprobs
+      assert list(top) == np.argsort(-lp[row])[:3].tolist()
+      np.testing.assert_allclose(list(top.values()), np.sort(lp[row])[::-1][:3], atol=1e-3, rtol=0)
   assert scores[0].sum_logprob > scores[1].sum_logprob
 
 

@@ -165,11 +165,17 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
   assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
   want = default_llm.score(token_pairs=[(ids[:1], ids[1:])])[0].logprobs
   assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
-  # max_tokens 0 with echo: the legacy API's prompt scoring, nothing generated.
-  scored = client.completions.create(model="smollm2", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+  # max_tokens 0 with echo: the legacy API's prompt scoring, nothing generated; top-n dicts for every prompt token
+  # but the first (lm-eval-harness's local-completions reads them for is_greedy).
+  scored = client.completions.create(model="smollm2", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+  got = scored.choices[0].logprobs
   assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
-  assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
-  assert len(scored.choices[0].logprobs.tokens) == len(ids)
+  assert got.token_logprobs[1:] == pytest.approx(want, abs=1e-4) and len(got.tokens) == len(ids)
+  tops = default_llm.score(token_pairs=[(ids[:1], ids[1:])], num_top_logprobs=2)[0].top_logprobs
+  assert got.top_logprobs[0] is None and len(got.top_logprobs) == len(ids)
+  for d, want_top in zip(got.top_logprobs[1:], tops):
+    assert list(d) == [default_llm.tokenizer.decode([t]) for t in want_top]
+    assert list(d.values()) == pytest.approx(list(want_top.values()), abs=1e-4)
   status, body = raw(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0})
   assert status == 400 and body["error"]["param"] == "max_tokens" and "echo" in body["error"]["message"]
 
