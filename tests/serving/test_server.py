@@ -217,30 +217,58 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, client,
   assert pages_all_free(server)
 
 
-def test_a_huge_tokenize_does_not_stall_health(server):
-  """Tokenizing a ~3.5 MB prompt of distinct words takes seconds; it runs on the text workers, so /health keeps
-  answering at once."""
+def test_huge_bodies_stall_neither_health_nor_running_streams(server):
+  """Tokenizing a ~3.5 MB /tokenize prompt of distinct words (seconds of work) and templating a 1 MB chat message run
+  on the text workers: /health keeps answering and 8 running streams keep receiving tokens meanwhile."""
   import random
 
   rng = random.Random(0)
   words = ("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(500_000))
-  body = json.dumps({"prompt": " ".join(words)}).encode()
-  done, result = threading.Event(), {}
+  text = " ".join(words)
+  big_bodies = {"/tokenize": json.dumps({"prompt": text}).encode(),
+                "/v1/chat/completions": json.dumps({"messages": [{"role": "user", "content": text[:1 << 20]}]}).encode()}
+  arrivals = [[] for _ in range(8)]
+  started = threading.Barrier(9)
 
-  def big():
+  def stream(i):
+    body = json.dumps({"prompt": f"Story {i}:", "max_tokens": 96, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+      for line in r:
+        if line.startswith(b"data: {"):
+          if not arrivals[i]:
+            started.wait(timeout=120)
+          arrivals[i].append(time.perf_counter())
+
+  streams = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+  for t in streams:
+    t.start()
+  started.wait(timeout=120)  # every stream is generating
+  results, done = {}, threading.Event()
+
+  def big(path):
     start = time.perf_counter()
-    result["status"], result["body"] = raw(server, "/tokenize", body)
-    result["seconds"] = time.perf_counter() - start
-    done.set()
+    results[path] = raw(server, path, big_bodies[path]) + (start, time.perf_counter())
+    if len(results) == 2:
+      done.set()
 
-  threading.Thread(target=big).start()
+  for path in big_bodies:
+    threading.Thread(target=big, args=(path,)).start()
   worst, last = 0.0, time.perf_counter()  # the longest gap between two /health answers (the server shares our GIL)
   while not done.is_set():
     assert raw(server, "/health")[0] == 200
     worst, last = max(worst, time.perf_counter() - last), time.perf_counter()
     time.sleep(0.02)
-  assert result["status"] == 200 and result["body"]["count"] > 500_000
-  assert result["seconds"] > 2.0 and worst < min(1.0, result["seconds"] / 3), (worst, result["seconds"])
+  for t in streams:
+    t.join()
+  (status, body, t0, t1), (chat_status, chat_body, _, _) = results["/tokenize"], results["/v1/chat/completions"]
+  assert status == 200 and body["count"] > 500_000 and t1 - t0 > 2.0
+  assert chat_status == 400 and "max_model_len" in chat_body["error"]["message"]
+  gaps = [b - a for times in arrivals for a, b in zip(times, times[1:]) if b > t0 and a < t1]
+  assert gaps and all(len(times) > 48 for times in arrivals)
+  assert worst < min(1.0, (t1 - t0) / 3) and max(gaps) < 1.5, (worst, max(gaps), t1 - t0)
 
 
 def test_200_abandoned_requests_free_their_pages_within_seconds(server):
