@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from jaxllm import checkpoint
-from jaxllm.sampling import SamplingParams
+from jaxllm.sampling import MAX_LOGPROBS, SamplingParams
 from jaxllm.serving.config import EngineConfig
 from jaxllm.serving.engine import Engine
 from jaxllm.serving.scheduler import Scheduler
@@ -335,8 +335,6 @@ class LLM:
     if sum(given) != 1:
       raise ValueError("pass exactly one of `inputs` (texts and/or (context, continuation) pairs), `token_pairs` "
                        "or `token_texts`.")
-    from jaxllm.sampling import MAX_LOGPROBS
-
     if isinstance(num_top_logprobs, bool) or not isinstance(num_top_logprobs, int) or not (
         0 <= num_top_logprobs <= MAX_LOGPROBS):
       raise ValueError(f"num_top_logprobs={num_top_logprobs!r} must be an integer in [0, {MAX_LOGPROBS}].")

@@ -40,7 +40,7 @@ class PagedKVCache:
   page_indices: jax.Array  # [S, M] int32, page ids in [0, P)
   cu_q_lens: jax.Array  # [S + 1] int32
   num_seqs: jax.Array  # int32 scalar
-  num_layers: int = struct.field(pytree_node=False, default=1)
+  num_layers: int = struct.field(pytree_node=False)  # L: the pool holds L * P pages
 
   @classmethod
   def over(cls, k_LPKCH: jax.Array, v_LPKCH: jax.Array, **metadata) -> "PagedKVCache":

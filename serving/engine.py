@@ -306,8 +306,7 @@ class Engine:
                     sampling=SamplingArrays.create(S, temperature=0.0))
     return StepBatch(tokens_T=z(T), use_last_T=z(T, bool), positions_T=z(T), slot_T=z(T), page_T=z(T), offset_T=z(T),
                      history_T=z(T, np.int8), page_indices_SM=np.zeros((S, self.config.pages_per_seq), np.int32),
-                     cu_q_lens_S1=z(S + 1),
-                     seqs=seqs)
+                     cu_q_lens_S1=z(S + 1), seqs=seqs)
 
   @staticmethod
   def num_compilations() -> int:

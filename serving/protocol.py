@@ -98,6 +98,14 @@ class _Sampling(_Strict):
   prompt_cache_options: Any = None
   prompt_cache_retention: Any = None
 
+  @model_validator(mode="before")
+  @classmethod
+  def _unsupported(cls, values):
+    """A 400 naming any UNSUPPORTED field this schema declares that asks for its feature."""
+    if isinstance(values, dict):
+      _check_unsupported(values, (name for name in UNSUPPORTED if name in cls.model_fields))
+    return values
+
   def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """Raises ValueError naming the bad field (SamplingParams' own checks)."""
     bias = None
@@ -121,13 +129,6 @@ class CompletionRequest(_Sampling):
   echo: StrictBool = False
   suffix: Any = None
   best_of: StrictInt | None = None
-
-  @model_validator(mode="before")
-  @classmethod
-  def _unsupported(cls, values):
-    if isinstance(values, dict):
-      _check_unsupported(values, ("suffix",))
-    return values
 
 
 class ToolCallFunction(BaseModel):
@@ -221,14 +222,6 @@ class ChatCompletionRequest(_Sampling):
   tool_choice: Any = None
   response_format: Any = None
   modalities: Any = None
-
-  @model_validator(mode="before")
-  @classmethod
-  def _unsupported(cls, values):
-    if isinstance(values, dict):
-      _check_unsupported(values, ("audio", "prediction", "web_search_options", "moderation", "functions",
-                                  "function_call", "tools", "tool_choice", "response_format", "modalities"))
-    return values
 
 
 class TokenizeRequest(_Strict):

@@ -359,6 +359,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
   params = [_sampling(server, req, len(i), None if score_only else req.max_tokens, req.logprobs) for i in ids]
   streams = [] if score_only else [_submit(server, i, sp, req.seed) for i, sp in zip(ids, params)]
   rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
+  prompt_tokens = sum(len(row) for row in ids) * n
   texts = {}
 
   def logprobs_of(r, start_offset=0, start=0, end=None):
@@ -382,7 +383,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                    "choices": [{"index": i * n + k, "text": x if isinstance(x, str) else tok.decode(ids[i]),
                                 "logprobs": None, "finish_reason": "length" if score_only else None}]}
           if continuous:
-            chunk["usage"] = _usage(sum(len(row) * n for row in ids), 0)
+            chunk["usage"] = _usage(prompt_tokens, 0)
           await sse.send(chunk)
 
     sent = {}  # (prompt, sample) -> output tokens whose logprobs went out
@@ -396,14 +397,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
                  "choices": [{"index": i * n + u.index, "text": u.delta, "logprobs": logprobs_of(r, 0, start, end),
                               "finish_reason": _finish_reason(r) if u.finished else None}]}
         if continuous:
-          chunk["usage"] = _usage(sum(len(x) * n for x in ids),
-                                  sum(len(x.output_ids) for s in streams for x in s.requests))
+          chunk["usage"] = _usage(prompt_tokens, sum(len(x.output_ids) for s in streams for x in s.requests))
         await sse.send(chunk)
 
     await _run(server, streams, on_update)
     if req.stream_options and req.stream_options.include_usage:
       await sse.send({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                      "choices": [], "usage": _usage(sum(len(i) * n for i in ids),
+                      "choices": [], "usage": _usage(prompt_tokens,
                                                      sum(len(r.output_ids) for s in streams for r in s.requests))})
     server.metrics.requests.labels("completions", "200").inc()
     return await sse.close()
@@ -439,7 +439,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
   server.metrics.requests.labels("completions", "200").inc()
   return web.json_response({
       "id": rid, "object": "text_completion", "created": created, "model": server.model_name, "choices": choices,
-      "usage": _usage(sum(len(i) * n for i in ids), sum(len(r.output_ids) for s in streams for r in s.requests))})
+      "usage": _usage(prompt_tokens, sum(len(r.output_ids) for s in streams for r in s.requests))})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

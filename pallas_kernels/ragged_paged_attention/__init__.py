@@ -192,13 +192,13 @@ def xla_block_sizes(T: int, S: int, C: int, **given) -> dict[str, int]:
                     [8, 64] (a prefill chunk's keys are gathered once per block_q rows);
     pages_per_block enough pages for 64 keys: a decode row at context L reads cdiv(L, 64) items;
     items_per_step  the number of pairs W (at least 8): about one KV block per pair per iteration."""
-  block_q = given.get("block_q", 1 if T <= S else min(max(T // 8, 8), 64))
-  sizes = dict(block_q=block_q, pages_per_block=given.get("pages_per_block", max(1, 64 // C)),
-               items_per_step=given.get("items_per_step", max(8, num_work_items(T, S, block_q)
-                                                               if _positive_int(block_q) else 8)))
-  for name, x in sizes.items():
-    if not _positive_int(x):
-      raise ValueError(f"implementation='xla' needs {name}={x!r} to be a positive int.")
+  sizes = {"block_q": given.get("block_q", 1 if T <= S else min(max(T // 8, 8), 64))}
+  sizes["pages_per_block"] = given.get("pages_per_block", max(1, 64 // C))
+  for name in ("block_q", "pages_per_block", "items_per_step"):
+    if name == "items_per_step":
+      sizes[name] = given.get(name, max(8, num_work_items(T, S, sizes["block_q"])))
+    if not _positive_int(sizes[name]):
+      raise ValueError(f"implementation='xla' needs {name}={sizes[name]!r} to be a positive int.")
   return {name: int(x) for name, x in sizes.items()}
 
 
