@@ -9,6 +9,8 @@
 from jaxllm.config import ModelConfig
 from jaxllm.llm import LLM, CompletionOutput, RequestOutput, ScoreOutput
 from jaxllm.sampling import SamplingParams
+from jaxllm.structured_outputs import StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "ModelConfig", "RequestOutput", "CompletionOutput", "ScoreOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "ModelConfig", "RequestOutput", "CompletionOutput",
+           "ScoreOutput"]
 __version__ = "0.1.0"

@@ -223,17 +223,19 @@ class LLM:
       raise ValueError(f"stop strings need a tokenizer and {self.source} has none; pass tokenizer=PATH or use "
                        "stop_token_ids.")
     sched = self.scheduler
-    for i, (p, sp) in enumerate(zip(ids, plist)):  # every prompt is checked before any is queued
+    grammars = []
+    for i, (p, sp) in enumerate(zip(ids, plist)):  # every prompt (and constraint) is checked before any is queued
       try:
         sched.validate(p, sp)
+        grammars.append(None if sp.structured_outputs is None else sched.grammars.compile(sp.structured_outputs))
       except ValueError as e:
         raise ValueError(f"prompt {i}: {e}") from None
     groups = []
-    for p, sp in zip(ids, plist):
+    for p, sp, grammar in zip(ids, plist, grammars):
       base = sp.seed if sp.seed is not None else int(self._rng.integers(0, 2**63 - 1))
       # Sample k of seed s gets its own stream: hash (s, k), so (s, 1) never collides with (s + 1, 0).
       seeds = [int(np.random.SeedSequence([base, k]).generate_state(1)[0]) for k in range(sp.n)]
-      groups.append(sched.add_samples(p, sp, seeds=seeds))
+      groups.append(sched.add_samples(p, sp, seeds=seeds, grammar=grammar))
     bar = _progress(sum(len(g) for g in groups), use_tqdm)
     try:
       done = 0

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxllm.structured_outputs import StructuredOutputsParams
+
 MAX_LOGIT_BIAS = 64  # entries of logit_bias per request (a fixed width, so a request never recompiles)
 MAX_STOP_IDS = 16  # stop token ids masked until min_tokens, per request
 MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (vLLM's default max_logprobs)
@@ -55,6 +57,8 @@ class SamplingParams:
     ignore_eos: keep generating past EOS.
     min_tokens: EOS and stop_token_ids cannot be generated before this many tokens.
     logprobs: also return the top-n logprobs (0..MAX_LOGPROBS) of each generated position; None: off.
+    structured_outputs: constrain the output to a JSON schema, regex, choice or grammar
+      (`jaxllm.structured_outputs.StructuredOutputsParams`, or a dict of its fields); None: free text.
   """
 
   n: int = 1
@@ -73,6 +77,7 @@ class SamplingParams:
   ignore_eos: bool = False
   min_tokens: int = 0
   logprobs: int | None = None
+  structured_outputs: StructuredOutputsParams | None = None
 
   def __post_init__(self):
     def bad(field, value, want):
@@ -117,6 +122,10 @@ class SamplingParams:
     if any(not isinstance(i, int) or i < 0 for i in ids) or len(ids) > MAX_STOP_IDS - 2:
       bad("stop_token_ids", self.stop_token_ids, f"must be at most {MAX_STOP_IDS - 2} non-negative integers")
     object.__setattr__(self, "stop_token_ids", ids)
+    if isinstance(self.structured_outputs, dict):
+      object.__setattr__(self, "structured_outputs", StructuredOutputsParams(**self.structured_outputs))
+    elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+      bad("structured_outputs", self.structured_outputs, "must be a StructuredOutputsParams, a dict or None")
 
   @property
   def uses_penalties(self) -> bool:

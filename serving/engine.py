@@ -16,8 +16,10 @@ the next step and in the result for the host. The JetStream names map onto it: `
 
 A step is two jitted programs dispatched back to back (no host sync between them): `forward` (the model, compiled
 per token bucket T) and `pick` (LM head and sampler over the S = min(T, max_num_seqs) last rows, compiled per S), so
-the sampler's many branches compile a few times rather than once per T. Sampling settings
-arrive per step as [S] rows, so a new request never recompiles; the only per-slot device state is the last sampled
+the sampler's many branches compile a few times rather than once per T. A step with structured-output rows passes
+`pick` a bitmask of the tokens each row may take (a second `pick` program per S; the scheduler computes the masks
+while the device runs `forward`); other steps pass none and pay nothing for it. Sampling settings arrive per step as
+[S] rows, so a new request never recompiles; the only per-slot device state is the last sampled
 token and the penalties' token history, which a step touches only when a sequence in it uses penalties. The state is
 donated: the KV pages are updated in place.
 """
@@ -135,16 +137,22 @@ def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention
   return state.replace(k=k, v=v, history=history), h_SD
 
 
-def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, *, num_top: int):
+def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW=None, *, num_top: int):
   """LM head and sampler over the step's S last rows: each sequence whose chunk ends at its last token draws its
-  next token into state.tokens[slot] (and the history, if it uses penalties). Compiled per S; tokens and history
-  are donated."""
+  next token into state.tokens[slot] (and the history, if it uses penalties). With `bitmask_SW` ([S, ceil(V / 32)]
+  int32, structured outputs), token v of row s stays only where bit v % 32 of word v // 32 is set: the sampler (and
+  the logprobs it reports, as vLLM's) sees the constrained distribution. Compiled per S, and again with a bitmask;
+  tokens and history are donated."""
   model = nnx.merge(graphdef, params)
   b = batch
   Z = state.tokens.shape[0]
   S = b.slot_S.shape[0]
   valid_S = jnp.arange(S) < b.num_seqs
-  logits_SV = model.logits(h_SD[None])[0]
+  logits_SV = model.logits(h_SD[None])[0].astype(jnp.float32)
+  if bitmask_SW is not None:
+    V = logits_SV.shape[-1]
+    bits_SW32 = (bitmask_SW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    logits_SV = jnp.where(bits_SW32.reshape(S, -1)[:, :V] != 0, logits_SV, -jnp.inf)
   drawn = sample(logits_SV, b.sampling, b.kv_lens_S, state.history, history_rows_B=b.slot_S, num_top=num_top)
   if num_top:
     tok_S, lp_S, top_ids, top_lp = drawn
@@ -260,8 +268,17 @@ class Engine:
 
   def step(self, state: EngineState, batch: StepBatch) -> tuple[EngineState, StepResult]:
     """Dispatches one step (asynchronous; the state is donated)."""
-    state, h_SD = _forward(self.graphdef, self.params, state, batch, **self._static)
-    return _pick(self.graphdef, self.params, state, h_SD, batch.seqs, num_top=self.config.num_top_logprobs)
+    return self.pick(*self.forward(state, batch), batch.seqs)
+
+  def forward(self, state: EngineState, batch: StepBatch) -> tuple[EngineState, jax.Array]:
+    """The step's first half (the model), dispatched: -> (state, the sequences' last hidden rows for `pick`)."""
+    return _forward(self.graphdef, self.params, state, batch, **self._static)
+
+  def pick(self, state: EngineState, h_SD: jax.Array, seqs: SeqBatch,
+           bitmask_SW: np.ndarray | None = None) -> tuple[EngineState, StepResult]:
+    """The step's second half (LM head and sampler), dispatched; `bitmask_SW` constrains rows (structured outputs).
+    A caller may run host work between the halves: the device is busy with the model meanwhile."""
+    return _pick(self.graphdef, self.params, state, h_SD, seqs, bitmask_SW, num_top=self.config.num_top_logprobs)
 
   # JetStream's contract, thin over the step: a prompt (or its next chunk) is prefilled, a sequence is inserted into
   # the decode set by the host (`serving.scheduler` seats it in a slot), and generate is a step of decode rows.
@@ -287,16 +304,24 @@ class Engine:
 
   # ------------------------------------------------------------------ compilation
   def warmup(self, state: EngineState | None = None) -> EngineState:
-    """Compiles the step for every token bucket. Runs on `state` (an idle scheduler's: padding rows
-    write only the scratch page) and returns it, so no second KV cache is allocated; None makes a scratch state."""
+    """Compiles the step for every token bucket (pick twice: with and without a structured-output bitmask). Runs on
+    `state` (an idle scheduler's: padding rows write only the scratch page) and returns it, so no second KV cache is
+    allocated; None makes a scratch state."""
     start, before = time.perf_counter(), self.num_compilations()
     state = self.init_state() if state is None else state
     for T in self.token_buckets:
-      state, _ = self.step(state, self._padding_batch(T))
+      batch = self._padding_batch(T)
+      state, h_SD = self.forward(state, batch)
+      state, _ = self.pick(state, h_SD, batch.seqs)
+      state, _ = self.pick(state, h_SD, batch.seqs, self.full_bitmask(h_SD.shape[0]))
     state = jax.block_until_ready(state)
     logging.getLogger("jaxllm.engine").info("warmup: %d programs in %.1f s", self.num_compilations() - before,
                                             time.perf_counter() - start)
     return state
+
+  def full_bitmask(self, num_rows: int) -> np.ndarray:
+    """A structured-output bitmask that allows every token ([num_rows, ceil(V / 32)] int32 of all ones)."""
+    return np.full((num_rows, cdiv(self.model_config.vocab_size, 32)), -1, np.int32)
 
   def _padding_batch(self, T: int) -> StepBatch:
     """A step of bucket T with no sequences (every row padding)."""

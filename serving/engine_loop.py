@@ -89,12 +89,15 @@ class EngineLoop:
     return self._thread.is_alive() and self.error is None
 
   def submit(self, prompt_ids, params: SamplingParams, *, request_id: str, seeds: list[int] | None = None,
-             loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+             loop: asyncio.AbstractEventLoop | None = None, grammar=None) -> RequestStream:
     """Queues params.n samples of a prompt; raises ValueError for a bad request and OverflowError when the queue
-    is full."""
+    is full. A structured-output constraint is compiled here (on the caller's thread) unless `grammar` is the
+    matcher `compile_grammar` made for it."""
     if not self.alive or self._stopping:
       raise RuntimeError("the engine is not accepting requests (shutting down or stopped).")
     ids = self.scheduler.validate(prompt_ids, params)
+    if params.structured_outputs is not None and grammar is None:
+      grammar = self.compile_grammar(params)
     if self.max_waiting is not None and self.num_waiting + len(self._ops) >= self.max_waiting:
       raise OverflowError(f"the server is at capacity ({self.max_waiting} requests waiting); retry later.")
     loop = loop or asyncio.get_running_loop()
@@ -106,10 +109,18 @@ class EngineLoop:
       loop.call_soon_threadsafe(stream._push, Update(req.index, delta, req.finished, req))
 
     def add():
-      stream.requests = self.scheduler.add_samples(ids, params, request_id=request_id, on_update=update, seeds=seeds)
+      stream.requests = self.scheduler.add_samples(ids, params, request_id=request_id, on_update=update, seeds=seeds,
+                                                   grammar=grammar)
 
     self._call(add)
     return stream
+
+  def compile_grammar(self, params: SamplingParams):
+    """The grammar matcher of params' structured-output constraint, or None (any thread; raises ValueError for a
+    bad constraint). Compiling can take milliseconds to seconds: a server calls this off its event loop."""
+    if params.structured_outputs is None:
+      return None
+    return self.scheduler.grammars.compile(params.structured_outputs)
 
   def cancel(self, stream: RequestStream) -> None:
     """Ends every unfinished sample of the request (queued, running or in flight); its pages are freed."""

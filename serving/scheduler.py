@@ -28,6 +28,12 @@ n > 1 samples of a prompt are separate requests: the first one's prompt pages ar
 others are admitted (in the same step or later), so each of them computes only the prompt's last partial page.
 Requests with repetition / presence / frequency penalties do not take cached prefixes: their token history is built
 from the tokens they compute themselves.
+
+Structured outputs: a sample with a constraint carries a grammar matcher, fed each of its tokens as they are absorbed
+(its constraint complete, it finishes with "stop" at once). Its next token's mask depends on the token just sampled,
+so a step with such a sample splits: the model (`engine.forward`) is dispatched, then the host absorbs the previous
+step and computes the masks (llguidance, in parallel, the GIL released) while the device runs the model, then the
+sampler (`engine.pick`) gets them. Steps without one keep the one-step-ahead pipeline and pass no mask.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import Callable
+import logging
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -45,8 +53,10 @@ from jaxllm.serving.detokenizer import Detokenizer
 from jaxllm.serving.engine import Engine, Row
 from jaxllm.serving.page_allocator import PageAllocator
 from jaxllm.sharding.distributed import host_value
+from jaxllm.structured_outputs import GrammarCompiler
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+log = logging.getLogger("jaxllm.scheduler")
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,6 +68,7 @@ class Request:
   detok: Detokenizer
   sampling: SamplingArrays  # [1] the request's sampling row
   on_update: Callable[["Request", str], None] | None = None  # (request, new text) after each absorbed token
+  matcher: Any = None  # structured outputs: the sample's grammar matcher (llguidance), fed every absorbed token
   status: str = WAITING
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -125,6 +136,9 @@ class Scheduler:
     # vLLM's prefix_cache_queries / prefix_cache_hits: tokens of admitted requests, and those the cache supplied.
     self.prefix_cache_queries = 0
     self.prefix_cache_hits = 0
+    self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
+    self.num_guided_steps = 0  # steps that sampled a structured-output row (model and sampler dispatched apart)
+    self.mask_seconds = 0.0  # host time spent computing their masks
 
   # ------------------------------------------------------------------ requests
   def validate(self, prompt_ids, params: SamplingParams) -> list[int]:
@@ -154,13 +168,21 @@ class Scheduler:
     """One sequence (params.n must be 1; see `add_samples`)."""
     if params.n != 1:
       raise ValueError(f"add() runs one sequence; use add_samples() for n={params.n} samples of a prompt.")
-    return self._add(self.validate(prompt_ids, params), params, request_id, on_update, seed)
+    ids = self.validate(prompt_ids, params)
+    matcher = None if params.structured_outputs is None else self.grammars.compile(params.structured_outputs)
+    req = self._add(ids, params, request_id, on_update, seed)
+    req.matcher = matcher
+    return req
 
   def add_samples(self, prompt_ids, params: SamplingParams, *, request_id: str | None = None,
-                  on_update: Callable | None = None, seeds: list[int] | None = None) -> list[Request]:
+                  on_update: Callable | None = None, seeds: list[int] | None = None,
+                  grammar=None) -> list[Request]:
     """params.n samples of one prompt, ids `{request_id}/{k}`; `seeds[k]` (or fresh ones) seed sample k. With prefix
-    caching on, the prompt's full pages are computed once and shared."""
+    caching on, the prompt's full pages are computed once and shared. `grammar`: the matcher
+    `self.grammars.compile(params.structured_outputs)` made (compiled here when not given)."""
     ids = self.validate(prompt_ids, params)
+    if params.structured_outputs is not None and grammar is None:
+      grammar = self.grammars.compile(params.structured_outputs)
     if seeds is not None and len(seeds) != params.n:
       raise ValueError(f"seeds has {len(seeds)} entries for n={params.n} samples.")
     base = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -170,6 +192,7 @@ class Scheduler:
     for k in range(params.n):
       r = self._add(ids, params, f"{base}/{k}", on_update, None if seeds is None else seeds[k])
       r.index = k
+      r.matcher = None if grammar is None else grammar.deep_copy()
       out.append(r)
     return out
 
@@ -207,10 +230,24 @@ class Scheduler:
     rows = self._schedule()
     keep = 0
     if rows:
-      self.state, result = self.engine.step(self.state, self.engine.build([row for _, row in rows]))
+      batch = self.engine.build([row for _, row in rows])
+      guided = [(r, i) for i, (r, row) in enumerate(rows) if r.matcher is not None and row.sample]
+      if not guided:
+        self.state, result = self.engine.step(self.state, batch)
+        keep = 1  # the step just dispatched stays in flight while the host reads everything older
+      else:
+        # A structured-output row's mask needs the token the previous step sampled for it: the model runs while
+        # the host absorbs that step and computes the masks, then the sampler gets them.
+        self.state, h_SD = self.engine.forward(self.state, batch)
+        while self._inflight:
+          self._absorb(*self._inflight.popleft())
+        start = time.perf_counter()
+        mask = self.grammars.fill_masks([(r.matcher, i) for r, i in guided if r.status == RUNNING], h_SD.shape[0])
+        self.mask_seconds += time.perf_counter() - start
+        self.num_guided_steps += 1
+        self.state, result = self.engine.pick(self.state, h_SD, batch.seqs, mask)
       self._inflight.append((result, [(r, i, r.epoch, row.sample) for i, (r, row) in enumerate(rows)]))
       self.num_steps += 1
-      keep = 1  # the step just dispatched stays in flight while the host reads everything older
     while len(self._inflight) > keep:
       self._absorb(*self._inflight.popleft())
 
@@ -323,10 +360,18 @@ class Scheduler:
       n_top = req.params.logprobs
       req.top_logprobs.append({int(a): float(b) for a, b in zip(tops[0][:n_top], tops[1][:n_top])})
     delta = req.detok.add(tok)
-    if not req.detok.finished and len(req.output_ids) >= req.max_new:
+    grammar_done = False
+    if req.matcher is not None:
+      if not req.matcher.consume_token(tok):  # the mask allowed it, so this is a bug; do not loop on garbage
+        log.error("request %s: the grammar refused token %d it had allowed: %s", req.request_id, tok,
+                  req.matcher.get_error())
+        self._finish(req, "abort", delta)
+        return
+      grammar_done = req.matcher.is_stopped()  # the constraint is complete: nothing but EOS could follow
+    if not req.detok.finished and (grammar_done or len(req.output_ids) >= req.max_new):
       delta += req.detok.flush()
-    if req.detok.finished:
-      reason = "stop" if req.detok.stop_reason is not None else "length"
+    if req.detok.finished or grammar_done:
+      reason = "stop" if req.detok.stop_reason is not None or grammar_done else "length"
       self._finish(req, reason, delta)
     elif req.on_update is not None:
       req.on_update(req, delta)
