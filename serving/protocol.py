@@ -18,16 +18,20 @@ ignored), `tool` messages with `tool_call_id`, and `developer` rendered as the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from jaxllm.sampling import SamplingParams
+from jaxllm.structured_outputs import StructuredOutputsParams
 
 # Accepted with any value; ignoring them cannot change the output a client gets.
 IGNORED = ("metadata", "store", "service_tier", "user", "safety_identifier", "prompt_cache_key",
-           "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "verbosity", "parallel_tool_calls")
+           "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "verbosity",
+           # the Responses API's: no reasoning model here, nothing extra to include, inputs are never truncated
+           "reasoning", "include", "truncation")
 # Accepted when null / empty (or the value that means "off"); anything else is a 400 naming the field and this reason.
 UNSUPPORTED = {
     "audio": "audio output is not supported by this text model",
@@ -36,13 +40,22 @@ UNSUPPORTED = {
     "moderation": "moderation is not supported",
     "functions": "the deprecated `functions` are not supported; use `tools`",
     "function_call": "the deprecated `function_call` is not supported; use `tool_choice`",
-    "tools": "tool calling is not supported yet",
-    "tool_choice": "tool calling is not supported yet",
-    "response_format": "structured outputs (response_format json_object / json_schema) are not supported yet",
     "modalities": "only the 'text' modality is supported",
     "suffix": "suffix (insertion) is not supported",
 }
-_OFF_VALUES = {"modalities": (["text"],), "response_format": ({"type": "text"},), "tool_choice": ("none",)}
+# The Responses API's own besides (`prompt` there is a stored prompt template, not the completions prompt).
+RESPONSES_UNSUPPORTED = {
+    **UNSUPPORTED,
+    "background": "background responses are not supported; send the request and wait, or stream it",
+    "background_options": "background responses are not supported",
+    "conversation": "stored conversations are not supported; send the history as input or use previous_response_id",
+    "prompt": "reusable prompt templates are not supported; send the instructions and input",
+    "image": "image generation is not supported by this text model",
+    "access_programs": "access programs are not supported",
+    "context_management": "server-side context management is not supported",
+}
+RESPONSES_IGNORED = tuple(k for k in IGNORED if k != "store")  # store is honoured there (previous_response_id)
+_OFF_VALUES = {"modalities": (["text"],)}
 
 
 class FieldError(ValueError):
@@ -53,12 +66,12 @@ class FieldError(ValueError):
     self.field = field
 
 
-def _check_unsupported(values: dict, names) -> None:
+def _check_unsupported(values: dict, refused: dict, names) -> None:
   for name in names:
     v = values.get(name)
     if v is None or v == [] or v == {} or v in _OFF_VALUES.get(name, ()):
       continue
-    raise FieldError(name, f"{UNSUPPORTED[name]}.")
+    raise FieldError(name, f"{refused[name]}.")
 
 
 class _Strict(BaseModel):
@@ -71,7 +84,22 @@ class StreamOptions(_Strict):
   include_obfuscation: Any = None  # OpenAI's padding against side channels: ignored
 
 
-class _Sampling(_Strict):
+class _Refusing(_Strict):
+  """A request schema whose `refused` fields are 400s that name themselves unless null / off; `ignored` lists those
+  it accepts with any value."""
+
+  refused: ClassVar[dict] = UNSUPPORTED
+  ignored: ClassVar[tuple] = IGNORED
+
+  @model_validator(mode="before")
+  @classmethod
+  def _unsupported(cls, values):
+    if isinstance(values, dict):
+      _check_unsupported(values, cls.refused, (name for name in cls.refused if name in cls.model_fields))
+    return values
+
+
+class _Sampling(_Refusing):
   model: str | None = None
   n: StrictInt = 1
   temperature: float = 1.0
@@ -97,14 +125,10 @@ class _Sampling(_Strict):
   prompt_cache_key: Any = None
   prompt_cache_options: Any = None
   prompt_cache_retention: Any = None
-
-  @model_validator(mode="before")
-  @classmethod
-  def _unsupported(cls, values):
-    """A 400 naming any UNSUPPORTED field this schema declares that asks for its feature."""
-    if isinstance(values, dict):
-      _check_unsupported(values, (name for name in UNSUPPORTED if name in cls.model_fields))
-    return values
+  # Structured outputs: OpenAI's response_format (text / json_object / json_schema), or vLLM's structured_outputs
+  # ({"json" | "regex" | "choice" | "grammar" | "json_object": ..., ...}; it replaced guided_json & co. in v0.12).
+  response_format: Any = None
+  structured_outputs: dict | None = None
 
   def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """Raises ValueError naming the bad field (SamplingParams' own checks)."""
@@ -119,7 +143,40 @@ class _Sampling(_Strict):
         min_p=self.min_p, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
         repetition_penalty=self.repetition_penalty, logit_bias=bias, seed=self.seed, stop=self.stop,
         stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-        logprobs=logprobs)
+        logprobs=logprobs, structured_outputs=self.structured_output_params())
+
+
+  def structured_output_params(self) -> StructuredOutputsParams | None:
+    """The request's constraint, from response_format or structured_outputs (a FieldError naming the bad one)."""
+    rf, so = self.response_format, self.structured_outputs
+    if rf == {"type": "text"}:
+      rf = None
+    if rf is not None and so is not None:
+      raise FieldError("structured_outputs", "give either response_format or structured_outputs, not both.")
+    if so is not None:
+      unknown = set(so) - {f.name for f in dataclasses.fields(StructuredOutputsParams)}
+      if unknown:
+        raise FieldError("structured_outputs", f"unknown keys {sorted(unknown)}; expected one of json, regex, choice, "
+                         "grammar, json_object, plus disable_any_whitespace or whitespace_pattern.")
+      try:
+        return StructuredOutputsParams(**so)
+      except ValueError as e:
+        raise FieldError("structured_outputs", str(e)) from None
+    if rf is None:
+      return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "json_object":
+      return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+      spec = rf.get("json_schema")
+      if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+        raise FieldError("response_format", "json_schema must be an object holding the JSON schema under 'schema'.")
+      try:
+        return StructuredOutputsParams(json=spec.get("schema", {}))
+      except ValueError as e:
+        raise FieldError("response_format", str(e)) from None
+    raise FieldError("response_format", f"type {kind!r} is not supported; use 'text', 'json_object' or "
+                     "'json_schema'.")
 
 
 class CompletionRequest(_Sampling):
@@ -211,16 +268,15 @@ class ChatCompletionRequest(_Sampling):
   add_generation_prompt: StrictBool = True
   reasoning_effort: Any = None
   verbosity: Any = None
-  parallel_tool_calls: Any = None
+  parallel_tool_calls: StrictBool | None = None  # False: at most one call (enforced for "required")
   audio: Any = None
   prediction: Any = None
   web_search_options: Any = None
   moderation: Any = None
   functions: Any = None
   function_call: Any = None
-  tools: Any = None
-  tool_choice: Any = None
-  response_format: Any = None
+  tools: list | None = None  # [{"type": "function", "function": {...}}] (jaxllm.tool_calls checks them)
+  tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
   modalities: Any = None
 
 
@@ -234,3 +290,54 @@ class TokenizeRequest(_Strict):
 class DetokenizeRequest(_Strict):
   model: str | None = None
   tokens: list[StrictInt]
+
+
+class ResponsesRequest(_Refusing):
+  """OpenAI's Responses API request (`POST /v1/responses`): text input and output, function tools, structured output
+  (`text.format`), streaming events, and `previous_response_id` over the responses this server keeps in memory."""
+
+  refused: ClassVar[dict] = RESPONSES_UNSUPPORTED
+  ignored: ClassVar[tuple] = RESPONSES_IGNORED
+
+  model: str | None = None
+  input: str | list[dict]
+  instructions: str | None = None
+  tools: list[dict] | None = None
+  tool_choice: Any = None
+  parallel_tool_calls: StrictBool | None = None
+  max_tool_calls: StrictInt | None = None
+  max_output_tokens: StrictInt | None = None
+  temperature: float | None = None
+  top_p: float | None = None
+  text: dict | None = None
+  stream: StrictBool = False
+  store: StrictBool | None = None
+  previous_response_id: str | None = None
+  top_logprobs: StrictInt | None = None
+  # Ignored: they cannot change the text this server returns (no reasoning model, no hosted tools, no obfuscation).
+  metadata: Any = None
+  user: Any = None
+  service_tier: Any = None
+  safety_identifier: Any = None
+  prompt_cache_key: Any = None
+  prompt_cache_options: Any = None
+  prompt_cache_retention: Any = None
+  reasoning: Any = None
+  include: Any = None
+  truncation: Any = None
+  stream_options: StreamOptions | None = None  # include_obfuscation only (padding against side channels): accepted
+  # Refused unless null (UNSUPPORTED).
+  background: Any = None
+  background_options: Any = None
+  conversation: Any = None
+  prompt: Any = None
+  image: Any = None
+  moderation: Any = None
+  access_programs: Any = None
+  context_management: Any = None
+
+  @model_validator(mode="after")
+  def _check(self):
+    if self.top_logprobs:
+      raise FieldError("top_logprobs", "logprobs are not supported on the Responses API here; use chat completions.")
+    return self

@@ -35,6 +35,8 @@ import numpy as np
 from aiohttp import web
 from pydantic import ValidationError
 
+from jaxllm import tool_calls
+from jaxllm.sampling import SamplingParams
 from jaxllm.serving import protocol
 from jaxllm.serving.config import EngineConfig
 from jaxllm.serving.engine_loop import EngineLoop, RequestStream
@@ -152,6 +154,9 @@ class Server:
       if llm.tokenizer is None:
         raise ValueError(f"{c.model} has no tokenizer; pass --tokenizer.")
       self.llm, self.tokenizer, self.max_model_len = llm, llm.tokenizer, llm.max_model_len
+      # The tool-call syntax of the template that renders requests with tools (a "tool_use" one if there is one).
+      self.tool_format = tool_calls.tool_format(llm.tokenizer.chat_templates.get("tool_use",
+                                                                                llm.tokenizer.chat_template))
       if c.warmup:
         self.state = "warming up"
         llm.warmup()
@@ -202,11 +207,14 @@ async def _body(request: web.Request, schema):
     raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
 
 
-def _chat_prompt_ids(tok, messages, add_generation_prompt: bool) -> list[int]:
-  """The chat template's prompt, tokenized (on the text workers); a message or template error is a 400."""
+def _chat_prompt_ids(tok, messages, add_generation_prompt: bool, tools=None, tool_format=None, specs=()) -> list[int]:
+  """The chat template's prompt, tokenized (on the text workers); a message or template error is a 400. With tools,
+  the template gets them (`tools=`) and the messages as the tool format writes them."""
   try:
-    text = tok.apply_chat_template([m.template_message() for m in messages],
-                                   add_generation_prompt=add_generation_prompt)
+    msgs = [m.template_message() for m in messages]
+    if tool_format is not None:
+      msgs = tool_format.prompt_messages(msgs, specs)
+    text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tools=tools)
   except ValueError as e:
     raise APIError(400, str(e), param="messages") from None
   except Exception as e:  # noqa: BLE001 - a template that raises (e.g. roles out of order) is the request's fault
@@ -229,9 +237,29 @@ def _check_model(server: Server, name: str | None) -> None:
                    "not_found_error", "model")
 
 
-def _submit(server: Server, prompt_ids, params, seed) -> RequestStream:
+def _constraint_field(req) -> str:
+  """The request field a chat / completions request's output constraint came from (for its 400s)."""
+  if req.structured_outputs is not None:
+    return "structured_outputs"
+  return "response_format" if req.response_format not in (None, {"type": "text"}) else "tools"
+
+
+async def _grammar(server: Server, params: SamplingParams, field: str):
+  """The structured-output matcher of params' constraint (None without one), compiled on a text worker: milliseconds
+  for a typical schema, up to seconds for a huge one. A constraint llguidance cannot compile is a 400 naming the
+  request field it came from."""
+  if params.structured_outputs is None:
+    return None
   try:
-    return server.loop.submit(prompt_ids, params, request_id=uuid.uuid4().hex, seeds=server.seeds(seed, params.n))
+    return await server.off_loop(server.loop.compile_grammar, params)
+  except ValueError as e:
+    raise APIError(400, str(e), param=field) from None
+
+
+def _submit(server: Server, prompt_ids, params, seed, grammar=None) -> RequestStream:
+  try:
+    return server.loop.submit(prompt_ids, params, request_id=uuid.uuid4().hex, seeds=server.seeds(seed, params.n),
+                              grammar=grammar)
   except OverflowError as e:
     raise APIError(503, str(e), "service_unavailable") from None
   except ValueError as e:
@@ -257,7 +285,7 @@ def _sampling(server, req, prompt_len, max_tokens, logprobs):
   try:
     return req.sampling_params(_max_tokens(server, prompt_len, max_tokens), logprobs)
   except ValueError as e:
-    raise APIError(400, str(e)) from None
+    raise APIError(400, str(e), param=getattr(e, "field", None)) from None
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -357,7 +385,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
     raise APIError(400, "max_tokens=0 generates nothing; it is only useful with echo=true (prompt scoring).",
                    param="max_tokens")
   params = [_sampling(server, req, len(i), None if score_only else req.max_tokens, req.logprobs) for i in ids]
-  streams = [] if score_only else [_submit(server, i, sp, req.seed) for i, sp in zip(ids, params)]
+  grammar = await _grammar(server, params[0], _constraint_field(req))  # one constraint for every prompt
+  streams = []
+  try:
+    for i, sp in ([] if score_only else zip(ids, params)):
+      streams.append(_submit(server, i, sp, req.seed, grammar))
+  except APIError:  # a later prompt refused: the earlier ones must not run for nobody
+    for s in streams:
+      server.loop.cancel(s)
+    raise
   rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
   prompt_tokens = sum(len(row) for row in ids) * n
   texts = {}
@@ -447,13 +483,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
   req = await _body(request, protocol.ChatCompletionRequest)
   _check_model(server, req.model)
   tok = server.tokenizer
-  ids = await server.off_loop(_chat_prompt_ids, tok, req.messages, req.add_generation_prompt)
+  try:
+    specs, choice = tool_calls.check_tools(req.tools, req.tool_choice)
+    constraint = tool_calls.constraint(server.tool_format, specs, choice, req.parallel_tool_calls is not False)
+  except ValueError as e:
+    raise APIError(400, str(e), param="tool_choice" if req.tools else "tools") from None
+  fmt = server.tool_format if choice != "none" else None
+  ids = await server.off_loop(_chat_prompt_ids, tok, req.messages, req.add_generation_prompt,
+                              req.tools if fmt else None, fmt, specs)
   top = req.top_logprobs if req.logprobs else None
   if req.top_logprobs is not None and not req.logprobs:
     raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
   params = _sampling(server, req, len(ids), req.max_completion_tokens or req.max_tokens,
                      (top or 0) if req.logprobs else None)
-  stream = _submit(server, ids, params, req.seed)
+  if constraint is not None:
+    if params.structured_outputs is not None:
+      raise APIError(400, f"tool_choice {choice!r} constrains the output itself; drop response_format / "
+                     "structured_outputs.", param="tool_choice")
+    params = dataclasses.replace(params, structured_outputs=constraint)
+  stream = _submit(server, ids, params, req.seed, await _grammar(server, params, _constraint_field(req)))
+  calls = _ToolCalls(fmt, specs, choice, req.n)
   rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
   def entry(t, lp):
@@ -482,13 +531,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     sent = [0] * req.n  # output tokens whose logprobs went out, per sample
 
     async def on_update(_, u):
-      if u.delta or u.finished:
+      delta = calls.stream(u.index, u.delta, u.finished)
+      if delta or u.finished:
         r = u.request
         end = _tokens_ready(r)
         chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
-                 "choices": [{"index": u.index, "delta": {"content": u.delta} if u.delta else {},
-                              "logprobs": logprobs_of(r, sent[u.index], end),
-                              "finish_reason": _finish_reason(r) if u.finished else None}]}
+                 "choices": [{"index": u.index, "delta": delta, "logprobs": logprobs_of(r, sent[u.index], end),
+                              "finish_reason": calls.finish_reason(u.index, r) if u.finished else None}]}
         sent[u.index] = end
         if continuous:
           chunk["usage"] = _usage(len(ids) * req.n, sum(len(x.output_ids) for x in stream.requests))
@@ -511,9 +560,77 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
   server.metrics.requests.labels("chat", "200").inc()
   return web.json_response({
       "id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
-      "choices": [{"index": r.index, "message": {"role": "assistant", "content": texts.get(r.index, "")},
-                   "logprobs": logprobs_of(r), "finish_reason": _finish_reason(r)} for r in stream.requests],
+      "choices": [{"index": r.index, "message": calls.message(r.index, texts.get(r.index, "")),
+                   "logprobs": logprobs_of(r), "finish_reason": calls.finish_reason(r.index, r)}
+                  for r in stream.requests],
       "usage": _usage(len(ids) * req.n, sum(len(r.output_ids) for r in stream.requests))})
+
+
+class _ToolCalls:
+  """A chat request's samples read for tool calls (`jaxllm.tool_calls`): whole messages, or stream deltas.
+
+  Streamed, a sample's text goes out as content up to what its format says is surely not a call (`safe_prefix`); the
+  rest is held back and, when the sample ends, sent as its calls (`delta.tool_calls`, one entry per call with its
+  whole arguments) or as the content it turned out to be. A named function's arguments (the whole output) stream as
+  they come."""
+
+  def __init__(self, fmt, specs, choice, n: int):
+    self.fmt, self.specs, self.choice = fmt, specs, choice
+    self.named = choice not in ("none", "auto", "required")
+    self.text, self.sent = [""] * n, [0] * n
+    self.parsed: list[tuple[list, str] | None] = [None] * n
+    self.ids = [tool_calls.ToolCall("", "").id for _ in range(n)]  # a named call's id, the same streamed or not
+
+  def parse(self, k: int, text: str) -> tuple[list, str]:
+    """(calls, content outside them) of sample k's whole text, read once."""
+    if self.parsed[k] is None:
+      if self.fmt is None:
+        self.parsed[k] = [], text
+      elif self.named:
+        self.parsed[k] = tool_calls.parse_named(text, self.choice), ""
+        self.parsed[k][0][0].id = self.ids[k]
+      else:
+        self.parsed[k] = self.fmt.parse(text, self.specs)
+    return self.parsed[k]
+
+  def message(self, k: int, text: str) -> dict:
+    found, content = self.parse(k, text)
+    if not found:
+      return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": content.strip() or None, "tool_calls": [c.to_openai() for c in found]}
+
+  def finish_reason(self, k: int, r) -> str:
+    reason = _finish_reason(r)
+    return "tool_calls" if reason == "stop" and self.parsed[k] is not None and self.parsed[k][0] else reason
+
+  def stream(self, k: int, delta: str, finished: bool) -> dict:
+    """The chunk delta for sample k's new text (and, once it finished, for what was held back)."""
+    if self.fmt is None:
+      return {"content": delta} if delta else {}
+    self.text[k] += delta
+    text = self.text[k]
+    if self.named:  # the output is the function's arguments
+      if finished:
+        self.parse(k, text)
+      if not delta and self.sent[k]:
+        return {}
+      call = {"index": 0, "function": {"arguments": delta}}
+      if not self.sent[k]:
+        call.update(id=self.ids[k], type="function", function={"name": self.choice, "arguments": delta})
+      self.sent[k] = max(len(text), 1)
+      return {"tool_calls": [call]}
+    if not finished:
+      safe = self.fmt.safe_prefix(text) if self.choice == "auto" else 0
+      if safe <= self.sent[k]:
+        return {}
+      out, self.sent[k] = {"content": text[self.sent[k]:safe]}, safe
+      return out
+    found, content = self.parse(k, text)
+    rest = (content if found else text)[self.sent[k]:]
+    out = {"content": rest} if rest else {}
+    if found:
+      out["tool_calls"] = [{"index": i, **c.to_openai()} for i, c in enumerate(found)]
+    return out
 
 
 def _model_card(server: Server) -> dict:
@@ -602,6 +719,9 @@ def create_app(server: Server, max_body_bytes: int = 4 << 20) -> web.Application
       web.get("/v1/models", models), web.get("/v1/models/{model_id:.+}", model), web.get("/health", health),
       web.get("/metrics", metrics),
       web.post("/tokenize", tokenize), web.post("/detokenize", detokenize)])
+  from jaxllm.serving import responses  # it builds on this module's handlers
+
+  app.add_routes(responses.routes())
   return app
 
 

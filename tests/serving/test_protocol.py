@@ -8,28 +8,35 @@ import pytest
 from openai.types import completion_create_params as legacy
 from openai.types.chat import completion_create_params as chat
 from openai.types.chat import ChatCompletionAssistantMessageParam, ChatCompletionToolMessageParam
+from openai.types.responses import response_create_params as responses
 from pydantic import ValidationError
 
 from jaxllm.serving import protocol
 
 OPENAI = {"chat": (chat.CompletionCreateParamsStreaming, protocol.ChatCompletionRequest),
-          "completions": (legacy.CompletionCreateParamsStreaming, protocol.CompletionRequest)}
-MINIMAL = {"chat": {"messages": [{"role": "user", "content": "hi"}]}, "completions": {"prompt": "hi"}}
+          "completions": (legacy.CompletionCreateParamsStreaming, protocol.CompletionRequest),
+          "responses": (responses.ResponseCreateParamsStreaming, protocol.ResponsesRequest)}
+MINIMAL = {"chat": {"messages": [{"role": "user", "content": "hi"}]}, "completions": {"prompt": "hi"},
+           "responses": {"input": "hi"}}
 # Fields that change the output as OpenAI defines them (everything else must be IGNORED or UNSUPPORTED).
 HONOURED = {
     "chat": {"messages", "model", "frequency_penalty", "logit_bias", "logprobs", "max_completion_tokens", "max_tokens",
-             "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "temperature", "top_logprobs",
-             "top_p"},
+             "n", "parallel_tool_calls", "presence_penalty", "response_format", "seed", "stop", "stream",
+             "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p"},
     "completions": {"prompt", "model", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
                     "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options",
                     "temperature", "top_p"},
+    "responses": {"input", "model", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_tool_calls",
+                  "max_output_tokens", "temperature", "top_p", "text", "stream", "stream_options", "store",
+                  "previous_response_id", "top_logprobs"},
 }
 # A value of each unsupported field that asks for the feature (null / empty / "off" values are accepted).
 ASKING = {"audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"},
           "web_search_options": {"search_context_size": "low"}, "moderation": {"enabled": True},
           "functions": [{"name": "f", "parameters": {}}], "function_call": "auto",
-          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required",
-          "response_format": {"type": "json_object"}, "modalities": ["text", "audio"], "suffix": "end"}
+          "modalities": ["text", "audio"], "suffix": "end",
+          "background": True, "background_options": {"x": 1}, "conversation": "conv_1", "prompt": {"id": "pmpt_1"},
+          "image": {"size": "1024x1024"}, "access_programs": {"x": 1}, "context_management": [{"type": "x"}]}
 
 
 def openai_fields(kind):
@@ -39,7 +46,8 @@ def openai_fields(kind):
 @pytest.mark.parametrize("kind", OPENAI)
 def test_every_openai_field_is_classified(kind):
   fields = openai_fields(kind)
-  ignored, unsupported = fields & set(protocol.IGNORED), fields & set(protocol.UNSUPPORTED)
+  schema = OPENAI[kind][1]
+  ignored, unsupported = fields & set(schema.ignored), fields & set(schema.refused)
   unclassified = fields - HONOURED[kind] - ignored - unsupported
   assert not unclassified, f"OpenAI {kind} fields neither honoured, ignored nor refused: {sorted(unclassified)}"
   assert not (HONOURED[kind] & (ignored | unsupported))
@@ -49,7 +57,7 @@ def test_every_openai_field_is_classified(kind):
 @pytest.mark.parametrize("kind", OPENAI)
 def test_ignored_fields_accept_any_value(kind):
   schema = OPENAI[kind][1]
-  for name in sorted(openai_fields(kind) & set(protocol.IGNORED)):
+  for name in sorted(openai_fields(kind) & set(schema.ignored)):
     for value in (None, "x", {"k": "v"}, ["a"], 3, True):
       schema.model_validate({**MINIMAL[kind], name: value})
 
@@ -57,7 +65,7 @@ def test_ignored_fields_accept_any_value(kind):
 @pytest.mark.parametrize("kind", OPENAI)
 def test_unsupported_fields_accept_off_and_name_themselves_otherwise(kind):
   schema = OPENAI[kind][1]
-  for name in sorted(openai_fields(kind) & set(protocol.UNSUPPORTED)):
+  for name in sorted(openai_fields(kind) & set(schema.refused)):
     schema.model_validate({**MINIMAL[kind], name: None})
     with pytest.raises(ValidationError) as e:
       schema.model_validate({**MINIMAL[kind], name: ASKING[name]})

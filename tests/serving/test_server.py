@@ -13,56 +13,9 @@ import urllib.request
 import pytest
 
 from jaxllm import SamplingParams
-from jaxllm.serving.config import EngineConfig
-from jaxllm.serving.server import ServerConfig, run_in_thread
+from tests.serving.conftest import pages_all_free, raw
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def server():
-  srv, thread, loop, stop = run_in_thread(ServerConfig(model="default", port=0, warmup=False, served_model_name="smollm2",
-                                                       engine=EngineConfig(max_model_len=512, max_num_seqs=8)))
-  deadline = time.time() + 300
-  while getattr(srv, "port", None) is None or srv.state != "ready":
-    assert srv.state != "failed", srv.load_error
-    assert time.time() < deadline, srv.state
-    time.sleep(0.2)
-  yield srv
-  loop.call_soon_threadsafe(stop.set)
-  thread.join(60)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-  from openai import OpenAI
-
-  return OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def raw(server, path, body=None, method=None, headers=None):
-  """(status, parsed JSON or text) of one request; `body` bytes are sent as they are."""
-  data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-  req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=data, method=method,
-                               headers={"Content-Type": "application/json", **(headers or {})})
-  try:
-    with urllib.request.urlopen(req, timeout=120) as r:
-      text = r.read().decode()
-      status = r.status
-  except urllib.error.HTTPError as e:
-    text, status = e.read().decode(), e.code
-  try:
-    return status, json.loads(text)
-  except json.JSONDecodeError:
-    return status, text
-
-
-def pages_all_free(server, timeout=30):
-  alloc = server.loop.scheduler.allocator
-  deadline = time.time() + timeout
-  while alloc.num_free != alloc.capacity and time.time() < deadline:
-    time.sleep(0.1)
-  return alloc.num_free == alloc.capacity
 
 
 def test_health_models_tokenize_detokenize(server, client):
