@@ -2,7 +2,7 @@
 clients: the `openai` client's round trip (tool_calls -> the client's own message object sent back -> a tool message
 -> the answer), named and "required" choices always valid for the function's schema, streamed tool-call deltas that
 reassemble to the non-streamed calls, auto-mode parsing of the generic and Hermes syntaxes, and LangChain's
-`bind_tools` and `with_structured_output`."""
+`bind_tools`, `with_structured_output` and a plain multi-turn conversation."""
 
 import json
 
@@ -157,3 +157,11 @@ def test_langchain_bind_tools_loop_and_structured_output(server):
 
   city = llm.with_structured_output(City).invoke("Name a city in France.")
   assert isinstance(city, City) and city.name
+
+  # A plain multi-turn conversation: LangChain's own message objects, each answer appended and sent back.
+  chat = [HumanMessage("Hi! My name is Ada.")]
+  for turn in ("What is the capital of France?", "What is my name?"):
+    chat.append(llm.invoke(chat))
+    chat.append(HumanMessage(turn))
+  final = llm.invoke(chat)
+  assert final.content and final.response_metadata["finish_reason"] in ("stop", "length")
