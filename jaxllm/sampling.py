@@ -352,7 +352,8 @@ def _threshold_B1(scaled_BV, s: SamplingArrays):
 def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, history: TokenHistory | None = None,
            num_top: int = 0, history_rows_B: jax.Array | None = None):
   """-> (token ids [B] int32, their logprobs [B] float32) and, with num_top > 0, (top ids [B, num_top], top logprobs
-  [B, num_top]) of the unmodified model distribution. `positions_B` is the position of the token being chosen;
+  [B, num_top]) of the distribution in `logits_BV` before bias, penalties and filters (the model's, or the one a
+  structured-output mask left: refused tokens at -inf). `positions_B` is the position of the token being chosen;
   `history_rows_B` (optional) maps batch rows to rows of a larger `history` table (see process_logits).
 
   Every optional stage (bias, penalties, min_tokens mask, the draw, the filter thresholds, the top-n logprobs) is a

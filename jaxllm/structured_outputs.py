@@ -12,7 +12,9 @@ never pay for it (see `serving.scheduler` for how the mask overlaps the device s
 
 Why llguidance (over xgrammar; both are what vLLM ships): no dependencies (xgrammar requires torch, transformers and
 triton at install), a few milliseconds to compile a typical schema, masks in tens of microseconds, compilation that
-releases the GIL and runs under bounded fuel (a hostile schema cannot hang the server), and Lark/GBNF grammars,
+releases the GIL and runs under bounded fuel (a constraint's lexer is built and checked on the worker thread that
+compiles it, under tighter limits than llguidance's defaults, so a pathological regex is a 400, not a stall of the
+engine thread), and Lark/GBNF grammars,
 regexes and JSON schemas behind one API. The figures are in benchmarks/RESULTS.md (benchmarks/grammar_backends.py).
 """
 
@@ -29,6 +31,16 @@ import numpy as np
 DEFAULT_WHITESPACE = r"(\r?\n[ \t]{0,32}| )?"  # between JSON tokens, unless the request says otherwise
 MAX_GRAMMAR_CHARS = 1 << 20  # a constraint's text (schema, regex, grammar or choices) beyond this is refused
 _CACHE_SIZE = 256  # compiled constraints kept (by their text)
+MAX_SCHEMA_DEPTH = 64  # nesting of a JSON schema (objects in objects ...) beyond this is refused
+
+
+def _limits():
+  """llguidance's work bounds per constraint: lexer states and per-mask fuel well under its defaults, so one request's
+  constraint costs at most milliseconds per mask and a bounded build."""
+  import llguidance
+
+  return llguidance.LLParserLimits(max_lexer_states=50_000, step_lexer_fuel=100_000, initial_lexer_fuel=500_000,
+                                   max_grammar_size=200_000)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,20 +126,22 @@ class StructuredOutputsParams:
     return llguidance.grammar_from("grammar", self.grammar)  # Lark, or GBNF converted to Lark
 
 
-def close_objects(schema):
+def close_objects(schema, depth: int = 0):
   """The schema with `additionalProperties: false` in every object schema (at any depth) that does not set it."""
+  if depth > MAX_SCHEMA_DEPTH:
+    raise ValueError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep.")
   if isinstance(schema, list):
-    return [close_objects(s) for s in schema]
+    return [close_objects(s, depth + 1) for s in schema]
   if not isinstance(schema, dict):
     return schema
   out = {}
   for k, v in schema.items():
     if k in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas") and isinstance(v, dict):
-      out[k] = {name: close_objects(sub) for name, sub in v.items()}  # maps of names to schemas
+      out[k] = {name: close_objects(sub, depth + 1) for name, sub in v.items()}  # maps of names to schemas
     elif k in ("const", "enum", "default", "examples", "required"):
       out[k] = v  # values, not schemas
     else:
-      out[k] = close_objects(v)
+      out[k] = close_objects(v, depth + 1)
   if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
     out["additionalProperties"] = False
   return out
@@ -176,7 +190,12 @@ class GrammarCompiler:
         self._cache.move_to_end(key)
     if proto is None:
       grammar = params.llguidance_grammar()
-      proto = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)  # releases the GIL while it compiles
+      proto = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0, limits=_limits())  # releases the GIL
+      # llguidance builds its lexer lazily, on the first mask: build it here, on the caller's (worker) thread and
+      # under the limits, so a pathological regex is refused now instead of stalling the engine thread later (the
+      # lexer is shared by the copies the samples get).
+      if not proto.is_error():
+        proto.deep_copy().compute_bitmask()
       if proto.is_error():
         raise ValueError(f"invalid structured output constraint: {proto.get_error()}")
       with self._lock:
@@ -192,11 +211,6 @@ class GrammarCompiler:
     if matchers:
       self._setup()
       self._executor.unsafe_compute_mask_ptr(matchers, mask.ctypes.data, self.num_words * 4, num_rows)
-      for matcher, row in matchers:
-        if matcher.is_stopped():  # only the end is left: any EOS id (the matcher allows just its tokenizer's)
-          mask[row] = 0
-          for i in self.eos_ids:
-            mask[row, i // 32] |= np.int32(np.uint32(1 << (i % 32)).view(np.int32))
     return mask
 
 

@@ -68,7 +68,8 @@ def check_tools(tools, tool_choice) -> tuple[list[dict], object]:
     raise ValueError(f"tool names must be unique; got {names}.")
   choice = "auto" if tool_choice is None and specs else "none" if tool_choice is None else tool_choice
   if isinstance(choice, dict):
-    name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+    fn = choice.get("function") if choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if name not in names:
       raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools {names}.")
     return specs, name
@@ -257,8 +258,8 @@ class HermesToolFormat(ToolFormat):
 
   def call_constraint(self, specs, parallel):
     call = {**close_objects(_one_of(_call_schemas(specs))), "x-guidance": {"whitespace_flexible": False}}
-    repeat = "+" if parallel else ""
-    return StructuredOutputsParams(grammar=f'start: call{repeat}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n'
+    more = ' ("\\n" call)*' if parallel else ""  # calls one per line, as Qwen / Hermes write them
+    return StructuredOutputsParams(grammar=f'start: call{more}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n'
                                            f"body: %json {json.dumps(call)}\n")
 
   def safe_prefix(self, text):

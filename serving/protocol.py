@@ -84,6 +84,19 @@ class StreamOptions(_Strict):
   include_obfuscation: Any = None  # OpenAI's padding against side channels: ignored
 
 
+def structured_outputs_params(so: dict) -> StructuredOutputsParams:
+  """vLLM's `structured_outputs` request object (a FieldError naming it when it is wrong)."""
+  unknown = set(so) - {f.name for f in dataclasses.fields(StructuredOutputsParams)}
+  if unknown:
+    raise FieldError("structured_outputs", f"unknown keys {sorted(unknown)}; expected one of json, regex, choice, "
+                     "grammar, json_object, plus disable_any_whitespace, whitespace_pattern or "
+                     "disable_additional_properties.")
+  try:
+    return StructuredOutputsParams(**so)
+  except ValueError as e:
+    raise FieldError("structured_outputs", str(e)) from None
+
+
 class _Refusing(_Strict):
   """A request schema whose `refused` fields are 400s that name themselves unless null / off; `ignored` lists those
   it accepts with any value."""
@@ -154,14 +167,7 @@ class _Sampling(_Refusing):
     if rf is not None and so is not None:
       raise FieldError("structured_outputs", "give either response_format or structured_outputs, not both.")
     if so is not None:
-      unknown = set(so) - {f.name for f in dataclasses.fields(StructuredOutputsParams)}
-      if unknown:
-        raise FieldError("structured_outputs", f"unknown keys {sorted(unknown)}; expected one of json, regex, choice, "
-                         "grammar, json_object, plus disable_any_whitespace or whitespace_pattern.")
-      try:
-        return StructuredOutputsParams(**so)
-      except ValueError as e:
-        raise FieldError("structured_outputs", str(e)) from None
+      return structured_outputs_params(so)
     if rf is None:
       return None
     kind = rf.get("type") if isinstance(rf, dict) else None
@@ -310,6 +316,7 @@ class ResponsesRequest(_Refusing):
   temperature: float | None = None
   top_p: float | None = None
   text: dict | None = None
+  structured_outputs: dict | None = None  # vLLM's extension, as on chat / completions (instead of text.format)
   stream: StrictBool = False
   store: StrictBool | None = None
   previous_response_id: str | None = None
@@ -338,6 +345,10 @@ class ResponsesRequest(_Refusing):
 
   @model_validator(mode="after")
   def _check(self):
+    if self.max_tool_calls is not None and self.max_tool_calls < 1:
+      raise FieldError("max_tool_calls", f"must be at least 1; got {self.max_tool_calls}.")
     if self.top_logprobs:
       raise FieldError("top_logprobs", "logprobs are not supported on the Responses API here; use chat completions.")
+    if self.structured_outputs is not None and ((self.text or {}).get("format") or {}).get("type", "text") != "text":
+      raise FieldError("structured_outputs", "give either text.format or structured_outputs, not both.")
     return self

@@ -4,7 +4,8 @@ What it takes: `input` as a string or a list of items (messages with text conten
 `function_call` and `function_call_output` items from earlier turns; reasoning items are skipped), `instructions`,
 function `tools` (`{"type": "function", "name", "description", "parameters"}`) with `tool_choice` ("none", "auto",
 "required", `{"type": "function", "name"}`), `parallel_tool_calls`, `max_tool_calls`, `max_output_tokens`,
-`temperature`, `top_p`, `text.format` (text, json_object, json_schema: structured outputs), `stream` (the typed
+`temperature`, `top_p`, `text.format` (text, json_object, json_schema: structured outputs; or vLLM's
+`structured_outputs`), `stream` (the typed
 events: response.created / in_progress, output_item.added / done, content_part.added / done, output_text.delta /
 done, function_call_arguments.delta / done, response.completed or response.incomplete), and `previous_response_id`
 over the responses this server keeps (in memory, the last RESPONSES_KEPT with `store` not false).
@@ -29,7 +30,8 @@ from jaxllm.serving.server import (SERVER, APIError, _body, _chat_prompt_ids, _c
                                    _max_tokens, _run, _server, _submit, _ToolCalls)
 from jaxllm.structured_outputs import StructuredOutputsParams
 
-RESPONSES_KEPT = 1000  # stored responses (for previous_response_id and GET), oldest dropped first
+RESPONSES_KEPT = 1000  # stored responses (for previous_response_id and GET), oldest dropped first ...
+RESPONSES_KEPT_CHARS = 64 << 20  # ... and beyond this many characters of stored conversation
 
 
 def _store(server) -> collections.OrderedDict:
@@ -110,6 +112,12 @@ def _tools(req) -> tuple[list[dict] | None, object]:
 
 
 def _text_format(req) -> StructuredOutputsParams | None:
+  """The output constraint: text.format (json_object / json_schema), or vLLM's structured_outputs."""
+  if req.structured_outputs is not None:
+    try:
+      return protocol.structured_outputs_params(req.structured_outputs)
+    except ValueError as e:
+      raise APIError(400, str(e), param="structured_outputs") from None
   fmt = (req.text or {}).get("format") or {"type": "text"}
   try:
     if fmt.get("type") == "text":
@@ -176,7 +184,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
                             structured_outputs=constraint or text_format)
   except ValueError as e:
     raise APIError(400, str(e)) from None
-  stream = _submit(server, ids, params, None, await _grammar(server, params, "text" if text_format else "tools"))
+  field = "tools" if constraint is not None else "structured_outputs" if req.structured_outputs is not None else "text"
+  stream = _submit(server, ids, params, None, await _grammar(server, params, field))
   calls = _ToolCalls(fmt, specs, choice, 1)
   rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
@@ -195,16 +204,15 @@ async def responses(request: web.Request) -> web.StreamResponse:
                 "input_tokens": len(ids), "output_tokens": used, "total_tokens": len(ids) + used,
                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
 
-  def finish(text: str) -> dict:
+  def finish(text: str, output: list | None = None) -> dict:
+    """The final response (output: the streamed items, else built from the text), stored for a next turn."""
     r = stream.requests[0]
-    output, found = _output_items(calls, text, req.max_tool_calls)
-    body = response("completed", output, r)
+    built, found = _output_items(calls, text, req.max_tool_calls)
+    body = response("completed", built if output is None else output, r)
     if req.store is not False:  # the conversation so far, for a next turn's previous_response_id
       said = [{"role": "assistant", "content": None if found else text,
                "tool_calls": [c.to_openai() for c in found] or None}]
-      store[rid] = (body, conversation + said)
-      while len(store) > RESPONSES_KEPT:
-        store.popitem(last=False)
+      _keep(store, rid, body, conversation + said)
     return body
 
   if not req.stream:
@@ -219,83 +227,104 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
   http = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
   await http.prepare(request)
-  seq = 0
-
-  async def send(kind: str, **fields):
-    nonlocal seq
-    data = json.dumps({"type": kind, "sequence_number": seq, **fields}, ensure_ascii=False)
-    seq += 1
-    await http.write(f"event: {kind}\ndata: {data}\n\n".encode())
-
-  await send("response.created", response=response("in_progress", []))
-  await send("response.in_progress", response=response("in_progress", []))
-  text_item = {"id": f"msg_{uuid.uuid4().hex}", "text": "", "index": None}
-  items = []  # ids of the output items streamed so far, in output order
-  fc = {}  # tool call index -> {"id", "call_id", "name", "arguments", "index"}
-  full = []
+  events = _Events(http)
+  await events.send("response.created", response=response("in_progress", []))
+  await events.send("response.in_progress", response=response("in_progress", []))
+  full: list[str] = []
 
   async def on_update(_, u):
     full.append(u.delta)
     delta = calls.stream(0, u.delta, u.finished)
     if delta.get("content"):
-      if text_item["index"] is None:
-        text_item["index"] = len(items)
-        items.append(text_item["id"])
-        await send("response.output_item.added", output_index=text_item["index"], item={
-            "type": "message", "id": text_item["id"], "status": "in_progress", "role": "assistant", "content": []})
-        await send("response.content_part.added", item_id=text_item["id"], output_index=text_item["index"],
-                   content_index=0, part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-      text_item["text"] += delta["content"]
-      await send("response.output_text.delta", item_id=text_item["id"], output_index=text_item["index"],
-                 content_index=0, delta=delta["content"], logprobs=[])
+      await events.text(delta["content"])
     for call in delta.get("tool_calls", []):
-      k = call["index"]
-      if k not in fc:
-        if req.max_tool_calls is not None and k >= req.max_tool_calls:
-          continue
-        fn = call["function"]
-        fc[k] = {"id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"], "name": fn["name"], "arguments": "",
-                 "index": len(items)}
-        items.append(fc[k]["id"])
-        await send("response.output_item.added", output_index=fc[k]["index"], item={
-            "type": "function_call", "id": fc[k]["id"], "call_id": call["id"], "name": fn["name"], "arguments": "",
-            "status": "in_progress"})
-      args = call["function"]["arguments"]
-      if args:
-        fc[k]["arguments"] += args
-        await send("response.function_call_arguments.delta", item_id=fc[k]["id"], output_index=fc[k]["index"],
-                   delta=args)
+      if req.max_tool_calls is None or call["index"] < req.max_tool_calls:
+        await events.call(call)
 
   await _run(server, [stream], on_update)
-  body = finish("".join(full))
-  calls_streamed = iter(fc[k] for k in sorted(fc))
-  for index, item in enumerate(body["output"]):  # close every item in order (adding any not streamed yet)
-    if item["type"] == "message":
-      part = item["content"][0]
-      if text_item["index"] is None:
-        await send("response.output_item.added", output_index=index, item={**item, "status": "in_progress",
-                                                                           "content": []})
-        await send("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
-                   part={**part, "text": ""})
-      else:
-        item["id"] = text_item["id"]
-      await send("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                 text=part["text"], logprobs=[])
-      await send("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part)
-    else:
-      streamed = next(calls_streamed, None)
-      if streamed is None:
-        await send("response.output_item.added", output_index=index, item={**item, "arguments": "",
-                                                                           "status": "in_progress"})
-      else:
-        item["id"] = streamed["id"]
-      await send("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                 name=item["name"], arguments=item["arguments"])
-    await send("response.output_item.done", output_index=index, item=item)
-  await send("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)
+  if not events.items:  # nothing at all was generated: an empty message, as the whole response has
+    await events.text("")
+  await events.close()
+  body = finish("".join(full), events.items)
+  await events.send("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)
   server.metrics.requests.labels("responses", "200").inc()
   await http.write_eof()
   return http
+
+
+class _Events:
+  """A streamed response's typed events (with their sequence numbers) and the output items they build, each item
+  opened, filled by deltas, and closed before the next one opens (OpenAI's order)."""
+
+  def __init__(self, http: web.StreamResponse):
+    self.http, self.seq = http, 0
+    self.items: list[dict] = []  # the output, in order, as the client has rebuilt it
+    self.open: dict | None = None
+    self.calls: dict[int, dict] = {}  # a call's index in the sample -> its item
+
+  async def send(self, kind: str, **fields):
+    data = json.dumps({"type": kind, "sequence_number": self.seq, **fields}, ensure_ascii=False)
+    self.seq += 1
+    await self.http.write(f"event: {kind}\ndata: {data}\n\n".encode())
+
+  async def _add(self, item: dict):
+    await self.close()
+    self.open = item
+    self.items.append(item)
+    await self.send("response.output_item.added", output_index=len(self.items) - 1,
+                    item={**item, "status": "in_progress", **({"content": []} if item["type"] == "message" else {})})
+
+  async def text(self, delta: str):
+    if self.open is None or self.open["type"] != "message":
+      part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+      await self._add({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed",
+                       "role": "assistant", "content": [part]})
+      await self.send("response.content_part.added", item_id=self.open["id"], output_index=len(self.items) - 1,
+                      content_index=0, part=part)
+    self.open["content"][0]["text"] += delta
+    if delta:
+      await self.send("response.output_text.delta", item_id=self.open["id"], output_index=len(self.items) - 1,
+                      content_index=0, delta=delta, logprobs=[])
+
+  async def call(self, call: dict):
+    """A `delta.tool_calls` entry: a new call (id, name) opens its item; its arguments go out as deltas."""
+    item = self.calls.get(call["index"])
+    if item is None:
+      item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+              "name": call["function"]["name"], "arguments": "", "status": "completed"}
+      self.calls[call["index"]] = item
+      await self._add(item)
+    args = call["function"].get("arguments") or ""
+    if args:
+      item["arguments"] += args
+      await self.send("response.function_call_arguments.delta", item_id=item["id"],
+                      output_index=self.items.index(item), delta=args)
+
+  async def close(self):
+    item, self.open = self.open, None
+    if item is None:
+      return
+    index = self.items.index(item)
+    if item["type"] == "message":
+      part = item["content"][0]
+      await self.send("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                      text=part["text"], logprobs=[])
+      await self.send("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                      part=part)
+    else:
+      await self.send("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                      name=item["name"], arguments=item["arguments"])
+    await self.send("response.output_item.done", output_index=index, item=item)
+
+
+def _keep(store: collections.OrderedDict, rid: str, body: dict, conversation: list[dict]) -> None:
+  """Stores a response and its conversation, dropping the oldest beyond RESPONSES_KEPT entries or
+  RESPONSES_KEPT_CHARS characters of conversation (a client cannot pin unbounded memory)."""
+  size = sum(len(m.get("content") or "") + len(json.dumps(m.get("tool_calls") or [])) for m in conversation)
+  store[rid] = (body, conversation, size)
+  total = sum(entry[2] for entry in store.values())
+  while len(store) > 1 and (len(store) > RESPONSES_KEPT or total > RESPONSES_KEPT_CHARS):
+    total -= store.popitem(last=False)[1][2]
 
 
 async def get_response(request: web.Request) -> web.Response:

@@ -33,7 +33,7 @@ Structured outputs: a sample with a constraint carries a grammar matcher, fed ea
 (its constraint complete, it finishes with "stop" at once). Its next token's mask depends on the token just sampled,
 so a step with such a sample splits: the model (`engine.forward`) is dispatched, then the host absorbs the previous
 step and computes the masks (llguidance, in parallel, the GIL released) while the device runs the model, then the
-sampler (`engine.pick`) gets them. Steps without one keep the one-step-ahead pipeline and pass no mask.
+sampler (`engine.pick`) gets them; the step then stays in flight like any other. Steps without one pass no mask.
 """
 
 from __future__ import annotations
@@ -234,22 +234,35 @@ class Scheduler:
       guided = [(r, i) for i, (r, row) in enumerate(rows) if r.matcher is not None and row.sample]
       if not guided:
         self.state, result = self.engine.step(self.state, batch)
-        keep = 1  # the step just dispatched stays in flight while the host reads everything older
       else:
         # A structured-output row's mask needs the token the previous step sampled for it: the model runs while
         # the host absorbs that step and computes the masks, then the sampler gets them.
         self.state, h_SD = self.engine.forward(self.state, batch)
         while self._inflight:
           self._absorb(*self._inflight.popleft())
-        start = time.perf_counter()
-        mask = self.grammars.fill_masks([(r.matcher, i) for r, i in guided if r.status == RUNNING], h_SD.shape[0])
-        self.mask_seconds += time.perf_counter() - start
-        self.num_guided_steps += 1
-        self.state, result = self.engine.pick(self.state, h_SD, batch.seqs, mask)
+        self.state, result = self.engine.pick(self.state, h_SD, batch.seqs, self._masks(guided, h_SD.shape[0]))
       self._inflight.append((result, [(r, i, r.epoch, row.sample) for i, (r, row) in enumerate(rows)]))
       self.num_steps += 1
+      keep = 1  # the step just dispatched stays in flight while the host reads everything older
     while len(self._inflight) > keep:
       self._absorb(*self._inflight.popleft())
+
+  def _masks(self, guided: list[tuple[Request, int]], num_rows: int) -> np.ndarray:
+    """The step's structured-output bitmask (rows of requests that ended meanwhile allow everything). Should the
+    grammar engine fail, the constrained requests end ("abort") and the step goes on: one bad constraint must not
+    stop the engine for everyone."""
+    start = time.perf_counter()
+    live = [(r, i) for r, i in guided if r.status == RUNNING]
+    try:
+      mask = self.grammars.fill_masks([(r.matcher, i) for r, i in live], num_rows)
+    except Exception:  # noqa: BLE001 - reported, and confined to the requests that asked for constraints
+      log.exception("computing structured-output masks failed; ending the %d constrained requests", len(live))
+      for r, _ in live:
+        self._finish(r, "abort")
+      mask = self.engine.full_bitmask(num_rows)
+    self.mask_seconds += time.perf_counter() - start
+    self.num_guided_steps += 1
+    return mask
 
   def run_until_done(self) -> None:
     while self.has_work():
@@ -358,13 +371,15 @@ class Scheduler:
     req.logprobs.append(lp)
     if req.params.logprobs is not None:
       n_top = req.params.logprobs
-      req.top_logprobs.append({int(a): float(b) for a, b in zip(tops[0][:n_top], tops[1][:n_top])})
+      # Under a structured-output mask, tokens it refused have logprob -inf: they are no alternatives (and -inf is
+      # not JSON), so fewer than n may be listed.
+      req.top_logprobs.append({int(a): float(b) for a, b in zip(tops[0][:n_top], tops[1][:n_top]) if b > -np.inf})
     delta = req.detok.add(tok)
     grammar_done = False
     if req.matcher is not None:
-      if not req.matcher.consume_token(tok):  # the mask allowed it, so this is a bug; do not loop on garbage
-        log.error("request %s: the grammar refused token %d it had allowed: %s", req.request_id, tok,
-                  req.matcher.get_error())
+      if not req.matcher.consume_token(tok):  # the grammar ran out of its limits (or refused what it allowed)
+        log.warning("request %s: its structured-output constraint failed at token %d: %s", req.request_id, tok,
+                    req.matcher.get_error()[:500])
         self._finish(req, "abort", delta)
         return
       grammar_done = req.matcher.is_stopped()  # the constraint is complete: nothing but EOS could follow

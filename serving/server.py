@@ -600,8 +600,11 @@ class _ToolCalls:
     return {"role": "assistant", "content": content.strip() or None, "tool_calls": [c.to_openai() for c in found]}
 
   def finish_reason(self, k: int, r) -> str:
+    """"tool_calls" when the model chose to call (auto / required); a named function's call ends with "stop", as
+    OpenAI's does."""
     reason = _finish_reason(r)
-    return "tool_calls" if reason == "stop" and self.parsed[k] is not None and self.parsed[k][0] else reason
+    called = self.parsed[k] is not None and self.parsed[k][0]
+    return "tool_calls" if reason == "stop" and called and not self.named else reason
 
   def stream(self, k: int, delta: str, finished: bool) -> dict:
     """The chunk delta for sample k's new text (and, once it finished, for what was held back)."""

@@ -91,8 +91,8 @@ def test_required_and_named_constraints_accept_exactly_valid_calls(default_llm):
   good = [("get_weather", {"city": "Paris"}), ("get_time", {})]
   docs = {"generic": json.dumps({"tool_calls": [{"name": n, "arguments": a} for n, a in good]}, separators=(",", ":")),
           "llama3_json": '{"name":"get_weather","parameters":{"city":"Paris"}}',
-          "hermes": "".join(f'<tool_call>\n{json.dumps({"name": n, "arguments": a}, separators=(",", ":"))}\n'
-                            "</tool_call>" for n, a in good)}
+          "hermes": "\n".join(f'<tool_call>\n{json.dumps({"name": n, "arguments": a}, separators=(",", ":"))}\n'
+                             "</tool_call>" for n, a in good)}
   for fmt in (JsonToolFormat("generic"), JsonToolFormat("llama3_json"), HermesToolFormat()):
     doc = docs[fmt.name]
     m = grammars.compile(constraint(fmt, SPECS, "required"))
@@ -103,7 +103,7 @@ def test_required_and_named_constraints_accept_exactly_valid_calls(default_llm):
       assert not m.consume_tokens(tok.encode(bad, add_bos=False)) or not m.is_accepting(), (fmt.name, bad)
   single = constraint(JsonToolFormat("generic"), SPECS, "required", parallel=False)
   assert single.json["properties"]["tool_calls"]["maxItems"] == 1
-  assert "call+" not in constraint(HermesToolFormat(), SPECS, "required", parallel=False).grammar
+  assert "call)*" not in constraint(HermesToolFormat(), SPECS, "required", parallel=False).grammar
   assert constraint(HermesToolFormat(), SPECS, "get_weather").json == WEATHER["function"]["parameters"]
   assert calls(parse_named('{"city": "Rome"}', "get_weather")) == [("get_weather", {"city": "Rome"})]
   assert constraint(HermesToolFormat(), SPECS, "auto") is None and constraint(HermesToolFormat(), SPECS, "none") is None
@@ -112,6 +112,7 @@ def test_required_and_named_constraints_accept_exactly_valid_calls(default_llm):
 @pytest.mark.parametrize("tools, choice, message", [
     ([{"type": "function"}], None, "tools\\[0\\]"), ([WEATHER, WEATHER], None, "unique"),
     ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "not among"), ([WEATHER], "always", "must be"),
+    ([WEATHER], {"type": "function", "function": "get_weather"}, "not among"),
     (None, "required", "at least one tool")])
 def test_bad_tools_are_named(tools, choice, message):
   with pytest.raises(ValueError, match=message):

@@ -28,7 +28,7 @@ HONOURED = {
                     "temperature", "top_p"},
     "responses": {"input", "model", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_tool_calls",
                   "max_output_tokens", "temperature", "top_p", "text", "stream", "stream_options", "store",
-                  "previous_response_id", "top_logprobs"},
+                  "previous_response_id", "top_logprobs"},  # (top_logprobs: refused when asked for, by its own check)
 }
 # A value of each unsupported field that asks for the feature (null / empty / "off" values are accepted).
 ASKING = {"audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"},

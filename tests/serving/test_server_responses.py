@@ -95,8 +95,33 @@ def test_what_is_left_out_is_named(server):
            ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input"),
            ({"background": True}, 400, "background"), ({"top_logprobs": 3}, 400, "top_logprobs"),
            ({"previous_response_id": "resp_nope"}, 404, "previous_response_id"),
-           ({"input": [{"type": "computer_call"}]}, 400, "input")]
+           ({"input": [{"type": "computer_call"}]}, 400, "input"), ({"max_tool_calls": 0}, 400, "max_tool_calls")]
   for extra, status, param in cases:
     code, body = raw(server, "/v1/responses", {"input": "hi", "max_output_tokens": 4, **extra})
     assert code == status and body["error"]["param"] == param, (extra, body)
   assert raw(server, "/v1/responses/resp_nope")[0] == 404
+
+
+def test_streamed_items_open_and_close_in_order(server, client):
+  """Text before a call (Hermes syntax, forced by a regex in auto mode): the message item is closed before the
+  function_call item opens, every item's deltas add up to its done event, and output indexes agree."""
+  from jaxllm.tool_calls import HermesToolFormat
+
+  saved, server.tool_format = server.tool_format, HermesToolFormat()
+  try:
+    events = list(client.responses.create(
+        model="smollm2", input="What is the weather in Paris?", tools=[WEATHER], temperature=0, max_output_tokens=60,
+        stream=True, extra_body={"structured_outputs": {"regex": r'Let me check\.\n<tool_call>\{"name": '
+                                                                 r'"get_weather", "arguments": \{"city": "Paris"\}\}'
+                                                                 r"</tool_call>"}}))
+  finally:
+    server.tool_format = saved
+  flow = [(e.type, getattr(e, "output_index", None)) for e in events if e.type.startswith("response.output_item")]
+  assert flow == [("response.output_item.added", 0), ("response.output_item.done", 0),
+                  ("response.output_item.added", 1), ("response.output_item.done", 1)]
+  text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+  args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+  final = events[-1].response
+  assert [o.type for o in final.output] == ["message", "function_call"]
+  assert text == final.output[0].content[0].text and text.strip() == "Let me check."
+  assert args == final.output[1].arguments and json.loads(args) == {"city": "Paris"}

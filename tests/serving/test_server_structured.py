@@ -4,6 +4,7 @@ completions, streamed and not; bad constraints are 400s that name the field and 
 
 import json
 import re
+import urllib.request
 
 import jsonschema
 import pydantic
@@ -15,6 +16,9 @@ CITY = {"type": "object", "additionalProperties": False, "required": ["city", "c
         "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30},
                        "population": {"type": "integer", "minimum": 0, "maximum": 40000000}}}
 ASK = [{"role": "user", "content": "Tell me about Paris as JSON."}]
+NESTED = {"type": "string"}
+for _ in range(100):
+  NESTED = {"type": "object", "properties": {"x": NESTED}}
 
 
 class Capital(pydantic.BaseModel):
@@ -68,6 +72,7 @@ def test_vllm_structured_outputs_choice_and_regex(client):
     ({"structured_outputs": {"regex": "(a"}}, "structured_outputs", "unclosed group"),
     ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
     ({"structured_outputs": {"json_schema": {}}}, "structured_outputs", "unknown keys"),
+    ({"structured_outputs": {"json": NESTED, "disable_additional_properties": True}}, "structured_outputs", "nested"),
     ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "structured_outputs",
      "not both"),
 ])
@@ -76,3 +81,22 @@ def test_bad_constraints_are_400s_naming_the_field(server, extra, param, message
   assert status == 400, body
   assert body["error"]["param"] == param and message in body["error"]["message"], body
   assert raw(server, "/health")[0] == 200
+
+
+def test_logprobs_under_a_constraint_are_strict_json(server):
+  """Tokens a mask refused have logprob -inf: they are left out of top_logprobs (and -Infinity, which is not JSON,
+  never reaches the wire)."""
+  body = {"messages": ASK, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 5,
+          "structured_outputs": {"choice": ["yes", "no"]}}
+  req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/chat/completions", data=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(req, timeout=120) as r:
+    text = r.read().decode()
+
+  def refuse(name):
+    raise AssertionError(f"{name} in the response")
+
+  out = json.loads(text, parse_constant=refuse)
+  (first,) = out["choices"][0]["logprobs"]["content"][:1]
+  # Only tokens that can start "yes" or "no" are alternatives at the first position.
+  assert first["top_logprobs"] and {t["token"] for t in first["top_logprobs"]} <= {"y", "ye", "yes", "n", "no"}
