@@ -26,7 +26,7 @@ from aiohttp import web
 from jaxllm import tool_calls
 from jaxllm.sampling import SamplingParams
 from jaxllm.serving import protocol
-from jaxllm.serving.server import (SERVER, APIError, _body, _chat_prompt_ids, _check_model, _finish_reason, _grammar,
+from jaxllm.serving.server import (APIError, _body, _chat_prompt_ids, _check_model, _finish_reason, _grammar,
                                    _max_tokens, _run, _server, _submit, _ToolCalls)
 from jaxllm.structured_outputs import StructuredOutputsParams
 
@@ -34,10 +34,8 @@ RESPONSES_KEPT = 1000  # stored responses (for previous_response_id and GET), ol
 RESPONSES_KEPT_CHARS = 64 << 20  # ... and beyond this many characters of stored conversation
 
 
-def _store(server) -> collections.OrderedDict:
-  if not hasattr(server, "responses"):
-    server.responses = collections.OrderedDict()  # id -> (response object, the conversation's messages after it)
-  return server.responses
+# The app's stored responses: id -> (response object, the conversation's messages after it, their size).
+STORE = web.AppKey("responses", collections.OrderedDict)
 
 
 def _text_of(content, where: str) -> str:
@@ -151,7 +149,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
   server = _server(request)
   req = await _body(request, protocol.ResponsesRequest)
   _check_model(server, req.model)
-  store = _store(server)
+  store = request.app[STORE]
   history = []
   if req.previous_response_id is not None:
     if req.previous_response_id not in store:
@@ -207,8 +205,11 @@ async def responses(request: web.Request) -> web.StreamResponse:
   def finish(text: str, output: list | None = None) -> dict:
     """The final response (output: the streamed items, else built from the text), stored for a next turn."""
     r = stream.requests[0]
-    built, found = _output_items(calls, text, req.max_tool_calls)
-    body = response("completed", built if output is None else output, r)
+    if output is None:
+      output, found = _output_items(calls, text, req.max_tool_calls)
+    else:  # streamed: the items the events built (the calls they carry are the parsed ones)
+      found = calls.parse(0, text)[0][:req.max_tool_calls]
+    body = response("completed", output, r)
     if req.store is not False:  # the conversation so far, for a next turn's previous_response_id
       said = [{"role": "assistant", "content": None if found else text,
                "tool_calls": [c.to_openai() for c in found] or None}]
@@ -328,13 +329,14 @@ def _keep(store: collections.OrderedDict, rid: str, body: dict, conversation: li
 
 
 async def get_response(request: web.Request) -> web.Response:
-  server = request.app[SERVER]
   rid = request.match_info["response_id"]
-  found = _store(server).get(rid)
+  found = request.app[STORE].get(rid)
   if found is None:
     raise APIError(404, f"no response {rid!r} is stored here.", "not_found_error", "response_id")
   return web.json_response(found[0])
 
 
-def routes() -> list:
-  return [web.post("/v1/responses", responses), web.get("/v1/responses/{response_id}", get_response)]
+def setup(app: web.Application) -> None:
+  """Adds the Responses API's routes and its store of responses to the server's app."""
+  app[STORE] = collections.OrderedDict()
+  app.add_routes([web.post("/v1/responses", responses), web.get("/v1/responses/{response_id}", get_response)])

@@ -724,7 +724,7 @@ def create_app(server: Server, max_body_bytes: int = 4 << 20) -> web.Application
       web.post("/tokenize", tokenize), web.post("/detokenize", detokenize)])
   from jaxllm.serving import responses  # it builds on this module's handlers
 
-  app.add_routes(responses.routes())
+  responses.setup(app)
   return app
 
 
