@@ -122,6 +122,17 @@ class _SchedulerCounters:
       yield CounterMetricFamily(self.prefix + name, doc, value=getattr(sched, name, 0))
 
 
+NATIVE_NICE = 10  # the native workers' nice value: a tenth of a core's share beside a busy engine thread
+
+
+def _lower_priority(nice: int) -> None:
+  """Lower the calling thread's CPU priority (Linux schedules threads, so this thread alone) by `nice`."""
+  try:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+  except (AttributeError, OSError) as e:  # not Linux, or not permitted: tokenization runs at normal priority
+    log.warning("could not lower the tokenizer threads' priority: %s", e)
+
+
 class Server:
   """The model, tokenizer and engine loop behind the HTTP handlers. `load()` runs off the event loop."""
 
@@ -135,10 +146,16 @@ class Server:
     self.load_error: str | None = None
     self.metrics = Metrics(self)
     self._rng = np.random.default_rng(config.seed)
-    # Text work (JSON parsing, chat templates, tokenization) runs here, never on the event loop: a 4 MB prompt must
-    # not stall every stream and /health while it is tokenized.
-    self.text_workers = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
-                                                              thread_name_prefix="jaxllm-text")
+    # Text work (JSON parsing, chat templates, tokenization) runs on the text workers, never on the event loop: a
+    # 4 MB prompt must not stall every stream and /health while it is tokenized. The tokenizer library's own work
+    # (seconds of Rust, GIL released) runs on the native workers, at a lower CPU priority: on a machine whose cores
+    # the engine keeps busy, a huge prompt's tokenization takes the time the engine and the event loop leave, rather
+    # than slowing every engine step. The text workers keep the normal priority because they hold the GIL: a
+    # low-priority thread holding it would make everyone wait on its small share of the CPU.
+    workers = os.cpu_count() or 2
+    self.text_workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxllm-text")
+    self.native_workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxllm-tok",
+                                                                initializer=_lower_priority, initargs=(NATIVE_NICE,))
 
   async def off_loop(self, fn, *args):
     """fn(*args) on the text workers; its exceptions propagate to the awaiting handler."""
@@ -154,6 +171,10 @@ class Server:
       if llm.tokenizer is None:
         raise ValueError(f"{c.model} has no tokenizer; pass --tokenizer.")
       self.llm, self.tokenizer, self.max_model_len = llm, llm.tokenizer, llm.max_model_len
+      # The tokenizers library would hand each text to its own thread pool (normal priority, shared by the
+      # process); with its parallelism off, the work stays on the native worker that asked for it.
+      os.environ["TOKENIZERS_PARALLELISM"] = "false"
+      llm.tokenizer.run_native_on(self.native_workers)
       # The tool-call syntax of the template that renders requests with tools (a "tool_use" one if there is one).
       self.tool_format = tool_calls.tool_format(llm.tokenizer.chat_templates.get("tool_use",
                                                                                 llm.tokenizer.chat_template))
@@ -184,9 +205,15 @@ class Server:
 
 # -------------------------------------------------------------------------------------------------------- handlers
 async def _body(request: web.Request, schema):
+  """The request body parsed and validated against `schema` on the text workers (a multi-megabyte body is tens of
+  milliseconds of GIL-holding work the event loop must not do); a bad body is a 400 naming what is wrong."""
   raw_body = await request.read()
+  return await request.app[SERVER].off_loop(_parse_body, raw_body, schema)
+
+
+def _parse_body(raw_body: bytes, schema):
   try:
-    data = await request.app[SERVER].off_loop(json.loads, raw_body)
+    data = json.loads(raw_body)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise APIError(400, f"the request body is not valid JSON: {e}") from None
   except RecursionError:
@@ -205,6 +232,18 @@ async def _body(request: web.Request, schema):
       msg = str(cause) if field or not where else f"{where}: {cause}"
       raise APIError(400, msg, param=where) from None
     raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
+
+
+async def _tokens_response(server: "Server", ids: list[int], **fields) -> web.Response:
+  """`{"tokens": ids, **fields}` encoded on the text workers in slices: one json.dumps of a million ids holds the GIL
+  for ~100 ms in a single call, which every stream and /health would wait out."""
+  def encode() -> bytes:
+    step = 1 << 15
+    parts = [json.dumps(ids[i:i + step])[1:-1] for i in range(0, len(ids), step)]
+    rest = json.dumps(fields)[1:-1]
+    return f'{{"tokens": [{", ".join(parts)}]{", " if rest else ""}{rest}}}'.encode()
+
+  return web.Response(body=await server.off_loop(encode), content_type="application/json")
 
 
 def _chat_prompt_ids(tok, messages, add_generation_prompt: bool, tools=None, tool_format=None, specs=()) -> list[int]:
@@ -675,7 +714,7 @@ async def tokenize(request: web.Request) -> web.Response:
     ids = await server.off_loop(_chat_prompt_ids, tok, req.messages, True)
   else:
     ids = await server.off_loop(lambda: tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False))
-  return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len})
+  return await _tokens_response(server, ids, count=len(ids), max_model_len=server.max_model_len)
 
 
 async def detokenize(request: web.Request) -> web.Response:

@@ -148,6 +148,34 @@ def test_default_batch_and_array_inputs(default_ours, default_hf):
 
 
 @needs_default
+def test_long_texts_encode_on_the_native_executor_with_the_same_ids(default_ours, default_hf):
+  """run_native_on: texts of 64K characters and more are encoded on the given executor's threads (a server's
+  low-priority ones), shorter ones on the caller's; the ids are transformers' either way."""
+  import concurrent.futures
+  import threading
+
+  long_text = " ".join(CORPUS) * (70_000 // len(" ".join(CORPUS)) + 1)
+  threads = []
+
+  class Recording(concurrent.futures.ThreadPoolExecutor):
+    def submit(self, fn, *args, **kwargs):
+      return super().submit(lambda: (threads.append(threading.current_thread().name), fn(*args, **kwargs))[1])
+
+  with Recording(max_workers=1, thread_name_prefix="native") as pool:
+    assert default_ours.run_native_on(pool)
+    try:
+      assert default_ours.encode(CORPUS[0]) == default_hf.encode(CORPUS[0])
+      assert threads == []
+      assert default_ours.encode(long_text) == default_hf.encode(long_text)
+      assert default_ours.encode_batch([long_text, CORPUS[1]]) == [default_hf.encode(long_text),
+                                                                   default_hf.encode(CORPUS[1])]
+      assert len(threads) == 2 and all(name.startswith("native") for name in threads)
+    finally:
+      default_ours.run_native_on(None)
+  assert default_ours.encode(long_text) == default_hf.encode(long_text) and len(threads) == 2
+
+
+@needs_default
 def test_default_digit_split_follows_llamacpp(default_ours, smollm_reference):
   for text in DIGIT_CASES:
     assert default_ours.encode(text) == smollm_reference.encode(text, add_special_tokens=False).ids, text

@@ -170,18 +170,10 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, client,
   assert pages_all_free(server)
 
 
-def test_huge_bodies_stall_neither_health_nor_running_streams(server):
-  """Tokenizing a ~3.5 MB /tokenize prompt of distinct words (seconds of work) and templating a 1 MB chat message run
-  on the text workers: /health keeps answering and 8 running streams keep receiving tokens meanwhile."""
-  import random
-
-  rng = random.Random(0)
-  words = ("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(500_000))
-  text = " ".join(words)
-  big_bodies = {"/tokenize": json.dumps({"prompt": text}).encode(),
-                "/v1/chat/completions": json.dumps({"messages": [{"role": "user", "content": text[:1 << 20]}]}).encode()}
+def _eight_streams(server, started=None):
+  """Eight greedy 96-token streams at once; the arrival times of each one's tokens. `started` (a Barrier of 9) is
+  passed once every stream has its first token."""
   arrivals = [[] for _ in range(8)]
-  started = threading.Barrier(9)
 
   def stream(i):
     body = json.dumps({"prompt": f"Story {i}:", "max_tokens": 96, "temperature": 0, "ignore_eos": True,
@@ -191,25 +183,67 @@ def test_huge_bodies_stall_neither_health_nor_running_streams(server):
     with urllib.request.urlopen(req, timeout=300) as r:
       for line in r:
         if line.startswith(b"data: {"):
-          if not arrivals[i]:
+          if not arrivals[i] and started is not None:
             started.wait(timeout=120)
           arrivals[i].append(time.perf_counter())
 
   streams = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
   for t in streams:
     t.start()
+  return streams, arrivals
+
+
+def test_huge_bodies_stall_neither_health_nor_running_streams(server):
+  """Tokenizing a ~3.5 MB /tokenize prompt of distinct words (seconds of work) and templating and tokenizing a 1 MB
+  chat message run off the event loop, the tokenizer's own work at a lower CPU priority: /health answers within an
+  engine step and 8 running streams keep their pace meanwhile. An engine step is measured here, as the longest gap
+  between two tokens of the same 8 streams run alone first (which also compiles every program they need, so that
+  no compilation lands in the measurement)."""
+  import random
+
+  rng = random.Random(0)
+  words = ("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(500_000))
+  text = " ".join(words)
+  chat = {"messages": [{"role": "user", "content": text[:1 << 20]}]}
+  big_bodies = {"/tokenize": json.dumps({"prompt": text}).encode(), "/v1/chat/completions": json.dumps(chat).encode()}
+  streams, arrivals = _eight_streams(server)
+  for t in streams:
+    t.join()
+  step = max(b - a for times in arrivals for a, b in zip(times[1:], times[2:]))  # after every prompt is read
+
+  for _ in range(2):  # a second try when the first one's bound is missed: a shared machine's noise
+    worst, gaps, took = _stalls_under_huge_bodies(server, big_bodies)
+    if worst < 2 * step and max(gaps) < 2.5 * step:
+      break
+  # Measured on 2 cores (the test client shares the server's GIL): /health 0.07-0.15 s, streams 0.17-0.21 s, against
+  # a step of 0.14-0.16 s; with the tokenizer on the event loop's cores at full priority, 0.5-0.7 s both.
+  assert worst < 2 * step and max(gaps) < 2.5 * step, (worst, max(gaps), step, took)
+
+
+def _stalls_under_huge_bodies(server, big_bodies):
+  """(the longest wait between two /health answers, every gap between two tokens of 8 running streams, the
+  /tokenize time) while the big bodies are in flight."""
+  started = threading.Barrier(9)
+  streams, arrivals = _eight_streams(server, started)
   started.wait(timeout=120)  # every stream is generating
   results, done = {}, threading.Event()
 
-  def big(path):
+  def big(path):  # the reply is parsed after the measurement: this process's GIL is the server's too
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=big_bodies[path],
+                                 headers={"Content-Type": "application/json"})
     start = time.perf_counter()
-    results[path] = raw(server, path, big_bodies[path]) + (start, time.perf_counter())
+    try:
+      with urllib.request.urlopen(req, timeout=300) as r:
+        status, reply = r.status, r.read()
+    except urllib.error.HTTPError as e:
+      status, reply = e.code, e.read()
+    results[path] = (status, reply, start, time.perf_counter())
     if len(results) == 2:
       done.set()
 
   for path in big_bodies:
     threading.Thread(target=big, args=(path,)).start()
-  worst, last = 0.0, time.perf_counter()  # the longest gap between two /health answers (the server shares our GIL)
+  worst, last = 0.0, time.perf_counter()  # the longest gap between two /health answers
   while not done.is_set():
     assert raw(server, "/health")[0] == 200
     worst, last = max(worst, time.perf_counter() - last), time.perf_counter()
@@ -217,11 +251,12 @@ def test_huge_bodies_stall_neither_health_nor_running_streams(server):
   for t in streams:
     t.join()
   (status, body, t0, t1), (chat_status, chat_body, _, _) = results["/tokenize"], results["/v1/chat/completions"]
+  body, chat_body = json.loads(body), json.loads(chat_body)
   assert status == 200 and body["count"] > 500_000 and t1 - t0 > 2.0
   assert chat_status == 400 and "max_model_len" in chat_body["error"]["message"]
   gaps = [b - a for times in arrivals for a, b in zip(times, times[1:]) if b > t0 and a < t1]
   assert gaps and all(len(times) > 48 for times in arrivals)
-  assert worst < min(1.0, (t1 - t0) / 3) and max(gaps) < 1.5, (worst, max(gaps), t1 - t0)
+  return worst, gaps, t1 - t0
 
 
 def test_200_abandoned_requests_free_their_pages_within_seconds(server):
