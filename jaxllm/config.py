@@ -63,6 +63,10 @@ class ModelConfig:
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = False
   max_position_embeddings: int = 4096
+  # Family variations on the Llama block (each a flag or a number, never a family name: the layers stay one path).
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, and `attention_bias` models)
+  o_bias: bool = False  # a bias on the output projection (`attention_bias` models; not Qwen2)
+  qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
 
   def __post_init__(self):
     for f in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -90,6 +94,7 @@ class ModelConfig:
     D, F, N, K, H, V, L = (self.d_model, self.d_ff, self.num_heads, self.num_kv_heads, self.head_dim,
                            self.vocab_size, self.num_layers)
     per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F + 2 * D
+    per_layer += (N * H + 2 * K * H) * self.qkv_bias + D * self.o_bias + 2 * H * self.qk_norm
     return V * D * (1 if self.tie_embeddings else 2) + L * per_layer + D
 
   # ---------------------------------------------------------------- presets
@@ -118,14 +123,24 @@ class ModelConfig:
       raise ValueError("HF config rope_interleaved=true is not supported; jaxllm expects HF's split-halves RoPE "
                        "layout (convert the weights, or load the GGUF).")
     model_type = cfg.get("model_type", "llama")
-    if model_type != "llama":
-      raise ValueError(f"HF config model_type={model_type!r} is not supported; only 'llama' is.")
-    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if any(a != "LlamaForCausalLM" for a in archs):
-      raise ValueError(f"HF config architectures={archs!r} is not supported; only LlamaForCausalLM is.")
-    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+    if model_type not in HF_FAMILIES:
+      raise ValueError(f"HF config model_type={model_type!r} is not supported; supported: {sorted(HF_FAMILIES)}.")
+    family = HF_FAMILIES[model_type]
+    archs = cfg.get("architectures") or [family.architecture]
+    if any(a != family.architecture for a in archs):
+      raise ValueError(f"HF config architectures={archs!r} is not supported for model_type={model_type!r}; only "
+                       f"{family.architecture} is.")
+    unknown = sorted(set(cfg) & family.refused)
+    if unknown:
+      raise ValueError(f"HF config keys {unknown} are not supported for model_type={model_type!r}.")
+    for key, ok in (("hidden_act", "silu"), ("mlp_bias", False)):
       if key in cfg and cfg[key] != ok:
         raise ValueError(f"HF config {key}={cfg[key]!r} is not supported; jaxllm requires {key}={ok!r}.")
+    window = _hf_sliding_window(cfg, model_type)
+    if window is not None:
+      raise ValueError(f"HF config sliding_window={window!r} (model_type={model_type!r}) is not supported yet: "
+                       "jaxllm's attention has no sliding window, so this model would be run wrongly past "
+                       f"{window} tokens.")
     if cfg.get("pretraining_tp", 1) not in (1, None) and not isinstance(cfg.get("pretraining_tp"), int):
       raise ValueError(f"HF config pretraining_tp={cfg['pretraining_tp']!r} must be an integer.")
     if cfg.get("quantization_config"):
@@ -162,6 +177,9 @@ class ModelConfig:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        qkv_bias=family.qkv_bias or bool(cfg.get("attention_bias", False)),
+        o_bias=bool(cfg.get("attention_bias", False)),
+        qk_norm=family.qk_norm,
     )
 
   @classmethod
@@ -178,27 +196,31 @@ class ModelConfig:
   def from_gguf_metadata(cls, meta: Mapping[str, Any], name: str = "custom") -> "ModelConfig":
     """`meta` maps GGUF keys (e.g. 'llama.block_count') to plain Python values."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-      raise ValueError(f"GGUF general.architecture={arch!r} is not supported; only 'llama' is.")
+    if arch not in GGUF_ARCHES:
+      raise ValueError(f"GGUF general.architecture={arch!r} is not supported; supported: {sorted(GGUF_ARCHES)}.")
 
     def get(key, default=None):
-      v = meta.get(f"llama.{key}", default)
+      v = meta.get(f"{arch}.{key}", default)
       if v is None:
-        raise ValueError(f"GGUF metadata is missing 'llama.{key}'.")
+        raise ValueError(f"GGUF metadata is missing '{arch}.{key}'.")
       return v
 
+    if meta.get(f"{arch}.attention.sliding_window"):
+      raise ValueError(f"GGUF {arch}.attention.sliding_window={meta[f'{arch}.attention.sliding_window']!r} is not "
+                       "supported yet: jaxllm's attention has no sliding window.")
     d_model = int(get("embedding_length"))
     num_heads = int(get("attention.head_count"))
-    head_dim = int(meta.get("llama.rope.dimension_count") or d_model // num_heads)
-    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+                   or d_model // num_heads)
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
     if not vocab:
-      raise ValueError("GGUF metadata has neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens'.")
-    scaling_type = meta.get("llama.rope.scaling.type", "none")
+      raise ValueError(f"GGUF metadata has neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'.")
+    scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
     rope_scaling = None
     if scaling_type == "linear":
-      rope_scaling = RopeScaling(rope_type="linear", factor=float(meta["llama.rope.scaling.factor"]))
+      rope_scaling = RopeScaling(rope_type="linear", factor=float(meta[f"{arch}.rope.scaling.factor"]))
     elif scaling_type not in ("none", None):
-      raise ValueError(f"GGUF llama.rope.scaling.type={scaling_type!r} is not supported.")
+      raise ValueError(f"GGUF {arch}.rope.scaling.type={scaling_type!r} is not supported.")
     return cls(
         name=name,
         vocab_size=int(vocab),
@@ -213,6 +235,9 @@ class ModelConfig:
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings=not meta.get("_has_output_weight", True),
         max_position_embeddings=int(get("context_length", 4096)),
+        qkv_bias=bool(meta.get("_has_qkv_bias", False)),
+        o_bias=bool(meta.get("_has_o_bias", False)),
+        qk_norm=bool(meta.get("_has_qk_norm", False)),
     )
 
   # ---------------------------------------------------------------- serialization
@@ -227,12 +252,56 @@ class ModelConfig:
     return cls(**d)
 
 
-# Keys of HF's LlamaConfig that jaxllm implements.
+# GGUF architectures (llama.cpp's names; its converter writes Mistral as "llama"): which tensors a file has says
+# which variations it uses (biases, q/k norms).
+GGUF_ARCHES = ("llama", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class _HFFamily:
+  architecture: str
+  qkv_bias: bool = False  # always on, whatever `attention_bias` says
+  qk_norm: bool = False
+  refused: frozenset = frozenset()  # keys this family's config must not carry (handled for another family only)
+
+
+# The HF model types jaxllm reads: each is Llama's block with the named variations.
+HF_FAMILIES = {
+    "llama": _HFFamily("LlamaForCausalLM",
+                       refused=frozenset({"use_sliding_window", "max_window_layers", "layer_types"})),
+    "mistral": _HFFamily("MistralForCausalLM", refused=frozenset({"attention_bias"})),
+    "qwen2": _HFFamily("Qwen2ForCausalLM", qkv_bias=True, refused=frozenset({"attention_bias"})),
+    "qwen3": _HFFamily("Qwen3ForCausalLM", qk_norm=True),
+}
+
+
+def _hf_sliding_window(cfg: Mapping[str, Any], model_type: str) -> int | None:
+  """The window of the config's sliding-window layers, or None when every layer attends to everything. Qwen's
+  `sliding_window` only counts with `use_sliding_window` (and `layer_types`, as transformers derives them)."""
+  window = cfg.get("sliding_window")
+  if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    window = None
+  layer_types = cfg.get("layer_types")
+  if layer_types is None and window is not None and model_type in ("qwen2", "qwen3"):
+    # transformers: layers from max_window_layers on slide
+    if cfg.get("max_window_layers", 28) >= cfg.get("num_hidden_layers", 0):
+      window = None
+  if layer_types is not None:
+    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
+      raise ValueError(f"HF config layer_types={sorted(set(layer_types))!r} is not supported.")
+    if all(t == "full_attention" for t in layer_types):
+      return None
+    return window if window is not None else cfg.get("sliding_window")
+  return window
+
+
+# Keys of the HF configs that jaxllm implements.
 _HF_HANDLED = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
     "tie_word_embeddings", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias", "model_type",
     "architectures", "pretraining_tp", "quantization_config", "rope_interleaved",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
 }
 # Keys that do not change inference math (training knobs, ids the tokenizer owns, bookkeeping).
 _HF_IGNORED = {

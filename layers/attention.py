@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm import pallas_kernels
+from jaxllm.layers.norm import RMSNorm
 from jaxllm.layers.ops import dense
 from jaxllm.layers.rope import apply_rope
 
@@ -46,8 +47,11 @@ class NoCache:
 
 
 class Attention(nnx.Module):
+  """The config's variations are optional parameters, absent (None) when off: q/k/v biases (Qwen2), an output bias,
+  and RMSNorm over head_dim on q and k before RoPE (Qwen3)."""
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, inv_freq: np.ndarray, *,
+               qkv_bias: bool = False, o_bias: bool = False, qk_norm_eps: float | None = None,
                dtype=jnp.float32, rngs: nnx.Rngs):
     D, N, K, H = d_model, num_heads, num_kv_heads, head_dim
     self.inv_freq = tuple(float(f) for f in inv_freq)  # static (a tuple is not pytree data), not a parameter
@@ -55,13 +59,26 @@ class Attention(nnx.Module):
     self.wk_DKH = nnx.Param(_init(rngs.params(), (D, K, H), dtype), out_sharding=("embed", "kv_heads", "head_dim"))
     self.wv_DKH = nnx.Param(_init(rngs.params(), (D, K, H), dtype), out_sharding=("embed", "kv_heads", "head_dim"))
     self.wo_NHD = nnx.Param(_init(rngs.params(), (N, H, D), dtype), out_sharding=("heads", "head_dim", "embed"))
+    zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
+    self.bq_NH = nnx.Param(zeros(N, H), out_sharding=("heads", "head_dim")) if qkv_bias else None
+    self.bk_KH = nnx.Param(zeros(K, H), out_sharding=("kv_heads", "head_dim")) if qkv_bias else None
+    self.bv_KH = nnx.Param(zeros(K, H), out_sharding=("kv_heads", "head_dim")) if qkv_bias else None
+    self.bo_D = nnx.Param(zeros(D), out_sharding=("embed",)) if o_bias else None
+    norm = qk_norm_eps is not None
+    self.q_norm = RMSNorm(H, eps=qk_norm_eps, dtype=dtype, axis="head_dim") if norm else None
+    self.k_norm = RMSNorm(H, eps=qk_norm_eps, dtype=dtype, axis="head_dim") if norm else None
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: CacheView) -> jax.Array:
     q_BTNH = dense("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...])
     k_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...])
     v_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...])
+    if self.bq_NH is not None:
+      q_BTNH, k_BTKH, v_BTKH = q_BTNH + self.bq_NH[...], k_BTKH + self.bk_KH[...], v_BTKH + self.bv_KH[...]
+    if self.q_norm is not None:
+      q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
     inv_freq = np.asarray(self.inv_freq, np.float32)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
     o_BTNH = cache.attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, q_BTNH.shape[-1] ** -0.5)
-    return dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...])
+    out_BTD = dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...])
+    return out_BTD if self.bo_D is None else out_BTD + self.bo_D[...]

@@ -29,7 +29,8 @@ class DecoderLayer(nnx.Module):
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     c = config
     self.attn_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, rope_inv_freq(c), dtype=dtype, rngs=rngs)
+    self.attn = Attention(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, rope_inv_freq(c), qkv_bias=c.qkv_bias,
+                          o_bias=c.o_bias, qk_norm_eps=c.rms_norm_eps if c.qk_norm else None, dtype=dtype, rngs=rngs)
     self.mlp_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, dtype=dtype)
     self.mlp = MLP(c.d_model, c.d_ff, dtype=dtype, rngs=rngs)
 

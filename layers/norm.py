@@ -7,9 +7,9 @@ from flax import nnx
 
 class RMSNorm(nnx.Module):
 
-  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, axis: str = "embed"):
     self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), dtype), out_sharding=("embed",))
+    self.weight = nnx.Param(jnp.ones((dim,), dtype), out_sharding=(axis,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)

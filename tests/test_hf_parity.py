@@ -82,7 +82,7 @@ def test_bfloat16_checkpoint_and_params(tmp_path, rng):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"attention_bias": True}, "attention_bias"),
+    ({"model_type": "gemma2"}, "gemma2"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "yarn"),

@@ -191,12 +191,15 @@ def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout
     shardings = param_shardings(config, dtype, mesh, layout)  # raises if the mesh cannot fit the model
     if kv.copies > 1:
       attn = dict(params["layers"]["attn"])
-      for name in ("wk_DKH", "wv_DKH"):  # [L, D, K, H] -> [L, D, K * copies, H], head k at k * copies ... + copies - 1
+      # [L, D, K, H] -> [L, D, K * copies, H] (biases [L, K, H]), head k at k * copies ... + copies - 1
+      for name, axis in (("wk_DKH", 2), ("wv_DKH", 2), ("bk_KH", 1), ("bv_KH", 1)):
+        if name not in attn:
+          continue
         w, target = attn[name], shardings["layers"]["attn"][name]
         if isinstance(w, jax.Array):
-          attn[name] = jax.jit(lambda w: jax.numpy.repeat(w, kv.copies, axis=2), out_shardings=target)(w)
+          attn[name] = jax.jit(lambda w, axis=axis: jax.numpy.repeat(w, kv.copies, axis=axis), out_shardings=target)(w)
         else:
-          attn[name] = rules.repeat_kv_heads(np.asarray(w), 2, kv.copies)
+          attn[name] = rules.repeat_kv_heads(np.asarray(w), axis, kv.copies)
       params = {**params, "layers": {**params["layers"], "attn": attn}}
     placed = place_params(params, shardings)
   else:

@@ -1,10 +1,13 @@
 """GGUF checkpoints (llama.cpp): metadata -> ModelConfig, tensors -> HF-named float arrays.
 
+Architectures: "llama" (Llama, and Mistral as llama.cpp converts it), "qwen2" and "qwen3".
+
 Reading a GGUF file:
   * tensors are dequantized with the `gguf` package (every type it implements: F32/F16/BF16, Q4_0/1, Q5_0/1, Q8_0,
     the K-quants, IQ types...), one tensor at a time, to float32;
-  * llama.cpp's converter permutes the rows of Q and K weights from HF's split-halves RoPE layout to the interleaved
-    one; `_unpermute` undoes it so the model sees HF layout (see `jaxllm.layers.rope`);
+  * llama.cpp's converter permutes the rows of Q and K weights of "llama" files from HF's split-halves RoPE layout to
+    the interleaved one; `_unpermute` undoes it so the model sees HF layout (see `jaxllm.layers.rope`). Qwen files
+    keep HF's layout (llama.cpp runs them with NEOX RoPE);
   * a `rope_freqs` tensor (Llama-3.1/3.2 files) is matched against Llama-3 scaling parameters and becomes the config's
     `rope_scaling`; a factor table that matches no known setting is an error, not a silent approximation.
 """
@@ -27,6 +30,12 @@ _LAYER = {
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -83,8 +92,12 @@ class GGUFCheckpoint:
         self._tensors[hf] = t
     meta = dict(self.metadata)
     meta["_has_output_weight"] = "lm_head.weight" in self._tensors
-    if not meta.get("llama.vocab_size"):
-      meta["llama.vocab_size"] = meta.get("tokenizer.ggml.tokens.count")
+    for flag, tensor in (("_has_qkv_bias", "q_proj.bias"), ("_has_o_bias", "o_proj.bias"),
+                         ("_has_qk_norm", "q_norm.weight")):
+      meta[flag] = f"model.layers.0.self_attn.{tensor}" in self._tensors
+    self.arch = meta.get("general.architecture")
+    if not meta.get(f"{self.arch}.vocab_size"):
+      meta[f"{self.arch}.vocab_size"] = meta.get("tokenizer.ggml.tokens.count")
     name = os.path.splitext(os.path.basename(path))[0]
     config = ModelConfig.from_gguf_metadata(meta, name=name)
     rope_freqs = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"), None)
@@ -111,9 +124,11 @@ class GGUFCheckpoint:
     if w.size != int(np.prod(expected)):
       raise ValueError(f"{self.path}: tensor {t.name!r} has {w.size} values, expected shape {expected}.")
     w = w.reshape(expected)
-    if name.endswith("self_attn.q_proj.weight"):
+    if self.arch != "llama":  # llama.cpp permutes Q/K to its interleaved RoPE for "llama" only (NEOX RoPE elsewhere)
+      return w
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
       w = _unpermute(w, self.config.num_heads)
-    elif name.endswith("self_attn.k_proj.weight"):
+    elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
       w = _unpermute(w, self.config.num_kv_heads)
     return w
 

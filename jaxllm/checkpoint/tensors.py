@@ -73,6 +73,16 @@ def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32") -
           },
       },
   }
+  attn = params["layers"]["attn"]
+  if c.qkv_bias:
+    attn["bq_NH"] = stack("self_attn.q_proj.bias", (N * H,), lambda b: b.reshape(N, H))
+    attn["bk_KH"] = stack("self_attn.k_proj.bias", (K * H,), lambda b: b.reshape(K, H))
+    attn["bv_KH"] = stack("self_attn.v_proj.bias", (K * H,), lambda b: b.reshape(K, H))
+  if c.o_bias:
+    attn["bo_D"] = stack("self_attn.o_proj.bias", (D,), lambda b: b)
+  if c.qk_norm:
+    attn["q_norm"] = {"weight": stack("self_attn.q_norm.weight", (H,), lambda w: w)}
+    attn["k_norm"] = {"weight": stack("self_attn.k_norm.weight", (H,), lambda w: w)}
   if not c.tie_embeddings:
     params["lm_head_DV"] = get("lm_head.weight", (V, D)).T.astype(out_dtype)
   return params

@@ -30,12 +30,23 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 def main():
   out = {"devices": len(jax.devices()), "runs": [], "hlo": {}}
   tokens, prompts = inputs()
-  models = [(8, 2, CASES), (8, 8, CASES), (6, 3, [("data=4,model=2", "tp")])]  # (query heads, KV heads, cases)
-  for heads, kv, cases in models:
+  # (query heads, KV heads, cases, family variations): the last is Qwen's shape (q/k/v biases, which are replicated
+  # with their KV heads, and q/k norms) on a mesh that copies its KV heads
+  qwen = {"qkv_bias": True, "o_bias": True, "qk_norm": True}
+  models = [(8, 2, CASES, {}), (8, 8, CASES, {}), (6, 3, [("data=4,model=2", "tp")], {}),
+            (8, 2, [("data=2,model=4", "tp"), ("x=2,y=4", "2d")], qwen)]
+  for heads, kv, cases, variations in models:
     config = ModelConfig(vocab_size=512, d_model=96 if heads == 6 else 128, d_ff=256, num_layers=2, num_heads=heads,
-                         num_kv_heads=kv, head_dim=16)
+                         num_kv_heads=kv, head_dim=16, **variations)
     params = jax.tree.map(np.asarray, nnx.state(Llama(config, rngs=nnx.Rngs(kv)), nnx.Param).to_pure_dict())
-    if heads == 8 and kv == 2:
+    if variations:  # biases start at 0 and norms at 1: make them matter
+      rng = np.random.default_rng(0)
+      attn = params["layers"]["attn"]
+      for name in ("bq_NH", "bk_KH", "bv_KH", "bo_D"):
+        attn[name] = rng.normal(0, 0.1, attn[name].shape).astype(np.float32)
+      for name in ("q_norm", "k_norm"):
+        attn[name]["weight"] = (1 + rng.normal(0, 0.1, attn[name]["weight"].shape)).astype(np.float32)
+    if heads == 8 and kv == 2 and not variations:
       first = (params, config)
     single = Generator(checkpoint.build_model(config, params, "float32"))
     ref_logits = single.logits(tokens)
@@ -46,13 +57,13 @@ def main():
       g = Generator(model, mesh=mesh)
       toks, _ = g.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
       cache = g._new_cache(8, 64)
-      out["runs"].append({"heads": heads, "kv": kv, "mesh": spec, "layout": layout,
+      out["runs"].append({"heads": heads, "kv": kv, "mesh": spec, "layout": layout, "family": sorted(variations),
                           "max_logit_diff": float(np.abs(g.logits(tokens) - ref_logits).max()),
                           "decode_equal": toks == ref_tokens,
                           "placement": model.kv_placement.kind, "runtime_kv_heads": model.config.num_kv_heads,
                           "wk_shard": list(g.params["layers"]["attn"]["wk_DKH"].value.addressable_shards[0].data.shape),
                           "cache_shard": list(cache.k.addressable_shards[0].data.shape)})
-      if layout == "tp" and spec == "model=8":
+      if layout == "tp" and spec == "model=8" and not variations:
         positions = np.broadcast_to(np.arange(24, dtype=np.int32), tokens.shape)
         compiled = g._forward_logits.lower(g.params, tokens, positions).compile()
         text = compiled.as_text()

@@ -22,14 +22,15 @@ def results():
 
 def test_every_layout_matches_single_device(results):
   assert results["devices"] == 8
-  assert len(results["runs"]) == 9  # 4 layouts x (8/2 and 8/8 heads), and 6/3 heads on data=4,model=2
+  # 4 layouts x (8/2 and 8/8 heads), 6/3 heads on data=4,model=2, and 8/2 heads of Qwen's shape on tp and 2d
+  assert len(results["runs"]) == 11
   for run in results["runs"]:
     assert run["max_logit_diff"] <= 1e-5, run  # prefill, f32
     assert run["decode_equal"], run  # greedy decode through the sharded KV cache
 
 
 def test_kv_heads_fewer_than_shards_are_replicated_at_load(results):
-  runs = {(r["heads"], r["kv"], r["mesh"]): r for r in results["runs"]}
+  runs = {(r["heads"], r["kv"], r["mesh"]): r for r in results["runs"] if not r["family"]}
   # [L, D, K, H] and [L, B, S, K, H] shards as one device holds them.
   r = runs[(8, 2, "model=8")]  # 2 KV heads on 8 shards: each copied 4x, one head per device
   assert (r["placement"], r["runtime_kv_heads"], r["wk_shard"], r["cache_shard"]) == (
@@ -42,6 +43,9 @@ def test_kv_heads_fewer_than_shards_are_replicated_at_load(results):
   r = runs[(8, 8, "model=8")]
   assert (r["placement"], r["runtime_kv_heads"], r["cache_shard"]) == ("split", 8, [2, 8, 64, 1, 16])
   assert runs[(8, 2, "data=8")]["placement"] == "none"  # dp: weights and cache heads whole on every device
+  qwen = [r for r in results["runs"] if r["family"]]  # K/V biases copied with their heads
+  assert [(r["mesh"], r["placement"], r["runtime_kv_heads"]) for r in qwen] == [
+      ("data=2,model=4", "replicated", 4), ("x=2,y=4", "replicated", 4)]
 
 
 @pytest.mark.parametrize("kv", ["2", "8"])
