@@ -222,7 +222,9 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
   per_layer = (Dx * Ny * H * 2  # wq, wo
                + Dx * kvh * H * 2  # wk, wv: the heads (or copies) a device holds; all K when batch-sharded
                + Dx * Fy * 3  # gate, up, down
-               + Dx * 2)  # two RMSNorms (embed axis: replicated for tp, over x for 2d)
+               + Dx * 2  # two RMSNorms (embed axis: replicated for tp, over x for 2d)
+               + (Ny + 2 * kvh) * H * c.qkv_bias + Dx * c.o_bias  # biases, split like their projections' outputs
+               + 2 * H * c.qk_norm)  # q/k norms over head_dim (replicated)
   embed = vocab_rows * Dx * (1 if c.tie_embeddings else 2)
   weight_bytes = (L * per_layer + embed + Dx) * wb
 

@@ -197,6 +197,28 @@ def test_hf_config_json(tmp_path):
     planner.load_model_config("llama-3-70b")
 
 
+@pytest.mark.parametrize("name, published", [
+    # total parameters on the model cards (Qwen: "Number of Parameters"; Mistral: 7.25B in its safetensors)
+    ("qwen2.5-0.5b", 0.49e9), ("qwen2.5-1.5b", 1.54e9), ("qwen2.5-3b", 3.09e9), ("qwen2.5-7b", 7.61e9),
+    ("qwen2.5-14b", 14.7e9), ("qwen2.5-72b", 72.7e9), ("qwen3-0.6b", 0.6e9), ("qwen3-1.7b", 1.7e9),
+    ("qwen3-4b", 4.0e9), ("qwen3-8b", 8.2e9), ("qwen3-14b", 14.8e9), ("qwen3-32b", 32.8e9),
+    ("mistral-7b-v0.3", 7.25e9),
+])
+def test_family_presets_have_the_published_sizes(name, published):
+  c = ModelConfig.from_preset(name)
+  assert c.num_params == pytest.approx(published, rel=0.015)  # the cards round to 2-3 digits
+  p = plan(c, {"model": 1}, "bfloat16", 4096, 1000 * GiB, "tp")
+  assert p.weight_bytes_per_device == c.num_params * 2  # one device holds every parameter, biases and norms too
+
+
+def test_qwen_biases_split_with_their_heads():
+  c = ModelConfig.from_preset("qwen2.5-72b")  # 64 query / 8 KV heads, q/k/v biases
+  D, F, N, K, H, V, L = c.d_model, c.d_ff, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.num_layers
+  per_layer = (2 * D * N * H + 2 * D * K * H + 3 * D * F + (N + 2 * K) * H) // 8 + 2 * D
+  p = plan(c, {"model": 8}, "bfloat16", 8192, 80 * GiB, "tp")
+  assert p.weight_bytes_per_device == (L * per_layer + 2 * V * D // 8 + D) * 2
+
+
 def _cli(*flags):
   code = ("import sys; from jaxllm import cli; cli.COMMANDS.setdefault('plan','Capacity planner'); "
           f"sys.argv=['jaxllm','plan',*{list(flags)!r}]; cli.run()")
@@ -209,6 +231,7 @@ def test_cli():
       "json": _cli("--model=llama3-70b", "--mesh=model=8", "--max_model_len=8192", "--hbm_gib=80", "--json"),
       "bad_mesh": _cli("--model=llama3-70b", "--mesh=model=3"),
       "bad_flag": _cli("--model=llama3-70b", "--meshes=model=8"),
+      "qwen": _cli("--model=qwen2.5-72b", "--mesh=model=8"),
   }
   out = {k: (*p.communicate(timeout=60), p.returncode) for k, p in runs.items()}
   stdout, stderr, rc = out["table"]
@@ -222,5 +245,7 @@ def test_cli():
   stdout, stderr, rc = out["bad_mesh"]
   assert rc == 1 and "Traceback" not in stderr
   assert stderr.strip().count("\n") == 0 and "'model' has size 3" in stderr
+  stdout, stderr, rc = out["qwen"]
+  assert rc == 0 and "qwen2.5-72b (72.71B params" in stdout, stderr
   stdout, stderr, rc = out["bad_flag"]
   assert rc == 2 and "Traceback" not in stderr and "meshes" in stderr
