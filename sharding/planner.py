@@ -206,8 +206,16 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
   head_axis = axis_rules.get("heads")  # "model" (tp), "y" (2d), None (dp)
   X = mesh[axis_rules["embed"]] if "embed" in axis_rules else 1
   Y = mesh[head_axis] if head_axis else 1
-  Dx, Ny, Fy = D // X, N // Y, F // Y  # divisibility checked above
   notes = []
+  if head_axis:
+    from jaxllm.sharding import rules
+
+    padded = rules.padded_query_heads(N, K, mesh, layout)
+    if padded > N:
+      notes.append(f"{N} query heads do not split over {head_axis}={Y}: each KV head's {N // K} padded with zero "
+                   f"heads to {padded // K}, {padded} in all ({padded - N} of them compute nothing)")
+      N = padded
+  Dx, Ny, Fy = D // X, N // Y, F // Y  # divisibility checked above (query heads padded to split)
   placement, kvh, kv_batch, kv_note = _kv_placement(K, mesh, layout, kv_placement)
   if placement != "split" and head_axis:
     notes.append(kv_note)

@@ -94,10 +94,10 @@ def param_shardings(state: nnx.State, mesh: Mesh, layout: str):
 
 
 def check_model_fits(config, mesh: Mesh, layout: str) -> None:
-  """The query heads and MLP width must split evenly over the axes that shard them, or the layout is pointless."""
+  """The MLP width (and d_model for 2d) must split evenly over the axes that shard them, or the layout is pointless.
+  Query heads always fit: those that do not split are padded (`padded_query_heads`)."""
   rules = rules_for(layout, mesh)
-  for logical, dim, what in (("heads", config.num_heads, "query heads"), ("mlp", config.d_ff, "d_ff"),
-                             ("embed", config.d_model, "d_model")):
+  for logical, dim, what in (("mlp", config.d_ff, "d_ff"), ("embed", config.d_model, "d_model")):
     axis = rules.get(logical)
     for a in (axis,) if isinstance(axis, str) else axis or ():
       if dim % mesh.shape[a]:
@@ -131,6 +131,33 @@ def kv_placement(num_kv_heads: int, mesh_shape, layout: str) -> KVPlacement:
   return KVPlacement(kind="replicated", axis=axis, shards=s, copies=r, heads_per_device=k_rt // s,
                      note=f"{K} KV heads replicated {r}x at load to {k_rt} (vLLM's way) and split over {axis}={s}: "
                      f"{k_rt // s} per device")
+
+
+def padded_query_heads(num_heads: int, num_kv_heads: int, mesh_shape, layout: str) -> int:
+  """The query heads the runtime holds on this mesh: `num_heads`, or more when they do not split over the head axis
+  (Qwen2.5-7B's 28 on model=8). Each KV head's group of G query heads is then padded with zero heads (zero q and
+  output-projection weights: they add exactly nothing) up to a multiple of the KV head's copies, so that every device
+  holds whole groups beside the KV heads they read: 28 = 4 x 7 on model=8 becomes 4 x 8 = 32, four per device."""
+  kv = kv_placement(num_kv_heads, mesh_shape, layout)
+  group = num_heads // num_kv_heads
+  return num_kv_heads * (-(-group // kv.copies) * kv.copies)
+
+
+def pad_query_heads(attn: dict, num_kv_heads: int, padded_heads: int) -> dict:
+  """The attention params (stacked [L, ...]) with each KV group's query heads padded by zero heads to
+  `padded_heads` in all: wq [L, D, N, H], bq [L, N, H] and wo [L, N, H, D]. Host or device arrays."""
+  out = dict(attn)
+  for name, axis in (("wq_DNH", 2), ("bq_NH", 1), ("wo_NHD", 1)):
+    if name not in attn:
+      continue
+    w = attn[name]
+    xp = jax.numpy if isinstance(w, jax.Array) else np
+    n = w.shape[axis]
+    grouped = w.reshape(*w.shape[:axis], num_kv_heads, n // num_kv_heads, *w.shape[axis + 1:])
+    pad = [(0, 0)] * grouped.ndim
+    pad[axis + 1] = (0, padded_heads // num_kv_heads - n // num_kv_heads)
+    out[name] = xp.pad(grouped, pad).reshape(*w.shape[:axis], padded_heads, *w.shape[axis + 1:])
+  return out
 
 
 def repeat_kv_heads(host: np.ndarray, axis: int, copies: int):

@@ -13,7 +13,7 @@ from tests.oracle import Generator
 TOL = 1e-5  # f32
 
 
-@pytest.fixture(scope="module", params=["tiny-gqa", "tiny-mqa"])
+@pytest.fixture(scope="module", params=["tiny-gqa", pytest.param("tiny-mqa", marks=pytest.mark.slow)])
 def gen(request):
   config = ModelConfig.from_preset(request.param)
   return Generator(Llama(config, rngs=nnx.Rngs(1)))

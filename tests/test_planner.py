@@ -53,11 +53,17 @@ def test_gqa_kv_heads_replicated_when_model_axis_exceeds_them():
   per_layer = (2 * D70 * N70 * H70 + 3 * D70 * F70) // 16 + 2 * D70 * 1 * H70 + 2 * D70  # wk, wv: 1 head each
   assert p.weight_bytes_per_device == (L70 * per_layer + 2 * V70 * D70 // 16 + D70) * 2
   assert "replicated" in planner.format_plan(p)
-  # SmolLM2-135M: 3 KV heads split over model=3; its 9 query heads do not split over model=2 at all.
+  # SmolLM2-135M: 3 KV heads split over model=3; its 9 query heads do not split over model=2 at all: each KV head is
+  # copied 2x and its 3 query heads padded with a zero head to 4 (12 in all, 6 per device).
   p = plan(llama("smollm2-135m"), {"model": 3}, "bfloat16", 8192, 16 * GiB, "tp")
   assert (p.kv_placement, p.kv_heads_per_device) == ("split", 1)
-  with pytest.raises(ValueError, match=r"'model' has size 2.* 9 query heads"):
-    plan(llama("smollm2-135m"), {"model": 2}, "bfloat16", 8192, 16 * GiB, "tp")
+  c = llama("smollm2-135m")
+  p = plan(c, {"model": 2}, "bfloat16", 8192, 16 * GiB, "tp")
+  assert (p.kv_placement, p.kv_heads_per_device) == ("replicated", 3)
+  D, F, H = c.d_model, c.d_ff, c.head_dim
+  per_layer = (2 * D * 12 * H + 3 * D * F) // 2 + 2 * D * 3 * H + 2 * D
+  assert p.weight_bytes_per_device == (c.num_layers * per_layer + c.vocab_size * D // 2 + D) * 2
+  assert any("9 query heads do not split over model=2" in n and "12 in all" in n for n in p.notes)
 
 
 def test_kv_heads_that_do_not_divide_the_axis_are_replicated_to_the_lcm():
@@ -172,7 +178,7 @@ def test_mesh_parse():
 
 
 def test_mesh_that_cannot_hold_the_model():
-  with pytest.raises(ValueError, match=r"mesh axis 'model' has size 3, which does not divide the model's 64 query"):
+  with pytest.raises(ValueError, match=r"mesh axis 'model' has size 3, which does not divide the model's 28672 d_ff"):
     plan(llama("llama3-70b"), {"model": 3}, "bfloat16", 8192, 80 * GiB, "tp")
   with pytest.raises(ValueError, match=r"'x' is not an axis of layout 'tp'.*--layout 2d"):
     plan(llama("llama3-70b"), {"x": 2, "y": 4}, "bfloat16", 8192, 80 * GiB, "tp")
@@ -232,6 +238,7 @@ def test_cli():
       "bad_mesh": _cli("--model=llama3-70b", "--mesh=model=3"),
       "bad_flag": _cli("--model=llama3-70b", "--meshes=model=8"),
       "qwen": _cli("--model=qwen2.5-72b", "--mesh=model=8"),
+      "qwen7": _cli("--model=qwen2.5-7b", "--mesh=model=8"),
   }
   out = {k: (*p.communicate(timeout=60), p.returncode) for k, p in runs.items()}
   stdout, stderr, rc = out["table"]
@@ -247,5 +254,7 @@ def test_cli():
   assert stderr.strip().count("\n") == 0 and "'model' has size 3" in stderr
   stdout, stderr, rc = out["qwen"]
   assert rc == 0 and "qwen2.5-72b (72.71B params" in stdout, stderr
+  stdout, stderr, rc = out["qwen7"]  # 28 query heads over 4 KV heads: padded to 32 to split over model=8
+  assert rc == 0 and "28 query heads do not split over model=8" in stdout and "32 in all" in stdout, stderr
   stdout, stderr, rc = out["bad_flag"]
   assert rc == 2 and "Traceback" not in stderr and "meshes" in stderr

@@ -176,8 +176,9 @@ def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout
   NamedSharding from `jaxllm.sharding.rules` (every device receives only its own shard; no device holds the model).
 
   On a mesh whose head axis the KV heads do not divide, each KV head is repeated at load (`rules.kv_placement`), so the
-  returned model's `config.num_kv_heads` may exceed the checkpoint's; the model also constrains its residual stream to
-  the layout at every block boundary.
+  returned model's `config.num_kv_heads` may exceed the checkpoint's; query heads that do not split are padded with
+  zero heads (`rules.padded_query_heads`), so `config.num_heads` may too. The model also constrains its residual
+  stream to the layout at every block boundary.
   """
   from jaxllm.layers import Llama
 
@@ -186,6 +187,11 @@ def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout
     from jaxllm.sharding import rules
 
     kv = rules.kv_placement(config.num_kv_heads, mesh.shape, layout)
+    heads = rules.padded_query_heads(config.num_heads, config.num_kv_heads, mesh.shape, layout)
+    if heads > config.num_heads:  # query heads that do not split over the mesh: zero heads in each KV group
+      attn = rules.pad_query_heads(params["layers"]["attn"], config.num_kv_heads, heads)
+      params = {**params, "layers": {**params["layers"], "attn": attn}}
+      config = dataclasses.replace(config, num_heads=heads)
     if kv.copies > 1:
       config = dataclasses.replace(config, num_kv_heads=config.num_kv_heads * kv.copies)
     shardings = param_shardings(config, dtype, mesh, layout)  # raises if the mesh cannot fit the model

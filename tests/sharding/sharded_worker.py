@@ -33,8 +33,9 @@ def main():
   # (query heads, KV heads, cases, family variations): the last is Qwen's shape (q/k/v biases, which are replicated
   # with their KV heads, and q/k norms) on a mesh that copies its KV heads
   qwen = {"qkv_bias": True, "o_bias": True, "qk_norm": True}
+  # with 6 query heads over 2 KV heads on model=4 the query heads do not split either: 2 zero heads pad them to 8
   models = [(8, 2, CASES, {}), (8, 8, CASES, {}), (6, 3, [("data=4,model=2", "tp")], {}),
-            (8, 2, [("data=2,model=4", "tp"), ("x=2,y=4", "2d")], qwen)]
+            (8, 2, [("data=2,model=4", "tp"), ("x=2,y=4", "2d")], qwen), (6, 2, [("data=2,model=4", "tp")], qwen)]
   for heads, kv, cases, variations in models:
     config = ModelConfig(vocab_size=512, d_model=96 if heads == 6 else 128, d_ff=256, num_layers=2, num_heads=heads,
                          num_kv_heads=kv, head_dim=16, **variations)
@@ -61,6 +62,7 @@ def main():
                           "max_logit_diff": float(np.abs(g.logits(tokens) - ref_logits).max()),
                           "decode_equal": toks == ref_tokens,
                           "placement": model.kv_placement.kind, "runtime_kv_heads": model.config.num_kv_heads,
+                          "runtime_heads": model.config.num_heads,
                           "wk_shard": list(g.params["layers"]["attn"]["wk_DKH"].value.addressable_shards[0].data.shape),
                           "cache_shard": list(cache.k.addressable_shards[0].data.shape)})
       if layout == "tp" and spec == "model=8" and not variations:

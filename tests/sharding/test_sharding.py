@@ -22,8 +22,9 @@ def results():
 
 def test_every_layout_matches_single_device(results):
   assert results["devices"] == 8
-  # 4 layouts x (8/2 and 8/8 heads), 6/3 heads on data=4,model=2, and 8/2 heads of Qwen's shape on tp and 2d
-  assert len(results["runs"]) == 11
+  # 4 layouts x (8/2 and 8/8 heads), 6/3 heads on data=4,model=2, 8/2 heads of Qwen's shape on tp and 2d, and 6/2
+  # of Qwen's shape on data=2,model=4 (query heads padded)
+  assert len(results["runs"]) == 12
   for run in results["runs"]:
     assert run["max_logit_diff"] <= 1e-5, run  # prefill, f32
     assert run["decode_equal"], run  # greedy decode through the sharded KV cache
@@ -44,8 +45,10 @@ def test_kv_heads_fewer_than_shards_are_replicated_at_load(results):
   assert (r["placement"], r["runtime_kv_heads"], r["cache_shard"]) == ("split", 8, [2, 8, 64, 1, 16])
   assert runs[(8, 2, "data=8")]["placement"] == "none"  # dp: weights and cache heads whole on every device
   qwen = [r for r in results["runs"] if r["family"]]  # K/V biases copied with their heads
-  assert [(r["mesh"], r["placement"], r["runtime_kv_heads"]) for r in qwen] == [
-      ("data=2,model=4", "replicated", 4), ("x=2,y=4", "replicated", 4)]
+  assert [(r["heads"], r["mesh"], r["placement"], r["runtime_kv_heads"], r["runtime_heads"]) for r in qwen] == [
+      (8, "data=2,model=4", "replicated", 4, 8), (8, "x=2,y=4", "replicated", 4, 8),
+      (6, "data=2,model=4", "replicated", 4, 8)]  # 6 = 2 x 3 query heads do not split over 4: 2 x 4 zero-padded
+  assert qwen[2]["wk_shard"] == [2, 96, 1, 16]  # d_model 96: one KV head copy per device
 
 
 @pytest.mark.parametrize("kv", ["2", "8"])
@@ -78,6 +81,7 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # ~40 s; the default run proves two processes with `jaxllm score` (tests/serving/test_score_job.py)
 def test_two_processes_of_four_devices_match_one_device():
   """`jax.distributed.initialize` on loopback: 2 processes x 4 CPU devices, a mesh over all 8 (tp over model=8, and
   data=2 x model=4 whose data axis splits the batch across the processes) give the single-device logits and tokens."""
@@ -148,5 +152,5 @@ def test_mesh_that_cannot_fit_the_model_is_a_clear_error():
 
   config = ModelConfig(vocab_size=512, d_model=128, d_ff=256, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16)
   mesh = type("FakeMesh", (), {"shape": {"model": 3}})()
-  with pytest.raises(ValueError, match=r"'model' has size 3.*8 query heads"):
+  with pytest.raises(ValueError, match=r"'model' has size 3.*256 d_ff"):  # query heads are padded, d_ff is not
     check_model_fits(config, mesh, "tp")
