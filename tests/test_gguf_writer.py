@@ -32,15 +32,20 @@ def llama_cpp_rope_factors(head_dim, theta, factor, low, high, original):
   return np.array(out, np.float32)
 
 
-def write_gguf(path, model, quantize=None, rope_freqs=None):
+def write_gguf(path, model, quantize=None, rope_freqs=None, arch="llama"):
+  """A GGUF file of the transformers `model` as llama.cpp's converter writes `arch`: Q/K rows permuted for "llama"
+  only, biases and q/k norms under their llama.cpp names, no output.weight for tied embeddings."""
   c = model.config
-  w = gguf.GGUFWriter(str(path), "llama")
+  w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(c.num_hidden_layers)
   w.add_context_length(c.max_position_embeddings)
   w.add_embedding_length(c.hidden_size)
   w.add_feed_forward_length(c.intermediate_size)
   w.add_head_count(c.num_attention_heads)
   w.add_head_count_kv(c.num_key_value_heads)
+  if getattr(c, "head_dim", None):
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
   w.add_rope_freq_base(10000.0)
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_vocab_size(c.vocab_size)
@@ -48,17 +53,21 @@ def write_gguf(path, model, quantize=None, rope_freqs=None):
            "lm_head.weight": "output.weight"}
   per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
   for name, t in model.state_dict().items():
+    if name == "lm_head.weight" and c.tie_word_embeddings:
+      continue
     arr = t.float().numpy()
     if name in names:
       gname = names[name]
     else:
       i, rest = name[len("model.layers."):].split(".", 1)
-      gname = f"blk.{i}.{per_layer[rest.rsplit('.', 1)[0]]}.weight"
-      if "q_proj" in name:
+      module, kind = rest.rsplit(".", 1)
+      gname = f"blk.{i}.{per_layer[module]}.{kind}"
+      if arch == "llama" and "q_proj" in name:
         arr = llama_cpp_permute(arr, c.num_attention_heads)
-      elif "k_proj" in name:
+      elif arch == "llama" and "k_proj" in name:
         arr = llama_cpp_permute(arr, c.num_key_value_heads)
     if quantize is not None and arr.ndim == 2:
       w.add_tensor(gname, gguf.quants.quantize(arr, quantize), raw_dtype=quantize)

@@ -42,6 +42,16 @@ def make_hf_model(tmp_path, heads, kv_heads, tied, rope, dtype=torch.float32, sh
   return model
 
 
+def edit_config(path, change: dict, drop=()) -> None:
+  """The config.json in directory `path` with `change` merged in and the `drop` keys removed."""
+  file = path / "config.json"
+  cfg = json.loads(file.read_text())
+  cfg.update(change)
+  for key in drop:
+    del cfg[key]
+  file.write_text(json.dumps(cfg))
+
+
 def hf_logits(model, tokens):
   with torch.no_grad():
     return model(torch.tensor(tokens)).logits.float().numpy()
@@ -91,20 +101,14 @@ def test_bfloat16_checkpoint_and_params(tmp_path, rng):
 ])
 def test_unsupported_hf_config_is_a_clear_error(tmp_path, change, message):
   make_hf_model(tmp_path, 4, 2, False, None)
-  path = tmp_path / "config.json"
-  cfg = json.loads(path.read_text())
-  cfg.update(change)
-  path.write_text(json.dumps(cfg))
+  edit_config(tmp_path, change)
   with pytest.raises(ValueError, match=message):
     checkpoint.load_checkpoint(str(tmp_path))
 
 
 def test_missing_required_config_key_is_a_clear_error(tmp_path):
   make_hf_model(tmp_path, 4, 2, False, None)
-  path = tmp_path / "config.json"
-  cfg = json.loads(path.read_text())
-  del cfg["num_attention_heads"]
-  path.write_text(json.dumps(cfg))
+  edit_config(tmp_path, {}, drop=["num_attention_heads"])
   with pytest.raises(ValueError, match="num_attention_heads"):
     checkpoint.load_checkpoint(str(tmp_path))
 
@@ -112,16 +116,13 @@ def test_missing_required_config_key_is_a_clear_error(tmp_path):
 def test_smollm2_style_config_keys_are_accepted(tmp_path, rng):
   """Published SmolLM2 configs (a nanotron export) carry bookkeeping keys that do not change the math."""
   model = make_hf_model(tmp_path, 4, 2, True, None)
-  path = tmp_path / "config.json"
-  cfg = json.loads(path.read_text())
-  cfg.update({"is_llama_config": True, "rope_interleaved": False, "transformers.js_config": {"kv_cache_dtype": {}}})
-  path.write_text(json.dumps(cfg))
+  edit_config(tmp_path, {"is_llama_config": True, "rope_interleaved": False,
+                          "transformers.js_config": {"kv_cache_dtype": {}}})
   ckpt = checkpoint.load_checkpoint(str(tmp_path))
   tokens = rng.integers(0, 300, size=(1, 9))
   got = Generator(checkpoint.build_model(ckpt.config, ckpt.params, "float32")).logits(tokens)
   np.testing.assert_allclose(got, hf_logits(model, tokens), atol=F32_TOL, rtol=0)
-  cfg["rope_interleaved"] = True
-  path.write_text(json.dumps(cfg))
+  edit_config(tmp_path, {"rope_interleaved": True})
   with pytest.raises(ValueError, match="rope_interleaved"):
     checkpoint.load_checkpoint(str(tmp_path))
 

@@ -2,9 +2,6 @@
 `gguf` writer laid out as llama.cpp lays them out): f32 logits against transformers, greedy decoding through the
 paged engine, and scoring against transformers' log-softmax."""
 
-import json
-
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -13,8 +10,8 @@ import transformers
 from jaxllm import LLM, SamplingParams, checkpoint
 from jaxllm.serving.config import EngineConfig
 from tests.oracle import Generator
-from tests.test_gguf_writer import llama_cpp_permute
-from tests.test_hf_parity import F32_TOL, hf_logits
+from tests.test_gguf_writer import write_gguf
+from tests.test_hf_parity import F32_TOL, edit_config, hf_logits
 
 V = 300
 COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3, max_position_embeddings=256,
@@ -92,55 +89,11 @@ def test_greedy_decoding_and_scores_through_the_engine_match_transformers(family
   np.testing.assert_allclose(np.asarray(scored.logprobs), want, atol=1e-4, rtol=0)
 
 
-def write_family_gguf(path, model, arch):
-  """A GGUF file of `model` as llama.cpp's converter writes `arch` (Q/K rows permuted for "llama" only)."""
-  c = model.config
-  w = gguf.GGUFWriter(str(path), arch)
-  w.add_block_count(c.num_hidden_layers)
-  w.add_context_length(c.max_position_embeddings)
-  w.add_embedding_length(c.hidden_size)
-  w.add_feed_forward_length(c.intermediate_size)
-  w.add_head_count(c.num_attention_heads)
-  w.add_head_count_kv(c.num_key_value_heads)
-  if getattr(c, "head_dim", None):
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-  w.add_rope_freq_base(10000.0)
-  w.add_layer_norm_rms_eps(c.rms_norm_eps)
-  w.add_vocab_size(c.vocab_size)
-  names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-  per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-  tied = c.tie_word_embeddings
-  for name, t in model.state_dict().items():
-    if name == "lm_head.weight" and tied:
-      continue
-    arr = t.float().numpy()
-    if name in names:
-      gname = names[name]
-    else:
-      i, rest = name[len("model.layers."):].split(".", 1)
-      module, kind = rest.rsplit(".", 1)
-      gname = f"blk.{i}.{per_layer[module]}.{kind}"
-      if arch == "llama" and "q_proj" in name:
-        arr = llama_cpp_permute(arr, c.num_attention_heads)
-      elif arch == "llama" and "k_proj" in name:
-        arr = llama_cpp_permute(arr, c.num_key_value_heads)
-    w.add_tensor(gname, arr)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-
-
 @pytest.mark.parametrize("name, arch", [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("qwen3-bias", "qwen3"),
                                         ("mistral", "llama")])
 def test_gguf_written_like_llama_cpp_matches_transformers(tmp_path, name, arch, rng):
   model = make_family_model(tmp_path / "hf", name)
-  write_family_gguf(tmp_path / "m.gguf", model, arch)
+  write_gguf(tmp_path / "m.gguf", model, arch=arch)
   ckpt = checkpoint.load_checkpoint(str(tmp_path / "m.gguf"))
   assert (ckpt.config.qk_norm, ckpt.config.tie_embeddings) == ("qwen3" in name, model.config.tie_word_embeddings)
   tokens = rng.integers(0, V, size=(2, 21))
@@ -159,10 +112,7 @@ def test_gguf_written_like_llama_cpp_matches_transformers(tmp_path, name, arch, 
 ])
 def test_unsupported_variants_are_refused_naming_the_key(tmp_path, family, change, message):
   make_family_model(tmp_path, family)
-  path = tmp_path / "config.json"
-  cfg = json.loads(path.read_text())
-  cfg.update(change)
-  path.write_text(json.dumps(cfg))
+  edit_config(tmp_path, change)
   with pytest.raises(ValueError, match=message):
     checkpoint.load_checkpoint(str(tmp_path))
 
@@ -170,8 +120,5 @@ def test_unsupported_variants_are_refused_naming_the_key(tmp_path, family, chang
 def test_qwen2_without_its_window_in_use_loads(tmp_path):
   """Published Qwen2.5 configs carry `sliding_window` with `use_sliding_window: false`: every layer is global."""
   make_family_model(tmp_path, "qwen2")
-  path = tmp_path / "config.json"
-  cfg = json.loads(path.read_text())
-  cfg.update({"use_sliding_window": False, "sliding_window": 32, "max_window_layers": 2})
-  path.write_text(json.dumps(cfg))
+  edit_config(tmp_path, {"use_sliding_window": False, "sliding_window": 32, "max_window_layers": 2})
   assert checkpoint.load_checkpoint(str(tmp_path)).config.qkv_bias
