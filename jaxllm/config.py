@@ -276,23 +276,20 @@ HF_FAMILIES = {
 
 
 def _hf_sliding_window(cfg: Mapping[str, Any], model_type: str) -> int | None:
-  """The window of the config's sliding-window layers, or None when every layer attends to everything. Qwen's
-  `sliding_window` only counts with `use_sliding_window` (and `layer_types`, as transformers derives them)."""
-  window = cfg.get("sliding_window")
-  if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-    window = None
+  """The window of the config's sliding-window layers, or None when every layer attends to everything. Which layers
+  slide: `layer_types` when given; else, as transformers derives them for Qwen, the layers from `max_window_layers`
+  on when `use_sliding_window` is set; else (Llama, Mistral) every layer when `sliding_window` is set."""
   layer_types = cfg.get("layer_types")
-  if layer_types is None and window is not None and model_type in ("qwen2", "qwen3"):
-    # transformers: layers from max_window_layers on slide
-    if cfg.get("max_window_layers", 28) >= cfg.get("num_hidden_layers", 0):
-      window = None
   if layer_types is not None:
     if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
       raise ValueError(f"HF config layer_types={sorted(set(layer_types))!r} is not supported.")
-    if all(t == "full_attention" for t in layer_types):
-      return None
-    return window if window is not None else cfg.get("sliding_window")
-  return window
+    sliding = "sliding_attention" in layer_types
+  elif model_type in ("qwen2", "qwen3"):
+    first_sliding = cfg.get("max_window_layers", 28)
+    sliding = cfg.get("use_sliding_window", False) and first_sliding < cfg.get("num_hidden_layers", 0)
+  else:
+    sliding = True
+  return cfg.get("sliding_window") if sliding else None
 
 
 # Keys of the HF configs that jaxllm implements.
