@@ -24,6 +24,7 @@ from jaxllm.pallas_kernels.backend import default_implementation
 from jaxllm.pallas_kernels.flash_attention.kernel_gpu import flash_attention_gpu
 from jaxllm.pallas_kernels.flash_attention.kernel_tpu import flash_attention_tpu
 from jaxllm.pallas_kernels.flash_attention.reference import flash_attention_reference
+from jaxllm.pallas_kernels.reference import check_soft_cap, check_window, window_or_none
 
 __all__ = ["IMPLEMENTATIONS", "default_block_sizes", "flash_attention", "flash_attention_reference"]
 
@@ -91,10 +92,13 @@ def flash_attention(
   interpret: bool = False,
   block_q: int | None = None,
   block_kv: int | None = None,
+  window=None,
+  soft_cap: float | None = None,
 ) -> jax.Array:
   """Prefill (prompt) attention with GQA, per-row lengths and causal masking; softmax and accumulation in float32.
 
-  Query row t of batch row b attends to key s iff s < lengths_B[b] and (s <= t when causal). Rows t >= lengths_B[b]
+  Query row t of batch row b attends to key s iff s < lengths_B[b] and (s <= t when causal) and (t - s < window when a
+  sliding window is given). The kernels skip key blocks wholly outside every row's window. Rows t >= lengths_B[b]
   are padding: their output is zeros, and nothing stored in k / v at s >= lengths_B[b] (NaN included) can reach a real
   row. Query head n uses KV head n // (N // K), HF's repeat_kv order; K / V are never repeated in memory.
 
@@ -113,6 +117,9 @@ def flash_attention(
     block_q: query rows per kernel step; None picks default_block_sizes(). TPU: a multiple of 8; GPU: a power of
       two >= 16.
     block_kv: keys per kernel step; None picks default_block_sizes(). Same constraints as block_q.
+    window: None (no limit), or the sliding window: an int >= 1 or a traced int32 scalar (a layer scan carries one
+      per layer, e.g. Gemma's local / global layers); needs causal.
+    soft_cap: None, or a positive python float: logits become soft_cap * tanh(logits / soft_cap) (Gemma 2).
   Returns:
     o_BTNH: [B, T, N, H] in q's dtype.
   Raises:
@@ -157,9 +164,15 @@ def flash_attention(
   if not math.isfinite(sm_scale):
     raise ValueError(f"sm_scale must be finite, got {sm_scale!r}.")
 
+  if window is not None and not causal:
+    raise ValueError("a sliding window needs causal=True.")
+  window = check_window(window)
+  soft_cap = check_soft_cap(soft_cap)
+
   impl = _pick_implementation(implementation)
   if impl == "xla":
-    return flash_attention_reference(q_BTNH, k_BSKH, v_BSKH, lengths_B, sm_scale=sm_scale, causal=causal)
+    return flash_attention_reference(q_BTNH, k_BSKH, v_BSKH, lengths_B, sm_scale=sm_scale, causal=causal,
+                                     window=window, soft_cap=soft_cap)
 
   default_q, default_kv = default_block_sizes(impl, T, S, N // K)
   block_q = default_q if block_q is None else block_q
@@ -179,6 +192,6 @@ def flash_attention(
   kernel = flash_attention_tpu if impl == "tpu" else flash_attention_gpu
   o_BTNH = kernel(
     q_BTNH, k_BSKH, v_BSKH, lengths_B, sm_scale=float(sm_scale), causal=bool(causal), block_q=block_q,
-    block_kv=block_kv, interpret=interpret,
+    block_kv=block_kv, interpret=interpret, window=window_or_none(window), soft_cap=soft_cap,
   )
   return o_BTNH[:, :T, :, :H]

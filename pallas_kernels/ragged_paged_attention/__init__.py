@@ -16,7 +16,10 @@ M max pages per sequence):
            C * H runs. To write one new token: k_pages.at[page, :, slot].set(k_KH).
   metadata kv_lens [S], page_indices [S, M], cu_q_lens [S + 1], num_seqs (scalar), all int32.
 Semantics: query row r of sequence i (q_len = cu_q_lens[i+1] - cu_q_lens[i]) sits at position kv_len - q_len + r
-and attends to the sequence's cached positions <= its own (the new tokens' K/V are already in the pages).
+and attends to the sequence's cached positions <= its own (the new tokens' K/V are already in the pages) and, with a
+sliding window W, > its own - W. Every implementation skips whole KV blocks (and never copies pages) that lie before the
+window of all of a query block's rows, so a sliding-window layer reads O(W) keys per row however long the sequence,
+and the page-table entries before the window are never dereferenced. Optional logit soft-capping (Gemma 2).
 
 reference.py holds `ragged_paged_attention_reference`, the plain-jnp oracle (cost S * T * L) that all three
 implementations are tested against; it is not a serving path.
@@ -30,6 +33,7 @@ from jaxllm.pallas_kernels.backend import default_implementation
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_gpu import ragged_paged_attention_gpu
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_tpu import ragged_paged_attention_tpu
 from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items, ragged_paged_attention_xla
+from jaxllm.pallas_kernels.reference import check_soft_cap, check_window, window_or_none
 
 IMPLEMENTATIONS = ("xla", "tpu", "gpu")
 BLOCK_SIZES = {
@@ -40,7 +44,7 @@ BLOCK_SIZES = {
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 _xla_jit = jax.jit(ragged_paged_attention_xla,
-                   static_argnames=("sm_scale", "block_q", "pages_per_block", "items_per_step"))
+                   static_argnames=("sm_scale", "soft_cap", "block_q", "pages_per_block", "items_per_step"))
 
 
 def ragged_paged_attention(
@@ -53,6 +57,8 @@ def ragged_paged_attention(
     num_seqs: jax.Array,
     *,
     sm_scale: float | None = None,
+    window=None,
+    soft_cap: float | None = None,
     implementation: str | None = None,
     interpret: bool = False,
     **block_sizes,
@@ -73,6 +79,10 @@ def ragged_paged_attention(
     num_seqs: int32 scalar (or [1]) array: slots >= num_seqs are padding and ignored. Decode (q_len = 1) and prefill
       chunks (q_len > 1) may be mixed freely; each needs q_len <= kv_len.
     sm_scale: softmax scale; default H ** -0.5.
+    window: None (no limit) or the sliding window: an int >= 1, or an int32 scalar array that may be traced (a layer
+      scan carries one per layer). A row sees the keys at positions (its own - window, its own]; page-table entries
+      wholly before every row's window are never dereferenced.
+    soft_cap: None or a positive python float: logits become soft_cap * tanh(logits / soft_cap).
     implementation: None picks "tpu" on a TPU backend, "gpu" on a CUDA backend and "xla" otherwise; or one of
       IMPLEMENTATIONS.
     interpret: run the Pallas kernel ("tpu" or "gpu") in interpret mode, e.g. on CPU (the TPU kernel uses the TPU
@@ -102,15 +112,18 @@ def ragged_paged_attention(
   kv_lens, page_indices, cu_q_lens, num_seqs = _validate(q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens,
                                                          num_seqs)
   sm_scale = float(q_TNH.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-  args = (q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+  window = window_or_none(check_window(window))
+  soft_cap = check_soft_cap(soft_cap)
+  args = (q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, window)
   if impl == "xla":
-    return _xla_jit(*args, sm_scale=sm_scale, **xla_block_sizes(q_TNH.shape[0], page_indices.shape[0],
-                                                                  k_pages.shape[2], **block_sizes))
+    return _xla_jit(*args, sm_scale=sm_scale, soft_cap=soft_cap,
+                    **xla_block_sizes(q_TNH.shape[0], page_indices.shape[0], k_pages.shape[2], **block_sizes))
   if impl == "tpu":
     _check_tpu_tiling(q_TNH, k_pages, block_sizes)
-    return ragged_paged_attention_tpu(*args, sm_scale=sm_scale, interpret=interpret, **block_sizes)
+    return ragged_paged_attention_tpu(*args, sm_scale=sm_scale, soft_cap=soft_cap, interpret=interpret,
+                                      **block_sizes)
   _check_gpu_tiling(q_TNH, k_pages, block_sizes)
-  return ragged_paged_attention_gpu(*args, sm_scale=sm_scale, interpret=interpret, **block_sizes)
+  return ragged_paged_attention_gpu(*args, sm_scale=sm_scale, soft_cap=soft_cap, interpret=interpret, **block_sizes)
 
 
 def _concrete(x):

@@ -11,11 +11,12 @@ Data flow:
      computes [sequence, position of its first row, number of rows, kv_len] and gathers its queries, folded per KV head:
      q_UKWH[u, k, t * Gp + g] = q[first token + t, k * G + g] (rows past the unit's tokens or g >= G are filler).
   2. Grid = (U, K): one program per (unit, KV head). It streams the sequence's pages, pages_per_block at a time, as a
-     gather k_pages[page_ids, kv_head] -> [B, H], up to the last position its rows can see (kv_end = last row's
-     position + 1), and keeps the online-softmax state (m, l, acc in f32) in registers.
-     Table entries at or past cdiv(kv_end, C) are replaced by the sequence's first page before the gather, so unused
-     pages are never read; keys at positions >= kv_end (the tail of the last page, redirected slots) are masked and
-     their values zeroed, so NaN there cannot leak (p = 0 times NaN is NaN).
+     gather k_pages[page_ids, kv_head] -> [B, H], from the block holding the oldest key in its first row's sliding
+     window (kv_lo; 0 without a window) up to the last position its rows can see (kv_end = last row's position + 1),
+     and keeps the online-softmax state (m, l, acc in f32) in registers. Table entries outside
+     [kv_lo // C, cdiv(kv_end, C)) are replaced by the page holding kv_lo before the gather, so unused pages and
+     pages before the window are never read; keys outside [kv_lo, kv_end) (the tail of the last page, redirected
+     slots) are masked and their values zeroed, so NaN there cannot leak (p = 0 times NaN is NaN).
   3. The program writes its [W, H] tile; the wrapper gathers every real token's rows back into [T, N, H]
      (bucket-padding rows past cu_q_lens[num_seqs] come out as 0).
 
@@ -39,7 +40,7 @@ def _next_pow2(x: int) -> int:
 
 
 def _kernel(
-    meta_ref,  # [4] int32 of this unit: sequence, position of row 0, number of rows, kv_len (not needed here)
+    meta_ref,  # [4] int32 of this unit: sequence, position of row 0, number of rows, sliding window
     pages_ref,  # [S, M'] int32 page table (M' = M padded to a multiple of pages_per_block)
     q_ref,  # [W, H] this unit's queries of one KV head
     k_ref,  # [P, C, H] the cache of this KV head
@@ -47,6 +48,7 @@ def _kernel(
     o_ref,  # [W, H]
     *,
     sm_scale: float,
+    soft_cap: float | None,
     group_pad: int,
     pages_per_block: int,
 ):
@@ -55,12 +57,14 @@ def _kernel(
   B = pages_per_block * C
   f32 = jnp.float32
   precision = lax.Precision.HIGHEST if q_ref.dtype == f32 else lax.Precision.DEFAULT
-  seq, pos0, num_rows = meta_ref[0], meta_ref[1], meta_ref[2]
+  seq, pos0, num_rows, window = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
 
   kv_end = pos0 + num_rows  # one past the last position any row of the unit sees
+  kv_lo = jnp.maximum(pos0 - window + 1, 0)  # the first position any row of the unit sees
   num_kv_blocks = jnp.where(num_rows > 0, (kv_end + B - 1) // B, 0)
-  num_pages = (kv_end + C - 1) // C  # table entries at or past this are never dereferenced
-  first_page = pages_ref[seq, 0]
+  num_pages = (kv_end + C - 1) // C  # table entries at or past this are never dereferenced, nor those before lo_page
+  lo_page = kv_lo // C
+  first_page = pages_ref[seq, lo_page]
   q_WH = q_ref[...]
   pos_W = pos0 + lax.broadcasted_iota(jnp.int32, (W,), 0) // group_pad
 
@@ -68,25 +72,29 @@ def _kernel(
     m_W, l_W, acc_WH = carry
     page_no_p = j * pages_per_block + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
     page_ids_p = pages_ref[seq, pl.ds(j * pages_per_block, pages_per_block)]
-    page_ids_p = jnp.where(page_no_p < num_pages, page_ids_p, first_page)
+    page_ids_p = jnp.where((page_no_p < num_pages) & (page_no_p >= lo_page), page_ids_p, first_page)
     k_BH = k_ref[page_ids_p].reshape(B, H)
     v_BH = v_ref[page_ids_p].reshape(B, H)
     c_B = j * B + lax.broadcasted_iota(jnp.int32, (B,), 0)
     s_WB = lax.dot_general(q_WH, k_BH, (((1,), (1,)), ((), ())), precision=precision,
                            preferred_element_type=f32) * sm_scale
-    visible_WB = (c_B[None, :] <= pos_W[:, None]) & (c_B[None, :] < kv_end)  # filler rows stay finite too
+    if soft_cap is not None:
+      s_WB = soft_cap * jnp.tanh(s_WB / soft_cap)
+    used_B = (c_B < kv_end) & (c_B >= kv_lo)
+    behind_WB = pos_W[:, None] - c_B[None, :]
+    visible_WB = (behind_WB >= 0) & (behind_WB < window) & used_B[None, :]  # filler rows stay finite too
     s_WB = jnp.where(visible_WB, s_WB, _MASKED)
     m_new_W = jnp.maximum(m_W, jnp.max(s_WB, axis=1))
     p_WB = jnp.exp(s_WB - m_new_W[:, None])
     alpha_W = jnp.exp(m_W - m_new_W)
     l_W = alpha_W * l_W + jnp.sum(p_WB, axis=1)
-    v_BH = jnp.where((c_B < kv_end)[:, None], v_BH, jnp.zeros_like(v_BH))
+    v_BH = jnp.where(used_B[:, None], v_BH, jnp.zeros_like(v_BH))
     pv_WH = lax.dot_general(p_WB.astype(v_BH.dtype), v_BH, (((1,), (0,)), ((), ())), precision=precision,
                             preferred_element_type=f32)
     return m_new_W, l_W, alpha_W[:, None] * acc_WH + pv_WH
 
   init = (jnp.full((W,), _MASKED, f32), jnp.zeros((W,), f32), jnp.zeros((W, H), f32))
-  _, l_W, acc_WH = lax.fori_loop(0, num_kv_blocks, body, init)
+  _, l_W, acc_WH = lax.fori_loop(jnp.minimum(kv_lo // B, num_kv_blocks), num_kv_blocks, body, init)
   o_ref[...] = (acc_WH / jnp.where(l_W == 0.0, 1.0, l_W)[:, None]).astype(o_ref.dtype)
 
 
@@ -98,7 +106,7 @@ def default_block_sizes(num_q_heads: int, num_kv_heads: int, page_size: int, max
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("sm_scale", "block_q", "pages_per_block", "num_warps", "num_stages", "interpret"))
+                   static_argnames=("sm_scale", "soft_cap", "block_q", "pages_per_block", "num_warps", "num_stages", "interpret"))
 def ragged_paged_attention_gpu(
     q_TNH: jax.Array,
     k_PKCH: jax.Array,
@@ -107,8 +115,10 @@ def ragged_paged_attention_gpu(
     page_indices_SM: jax.Array,
     cu_q_lens_S1: jax.Array,
     num_seqs: jax.Array,
+    window: jax.Array,
     *,
     sm_scale: float,
+    soft_cap: float | None = None,
     block_q: int | None = None,
     pages_per_block: int | None = None,
     num_warps: int | None = None,
@@ -144,7 +154,8 @@ def ragged_paged_attention_gpu(
   kv_len_U = jnp.where(valid_U, kv_lens_S[seq_U], 0)
   num_rows_U = jnp.where(valid_U, jnp.minimum(q_end_U - first_tok_U, Q), 0)
   pos0_U = jnp.where(valid_U, kv_len_U - q_end_U + first_tok_U, 0)
-  meta_U4 = jnp.stack([seq_U, pos0_U, num_rows_U, kv_len_U], axis=1).astype(i32)
+  window_U = jnp.broadcast_to(jnp.reshape(window, ()), (U,))
+  meta_U4 = jnp.stack([seq_U, pos0_U, num_rows_U, window_U], axis=1).astype(i32)
 
   tok_UQ = jnp.clip(first_tok_U[:, None] + jnp.arange(Q, dtype=i32), 0, T - 1)
   q_TKGH = jnp.pad(q_TNH.reshape(T, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
@@ -152,7 +163,7 @@ def ragged_paged_attention_gpu(
   M_pad = -(-M // pages_per_block) * pages_per_block
   pages_SM = jnp.pad(page_indices_SM, ((0, 0), (0, M_pad - M)))
 
-  kernel = functools.partial(_kernel, sm_scale=sm_scale, group_pad=Gp, pages_per_block=pages_per_block)
+  kernel = functools.partial(_kernel, sm_scale=sm_scale, soft_cap=soft_cap, group_pad=Gp, pages_per_block=pages_per_block)
   o_UKWH = pl.pallas_call(
       kernel,
       grid=(U, K),

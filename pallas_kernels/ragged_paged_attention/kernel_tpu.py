@@ -11,20 +11,23 @@ Data flow:
      It also finds, per q block, the range [seq_lo, seq_hi) of sequences whose rows touch the block.
   2. Scalar prefetch puts kv_lens, the flattened page table, cu_q_lens, num_seqs and seq_lo/seq_hi in SMEM.
   3. Grid = one step per q block ("parallel": every step is self-contained). A step walks the work list
-     (sequence i in [seq_lo, seq_hi), KV block j) in order. KV block j of sequence i is up to pages_per_block pages,
+     (sequence i in [seq_lo, seq_hi), KV block j from the one holding the oldest key in the window of i's first row
+     in the block, 0 without a sliding window) in order. KV block j of sequence i is up to pages_per_block pages,
      each copied as one [K, C, H] DMA from HBM (the cache stays in memory_space=ANY) into a VMEM buffer slot
      [K, B, H]; while block n is computed, block n + 1 (of the same or the next sequence) is already in flight into
-     the other slot. Only pages below cdiv(kv_end, C) are copied, kv_end being the last position any of the
-     sequence's rows in this block can see, so table entries past a sequence's used pages are never dereferenced.
+     the other slot. Only pages in [kv_lo // C, cdiv(kv_end, C)) are copied, kv_end being one past the last position
+     any of the sequence's rows in this block can see and kv_lo the first, so table entries past a sequence's used
+     pages or before its window are never dereferenced.
   4. For each KV head, scores [R, B] = q @ k^T in f32; a row belongs to sequence i iff its token is in
-     [cu_q_lens[i], cu_q_lens[i+1]), and sees key c iff c <= kv_len - q_len + r. Online softmax state m, l
+     [cu_q_lens[i], cu_q_lens[i+1]), and sees key c iff 0 <= kv_len - q_len + r - c < window. Online softmax state m, l
      (f32, lane-replicated [R, 128]) and acc (f32 [R, H]) live in VMEM scratch; rows of other sequences are left
      untouched by a select, so no masked stores are needed.
   5. After the work list, out = acc / l per KV head is written back as the [K, R, H] output block, which the wrapper
      unfolds to [T, N, H]. Rows no sequence owns (bucket padding) have l = 0 and come out as 0.
 
-Keys at positions no row of the block can see (>= kv_end: the tail of the last page, pages not copied, stale buffer
-slots) are masked out of the scores and their values zeroed, so NaN there cannot leak (p = 0 times NaN is NaN).
+Keys at positions no row of the block can see (outside [kv_lo, kv_end): the tail of the last page, pages not copied,
+stale buffer slots) are masked out of the scores and their values zeroed, so NaN there cannot leak (p = 0 times NaN
+is NaN). The window is a scalar-prefetched runtime value (one per layer under a layer scan); soft-capping is static.
 
 Layout notes: the cache is [P, K, C, H] so a page is one contiguous DMA and one KV head of it is a plain, tile-aligned
 [C, H] slab in VMEM (loads of a head need no strided sublane access, which Mosaic only has for 32-bit data). C must be
@@ -54,6 +57,7 @@ def _kernel(
     pages_ref,  # [S * M] int32, the page table flattened
     cu_q_lens_ref,  # [S + 1] int32
     num_seqs_ref,  # [1] int32
+    window_ref,  # [1] int32 sliding window (NO_WINDOW for none)
     seq_lo_ref,  # [num_q_blocks] int32, first sequence whose rows touch the block
     seq_hi_ref,  # [num_q_blocks] int32, one past the last such sequence
     # Inputs.
@@ -71,6 +75,7 @@ def _kernel(
     acc_ref,  # VMEM f32 [K, R, H] running numerator
     *,
     sm_scale: float,
+    soft_cap: float | None,
     block_q: int,
     pages_per_block: int,
     max_pages: int,
@@ -88,6 +93,7 @@ def _kernel(
   blk_end = blk_start + block_q
   seq_lo = seq_lo_ref[blk]
   seq_hi = jnp.minimum(seq_hi_ref[blk], num_seqs_ref[0])
+  window = window_ref[0]
 
   def seq_info(i):
     """Scalars of sequence i as seen from this q block."""
@@ -96,8 +102,12 @@ def _kernel(
     rows_end = jnp.minimum(q_end, blk_end)
     has_rows = jnp.maximum(q_start, blk_start) < rows_end
     kv_end = kv_len - q_end + rows_end  # one past the last position a row of i in this block can see
+    kv_lo = jnp.maximum(kv_len - q_end + jnp.maximum(q_start, blk_start) - window + 1, 0)  # the first one
     num_kv_blocks = jnp.where(has_rows, _cdiv(kv_end, B), 0)
-    return q_start, q_end, kv_len, kv_end, num_kv_blocks
+    return q_start, q_end, kv_len, kv_end, num_kv_blocks, kv_lo
+
+  def first_kv_block(i):
+    return lax.div(seq_info(i)[5], B)
 
   def first_busy_seq(i):
     """First sequence >= i with rows in this block (seq_hi if none)."""
@@ -105,16 +115,21 @@ def _kernel(
 
   def next_item(i, j):
     """The work item after (sequence i, KV block j)."""
-    return lax.cond(j + 1 < seq_info(i)[4], lambda: (i, j + 1), lambda: (first_busy_seq(i + 1), jnp.int32(0)))
+    def next_seq():
+      i_next = first_busy_seq(i + 1)
+      return i_next, first_kv_block(i_next)
+
+    return lax.cond(j + 1 < seq_info(i)[4], lambda: (i, j + 1), next_seq)
 
   def page_copies(i, j, slot, action):
     """Applies action ("start" / "wait") to the DMAs of KV block j of sequence i into buffer slot."""
-    kv_end = seq_info(i)[3]
-    num_pages = _cdiv(kv_end, C)  # pages at or past this are never read
+    _, _, _, kv_end, _, kv_lo = seq_info(i)
+    num_pages = _cdiv(kv_end, C)  # pages at or past this are never read, nor those before the window's first
+    first_page = lax.div(kv_lo, C)
     for p in range(pages_per_block):
       page_no = j * pages_per_block + p
 
-      @pl.when(page_no < num_pages)
+      @pl.when((page_no < num_pages) & (page_no >= first_page))
       def _():
         page = pages_ref[i * max_pages + page_no]
         for x_hbm_ref, x_buf_ref, kv in ((k_hbm_ref, k_buf_ref, 0), (v_hbm_ref, v_buf_ref, 1)):
@@ -123,17 +138,20 @@ def _kernel(
           getattr(copy, action)()
 
   def compute(i, j, slot):
-    q_start, q_end, kv_len, kv_end, _ = seq_info(i)
+    q_start, q_end, kv_len, kv_end, _, kv_lo = seq_info(i)
     kv_start = j * B
-    # Row r of the block is token blk_start + r // G. It belongs to sequence i iff lo_r <= r < hi_r, and sees key c
-    # iff c <= kv_len - q_end + token, i.e. (c - causal_base) * G <= r (no vector integer division needed).
+    # Row r of the block is token blk_start + r // G at position causal_base + r // G. It belongs to sequence i iff
+    # lo_r <= r < hi_r, and sees key c iff c <= its position, i.e. (c - causal_base) * G <= r, and c > its position -
+    # window, i.e. r < (c - causal_base + window) * G (no vector integer division needed).
     lo_r, hi_r = (q_start - blk_start) * group, (q_end - blk_start) * group
     causal_base = kv_len - q_end + blk_start
     r_RB = lax.broadcasted_iota(jnp.int32, (R, B), 0)
     c_RB = kv_start + lax.broadcasted_iota(jnp.int32, (R, B), 1)
-    visible_RB = (r_RB >= lo_r) & (r_RB < hi_r) & ((c_RB - causal_base) * group <= r_RB)
+    visible_RB = ((r_RB >= lo_r) & (r_RB < hi_r) & ((c_RB - causal_base) * group <= r_RB)
+                  & (r_RB < (c_RB - causal_base + jnp.minimum(window, kv_end)) * group))
     # Values of keys no row here can see (stale slots, pages not copied, the tail past kv_len) are zeroed.
-    c_valid_BH = kv_start + lax.broadcasted_iota(jnp.int32, (B, H), 0) < kv_end
+    c_B1 = kv_start + lax.broadcasted_iota(jnp.int32, (B, H), 0)
+    c_valid_BH = (c_B1 < kv_end) & (c_B1 >= kv_lo)
     r_RL = lax.broadcasted_iota(jnp.int32, (R, _LANES), 0)
     mine_RL = (r_RL >= lo_r) & (r_RL < hi_r)
     r_RH = lax.broadcasted_iota(jnp.int32, (R, H), 0)
@@ -146,6 +164,8 @@ def _kernel(
       v_BH = jnp.where(c_valid_BH, v_BH.astype(f32), 0.0).astype(v_BH.dtype)
       s_RB = lax.dot_general(q_RH, k_BH, (((1,), (1,)), ((), ())), precision=precision,
                              preferred_element_type=f32) * sm_scale
+      if soft_cap is not None:
+        s_RB = soft_cap * jnp.tanh(s_RB / soft_cap)
       s_RB = jnp.where(visible_RB, s_RB, _MASKED)
       m_prev_RL, l_prev_RL, acc_prev_RH = m_ref[h], l_ref[h], acc_ref[h]
       m_prev_R1 = jnp.max(m_prev_RL, axis=1, keepdims=True)
@@ -171,7 +191,7 @@ def _kernel(
 
   @pl.when(first < seq_hi)
   def _():
-    page_copies(first, 0, 0, "start")
+    page_copies(first, first_kv_block(first), 0, "start")
 
   def step(carry):
     i, j, slot = carry
@@ -185,7 +205,7 @@ def _kernel(
     compute(i, j, slot)
     return next_i, next_j, 1 - slot
 
-  lax.while_loop(lambda carry: carry[0] < seq_hi, step, (first, jnp.int32(0), jnp.int32(0)))
+  lax.while_loop(lambda carry: carry[0] < seq_hi, step, (first, first_kv_block(first), jnp.int32(0)))
 
   def finish(h, carry):
     l_R1 = jnp.max(l_ref[h], axis=1, keepdims=True)
@@ -203,7 +223,7 @@ def default_block_sizes(T: int, page_size: int, max_pages: int, dtype) -> dict:
   return dict(block_q=block_q, pages_per_block=pages_per_block)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "pages_per_block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "block_q", "pages_per_block", "interpret"))
 def ragged_paged_attention_tpu(
     q_TNH: jax.Array,
     k_PKCH: jax.Array,
@@ -212,8 +232,10 @@ def ragged_paged_attention_tpu(
     page_indices_SM: jax.Array,
     cu_q_lens_S1: jax.Array,
     num_seqs: jax.Array,
+    window: jax.Array,
     *,
     sm_scale: float,
+    soft_cap: float | None = None,
     block_q: int | None = None,
     pages_per_block: int | None = None,
     interpret: bool = False,
@@ -240,13 +262,13 @@ def ragged_paged_attention_tpu(
   seq_lo_Q = jnp.sum(active_S & (cu_q_lens_S1[1:] <= blk_start_Q), axis=1, dtype=jnp.int32)
   seq_hi_Q = jnp.sum(active_S & (cu_q_lens_S1[:-1] < blk_start_Q + block_q), axis=1, dtype=jnp.int32)
 
-  kernel = functools.partial(_kernel, sm_scale=sm_scale, block_q=block_q, pages_per_block=pages_per_block,
+  kernel = functools.partial(_kernel, sm_scale=sm_scale, soft_cap=soft_cap, block_q=block_q, pages_per_block=pages_per_block,
                              max_pages=M, group=G)
   q_spec = pl.BlockSpec((K, R, H), lambda b, *_: (0, b, 0))
   o_KQH = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=6,
+          num_scalar_prefetch=7,
           grid=(num_q_blocks,),
           in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
           out_specs=q_spec,
@@ -263,5 +285,6 @@ def ragged_paged_attention_tpu(
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=pltpu.InterpretParams() if interpret else False,
       name="ragged_paged_attention_tpu",
-  )(kv_lens_S, page_indices_SM.reshape(-1), cu_q_lens_S1, num_seqs_1, seq_lo_Q, seq_hi_Q, q_KQH, k_PKCH, v_PKCH)
+  )(kv_lens_S, page_indices_SM.reshape(-1), cu_q_lens_S1, num_seqs_1, jnp.reshape(window, (1,)).astype(jnp.int32),
+    seq_lo_Q, seq_hi_Q, q_KQH, k_PKCH, v_PKCH)
   return o_KQH.reshape(K, T_pad, G, H).transpose(1, 0, 2, 3).reshape(T_pad, N, H)[:T]

@@ -11,8 +11,10 @@ cached keys about once, whatever the longest sequence in the batch.
     by two sequences is computed once for each. W = min(T, cdiv(T, block_q) + min(S, T) - 1) pairs always suffice
     (each sequence adds at most one block it shares with the previous one); the list is built on device (a cumsum of
     blocks per sequence and a searchsorted from pair to sequence), pairs past the real count are masked.
-  Items. A pair needs the KV blocks (p pages, p * C keys, in its sequence's page order) up to the position of its last
-    row: causal, so a chunk's early blocks read few keys and a decode row reads cdiv(kv_len, p * C) blocks. The items
+  Items. A pair needs the KV blocks (p pages, p * C keys, in its sequence's page order) from the one holding its first
+    row's oldest key in the sliding window (block 0 without a window) up to the position of its last row: causal, so
+    a chunk's early blocks read few keys, a decode row reads cdiv(kv_len, p * C) blocks, and a sliding-window layer
+    reads about cdiv(window, p * C) + 1 blocks per row however long the sequence. The items
     (pair, KV block) are numbered by a cumsum of blocks per pair; their real count R is known only on device.
   Loop. A `fori_loop` with a dynamic trip count cdiv(R, I) takes I items per iteration: gather their query blocks
     [I, b, K, G, H] and pages [I, p, K, C, H] (entries past cdiv(kv_len, C) redirected to the sequence's first page,
@@ -21,8 +23,10 @@ cached keys about once, whatever the longest sequence in the batch.
     log-sum-exp merge; items of one pair may share an iteration). One program serves every context length: nothing
     is bucketed by pages, and the work done is the work needed, rounded up to I items.
   Masks. A key is visible to a row iff the row belongs to the item's sequence and the key's position is <= the row's
-    position kv_len - (cu_q_lens[i+1] - t). Invisible logits are replaced (not added to), and values at positions >=
-    kv_len are zeroed, so garbage or NaN in page tails and unused pages never reaches the output.
+    position kv_len - (cu_q_lens[i+1] - t) and > that position - window. Invisible logits are replaced (not added to),
+    and values outside [the pair's first window position, kv_len) are zeroed, so garbage or NaN in page tails,
+    unused pages and pages before the window never reaches the output. Logit soft-capping (Gemma 2) comes before the
+    mask.
   Scatter. Each row is valid in exactly one pair; valid rows are written to o [T, N, H], the others dropped. Rows past
     cu_q_lens[num_seqs] (bucket padding) come back as 0.
 
@@ -33,6 +37,8 @@ larger block_q divides the number of times a prefill chunk's keys are gathered b
 
 import jax
 import jax.numpy as jnp
+
+from jaxllm.pallas_kernels.reference import soft_cap_logits
 
 _MASKED = -1e30  # finite: a fully masked row gets a uniform softmax, never exp(-inf - -inf) = NaN
 
@@ -50,8 +56,10 @@ def ragged_paged_attention_xla(
     page_indices_SM: jax.Array,
     cu_q_lens_S1: jax.Array,
     num_seqs: jax.Array,
+    window: jax.Array,
     *,
     sm_scale: float,
+    soft_cap: float | None,
     block_q: int,
     pages_per_block: int,
     items_per_step: int,
@@ -65,7 +73,9 @@ def ragged_paged_attention_xla(
     page_indices_SM: [S, M] int32 page table; entries past cdiv(kv_len, C) are never dereferenced.
     cu_q_lens_S1: [S + 1] int32 cumulative query lengths.
     num_seqs: int32 scalar (or [1]); slots >= num_seqs are ignored.
+    window: int32 scalar sliding window (NO_WINDOW for none); may be traced.
     sm_scale: softmax scale (static).
+    soft_cap: logit soft-cap (static float) or None.
     block_q: query rows per pair (static, >= 1).
     pages_per_block: pages per KV item (static, >= 1).
     items_per_step: KV items per loop iteration (static, >= 1).
@@ -103,9 +113,13 @@ def ragged_paged_attention_xla(
   in_seq_Wb = pair_valid_W[:, None] & (t_Wb >= start_S[seq_W][:, None]) & (t_Wb < end_W[:, None])
   q_pos_Wb = kv_len_W[:, None] - (end_W[:, None] - t_Wb)
 
-  # Items: the KV blocks each pair needs, up to its last row's position (causal).
+  # Items: the KV blocks each pair needs, from its first row's window start up to its last row's position (causal).
   last_pos_W = kv_len_W - (end_W - jnp.minimum(end_W, (block_W + 1) * b)) - 1
-  kv_blocks_W = jnp.where(pair_valid_W, jnp.maximum(last_pos_W + p * C, 0) // (p * C), 0)
+  first_pos_W = kv_len_W - (end_W - jnp.maximum(start_S[seq_W], block_W * b))
+  lo_W = jnp.maximum(first_pos_W - window + 1, 0)  # keys before this are outside every row's window
+  first_kv_block_W = lo_W // (p * C)
+  kv_blocks_W = jnp.where(pair_valid_W, jnp.maximum(jnp.maximum(last_pos_W + p * C, 0) // (p * C) - first_kv_block_W,
+                                                    0), 0)
   items_end_W = jnp.cumsum(kv_blocks_W)
   num_items = items_end_W[-1]
 
@@ -118,23 +132,27 @@ def ragged_paged_attention_xla(
     r_I = it * I + jnp.arange(I, dtype=jnp.int32)
     item_valid_I = r_I < num_items
     w_I = jnp.minimum(jnp.searchsorted(items_end_W, r_I, side="right", method="compare_all"), W - 1)
-    kv_block_I = r_I - (items_end_W[w_I] - kv_blocks_W[w_I])
-    seq_I, kv_len_I = seq_W[w_I], kv_len_W[w_I]
+    kv_block_I = first_kv_block_W[w_I] + r_I - (items_end_W[w_I] - kv_blocks_W[w_I])
+    seq_I, kv_len_I, lo_I = seq_W[w_I], kv_len_W[w_I], lo_W[w_I]
 
+    # Table entries past the used pages or wholly before the window are redirected to the window's first page.
     page_slot_Ip = kv_block_I[:, None] * p + jnp.arange(p, dtype=jnp.int32)
-    used_Ip = page_slot_Ip < ((kv_len_I + C - 1) // C)[:, None]
+    used_Ip = (page_slot_Ip < ((kv_len_I + C - 1) // C)[:, None]) & (page_slot_Ip >= (lo_I // C)[:, None])
     pages_Ip = page_indices_SM[seq_I[:, None], jnp.where(used_Ip, page_slot_Ip, 0)]
-    pages_Ip = jnp.clip(jnp.where(used_Ip, pages_Ip, page_indices_SM[seq_I, :1]), 0, P - 1)
+    pages_Ip = jnp.clip(jnp.where(used_Ip, pages_Ip, page_indices_SM[seq_I, lo_I // C][:, None]), 0, P - 1)
     key_pos_IpC = kv_block_I[:, None, None] * (p * C) + pos_pC
 
     s_IKGbpC = jnp.einsum("IbKGH,IpKCH->IKGbpC", _take(q_WbKGH, w_I), _take(k_PKCH, pages_Ip),
                           preferred_element_type=jnp.float32) * sm_scale
+    s_IKGbpC = soft_cap_logits(s_IKGbpC, soft_cap)
+    behind_IbpC = q_pos_Wb[w_I][:, :, None, None] - key_pos_IpC[:, None]
     visible_IbpC = ((item_valid_I[:, None] & in_seq_Wb[w_I])[:, :, None, None]
-                    & (key_pos_IpC[:, None] <= q_pos_Wb[w_I][:, :, None, None]))
+                    & (behind_IbpC >= 0) & (behind_IbpC < window))
     s_IKGbpC = jnp.where(visible_IbpC[:, None, None], s_IKGbpC, _MASKED)
     m_IKGb = jnp.max(s_IKGbpC, axis=(-2, -1))
     e_IKGbpC = jnp.exp(s_IKGbpC - m_IKGb[..., None, None])
-    v_IpKCH = jnp.where((key_pos_IpC < kv_len_I[:, None, None])[:, :, None, :, None], _take(v_PKCH, pages_Ip), 0)
+    key_used_IpC = (key_pos_IpC < kv_len_I[:, None, None]) & (key_pos_IpC >= lo_I[:, None, None])
+    v_IpKCH = jnp.where(key_used_IpC[:, :, None, :, None], _take(v_PKCH, pages_Ip), 0)
     o_IKGbH = jnp.einsum("IKGbpC,IpKCH->IKGbH", e_IKGbpC, v_IpKCH.astype(jnp.float32))
 
     # Log-sum-exp merge into the pairs' running softmax; items past the real count go out of range and are dropped.

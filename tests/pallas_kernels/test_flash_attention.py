@@ -17,6 +17,7 @@ import pytest
 
 from jaxllm.pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from jaxllm.pallas_kernels.flash_attention.kernel_tpu import kv_block_index, q_block_index
+from jaxllm.pallas_kernels.reference import NO_WINDOW
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 # Small blocks so a few dozen rows already span several blocks; bq != bkv in both directions.
@@ -37,7 +38,7 @@ def _poison(x_BSKH, lengths):
   return jnp.where(jnp.asarray(pad_BS)[:, :, None, None], jnp.nan, x_BSKH)
 
 
-def _numpy_attention(q, k, v, lengths, sm_scale, causal):
+def _numpy_attention(q, k, v, lengths, sm_scale, causal, window=None, soft_cap=None):
   """Independent oracle: float64, one (batch, head, row) at a time, padding rows zero."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   B, T, N, H = q.shape
@@ -47,8 +48,10 @@ def _numpy_attention(q, k, v, lengths, sm_scale, causal):
   for b in range(B):
     for n in range(N):
       for t in range(min(T, lengths[b])):
-        keys = [s for s in range(min(S, lengths[b])) if not causal or s <= t]
+        keys = [s for s in range(min(S, lengths[b])) if not causal or (s <= t and (window is None or t - s < window))]
         logits = k[b, keys, n // G] @ q[b, t, n] * sm_scale
+        if soft_cap is not None:
+          logits = soft_cap * np.tanh(logits / soft_cap)
         p = np.exp(logits - logits.max())
         o[b, t, n] = p @ v[b, keys, n // G] / p.sum()
   return o
@@ -150,23 +153,53 @@ def test_kernel_larger(rng, impl, dtype):
   _kernel_case(rng, impl, (2, 250, 8, 2, 128, (250, 131)), dtype, blocks=blocks)
 
 
+# --- sliding window and soft-capping --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+@pytest.mark.parametrize("window,soft_cap", [(5, None), (17, 20.0), (1, None), (40, 5.0)])
+def test_kernel_sliding_window(rng, impl, window, soft_cap):
+  """Windows below, at and above the block sizes, with and without soft-capping; oracle: float64 numpy."""
+  B, T, N, K, H, lengths = 2, 70, 6, 2, 32, (70, 33)
+  q, k, v = _inputs(rng, B, T, T, N, K, H)
+  want = _numpy_attention(q, k, v, lengths, H**-0.5, True, window, soft_cap)
+  lengths_B = jnp.asarray(lengths, jnp.int32)
+  ref = flash_attention_reference(q, k, v, lengths_B, window=window, soft_cap=soft_cap)
+  _check(ref, want, lengths, jnp.float32)
+  for blocks in (BLOCKS[impl], dict(block_q=16, block_kv=16)):
+    o = flash_attention(q, _poison(k, lengths), _poison(v, lengths), lengths_B, implementation=impl, interpret=True,
+                        window=window, soft_cap=soft_cap, **blocks)
+    _check(o, want, lengths, jnp.float32)
+
+
+def test_window_needs_causal(rng):
+  q, k, v = _inputs(rng, 1, 4, 4, 2, 2, 8)
+  with pytest.raises(ValueError, match="sliding window needs causal"):
+    flash_attention(q, k, v, causal=False, window=2)
+
+
 # --- TPU index maps: a DMA only for blocks that are computed on ----------------------------------------------------
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_tpu_index_maps_skip_dma(causal):
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 20), (True, 40)])
+def test_tpu_index_maps_skip_dma(causal, window):
   bq, bkv, T = 16, 32, 128
   nq, nk = T // bq, T // bkv
+  w = NO_WINDOW if window is None else window
   for length in (0, 1, 31, 32, 77, 128):
     steps = [(i, j) for i in range(nq) for j in range(nk)]  # grid order for one (b, kv head)
     q_idx = [int(q_block_index(i, length, block_q=bq)) for i, _ in steps]
-    kv_idx = [int(kv_block_index(i, j, length, block_q=bq, block_kv=bkv, causal=causal)) for i, j in steps]
-    computed = [i * bq < length and j * bkv < length and (not causal or j * bkv < (i + 1) * bq) for i, j in steps]
+    kv_idx = [int(kv_block_index(i, j, length, w, block_q=bq, block_kv=bkv, causal=causal)) for i, j in steps]
+    computed = [i * bq < length and j * bkv < length and (not causal or j * bkv < (i + 1) * bq)
+                and (j + 1) * bkv - 1 > i * bq - w for i, j in steps]
     for n, (i, j) in enumerate(steps):
       if computed[n]:
         assert q_idx[n] == i and kv_idx[n] == j, (length, i, j)
-      if n and (kv_idx[n] != kv_idx[n - 1] or q_idx[n] != q_idx[n - 1]):  # the pipeline fetches a new block here
-        assert computed[n], f"DMA for a skipped block: length={length} step={(i, j)}"
+    # The pipeline fetches a block whenever the indices change; every fetched block must be computed on before the
+    # indices change again (a window's first block is fetched at j = 0 and computed at its own j).
+    runs = [n for n in range(1, len(steps)) if (kv_idx[n], q_idx[n]) != (kv_idx[n - 1], q_idx[n - 1])]
+    for start, end in zip(runs, runs[1:] + [len(steps)]):
+      assert any(computed[start:end]), f"DMA for a skipped block: length={length} step={steps[start]}"
 
 
 # --- input validation -----------------------------------------------------------------------------------------------
@@ -209,8 +242,9 @@ def _export(impl, platform, dtype, H, **export_kw):
   q = jax.ShapeDtypeStruct((B, T, N, H), dtype)
   kv = jax.ShapeDtypeStruct((B, T, K, H), dtype)
   lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
-  fn = jax.jit(partial(flash_attention, implementation=impl))
-  return jax.export.export(fn, platforms=[platform], **export_kw)(q, kv, kv, lengths).mlir_module()
+  window = jax.ShapeDtypeStruct((), jnp.int32)  # traced, as under a layer scan; soft-capping on (Gemma 2)
+  fn = jax.jit(partial(flash_attention, implementation=impl, soft_cap=50.0))
+  return jax.export.export(fn, platforms=[platform], **export_kw)(q, kv, kv, lengths, window=window).mlir_module()
 
 
 @pytest.mark.parametrize("H", [128, 64])  # heads-in-lanes and head-major layouts

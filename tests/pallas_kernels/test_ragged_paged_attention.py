@@ -18,6 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from jaxllm.pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items
+from jaxllm.pallas_kernels.reference import NO_WINDOW
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -64,8 +65,9 @@ def make_case(rng, q_lens, kv_lens, *, N, K, H=128, C=16, dtype=jnp.float32, pad
           jnp.asarray(num_seqs, jnp.int32))
 
 
-def naive_numpy(q, k, v, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale):
-  """Independent float64 oracle: gather each sequence's pages, causal mask by position, softmax, one row at a time."""
+def naive_numpy(q, k, v, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, window=None, soft_cap=None):
+  """Independent float64 oracle: gather each sequence's pages, causal (and sliding-window) mask by position, softmax,
+  one row at a time."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   T, N, H = q.shape
   _, K, C, _ = k.shape
@@ -79,11 +81,14 @@ def naive_numpy(q, k, v, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale):
     v_KLH = np.concatenate([v[p] for p in pages], axis=1)[:, :kv_len]
     for r in range(q_end - q_start):
       pos = kv_len - (q_end - q_start) + r
+      lo = 0 if window is None else max(0, pos - window + 1)
       for n in range(N):
         kh = n // (N // K)
-        s = k_KLH[kh, :pos + 1] @ q[q_start + r, n] * sm_scale
+        s = k_KLH[kh, lo:pos + 1] @ q[q_start + r, n] * sm_scale
+        if soft_cap is not None:
+          s = soft_cap * np.tanh(s / soft_cap)
         p = np.exp(s - s.max())
-        out[q_start + r, n] = (p / p.sum()) @ v_KLH[kh, :pos + 1]
+        out[q_start + r, n] = (p / p.sum()) @ v_KLH[kh, lo:pos + 1]
   return out
 
 
@@ -92,7 +97,7 @@ def as_numpy(args):
   return [np.asarray(a.astype(jnp.float32)) if jnp.issubdtype(a.dtype, jnp.floating) else np.asarray(a) for a in args]
 
 
-_reference_jit = jax.jit(ragged_paged_attention_reference, static_argnames=("sm_scale",))
+_reference_jit = jax.jit(ragged_paged_attention_reference, static_argnames=("sm_scale", "soft_cap"))
 
 
 def reference(args):
@@ -216,6 +221,48 @@ def test_kernel_matches_reference(rng, impl, case):
   assert_close(out, ref, args, dtype)
 
 
+def poison_before_windows(args, window):
+  """NaN in every page that lies wholly before the window of its sequence's first new row: no implementation may read
+  them (they may already be freed or reused by a sliding-window allocator)."""
+  q, k, v, kv_lens, pages, cu, num_seqs = args
+  C = k.shape[2]
+  dead = [int(pages[i, j]) for i in range(int(num_seqs))
+          for j in range(max(0, int(kv_lens[i]) - int(cu[i + 1] - cu[i]) - window + 1) // C)]
+  assert dead, "the case must have pages before a window"
+  dead = jnp.asarray(dead)
+  return (q, k.at[dead].set(jnp.nan), v.at[dead].set(jnp.nan)) + tuple(args[3:])
+
+
+# Sliding window and soft-capping: long contexts (pages far before the window), chunks whose rows' windows start in
+# different pages, decodes; window 1 (a row sees only itself), windows smaller and larger than a page / KV block.
+WINDOW_LAYOUT = ([1, 17, 40, 1, 3], [30, 200, 140, 5, 99])
+
+
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu"])
+@pytest.mark.parametrize("window,soft_cap", [(20, None), (7, 30.0), (33, None), (1, None)])
+def test_sliding_window_skips_pages_before_it(rng, impl, window, soft_cap):
+  args = make_case(rng, *WINDOW_LAYOUT, N=6, K=2, H=32, C=16, pad_seqs=1, pad_rows=3)
+  expected = naive_numpy(*as_numpy(args), sm_scale=32 ** -0.5, window=window, soft_cap=soft_cap)
+  args = poison_before_windows(args, window)
+  kw = dict(window=window, soft_cap=soft_cap)
+  if impl == "xla":
+    for sizes in ({}, dict(block_q=4, pages_per_block=2, items_per_step=3)):
+      assert_close(ragged_paged_attention(*args, implementation="xla", **kw, **sizes), expected, args, jnp.float32)
+    assert_close(_reference_jit(*args, window, sm_scale=32 ** -0.5, soft_cap=soft_cap), expected, args, jnp.float32)
+  else:
+    sizes = dict(block_q=8, pages_per_block=2) if impl == "tpu" else {}
+    assert_close(run_kernel(impl, args, **kw, **sizes), expected, args, jnp.float32)
+
+
+def test_traced_window_per_layer(rng):
+  """The window is a runtime value: one jitted program serves a layer scan's local (window) and global (None) layers."""
+  args = make_case(rng, *WINDOW_LAYOUT, N=6, K=2, H=32, C=16)
+  f = jax.jit(lambda w: ragged_paged_attention(*args, window=w, implementation="xla"))
+  for window in (20, NO_WINDOW):
+    expected = naive_numpy(*as_numpy(args), sm_scale=32 ** -0.5, window=None if window == NO_WINDOW else window)
+    assert_close(f(jnp.int32(window)), expected, args, jnp.float32)
+
+
 @pytest.mark.parametrize("impl", ["xla", "tpu", "gpu"])
 def test_no_sequences(rng, impl):
   """num_seqs = 0: nothing to attend, every row is padding and comes back as 0."""
@@ -268,6 +315,9 @@ VALIDATION = [
     ("tpu_page_size", dict(implementation="tpu", k_pages=jnp.zeros((6, 2, 12, 32)), v_pages=jnp.zeros((6, 2, 12, 32)),
                            kv_lens=jnp.array([20, 3], jnp.int32)), "multiple of 8"),
     ("gpu_block_q", dict(implementation="gpu", block_q=3), "power of two"),
+    ("window_zero", dict(window=0), "window=0 must be >= 1"),
+    ("window_float", dict(window=jnp.float32(4.0)), "window must be None, an int"),
+    ("soft_cap_negative", dict(soft_cap=-1.0), "soft_cap=-1.0 must be a positive"),
 ]
 
 
@@ -297,10 +347,11 @@ def test_lowers(impl, platform, dtype, T, N, K, H, P, C, S, M):
   sds = jax.ShapeDtypeStruct
   shapes = [sds((T, N, H), dtype), sds((P, K, C, H), dtype), sds((P, K, C, H), dtype), sds((S,), jnp.int32),
             sds((S, M), jnp.int32), sds((S + 1,), jnp.int32), sds((), jnp.int32)]
-  f = jax.jit(functools.partial(ragged_paged_attention, implementation=impl))
+  # A traced window (as under a layer scan) and soft-capping (Gemma 2) lower too.
+  f = jax.jit(functools.partial(ragged_paged_attention, implementation=impl, soft_cap=50.0))
   # Triton custom calls carry no serialization-compatibility guarantee; we only need the lowering, not the artifact.
   exported = jax.export.export(f, platforms=[platform], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes, window=sds((), jnp.int32))
   text = exported.mlir_module()
   assert ("tpu_custom_call" in text) if impl == "tpu" else ("__gpu$xla.gpu.triton" in text)
 
