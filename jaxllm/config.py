@@ -23,6 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 
 ROPE_TYPES = ("default", "llama3", "linear")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # SwiGLU (Llama), GeGLU with tanh-approximated / exact GELU (Gemma)
+NO_WINDOW = 1 << 30  # a global layer's window in `layer_windows` (the kernels' "no limit": no distance reaches it)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,7 +68,17 @@ class ModelConfig:
   # Family variations on the Llama block (each a flag or a number, never a family name: the layers stay one path).
   qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, and `attention_bias` models)
   o_bias: bool = False  # a bias on the output projection (`attention_bias` models; not Qwen2)
-  qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+  qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+  sliding_window: int | None = None  # local layers attend to the last `sliding_window` positions (self included)
+  sliding_layers: tuple[bool, ...] | None = None  # which layers are local; None: all (when sliding_window is set)
+  rope_local_theta: float | None = None  # local layers' RoPE base, unscaled (Gemma 3); None: the global RoPE
+  mlp_activation: str = "silu"  # the gated MLP's activation, one of MLP_ACTIVATIONS
+  norm_plus_one: bool = False  # RMSNorm scales by (1 + w), in float32 (Gemma)
+  post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual adds (Gemma 2 / 3)
+  scale_embeddings: bool = False  # embeddings times sqrt(d_model) (Gemma)
+  attn_scale: float | None = None  # attention logits times this; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+  attn_soft_cap: float | None = None  # attention logits -> cap * tanh(logits / cap) (Gemma 2)
+  final_soft_cap: float | None = None  # LM-head logits -> cap * tanh(logits / cap) (Gemma 2)
 
   def __post_init__(self):
     for f in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -84,16 +96,44 @@ class ModelConfig:
       raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}.")
     if not self.rms_norm_eps > 0:
       raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}.")
+    if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or
+                                            not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+      raise ValueError(f"sliding_window must be None or an integer >= 1, got {self.sliding_window!r}.")
+    if self.sliding_layers is not None:
+      object.__setattr__(self, "sliding_layers", tuple(bool(x) for x in self.sliding_layers))
+      if len(self.sliding_layers) != self.num_layers:
+        raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers.")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"mlp_activation={self.mlp_activation!r} is not supported; supported: {MLP_ACTIVATIONS}.")
+    for f in ("attn_scale", "attn_soft_cap", "final_soft_cap", "rope_local_theta"):
+      v = getattr(self, f)
+      if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        raise ValueError(f"ModelConfig.{f} must be None or a positive number, got {v!r}.")
 
   @property
   def q_per_kv(self) -> int:  # G
     return self.num_heads // self.num_kv_heads
 
+  def layer_windows(self) -> np.ndarray:
+    """int32 [L]: each layer's sliding window, NO_WINDOW for global layers (carried through the layer scan)."""
+    local = self.sliding_layers if self.sliding_layers is not None else (True,) * self.num_layers
+    w = NO_WINDOW if self.sliding_window is None else self.sliding_window
+    return np.asarray([w if is_local else NO_WINDOW for is_local in local], np.int32)
+
+  def layer_inv_freq(self) -> np.ndarray:
+    """float32 [L, H/2]: each layer's RoPE inverse frequencies (Gemma 3's local layers have their own base)."""
+    inv = rope_inv_freq(self)
+    local = self.layer_windows() < NO_WINDOW
+    if self.rope_local_theta is None or not local.any():
+      return np.broadcast_to(inv, (self.num_layers, inv.size)).copy()
+    local_inv = rope_inv_freq(dataclasses.replace(self, rope_theta=self.rope_local_theta, rope_scaling=None))
+    return np.where(local[:, None], local_inv, inv).astype(np.float32)
+
   @property
   def num_params(self) -> int:
     D, F, N, K, H, V, L = (self.d_model, self.d_ff, self.num_heads, self.num_kv_heads, self.head_dim,
                            self.vocab_size, self.num_layers)
-    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F + 2 * D
+    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F + 2 * D * (2 if self.post_norms else 1)
     per_layer += (N * H + 2 * K * H) * self.qkv_bias + D * self.o_bias + 2 * H * self.qk_norm
     return V * D * (1 if self.tie_embeddings else 2) + L * per_layer + D
 
@@ -133,14 +173,13 @@ class ModelConfig:
     unknown = sorted(set(cfg) & family.refused)
     if unknown:
       raise ValueError(f"HF config keys {unknown} are not supported for model_type={model_type!r}.")
-    for key, ok in (("hidden_act", "silu"), ("mlp_bias", False)):
-      if key in cfg and cfg[key] != ok:
+    act_key = "hidden_activation" if family.gemma else "hidden_act"
+    act = cfg.get(act_key) or ("gelu_pytorch_tanh" if family.gemma else "silu")
+    if act not in _HF_ACTIVATIONS:
+      raise ValueError(f"HF config {act_key}={act!r} is not supported; supported: {sorted(_HF_ACTIVATIONS)}.")
+    for key, ok in (("mlp_bias", False), ("use_bidirectional_attention", False)):
+      if cfg.get(key) not in (None, ok):
         raise ValueError(f"HF config {key}={cfg[key]!r} is not supported; jaxllm requires {key}={ok!r}.")
-    window = _hf_sliding_window(cfg, model_type)
-    if window is not None:
-      raise ValueError(f"HF config sliding_window={window!r} (model_type={model_type!r}) is not supported yet: "
-                       "jaxllm's attention has no sliding window, so this model would be run wrongly past "
-                       f"{window} tokens.")
     if cfg.get("pretraining_tp", 1) not in (1, None) and not isinstance(cfg.get("pretraining_tp"), int):
       raise ValueError(f"HF config pretraining_tp={cfg['pretraining_tp']!r} must be an integer.")
     if cfg.get("quantization_config"):
@@ -148,38 +187,38 @@ class ModelConfig:
 
     num_heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
-    rope_params = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
-    legacy = cfg.get("rope_scaling")  # transformers < 5
-    if legacy:
-      rope_params.update(legacy)
-    rope_theta = rope_params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_type = rope_params.pop("rope_type", rope_params.pop("type", "default"))
-    rope_scaling = None
-    if rope_type not in ROPE_TYPES:
-      raise ValueError(f"HF config rope_type={rope_type!r} is not supported; supported: {ROPE_TYPES}.")
-    if rope_type != "default":
-      allowed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-      extra = sorted(set(rope_params) - allowed)
-      if extra:
-        raise ValueError(f"HF config rope parameters {extra} are not supported for rope_type={rope_type!r}.")
-      rope_scaling = RopeScaling(rope_type=rope_type, **{k: rope_params[k] for k in allowed if k in rope_params})
+    num_layers = cfg["num_hidden_layers"]
+    sliding_layers = _hf_sliding_layers(cfg, model_type, num_layers)
+    window = cfg.get("sliding_window") if any(sliding_layers) else None
+    rope_theta, rope_scaling, rope_local_theta = _hf_rope(cfg, family)
+    qpas = cfg.get("query_pre_attn_scalar")
     return cls(
         name=name,
         vocab_size=cfg["vocab_size"],
         d_model=hidden,
         d_ff=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
         head_dim=cfg.get("head_dim") or hidden // num_heads,
-        rope_theta=float(rope_theta),
+        rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", family.gemma)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         qkv_bias=family.qkv_bias or bool(cfg.get("attention_bias", False)),
         o_bias=bool(cfg.get("attention_bias", False)),
         qk_norm=family.qk_norm,
+        sliding_window=window,
+        sliding_layers=None if window is None or all(sliding_layers) else sliding_layers,
+        rope_local_theta=rope_local_theta if window is not None else None,
+        mlp_activation=_HF_ACTIVATIONS[act],
+        norm_plus_one=family.gemma,
+        post_norms=family.gemma,
+        scale_embeddings=family.gemma,
+        attn_scale=float(qpas) ** -0.5 if qpas else None,
+        attn_soft_cap=_positive_or_none(cfg, "attn_logit_softcapping"),
+        final_soft_cap=_positive_or_none(cfg, "final_logit_softcapping"),
     )
 
   @classmethod
@@ -205,9 +244,7 @@ class ModelConfig:
         raise ValueError(f"GGUF metadata is missing '{arch}.{key}'.")
       return v
 
-    if meta.get(f"{arch}.attention.sliding_window"):
-      raise ValueError(f"GGUF {arch}.attention.sliding_window={meta[f'{arch}.attention.sliding_window']!r} is not "
-                       "supported yet: jaxllm's attention has no sliding window.")
+    window = int(meta[f"{arch}.attention.sliding_window"]) if meta.get(f"{arch}.attention.sliding_window") else None
     d_model = int(get("embedding_length"))
     num_heads = int(get("attention.head_count"))
     head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
@@ -238,6 +275,8 @@ class ModelConfig:
         qkv_bias=bool(meta.get("_has_qkv_bias", False)),
         o_bias=bool(meta.get("_has_o_bias", False)),
         qk_norm=bool(meta.get("_has_qk_norm", False)),
+        sliding_window=window,
+        **_gguf_gemma(meta, arch, d_model, num_heads, head_dim, int(get("block_count")), window),
     )
 
   # ---------------------------------------------------------------- serialization
@@ -249,12 +288,40 @@ class ModelConfig:
     d = dict(d)
     if d.get("rope_scaling"):
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if d.get("sliding_layers") is not None:
+      d["sliding_layers"] = tuple(d["sliding_layers"])
     return cls(**d)
 
 
 # GGUF architectures (llama.cpp's names; its converter writes Mistral as "llama"): which tensors a file has says
 # which variations it uses (biases, q/k norms).
-GGUF_ARCHES = ("llama", "qwen2", "qwen3")
+GGUF_ARCHES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+
+def _gguf_gemma(meta: Mapping[str, Any], arch: str, d_model: int, num_heads: int, head_dim: int, num_layers: int,
+                window: int | None) -> dict:
+  """The Gemma 2 / 3 fields of a GGUF config, as llama.cpp runs those arches: local layers by
+  `attention.sliding_window_pattern` (else its defaults: every 2nd / 6th layer global), the local RoPE base from
+  `rope.freq_base_swa` (else 10000), the attention scale 1/sqrt(head_dim) except for the 27B models' 1/sqrt(d_model /
+  heads) (llama.cpp's rule: query_pre_attn_scalar is not in the file), soft-caps from their keys. Norms are plain:
+  llama.cpp's converter already added the 1 to their weights."""
+  if arch not in ("gemma2", "gemma3"):
+    return {}
+  pattern = meta.get(f"{arch}.attention.sliding_window_pattern") or (2 if arch == "gemma2" else 6)
+  if isinstance(pattern, (list, tuple)):
+    sliding = tuple(bool(x) for x in pattern)
+  else:
+    sliding = tuple(i % int(pattern) < int(pattern) - 1 for i in range(num_layers))
+  big = (arch, num_layers) in (("gemma2", 46), ("gemma3", 62))
+  softcap = lambda key: float(meta[key]) if meta.get(key) else None  # noqa: E731
+  return dict(
+      sliding_layers=sliding if window is not None else None,
+      rope_local_theta=float(meta.get(f"{arch}.rope.freq_base_swa") or 10000.0) if arch == "gemma3" else None,
+      mlp_activation="gelu_tanh", post_norms=True, scale_embeddings=True,
+      attn_scale=(d_model / num_heads if big else head_dim) ** -0.5,
+      attn_soft_cap=softcap(f"{arch}.attn_logit_softcapping"),
+      final_soft_cap=softcap(f"{arch}.final_logit_softcapping"),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,34 +329,106 @@ class _HFFamily:
   architecture: str
   qkv_bias: bool = False  # always on, whatever `attention_bias` says
   qk_norm: bool = False
+  gemma: bool = False  # (1 + w) norms, post-norms, scaled embeddings, `hidden_activation`
   refused: frozenset = frozenset()  # keys this family's config must not carry (handled for another family only)
 
 
-# The HF model types jaxllm reads: each is Llama's block with the named variations.
+_GEMMA_ONLY = frozenset({"query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                         "rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern",
+                         "hidden_activation"})
+_QWEN_ONLY = frozenset({"use_sliding_window", "max_window_layers"})
+# The HF model types jaxllm reads: each is Llama's block with the named variations. Phi-3's fused qkv / gate_up
+# projections are split when the checkpoint is read (`jaxllm.checkpoint.tensors`).
 HF_FAMILIES = {
-    "llama": _HFFamily("LlamaForCausalLM",
-                       refused=frozenset({"use_sliding_window", "max_window_layers", "layer_types"})),
-    "mistral": _HFFamily("MistralForCausalLM", refused=frozenset({"attention_bias"})),
-    "qwen2": _HFFamily("Qwen2ForCausalLM", qkv_bias=True, refused=frozenset({"attention_bias"})),
-    "qwen3": _HFFamily("Qwen3ForCausalLM", qk_norm=True),
+    # transformers' Llama ignores `sliding_window`: refused rather than guessed at
+    "llama": _HFFamily("LlamaForCausalLM", refused=_QWEN_ONLY | _GEMMA_ONLY | {"layer_types", "sliding_window"}),
+    "mistral": _HFFamily("MistralForCausalLM", refused=_QWEN_ONLY | _GEMMA_ONLY | {"attention_bias"}),
+    "qwen2": _HFFamily("Qwen2ForCausalLM", qkv_bias=True, refused=_GEMMA_ONLY | {"attention_bias"}),
+    "qwen3": _HFFamily("Qwen3ForCausalLM", qk_norm=True, refused=_GEMMA_ONLY),
+    "gemma2": _HFFamily("Gemma2ForCausalLM", gemma=True, refused=_QWEN_ONLY),
+    "gemma3_text": _HFFamily("Gemma3ForCausalLM", gemma=True, qk_norm=True, refused=_QWEN_ONLY),
+    "phi3": _HFFamily("Phi3ForCausalLM", refused=_QWEN_ONLY | _GEMMA_ONLY | {"attention_bias"}),
 }
+_HF_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
-def _hf_sliding_window(cfg: Mapping[str, Any], model_type: str) -> int | None:
-  """The window of the config's sliding-window layers, or None when every layer attends to everything. Which layers
-  slide: `layer_types` when given; else, as transformers derives them for Qwen, the layers from `max_window_layers`
-  on when `use_sliding_window` is set; else (Llama, Mistral) every layer when `sliding_window` is set."""
+def _positive_or_none(cfg: Mapping[str, Any], key: str) -> float | None:
+  v = cfg.get(key)
+  if v is None:
+    return None
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+    raise ValueError(f"HF config {key}={v!r} must be a positive number or null.")
+  return float(v)
+
+
+def _hf_sliding_layers(cfg: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[bool, ...]:
+  """Which layers use the sliding window (all False when the config has no window in use), as transformers decides:
+  `layer_types` when given; else Gemma 2 alternates local / global from layer 0, Gemma 3 makes every
+  `sliding_window_pattern`-th layer global; Qwen slides from layer `max_window_layers` on when `use_sliding_window`
+  is set; Llama, Mistral and Phi-3 slide everywhere when `sliding_window` is set."""
+  if cfg.get("sliding_window") is None:
+    return (False,) * num_layers
   layer_types = cfg.get("layer_types")
   if layer_types is not None:
-    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
-      raise ValueError(f"HF config layer_types={sorted(set(layer_types))!r} is not supported.")
-    sliding = "sliding_attention" in layer_types
-  elif model_type in ("qwen2", "qwen3"):
-    first_sliding = cfg.get("max_window_layers", 28)
-    sliding = cfg.get("use_sliding_window", False) and first_sliding < cfg.get("num_hidden_layers", 0)
-  else:
-    sliding = True
-  return cfg.get("sliding_window") if sliding else None
+    if any(t not in ("full_attention", "sliding_attention") for t in layer_types) or len(layer_types) != num_layers:
+      raise ValueError(f"HF config layer_types={layer_types!r} is not supported (one of 'full_attention' / "
+                       f"'sliding_attention' for each of the {num_layers} layers).")
+    return tuple(t == "sliding_attention" for t in layer_types)
+  if model_type == "gemma2":
+    return tuple(i % 2 == 0 for i in range(num_layers))
+  if model_type == "gemma3_text":
+    pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+    return tuple((i + 1) % pattern != 0 for i in range(num_layers))
+  if model_type in ("qwen2", "qwen3"):
+    first = cfg.get("max_window_layers", 28)
+    return tuple(bool(cfg.get("use_sliding_window")) and i >= first for i in range(num_layers))
+  return (True,) * num_layers
+
+
+def _hf_rope(cfg: Mapping[str, Any], family: _HFFamily) -> tuple[float, RopeScaling | None, float | None]:
+  """(theta, scaling) of the global RoPE and the local layers' theta (None: the global RoPE) from `rope_parameters`
+  (transformers >= 5; Gemma 3 keys it by layer type) or the legacy `rope_theta` / `rope_scaling` /
+  `rope_local_base_freq`."""
+  params = dict(cfg.get("rope_parameters") or {})
+  partial = cfg.get("partial_rotary_factor", 1.0)  # older configs carry it at the top level
+  if partial != 1.0:
+    raise ValueError(f"HF config partial_rotary_factor={partial!r} is not supported (only 1.0: RoPE on the whole "
+                     "head).")
+  local = None
+  if "full_attention" in params or "sliding_attention" in params:  # per layer type (Gemma 3)
+    local = dict(params.get("sliding_attention") or {})
+    params = dict(params.get("full_attention") or {})
+  legacy = dict(cfg.get("rope_scaling") or {})
+  if legacy:  # transformers < 5: its type wins over a default rope_parameters
+    params.update(legacy)
+    params["rope_type"] = legacy.get("rope_type", legacy.get("type", params.get("rope_type")))
+    params.pop("type", None)
+  theta, scaling = _rope_of(params, cfg.get("rope_theta", 10000.0))
+  local_theta = cfg.get("rope_local_base_freq")
+  if local is not None:
+    local_theta, local_scaling = _rope_of(local, local_theta or theta)
+    if local_scaling is not None:
+      raise ValueError("HF config rope_parameters.sliding_attention with scaling is not supported.")
+  return theta, scaling, (float(local_theta) if local_theta is not None else None)
+
+
+def _rope_of(params: dict, default_theta) -> tuple[float, RopeScaling | None]:
+  params = dict(params)
+  theta = float(params.pop("rope_theta", default_theta))
+  rope_type = params.pop("rope_type", params.pop("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f"HF config rope_type={rope_type!r} is not supported; supported: {ROPE_TYPES}.")
+  partial = params.pop("partial_rotary_factor", 1.0)
+  if partial != 1.0:
+    raise ValueError(f"HF config partial_rotary_factor={partial!r} is not supported (only 1.0: RoPE on the whole "
+                     "head).")
+  if rope_type == "default":
+    return theta, None
+  allowed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+  extra = sorted(set(params) - allowed)
+  if extra:
+    raise ValueError(f"HF config rope parameters {extra} are not supported for rope_type={rope_type!r}.")
+  return theta, RopeScaling(rope_type=rope_type, **{k: params[k] for k in allowed if k in params})
 
 
 # Keys of the HF configs that jaxllm implements.
@@ -298,7 +437,9 @@ _HF_HANDLED = {
     "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
     "tie_word_embeddings", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias", "model_type",
     "architectures", "pretraining_tp", "quantization_config", "rope_interleaved",
-    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "hidden_activation",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq",
+    "sliding_window_pattern", "_sliding_window_pattern", "use_bidirectional_attention", "partial_rotary_factor",
 }
 # Keys that do not change inference math (training knobs, ids the tokenizer owns, bookkeeping).
 _HF_IGNORED = {
@@ -310,6 +451,8 @@ _HF_IGNORED = {
     "torchscript", "pruned_heads", "tf_legacy_loss", "use_bfloat16", "max_length", "min_length",
     "num_return_sequences", "temperature", "top_k", "top_p", "do_sample", "use_return_dict",
     "is_llama_config", "transformers.js_config",  # nanotron / transformers.js bookkeeping (SmolLM2 configs)
+    "embd_pdrop", "resid_pdrop", "cache_implementation",  # dropout (Phi-3), HF's cache choice (Gemma)
+    "original_max_position_embeddings",  # Phi-3: only its LongRoPE (refused) reads it
 }
 
 
@@ -331,6 +474,9 @@ def _presets() -> dict[str, ModelConfig]:
     d = resolve(n)
     if "rope_scaling" in d:
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    global_every = d.pop("global_every", None)  # Gemma's pattern: every n-th layer global, the others local
+    if global_every:
+      d["sliding_layers"] = tuple((i + 1) % global_every != 0 for i in range(d["num_layers"]))
     out[n] = ModelConfig(name=n, **d)
   return out
 

@@ -3,8 +3,9 @@
 Data flow for one layer:  x_BTD --wq/wk/wv--> q_BTNH, k_BTKH, v_BTKH --rope--> cache.attend(q, k, v, positions)
 --> o_BTNH --wo--> BTD.  K/V are never repeated to N heads.
 
-A cache view is anything with `attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale) -> o_BTNH`. It decides where the
-new K/V go and which kernel reads them:
+A cache view is anything with `attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale, window, soft_cap) -> o_BTNH`
+(window: this layer's sliding window, an int32 scalar carried by the layer scan, NO_WINDOW for a global layer;
+soft_cap: static). It decides where the new K/V go and which kernel reads them:
   NoCache                        a prompt from position 0 attending to itself: flash attention, nothing stored;
   layers.paged.PagedCacheView    paged K/V and a flat (ragged) token axis: ragged paged attention;
   tests.oracle.StackedCacheView  the tests' contiguous oracle cache [L, B, S, K, H]: the position-causal reference.
@@ -14,7 +15,6 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxllm import pallas_kernels
@@ -27,7 +27,7 @@ _init = nnx.initializers.normal(0.02)
 
 class CacheView(Protocol):
 
-  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale: float) -> jax.Array:
+  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale: float, window, soft_cap) -> jax.Array:
     ...
 
 
@@ -40,21 +40,25 @@ class NoCache:
   def __init__(self, impl: str | None = None):
     self.impl, self.interpret = pallas_kernels.split_impl(impl)
 
-  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
+  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale, window, soft_cap):
     del positions_BT  # arange(T) by contract
-    return pallas_kernels.flash_attention(q_BTNH, k_BTKH, v_BTKH, sm_scale=sm_scale, causal=True,
-                                          implementation=self.impl, interpret=self.interpret)
+    return pallas_kernels.flash_attention(q_BTNH, k_BTKH, v_BTKH, sm_scale=sm_scale, causal=True, window=window,
+                                          soft_cap=soft_cap, implementation=self.impl, interpret=self.interpret)
 
 
 class Attention(nnx.Module):
   """The config's variations are optional parameters, absent (None) when off: q/k/v biases (Qwen2), an output bias,
-  and RMSNorm over head_dim on q and k before RoPE (Qwen3)."""
+  and RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3); and static numbers: the logit scale (None:
+  head_dim ** -0.5) and soft-cap (Gemma 2). What varies per layer (RoPE frequencies, sliding window) is a call
+  argument, so the layer scan carries it as data."""
 
-  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, inv_freq: np.ndarray, *,
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                qkv_bias: bool = False, o_bias: bool = False, qk_norm_eps: float | None = None,
+               norm_plus_one: bool = False, scale: float | None = None, soft_cap: float | None = None,
                dtype=jnp.float32, rngs: nnx.Rngs):
     D, N, K, H = d_model, num_heads, num_kv_heads, head_dim
-    self.inv_freq = tuple(float(f) for f in inv_freq)  # static (a tuple is not pytree data), not a parameter
+    self.scale = float(H ** -0.5 if scale is None else scale)
+    self.soft_cap = soft_cap
     self.wq_DNH = nnx.Param(_init(rngs.params(), (D, N, H), dtype), out_sharding=("embed", "heads", "head_dim"))
     self.wk_DKH = nnx.Param(_init(rngs.params(), (D, K, H), dtype), out_sharding=("embed", "kv_heads", "head_dim"))
     self.wv_DKH = nnx.Param(_init(rngs.params(), (D, K, H), dtype), out_sharding=("embed", "kv_heads", "head_dim"))
@@ -65,10 +69,12 @@ class Attention(nnx.Module):
     self.bv_KH = nnx.Param(zeros(K, H), out_sharding=("kv_heads", "head_dim")) if qkv_bias else None
     self.bo_D = nnx.Param(zeros(D), out_sharding=("embed",)) if o_bias else None
     norm = qk_norm_eps is not None
-    self.q_norm = RMSNorm(H, eps=qk_norm_eps, dtype=dtype, axis="head_dim") if norm else None
-    self.k_norm = RMSNorm(H, eps=qk_norm_eps, dtype=dtype, axis="head_dim") if norm else None
+    self.q_norm = RMSNorm(H, eps=qk_norm_eps, dtype=dtype, axis="head_dim", plus_one=norm_plus_one) if norm else None
+    self.k_norm = RMSNorm(H, eps=qk_norm_eps, dtype=dtype, axis="head_dim", plus_one=norm_plus_one) if norm else None
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: CacheView) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: CacheView, inv_freq_h: jax.Array,
+               window: jax.Array) -> jax.Array:
+    """inv_freq_h: this layer's RoPE inverse frequencies [H/2]; window: its sliding window (int32 scalar)."""
     q_BTNH = dense("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...])
     k_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...])
     v_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...])
@@ -76,9 +82,8 @@ class Attention(nnx.Module):
       q_BTNH, k_BTKH, v_BTKH = q_BTNH + self.bq_NH[...], k_BTKH + self.bk_KH[...], v_BTKH + self.bv_KH[...]
     if self.q_norm is not None:
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
-    inv_freq = np.asarray(self.inv_freq, np.float32)
-    q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
-    k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
-    o_BTNH = cache.attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, q_BTNH.shape[-1] ** -0.5)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq_h)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq_h)
+    o_BTNH = cache.attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, self.scale, window, self.soft_cap)
     out_BTD = dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...])
     return out_BTD if self.bo_D is None else out_BTD + self.bo_D[...]

@@ -1,7 +1,13 @@
 """The Llama decoder: embedding -> L x (RMSNorm, GQA attention, RMSNorm, SwiGLU) -> RMSNorm -> LM head.
 
+The families beside Llama are the same block with the config's variations (flags and numbers, never family names):
+q/k/v biases and q/k norms (Qwen), sliding-window layers (Mistral, Phi-3, Gemma), GeGLU, (1 + w) norms, post-norms
+around attention and MLP, scaled embeddings and logit soft-capping (Gemma 2 / 3).
+
 The L decoder layers are one `DecoderLayer` module whose parameters carry a leading L axis (built with `nnx.vmap`), run
-with `jax.lax.scan`: a 30-layer model traces and compiles one layer, not thirty.
+with `jax.lax.scan`: a 30-layer model traces and compiles one layer, not thirty. What differs between layers (the
+sliding window of local vs global layers, Gemma 3's per-layer RoPE base) rides through the scan as per-layer arrays
+(`ModelConfig.layer_windows`, `layer_inv_freq`), not as Python branches that would unroll the stack.
 
     h_BTD, cache = model(tokens_BT, positions_BT, cache)     # cache=None: full forward over the given tokens
     logits_BTV = model.logits(h_BTD)                          # float32
@@ -18,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.config import ModelConfig, rope_inv_freq
+from jaxllm.config import ModelConfig
 from jaxllm.layers.attention import Attention, CacheView, NoCache
 from jaxllm.layers.mlp import MLP
 from jaxllm.layers.norm import RMSNorm
@@ -28,15 +34,21 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     c = config
-    self.attn_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, rope_inv_freq(c), qkv_bias=c.qkv_bias,
-                          o_bias=c.o_bias, qk_norm_eps=c.rms_norm_eps if c.qk_norm else None, dtype=dtype, rngs=rngs)
-    self.mlp_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps, dtype=dtype)
-    self.mlp = MLP(c.d_model, c.d_ff, dtype=dtype, rngs=rngs)
+    norm = lambda: RMSNorm(c.d_model, eps=c.rms_norm_eps, dtype=dtype, plus_one=c.norm_plus_one)  # noqa: E731
+    self.attn_norm = norm()
+    self.attn = Attention(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.qkv_bias, o_bias=c.o_bias,
+                          qk_norm_eps=c.rms_norm_eps if c.qk_norm else None, norm_plus_one=c.norm_plus_one,
+                          scale=c.attn_scale, soft_cap=c.attn_soft_cap, dtype=dtype, rngs=rngs)
+    self.mlp_norm = norm()
+    self.mlp = MLP(c.d_model, c.d_ff, activation=c.mlp_activation, dtype=dtype, rngs=rngs)
+    self.post_attn_norm = norm() if c.post_norms else None
+    self.post_mlp_norm = norm() if c.post_norms else None
 
-  def __call__(self, x_BTD, positions_BT, cache: CacheView):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, cache)
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+  def __call__(self, x_BTD, positions_BT, cache: CacheView, inv_freq_h, window):
+    a_BTD = self.attn(self.attn_norm(x_BTD), positions_BT, cache, inv_freq_h, window)
+    x_BTD = x_BTD + (a_BTD if self.post_attn_norm is None else self.post_attn_norm(a_BTD))
+    m_BTD = self.mlp(self.mlp_norm(x_BTD))
+    return x_BTD + (m_BTD if self.post_mlp_norm is None else self.post_mlp_norm(m_BTD))
 
 
 class LayerCache(Protocol):
@@ -73,7 +85,7 @@ class Llama(nnx.Module):
         return DecoderLayer(config, dtype=dtype, rngs=r)
 
       self.layers = make_layers(rngs)
-      self.final_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=dtype)
+      self.final_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=dtype, plus_one=config.norm_plus_one)
       self.lm_head_DV = None if config.tie_embeddings else nnx.Param(
           nnx.initializers.normal(0.02)(rngs.params(), (config.d_model, config.vocab_size), dtype),
           out_sharding=("embed", "vocab"))
@@ -87,24 +99,31 @@ class Llama(nnx.Module):
     view that stores the new K/V and picks the kernel. `attention_impl` names the kernel implementation (see
     `jaxllm.pallas_kernels`).
     """
-    x_BTD = self._constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0))
+    c = self.config
+    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0)
+    if c.scale_embeddings:  # HF Gemma: times sqrt(D) rounded to the activation dtype
+      x_BTD = x_BTD * jnp.asarray(c.d_model ** 0.5, x_BTD.dtype)
+    x_BTD = self._constrain(x_BTD)
     graphdef, stacked = nnx.split(self.layers)
+    per_layer = (jnp.asarray(c.layer_inv_freq()), jnp.asarray(c.layer_windows()))  # [L, H/2], [L]
 
     if cache is None:
-      def body(x, layer_state):
-        return self._constrain(nnx.merge(graphdef, layer_state)(x, positions_BT, NoCache(attention_impl))), None
+      def body(x, xs):
+        layer_state, (inv_freq_h, window) = xs
+        layer = nnx.merge(graphdef, layer_state)
+        return self._constrain(layer(x, positions_BT, NoCache(attention_impl), inv_freq_h, window)), None
 
-      x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+      x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, per_layer))
     else:
       def body(carry, xs):
         x, k, v = carry
-        layer_state, index = xs
+        layer_state, index, (inv_freq_h, window) = xs
         view = cache.view(k, v, index, attention_impl)
-        x = self._constrain(nnx.merge(graphdef, layer_state)(x, positions_BT, view))
+        x = self._constrain(nnx.merge(graphdef, layer_state)(x, positions_BT, view, inv_freq_h, window))
         return (x, view.k, view.v), None
 
-      layer_ids = jnp.arange(self.config.num_layers)
-      (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), (stacked, layer_ids))
+      layer_ids = jnp.arange(c.num_layers)
+      (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), (stacked, layer_ids, per_layer))
       cache = cache.replace(k=k, v=v)
     return self.final_norm(x_BTD), cache
 
@@ -115,8 +134,11 @@ class Llama(nnx.Module):
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     if self.lm_head_DV is None:
-      return jnp.einsum("BTD,VD->BTV", h_BTD, self.embed_VD[...], preferred_element_type=jnp.float32)
-    return jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head_DV[...], preferred_element_type=jnp.float32)
+      logits = jnp.einsum("BTD,VD->BTV", h_BTD, self.embed_VD[...], preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head_DV[...], preferred_element_type=jnp.float32)
+    cap = self.config.final_soft_cap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 class _lazy_sharding:

@@ -71,7 +71,7 @@ class PagedCacheView:
     self.meta, self.k, self.v, self.layer = meta, k, v, layer
     self.impl, self.interpret = pallas_kernels.split_impl(attention_impl)
 
-  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
+  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale, window, soft_cap):
     if q_BTNH.shape[0] != 1:
       raise ValueError(f"a paged step takes the ragged tokens as B=1, T=tokens; got B={q_BTNH.shape[0]}.")
     m = self.meta
@@ -81,5 +81,5 @@ class PagedCacheView:
     self.v = self.v.at[m.slot_page_T + offset, :, m.slot_offset_T].set(v_BTKH[0])
     o_TNH = pallas_kernels.ragged_paged_attention(
         q_BTNH[0], self.k, self.v, m.kv_lens, m.page_indices + offset, m.cu_q_lens, m.num_seqs,
-        sm_scale=sm_scale, implementation=self.impl, interpret=self.interpret)
+        sm_scale=sm_scale, window=window, soft_cap=soft_cap, implementation=self.impl, interpret=self.interpret)
     return o_TNH[None]

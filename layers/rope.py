@@ -4,7 +4,8 @@ A head vector h of width H is rotated pairwise as (h[i], h[i + H/2]) for i < H/2
 (h[2i], h[2i+1]) pairs of Meta's original code and of GGUF files. Checkpoint readers convert interleaved
 weights to this layout (see `jaxllm.checkpoint.gguf`); nothing else in the model knows about layouts.
 
-Frequencies come from `jaxllm.config.rope_inv_freq`, which applies Llama-3 (or linear) scaling.
+Frequencies come from `jaxllm.config.ModelConfig.layer_inv_freq` (one row per layer, carried through the layer scan:
+Gemma 3's local layers have their own base), which applies Llama-3 (or linear) scaling.
 Angles and sin/cos are computed in float32; the rotation is applied in float32 and cast back.
 """
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray | jax.Array) -> jax.Array:
   """Rotates x [B, T, N, H] by angle positions[b, t] * inv_freq, pairing dim i with i + H/2."""
   angles_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
   cos = jnp.cos(angles_BTh)[:, :, None, :]

@@ -29,8 +29,9 @@ def split_impl(impl: str | None) -> tuple[str | None, bool]:
   return impl, False
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, *, sm_scale: float):
-  """Causal GQA attention by positions: key s is visible to query t iff kv_pos[s] <= q_pos[t].
+def attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, *, sm_scale: float, window=None, soft_cap=None):
+  """Causal GQA attention by positions: key s is visible to query t iff kv_pos[s] <= q_pos[t] (and, with a sliding
+  window, q_pos[t] - kv_pos[s] < window; soft_cap: Gemma 2's logit soft-capping).
 
   Args:
     q_BTNH: queries [B, T, N, H], float32 or bfloat16.
@@ -44,4 +45,5 @@ def attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, *, sm_scale: float):
   if q_BTNH.shape[2] % k_BSKH.shape[2]:
     raise ValueError(f"query heads ({q_BTNH.shape[2]}) must be a multiple of KV heads ({k_BSKH.shape[2]}).")
   kv_pos_BS = jax.numpy.broadcast_to(kv_pos_BS, k_BSKH.shape[:2])
-  return attention_reference(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, sm_scale=sm_scale)
+  return attention_reference(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS, sm_scale=sm_scale, window=window,
+                             soft_cap=soft_cap)

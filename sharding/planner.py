@@ -54,7 +54,7 @@ import os
 import types
 from typing import Any, Mapping
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import NO_WINDOW, ModelConfig
 from jaxllm.sharding.mesh import parse_mesh  # noqa: F401  (the planner reads --mesh as the runtime does)
 
 # Parameters jaxllm loads (jaxllm.checkpoint.DTYPES); the KV cache may be stored narrower.
@@ -219,6 +219,10 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
   placement, kvh, kv_batch, kv_note = _kv_placement(K, mesh, layout, kv_placement)
   if placement != "split" and head_axis:
     notes.append(kv_note)
+  if c.sliding_window is not None:
+    local = int((c.layer_windows() < NO_WINDOW).sum())
+    notes.append(f"{local} of {L} layers attend over a {c.sliding_window}-token window: they read only that window, "
+                 "but their pages are kept (one page table for all layers), so KV is counted for every layer")
   if data > 1:
     notes.append(f"weights replicated over data={data}, which splits the batch")
   vocab_rows = V // Y if V % Y == 0 else V
@@ -230,7 +234,7 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
   per_layer = (Dx * Ny * H * 2  # wq, wo
                + Dx * kvh * H * 2  # wk, wv: the heads (or copies) a device holds; all K when batch-sharded
                + Dx * Fy * 3  # gate, up, down
-               + Dx * 2  # two RMSNorms (embed axis: replicated for tp, over x for 2d)
+               + Dx * (4 if c.post_norms else 2)  # RMSNorms (embed axis: replicated for tp, over x for 2d)
                + (Ny + 2 * kvh) * H * c.qkv_bias + Dx * c.o_bias  # biases, split like their projections' outputs
                + 2 * H * c.qk_norm)  # q/k norms over head_dim (replicated)
   embed = vocab_rows * Dx * (1 if c.tie_embeddings else 2)

@@ -65,14 +65,14 @@ class StackedCacheView:
   def __init__(self, k_LBSKH, v_LBSKH, layer):
     self.k, self.v, self.layer = k_LBSKH, v_LBSKH, layer
 
-  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale):
+  def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale, window, soft_cap):
     B, S = self.k.shape[1:3]
     rows_B1 = jnp.arange(B)[:, None]
     self.k = self.k.at[self.layer, rows_B1, positions_BT].set(k_BTKH, mode="drop")
     self.v = self.v.at[self.layer, rows_B1, positions_BT].set(v_BTKH, mode="drop")
     kv_pos_1S = jnp.arange(S, dtype=positions_BT.dtype)[None]
     return pallas_kernels.attention(q_BTNH, self.k[self.layer], self.v[self.layer], positions_BT, kv_pos_1S,
-                                    sm_scale=sm_scale)
+                                    sm_scale=sm_scale, window=window, soft_cap=soft_cap)
 
 
 def bucket(n: int, multiple: int, cap: int | None = None) -> int:

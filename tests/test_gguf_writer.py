@@ -34,7 +34,8 @@ def llama_cpp_rope_factors(head_dim, theta, factor, low, high, original):
 
 def write_gguf(path, model, quantize=None, rope_freqs=None, arch="llama"):
   """A GGUF file of the transformers `model` as llama.cpp's converter writes `arch`: Q/K rows permuted for "llama"
-  only, biases and q/k norms under their llama.cpp names, no output.weight for tied embeddings."""
+  only, biases and q/k norms under their llama.cpp names, no output.weight for tied embeddings; Gemma's norms with 1
+  added and its sliding-window pattern, soft-caps and RoPE bases; Phi-3's fused attn_qkv / ffn_up."""
   c = model.config
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(c.num_hidden_layers)
@@ -46,19 +47,46 @@ def write_gguf(path, model, quantize=None, rope_freqs=None, arch="llama"):
   if getattr(c, "head_dim", None):
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-  w.add_rope_freq_base(10000.0)
+  rope = getattr(c, "rope_parameters", None) or {}
+  rope = rope.get("full_attention", rope)
+  w.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+  if rope.get("rope_type", "default") == "linear":
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(rope["factor"])
+  gemma = arch in ("gemma2", "gemma3")
+  if gemma:
+    layer_types = getattr(c, "layer_types", None)
+    if layer_types:
+      w.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+    for key, value in (("attn_logit_softcapping", c.attn_logit_softcapping),
+                       ("final_logit_softcapping", c.final_logit_softcapping)):
+      if value:
+        getattr(w, f"add_{key}")(value)
+    local = (getattr(c, "rope_parameters", None) or {}).get("sliding_attention")
+    if local:
+      w.add_rope_freq_base_swa(local["rope_theta"])
+    # the file cannot say query_pre_attn_scalar: llama.cpp assumes head_dim (d_model / heads for the 27B models)
+    assert c.query_pre_attn_scalar == c.head_dim, "llama.cpp would run this model with another attention scale"
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_vocab_size(c.vocab_size)
+  if getattr(c, "sliding_window", None):
+    w.add_sliding_window(c.sliding_window)
   names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
   per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+               "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's fused projections
+  if gemma:
+    per_layer.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"})
   for name, t in model.state_dict().items():
     if name == "lm_head.weight" and c.tie_word_embeddings:
       continue
     arr = t.float().numpy()
+    if gemma and name.endswith("norm.weight"):
+      arr = arr + 1.0  # llama.cpp's converter folds Gemma's (1 + w) into the weight
     if name in names:
       gname = names[name]
     else:

@@ -94,7 +94,7 @@ def test_bfloat16_checkpoint_and_params(tmp_path, rng):
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gemma2"}, "gemma2"),
     ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_act": "relu"}, "hidden_act='relu'"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "yarn"),
     ({"sliding_window": 128}, "sliding_window"),
     ({"model_type": "mistral"}, "mistral"),

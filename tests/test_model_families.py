@@ -1,6 +1,12 @@
 """The families beside Llama, each on tiny random models written by transformers' `save_pretrained` (and by the
 `gguf` writer laid out as llama.cpp lays them out): f32 logits against transformers, greedy decoding through the
-paged engine, and scoring against transformers' log-softmax."""
+paged engine, and scoring against transformers' log-softmax.
+
+Sliding windows are 7-9 tokens against prompts of 23-40 and 55-token generations, with 16-token pages and a 16-token
+chunked-prefill budget: the window is honoured across page boundaries and across prefill chunks, and a sequence of
+more than 3x the window through the paged engine equals transformers' full forward."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -28,21 +34,36 @@ FAMILIES = {
     "qwen3-bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                                                            attention_bias=True, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                                            sliding_window=None, tie_word_embeddings=False)),
+                                                            sliding_window=7, tie_word_embeddings=False)),
+    # Gemma 2: alternating local / global layers, both soft-caps, query_pre_attn_scalar != head_dim, GeGLU, (1 + w)
+    # norms, post-norms, scaled embeddings
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                                         sliding_window=7, query_pre_attn_scalar=24,
+                                                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    # Gemma 3: q/k norms, local layers with their own RoPE base, global layers with linear RoPE scaling
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=7, num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}})),
+    # Phi-3 (4k): fused qkv / gate_up projections, a window over every layer
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=9,
+                                                   pad_token_id=0, eos_token_id=1, bos_token_id=2)),
     "llama-attention-bias": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                                      attention_bias=True)),
 }
 
 
-def make_family_model(path, family, seed=0):
+def make_family_model(path, family, seed=0, **overrides):
   config_cls, model_cls, keys = FAMILIES[family]
   torch.manual_seed(seed)
-  config = getattr(transformers, config_cls)(**COMMON, **keys)
+  config = getattr(transformers, config_cls)(**{**COMMON, **keys, **overrides})
   model = getattr(transformers, model_cls)(config).float().eval()
+  unit = 0.0 if config.model_type.startswith("gemma") else 1.0  # Gemma's norms scale by (1 + w)
   with torch.no_grad():  # HF starts norms at 1 and biases at 0: random ones make the test see how they are applied
     for name, p in model.named_parameters():
       if "norm" in name:
-        p.copy_(1 + 0.1 * torch.randn_like(p))
+        p.copy_(unit + 0.1 * torch.randn_like(p))
       elif name.endswith(".bias"):
         p.copy_(0.1 * torch.randn_like(p))
   model.save_pretrained(path)
@@ -59,18 +80,25 @@ def test_logits_match_transformers_f32(family, rng):
   name, model, path = family
   ckpt = checkpoint.load_checkpoint(str(path), "float32")
   c = ckpt.config
-  assert (c.qkv_bias, c.qk_norm) == ("qwen2" in name or "bias" in name, "qwen3" in name)
+  assert (c.qkv_bias, c.qk_norm) == ("qwen2" in name or "bias" in name, "qwen3" in name or "gemma3" in name)
   assert c.head_dim == model.config.head_dim if hasattr(model.config, "head_dim") else 64 // c.num_heads
+  assert c.sliding_window == getattr(model.config, "sliding_window", None)
   gen = Generator(checkpoint.build_model(c, ckpt.params, "float32"))
   tokens = rng.integers(0, V, size=(2, 40))
-  np.testing.assert_allclose(gen.logits(tokens), hf_logits(model, tokens), atol=F32_TOL, rtol=0)
+  want = hf_logits(model, tokens)
+  np.testing.assert_allclose(gen.logits(tokens), want, atol=F32_TOL, rtol=0)
+  if c.sliding_window is not None:  # the window matters on these prompts: without it the logits are far off
+    unwindowed = dataclasses.replace(c, sliding_window=None, sliding_layers=None)
+    assert np.abs(Generator(checkpoint.build_model(unwindowed, ckpt.params, "float32")).logits(tokens)
+                  - want).max() > 100 * F32_TOL
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", *(pytest.param(f, marks=pytest.mark.slow) for f in (
-    "qwen2-tied", "qwen3-bias", "llama-attention-bias"))], indirect=True)  # ~8 s of compiling each
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3", *(
+    pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2-tied", "qwen3-bias", "llama-attention-bias", "phi3"))],
+    indirect=True)  # ~8 s of compiling each
 def test_greedy_decoding_and_scores_through_the_engine_match_transformers(family, rng):
-  """32 greedy tokens through the paged engine (chunked prefill with a 16-token budget) are transformers'
-  `generate`; prompt scores are transformers' log-softmax."""
+  """32 greedy tokens through the paged engine (chunked prefill with a 16-token budget, 16-token pages) are
+  transformers' `generate`; prompt scores are transformers' log-softmax."""
   name, model, path = family
   llm = LLM(str(path), engine_config=EngineConfig(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=16))
   prompts = [rng.integers(0, V, size=n).tolist() for n in (5, 23)]
@@ -90,21 +118,30 @@ def test_greedy_decoding_and_scores_through_the_engine_match_transformers(family
 
 
 @pytest.mark.parametrize("name, arch", [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("qwen3-bias", "qwen3"),
-                                        ("mistral", "llama")])
+                                        ("mistral", "llama"), ("gemma2", "gemma2"), ("gemma3", "gemma3"),
+                                        ("phi3", "phi3")])
 def test_gguf_written_like_llama_cpp_matches_transformers(tmp_path, name, arch, rng):
-  model = make_family_model(tmp_path / "hf", name)
+  # GGUF has no query_pre_attn_scalar: a Gemma file is run with llama.cpp's scale, so the model uses that one
+  overrides = dict(query_pre_attn_scalar=32) if arch.startswith("gemma") else {}
+  model = make_family_model(tmp_path / "hf", name, **overrides)
   write_gguf(tmp_path / "m.gguf", model, arch=arch)
   ckpt = checkpoint.load_checkpoint(str(tmp_path / "m.gguf"))
-  assert (ckpt.config.qk_norm, ckpt.config.tie_embeddings) == ("qwen3" in name, model.config.tie_word_embeddings)
+  assert (ckpt.config.qk_norm, ckpt.config.tie_embeddings) == ("qwen3" in name or "gemma3" in name,
+                                                              model.config.tie_word_embeddings)
+  assert ckpt.config.sliding_window == getattr(model.config, "sliding_window", None)
   tokens = rng.integers(0, V, size=(2, 21))
   got = Generator(checkpoint.build_model(ckpt.config, ckpt.params, "float32")).logits(tokens)
   np.testing.assert_allclose(got, hf_logits(model, tokens), atol=F32_TOL, rtol=0)
 
 
 @pytest.mark.parametrize("family, change, message", [
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1,
-               "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}, "sliding_window=16"),
-    ("mistral", {"sliding_window": 4096}, "sliding_window=4096"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ("gemma2", {"hidden_activation": "relu"}, "hidden_activation='relu'"),
+    ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}},
+     "longrope"),
+    ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}},
+     "partial_rotary_factor=0.75"),
+    ("mistral", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]}, "layer_types"),
     ("qwen3", {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}, "qwen3_moe"),
     ("mistral", {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, "mixtral"),
     ("qwen2", {"architectures": ["Qwen2VLForConditionalGeneration"]}, "Qwen2VLForConditionalGeneration"),
@@ -122,3 +159,17 @@ def test_qwen2_without_its_window_in_use_loads(tmp_path):
   make_family_model(tmp_path, "qwen2")
   edit_config(tmp_path, {"use_sliding_window": False, "sliding_window": 32, "max_window_layers": 2})
   assert checkpoint.load_checkpoint(str(tmp_path)).config.qkv_bias
+
+
+def test_qwen_window_from_max_window_layers_matches_transformers(tmp_path, rng):
+  """Qwen's own rule: with `use_sliding_window`, layers from `max_window_layers` on slide (as transformers derives)."""
+  model = make_family_model(tmp_path, "qwen2")
+  edit_config(tmp_path, {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}, drop=("layer_types",))
+  c = checkpoint.load_checkpoint(str(tmp_path)).config
+  assert (c.sliding_window, c.sliding_layers) == (6, (False, True, True))
+  hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path).float().eval()
+  assert hf.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+  tokens = rng.integers(0, V, size=(1, 30))
+  got = Generator(checkpoint.build_model(c, checkpoint.load_checkpoint(str(tmp_path)).params, "float32")).logits(tokens)
+  np.testing.assert_allclose(got, hf_logits(hf, tokens), atol=F32_TOL, rtol=0)
+  assert np.abs(hf_logits(model, tokens) - hf_logits(hf, tokens)).max() > 100 * F32_TOL  # the window mattered

@@ -209,6 +209,11 @@ def test_hf_config_json(tmp_path):
     ("qwen2.5-14b", 14.7e9), ("qwen2.5-72b", 72.7e9), ("qwen3-0.6b", 0.6e9), ("qwen3-1.7b", 1.7e9),
     ("qwen3-4b", 4.0e9), ("qwen3-8b", 8.2e9), ("qwen3-14b", 14.8e9), ("qwen3-32b", 32.8e9),
     ("mistral-7b-v0.3", 7.25e9),
+    # Gemma 2 cards: 2.61B / 9.24B / 27.2B; Gemma 3 cards count the 0.42B SigLIP vision tower from 4B up (4.3B,
+    # 12.2B, 27.4B), the text presets do not; Phi-3 cards: 3.8B, 14B
+    ("gemma-2-2b", 2.61e9), ("gemma-2-9b", 9.24e9), ("gemma-2-27b", 27.2e9), ("gemma-3-1b", 1.0e9),
+    ("gemma-3-4b", 4.3e9 - 0.42e9), ("gemma-3-12b", 12.2e9 - 0.42e9), ("gemma-3-27b", 27.4e9 - 0.42e9),
+    ("phi-3-mini", 3.82e9), ("phi-3-medium", 13.96e9),
 ])
 def test_family_presets_have_the_published_sizes(name, published):
   c = ModelConfig.from_preset(name)

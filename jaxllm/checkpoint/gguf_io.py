@@ -1,6 +1,8 @@
 """GGUF checkpoints (llama.cpp): metadata -> ModelConfig, tensors -> HF-named float arrays.
 
-Architectures: "llama" (Llama, and Mistral as llama.cpp converts it), "qwen2" and "qwen3".
+Architectures: "llama" (Llama, and Mistral as llama.cpp converts it), "qwen2", "qwen3", "gemma2", "gemma3" (text)
+and "phi3" (its fused attn_qkv / ffn_up are split like HF Phi-3's, by `jaxllm.checkpoint.tensors.SplitFused`). Gemma
+files hold norm weights with llama.cpp's +1 already added, so they load as plain RMSNorm weights.
 
 Reading a GGUF file:
   * tensors are dequantized with the `gguf` package (every type it implements: F32/F16/BF16, Q4_0/1, Q5_0/1, Q8_0,
@@ -39,6 +41,14 @@ _LAYER = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Where an architecture's tensors differ from llama's: Gemma's ffn_norm is the pre-MLP norm and it has post-norms on
+# the attention and MLP outputs; Phi-3 fuses q/k/v and gate/up.
+_ARCH_LAYER = {
+    "gemma": {"ffn_norm.weight": "pre_feedforward_layernorm.weight",
+              "post_attention_norm.weight": "post_attention_layernorm.weight",
+              "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
+    "phi3": {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"},
 }
 _GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -86,8 +96,12 @@ class GGUFCheckpoint:
     self.reader = reader if reader is not None else open_gguf(path)
     self.metadata = gguf_metadata(self.reader)
     self._tensors = {}
+    arch = self.metadata.get("general.architecture")
+    if any(t.name.startswith("rope_factors_") for t in self.reader.tensors):
+      raise ValueError(f"{path}: {arch} file with LongRoPE factors (rope_factors_long/short): "
+                       "LongRoPE is not supported.")
     for t in self.reader.tensors:
-      hf = _hf_name(t.name)
+      hf = _hf_name(t.name, arch)
       if hf is not None:
         self._tensors[hf] = t
     meta = dict(self.metadata)
@@ -133,12 +147,13 @@ class GGUFCheckpoint:
     return w
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str | None) -> str | None:
   if gguf_name in _GLOBAL:
     return _GLOBAL[gguf_name]
   m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-  if m and m.group(2) in _LAYER:
-    return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+  layer = {**_LAYER, **_ARCH_LAYER.get("gemma" if arch in ("gemma2", "gemma3") else arch, {})}
+  if m and m.group(2) in layer:
+    return f"model.layers.{m.group(1)}.{layer[m.group(2)]}"
   return None
 
 

@@ -31,11 +31,56 @@ def _np_dtype(dtype) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+class SplitFused:
+  """A TensorSource that shows Phi-3's fused projections under Llama's names: `self_attn.qkv_proj.weight`
+  [(N + 2K) * H, D] as q_proj / k_proj / v_proj (rows in that order) and `mlp.gate_up_proj.weight` [2F, D] as
+  gate_proj / up_proj (gate first, as transformers' Phi3MLP chunks it). Other names pass through."""
+
+  _PARTS = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                          "self_attn.v_proj.weight"),
+            "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+  def __init__(self, source: TensorSource, config: ModelConfig):
+    c = config
+    self._source = source
+    self._sizes = {"self_attn.qkv_proj.weight": (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                                                 c.num_kv_heads * c.head_dim),
+                   "mlp.gate_up_proj.weight": (c.d_ff, c.d_ff)}
+    self._split = {}  # split name -> (fused name, part index)
+    for name in source.names():
+      prefix, _, suffix = name.partition(".layers.")
+      layer, _, rest = suffix.partition(".")
+      if rest in self._PARTS:
+        for i, part in enumerate(self._PARTS[rest]):
+          self._split[f"{prefix}.layers.{layer}.{part}"] = (name, i)
+
+  def names(self) -> Iterable[str]:
+    fused = {name for name, _ in self._split.values()}
+    return [n for n in self._source.names() if n not in fused] + list(self._split)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._split:
+      return self._source.get(name)
+    fused, i = self._split[name]
+    t = self._source.get(fused)
+    sizes = self._sizes[fused.rpartition(".layers.")[2].partition(".")[2]]
+    if t.shape[0] != sum(sizes):
+      raise ValueError(f"checkpoint tensor {fused!r} has {t.shape[0]} rows, expected {sum(sizes)} "
+                       f"(the sum of {sizes}) for this config.")
+    start = sum(sizes[:i])
+    return t[start:start + sizes[i]]
+
+
 def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32") -> dict:
-  """Builds the pure-dict params of `jaxllm.layers.Llama` (as `nnx.State.to_pure_dict()` lays them out)."""
+  """Builds the pure-dict params of `jaxllm.layers.Llama` (as `nnx.State.to_pure_dict()` lays them out).
+
+  Gemma's norms: `post_attention_layernorm` is the norm on the attention output there (`pre_feedforward_layernorm`
+  the one before the MLP), unlike Llama where it is the pre-MLP norm; weights are kept as stored (the layer adds 1).
+  """
   c = config
   D, F, N, K, H, V, L = c.d_model, c.d_ff, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.num_layers
   out_dtype = _np_dtype(dtype)
+  source = SplitFused(source, c)
   available = set(source.names())
 
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -59,7 +104,8 @@ def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32") -
       "final_norm": {"weight": get("model.norm.weight", (D,)).astype(out_dtype)},
       "layers": {
           "attn_norm": {"weight": stack("input_layernorm.weight", (D,), lambda w: w)},
-          "mlp_norm": {"weight": stack("post_attention_layernorm.weight", (D,), lambda w: w)},
+          "mlp_norm": {"weight": stack("pre_feedforward_layernorm.weight" if c.post_norms else
+                                       "post_attention_layernorm.weight", (D,), lambda w: w)},
           "attn": {
               "wq_DNH": stack("self_attn.q_proj.weight", (N * H, D), lambda w: w.T.reshape(D, N, H)),
               "wk_DKH": stack("self_attn.k_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
@@ -73,6 +119,9 @@ def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32") -
           },
       },
   }
+  if c.post_norms:
+    params["layers"]["post_attn_norm"] = {"weight": stack("post_attention_layernorm.weight", (D,), lambda w: w)}
+    params["layers"]["post_mlp_norm"] = {"weight": stack("post_feedforward_layernorm.weight", (D,), lambda w: w)}
   attn = params["layers"]["attn"]
   if c.qkv_bias:
     attn["bq_NH"] = stack("self_attn.q_proj.bias", (N * H,), lambda b: b.reshape(N, H))
