@@ -33,20 +33,30 @@ def main():
   # (query heads, KV heads, cases, family variations): the last is Qwen's shape (q/k/v biases, which are replicated
   # with their KV heads, and q/k norms) on a mesh that copies its KV heads
   qwen = {"qkv_bias": True, "o_bias": True, "qk_norm": True}
+  # Gemma's shape: a local (window 5, its own RoPE base) and a global layer, soft-caps, GeGLU, (1 + w) norms and
+  # post-norms, scaled embeddings; prompts of 24 tokens are several windows long
+  gemma = {"qk_norm": True, "sliding_window": 5, "sliding_layers": (True, False), "rope_local_theta": 100.0,
+           "mlp_activation": "gelu_tanh", "norm_plus_one": True, "post_norms": True, "scale_embeddings": True,
+           "attn_scale": 0.2, "attn_soft_cap": 5.0, "final_soft_cap": 3.0}
   # with 6 query heads over 2 KV heads on model=4 the query heads do not split either: 2 zero heads pad them to 8
   models = [(8, 2, CASES, {}), (8, 8, CASES, {}), (6, 3, [("data=4,model=2", "tp")], {}),
-            (8, 2, [("data=2,model=4", "tp"), ("x=2,y=4", "2d")], qwen), (6, 2, [("data=2,model=4", "tp")], qwen)]
+            (8, 2, [("data=2,model=4", "tp"), ("x=2,y=4", "2d")], qwen), (6, 2, [("data=2,model=4", "tp")], qwen),
+            (8, 2, [("model=8", "tp"), ("x=2,y=4", "2d")], gemma)]
   for heads, kv, cases, variations in models:
     config = ModelConfig(vocab_size=512, d_model=96 if heads == 6 else 128, d_ff=256, num_layers=2, num_heads=heads,
                          num_kv_heads=kv, head_dim=16, **variations)
     params = jax.tree.map(np.asarray, nnx.state(Llama(config, rngs=nnx.Rngs(kv)), nnx.Param).to_pure_dict())
-    if variations:  # biases start at 0 and norms at 1: make them matter
+    if variations:  # biases start at 0 and norms at their identity: make them matter
       rng = np.random.default_rng(0)
+      unit = 0.0 if config.norm_plus_one else 1.0
       attn = params["layers"]["attn"]
       for name in ("bq_NH", "bk_KH", "bv_KH", "bo_D"):
-        attn[name] = rng.normal(0, 0.1, attn[name].shape).astype(np.float32)
-      for name in ("q_norm", "k_norm"):
-        attn[name]["weight"] = (1 + rng.normal(0, 0.1, attn[name]["weight"].shape)).astype(np.float32)
+        if name in attn:
+          attn[name] = rng.normal(0, 0.1, attn[name].shape).astype(np.float32)
+      norms = [attn["q_norm"], attn["k_norm"]] + [params["layers"][n] for n in ("post_attn_norm", "post_mlp_norm")
+                                                   if n in params["layers"]]
+      for norm in norms:
+        norm["weight"] = (unit + rng.normal(0, 0.1, norm["weight"].shape)).astype(np.float32)
     if heads == 8 and kv == 2 and not variations:
       first = (params, config)
     single = Generator(checkpoint.build_model(config, params, "float32"))

@@ -22,9 +22,9 @@ def results():
 
 def test_every_layout_matches_single_device(results):
   assert results["devices"] == 8
-  # 4 layouts x (8/2 and 8/8 heads), 6/3 heads on data=4,model=2, 8/2 heads of Qwen's shape on tp and 2d, and 6/2
-  # of Qwen's shape on data=2,model=4 (query heads padded)
-  assert len(results["runs"]) == 12
+  # 4 layouts x (8/2 and 8/8 heads), 6/3 heads on data=4,model=2, 8/2 heads of Qwen's shape on tp and 2d, 6/2
+  # of Qwen's shape on data=2,model=4 (query heads padded), and 8/2 of Gemma's shape (windows, soft-caps) on tp and 2d
+  assert len(results["runs"]) == 14
   for run in results["runs"]:
     assert run["max_logit_diff"] <= 1e-5, run  # prefill, f32
     assert run["decode_equal"], run  # greedy decode through the sharded KV cache
@@ -44,7 +44,7 @@ def test_kv_heads_fewer_than_shards_are_replicated_at_load(results):
   r = runs[(8, 8, "model=8")]
   assert (r["placement"], r["runtime_kv_heads"], r["cache_shard"]) == ("split", 8, [2, 8, 64, 1, 16])
   assert runs[(8, 2, "data=8")]["placement"] == "none"  # dp: weights and cache heads whole on every device
-  qwen = [r for r in results["runs"] if r["family"]]  # K/V biases copied with their heads
+  qwen = [r for r in results["runs"] if "qkv_bias" in r["family"]]  # K/V biases copied with their heads
   assert [(r["heads"], r["mesh"], r["placement"], r["runtime_kv_heads"], r["runtime_heads"]) for r in qwen] == [
       (8, "data=2,model=4", "replicated", 4, 8), (8, "x=2,y=4", "replicated", 4, 8),
       (6, "data=2,model=4", "replicated", 4, 8)]  # 6 = 2 x 3 query heads do not split over 4: 2 x 4 zero-padded
