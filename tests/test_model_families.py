@@ -110,6 +110,12 @@ def test_greedy_decoding_and_scores_through_the_engine_match_transformers(family
       want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
                             do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert list(out.outputs[0].token_ids) == want, name
+    # Each generated token's logprob, computed by the paged engine's decode steps, is transformers' full forward
+    # over the whole sequence (55 tokens: past 3x every window here) at that position.
+    full = prompt + want
+    ref = torch.log_softmax(torch.tensor(hf_logits(model, [full])[0]), -1).numpy()
+    np.testing.assert_allclose(out.outputs[0].logprobs, ref[np.arange(len(prompt) - 1, len(full) - 1), want],
+                               atol=1e-4, rtol=0)
   row = prompts[1]
   scored = llm.score(token_pairs=[(row[:1], row[1:])])[0]
   ref = torch.log_softmax(torch.tensor(hf_logits(model, [row])[0]), -1).numpy()
