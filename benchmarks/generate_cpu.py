@@ -4,7 +4,7 @@ Both sides: float32, the same prompt token ids, exactly --new_tokens generated t
 sizes from --batch_sizes, a warm-up pass first (jit compilation / torch first-call overhead are not timed). The figure
 is generated tokens per second of wall time, prefill included. Prints a table and appends it to benchmarks/RESULTS.md.
 
-    python benchmarks/generate_cpu.py [--new_tokens 64] [--batch_sizes 1,8]
+    python benchmarks/generate_cpu.py [--new_tokens 64] [--batch_sizes 1,8] [--weights f32,bf16,int8,bf16+int8]
 """
 
 import argparse
@@ -55,45 +55,54 @@ def time_hf(model, batch, new_tokens, pad_id):
   return elapsed
 
 
+VARIANTS = {"f32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"),
+            "bf16+int8": dict(dtype="bfloat16", quantization="int8")}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--batch_sizes", default="1,8")
+  ap.add_argument("--weights", default="f32", help=f"comma-separated jaxllm weight variants: {', '.join(VARIANTS)}")
   ap.add_argument("--results", default=common.RESULTS)
   args = ap.parse_args()
 
+  import jax
   import torch
   from transformers import AutoModelForCausalLM
 
   from jaxllm import LLM, default_model
 
   torch.set_num_threads(os.cpu_count())
-  llm = LLM("default", dtype="float32")
   path = default_model.gguf_path()
   hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                             dtype=torch.float32).eval()
-  rows = []
-  for b in [int(x) for x in args.batch_sizes.split(",")]:
-    batch = [llm.tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(b)]
-    ours = time_ours(llm, batch, args.new_tokens)
-    theirs = time_hf(hf, batch, args.new_tokens, llm.tokenizer.pad_id or 0)
-    rows.append((b, b * args.new_tokens / ours, b * args.new_tokens / theirs))
+  sizes = [int(x) for x in args.batch_sizes.split(",")]
+  variants = args.weights.split(",")
+  rows, theirs, weight_bytes = [], {}, {}
+  for name in variants:
+    llm = LLM("default", **VARIANTS[name])
+    weight_bytes[name] = sum(x.nbytes for x in jax.tree.leaves(llm.engine.params))  # what a decode step streams
+    for b in sizes:
+      batch = [llm.tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(b)]
+      if b not in theirs:
+        theirs[b] = b * args.new_tokens / time_hf(hf, batch, args.new_tokens, llm.tokenizer.pad_id or 0)
+      rows.append((name, b, b * args.new_tokens / time_ours(llm, batch, args.new_tokens)))
+    del llm
 
   bandwidth = common.copy_bandwidth_gbs()
-  weight_bytes = llm.config.num_params * 4
-  ceiling = bandwidth * 1e9 / weight_bytes  # batch-1 steps/s if a step did nothing but stream the f32 weights
   device = common.device_name()
   lines = [
       f"### generate_cpu.py — {datetime.date.today()} — {device}",
       "",
-      f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), greedy, {args.new_tokens} new tokens per prompt, "
-      "prefill included, one run.",
-      f"Memory-bandwidth bound for batch 1: {weight_bytes / 1e6:.0f} MB of f32 weights per step at a measured "
-      f"{bandwidth:.1f} GB/s copy bandwidth = at most {ceiling:.0f} tok/s.",
+      f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized; int8: requantized per output channel, embedding / LM head "
+      f"kept float), greedy, {args.new_tokens} new tokens per prompt, prefill included, one run; transformers in "
+      f"float32. Batch-1 bound: weight bytes per step at a measured {bandwidth:.1f} GB/s copy bandwidth.",
       "",
-      "| batch | jaxllm tok/s | transformers tok/s | ratio |",
-      "|---:|---:|---:|---:|",
-  ] + [f"| {b} | {o:.1f} | {t:.1f} | {o / t:.2f}x |" for b, o, t in rows] + [""]
+      "| weights | bytes/step | bound tok/s (b=1) | batch | jaxllm tok/s | transformers f32 tok/s | ratio |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+  ] + [f"| {n} | {weight_bytes[n] / 1e6:.0f} MB | {bandwidth * 1e9 / weight_bytes[n]:.0f} | {b} | {o:.1f} | "
+       f"{theirs[b]:.1f} | {o / theirs[b]:.2f}x |" for n, b, o in rows] + [""]
   common.publish(lines, args.results)
 
 

@@ -103,6 +103,8 @@ class LLM:
   Args:
     model: "default", a preset-free checkpoint path (.gguf file, HF dir, `jaxllm convert` dir).
     dtype: parameter dtype, "float32" or "bfloat16".
+    quantization: None, or "int8": weight-only int8 with per-output-channel scales (projections, MLP, embedding and
+      LM head; norms and biases stay in `dtype`), quantized as the checkpoint is read.
     tokenizer: a tokenizer path to use instead of the checkpoint's own.
     seed: seeds the draws of requests whose SamplingParams.seed is None.
     mesh, layout: a device mesh ("model=8", "data=2,model=4", or a jax Mesh) and its sharding layout.
@@ -113,7 +115,8 @@ class LLM:
       enable_prefix_caching=False, page_size, num_pages, kv_cache_memory_fraction.
   """
 
-  def __init__(self, model: str = "default", *, dtype: str = "float32", tokenizer: str | None = None, seed: int = 0,
+  def __init__(self, model: str = "default", *, dtype: str = "float32", quantization: str | None = None,
+               tokenizer: str | None = None, seed: int = 0,
                mesh: str | None = None, layout: str = "tp", compilation_cache_dir: str | None = None,
                engine_config: EngineConfig | None = None, **engine_args):
     if engine_config is not None and engine_args:
@@ -127,9 +130,10 @@ class LLM:
 
       self.mesh = mesh if not isinstance(mesh, str) else make_mesh(mesh)
     self.layout = layout
-    ckpt = checkpoint.load_checkpoint(model, dtype, self.mesh, layout)
+    ckpt = checkpoint.load_checkpoint(model, dtype, self.mesh, layout, quantization)
     self.config = ckpt.config
     self.dtype = ckpt.dtype
+    self.quantization = ckpt.quantization
     self.source = ckpt.source
     if tokenizer is not None:
       from jaxllm.tokenizer import load_tokenizer
@@ -140,7 +144,7 @@ class LLM:
     engine_config = engine_config.resolve(self.config.max_position_embeddings)
     self.max_model_len = engine_config.max_model_len
     self._rng = np.random.default_rng(seed)
-    built = checkpoint.build_model(self.config, ckpt.params, self.dtype, self.mesh, layout)
+    built = checkpoint.build_model(self.config, ckpt.params, self.dtype, self.mesh, layout, self.quantization)
     self.kv_placement = getattr(built, "kv_placement", None)  # how the KV heads sit on the mesh (None: one device)
     self.engine = Engine(built, engine_config)
     eos = tuple(self.tokenizer.eos_ids) if self.tokenizer is not None else ()

@@ -19,11 +19,8 @@ from flax import nnx
 
 from jaxllm import pallas_kernels
 from jaxllm.layers.norm import RMSNorm
-from jaxllm.layers.ops import dense
+from jaxllm.layers.ops import dense, value, weight
 from jaxllm.layers.rope import apply_rope
-
-_init = nnx.initializers.normal(0.02)
-
 
 class CacheView(Protocol):
 
@@ -55,14 +52,19 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                qkv_bias: bool = False, o_bias: bool = False, qk_norm_eps: float | None = None,
                norm_plus_one: bool = False, scale: float | None = None, soft_cap: float | None = None,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               quantization: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
     D, N, K, H = d_model, num_heads, num_kv_heads, head_dim
     self.scale = float(H ** -0.5 if scale is None else scale)
     self.soft_cap = soft_cap
-    self.wq_DNH = nnx.Param(_init(rngs.params(), (D, N, H), dtype), out_sharding=("embed", "heads", "head_dim"))
-    self.wk_DKH = nnx.Param(_init(rngs.params(), (D, K, H), dtype), out_sharding=("embed", "kv_heads", "head_dim"))
-    self.wv_DKH = nnx.Param(_init(rngs.params(), (D, K, H), dtype), out_sharding=("embed", "kv_heads", "head_dim"))
-    self.wo_NHD = nnx.Param(_init(rngs.params(), (N, H, D), dtype), out_sharding=("heads", "head_dim", "embed"))
+    # Projections; with int8 quantization each has a scale per output channel (wq_scale_NH, ...), else None.
+    self.wq_DNH, self.wq_scale_NH = weight(rngs.params(), (D, N, H), ("embed", "heads", "head_dim"), dtype,
+                                           quantization, reduce_axes=(0,))
+    self.wk_DKH, self.wk_scale_KH = weight(rngs.params(), (D, K, H), ("embed", "kv_heads", "head_dim"), dtype,
+                                           quantization, reduce_axes=(0,))
+    self.wv_DKH, self.wv_scale_KH = weight(rngs.params(), (D, K, H), ("embed", "kv_heads", "head_dim"), dtype,
+                                           quantization, reduce_axes=(0,))
+    self.wo_NHD, self.wo_scale_D = weight(rngs.params(), (N, H, D), ("heads", "head_dim", "embed"), dtype,
+                                          quantization, reduce_axes=(0, 1))
     zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
     self.bq_NH = nnx.Param(zeros(N, H), out_sharding=("heads", "head_dim")) if qkv_bias else None
     self.bk_KH = nnx.Param(zeros(K, H), out_sharding=("kv_heads", "head_dim")) if qkv_bias else None
@@ -75,9 +77,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: CacheView, inv_freq_h: jax.Array,
                window: jax.Array) -> jax.Array:
     """inv_freq_h: this layer's RoPE inverse frequencies [H/2]; window: its sliding window (int32 scalar)."""
-    q_BTNH = dense("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...])
-    k_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...])
-    v_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...])
+    q_BTNH = dense("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...], value(self.wq_scale_NH))
+    k_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...], value(self.wk_scale_KH))
+    v_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...], value(self.wv_scale_KH))
     if self.bq_NH is not None:
       q_BTNH, k_BTKH, v_BTKH = q_BTNH + self.bq_NH[...], k_BTKH + self.bk_KH[...], v_BTKH + self.bv_KH[...]
     if self.q_norm is not None:
@@ -85,5 +87,5 @@ class Attention(nnx.Module):
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq_h)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq_h)
     o_BTNH = cache.attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, self.scale, window, self.soft_cap)
-    out_BTD = dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...])
+    out_BTD = dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...], value(self.wo_scale_D))
     return out_BTD if self.bo_D is None else out_BTD + self.bo_D[...]

@@ -5,9 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.layers.ops import dense
+from jaxllm.layers.ops import dense, value, weight
 
-_init = nnx.initializers.normal(0.02)
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -17,13 +16,19 @@ _ACTIVATIONS = {
 
 class MLP(nnx.Module):
 
-  def __init__(self, d_model: int, d_ff: int, *, activation: str = "silu", dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, d_ff: int, *, activation: str = "silu", quantization: str | None = None,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    D, F = d_model, d_ff
     self.activation = activation
-    self.w_gate_DF = nnx.Param(_init(rngs.params(), (d_model, d_ff), dtype), out_sharding=("embed", "mlp"))
-    self.w_up_DF = nnx.Param(_init(rngs.params(), (d_model, d_ff), dtype), out_sharding=("embed", "mlp"))
-    self.w_down_FD = nnx.Param(_init(rngs.params(), (d_ff, d_model), dtype), out_sharding=("mlp", "embed"))
+    self.w_gate_DF, self.w_gate_scale_F = weight(rngs.params(), (D, F), ("embed", "mlp"), dtype, quantization,
+                                                 reduce_axes=(0,))
+    self.w_up_DF, self.w_up_scale_F = weight(rngs.params(), (D, F), ("embed", "mlp"), dtype, quantization,
+                                             reduce_axes=(0,))
+    self.w_down_FD, self.w_down_scale_D = weight(rngs.params(), (F, D), ("mlp", "embed"), dtype, quantization,
+                                                 reduce_axes=(0,))
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    gate = dense("BTD,DF->BTF", x_BTD, self.w_gate_DF[...])
-    up = dense("BTD,DF->BTF", x_BTD, self.w_up_DF[...])
-    return dense("BTF,FD->BTD", _ACTIVATIONS[self.activation](gate) * up, self.w_down_FD[...])
+    gate = dense("BTD,DF->BTF", x_BTD, self.w_gate_DF[...], value(self.w_gate_scale_F))
+    up = dense("BTD,DF->BTF", x_BTD, self.w_up_DF[...], value(self.w_up_scale_F))
+    return dense("BTF,FD->BTD", _ACTIVATIONS[self.activation](gate) * up, self.w_down_FD[...],
+                 value(self.w_down_scale_D))

@@ -54,6 +54,7 @@ class ServerConfig:
   host: str = "127.0.0.1"
   port: int = 8000
   dtype: str = "float32"
+  quantization: str | None = None  # "int8": weight-only int8
   engine: EngineConfig = EngineConfig()
   max_waiting: int = 1024  # queued requests beyond which new ones get 503
   api_key: str | None = None
@@ -167,8 +168,8 @@ class Server:
 
     c = self.config
     try:
-      llm = LLM(c.model, dtype=c.dtype, tokenizer=c.tokenizer, seed=c.seed, mesh=self.mesh, layout=self.layout,
-                engine_config=c.engine)
+      llm = LLM(c.model, dtype=c.dtype, quantization=c.quantization, tokenizer=c.tokenizer, seed=c.seed,
+                mesh=self.mesh, layout=self.layout, engine_config=c.engine)
       if llm.tokenizer is None:
         raise ValueError(f"{c.model} has no tokenizer; pass --tokenizer.")
       self.llm, self.tokenizer, self.max_model_len = llm, llm.tokenizer, llm.max_model_len

@@ -98,7 +98,7 @@ class Plan:
   reserve: float  # fraction of HBM kept for activations / workspace
   # weights
   weight_bytes_per_device: int
-  weight_bytes_total: int  # the model once (num_params x dtype bytes)
+  weight_bytes_total: int  # the model once (num_params x dtype bytes; int8 matrices at 1 byte plus their scales)
   vocab_rows_per_device: int  # of the embedding (and LM head): V / vocab shards, or V when they do not divide
   # KV cache
   kv_placement: str  # "split" | "replicated" | "batch"
@@ -121,6 +121,7 @@ class Plan:
   comm_bytes_per_token_per_layer: float
   comm_model: str  # the paper's per-layer formula, with this model's numbers
   notes: tuple[str, ...] = ()
+  quantization: str | None = None  # weight quantization planned for
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -177,9 +178,14 @@ def _check_mesh(config: ModelConfig, mesh: dict[str, int], layout: str) -> dict:
 
 
 def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len: int, hbm_bytes: int, layout: str,
-         kv_dtype: str | None = None, reserve: float = 0.1, kv_placement: str = "runtime") -> Plan:
-  """Plans `config` on `mesh` (axis -> size); see the module docstring for the layouts and the cost model."""
+         kv_dtype: str | None = None, reserve: float = 0.1, kv_placement: str = "runtime",
+         quantization: str | None = None) -> Plan:
+  """Plans `config` on `mesh` (axis -> size); see the module docstring for the layouts and the cost model.
+  quantization="int8": the attention projections and MLP take 1 byte per weight plus a `dtype` scale per output
+  channel; embedding, LM head, norms and biases stay in `dtype` (as `jaxllm.layers.Llama` holds them)."""
   c = config
+  if quantization not in (None, "int8"):
+    raise ValueError(f"quantization {quantization!r} is not supported; choose int8 or none.")
   if dtype not in WEIGHT_DTYPES:
     raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(WEIGHT_DTYPES)}.")
   kv_dtype = kv_dtype or dtype
@@ -231,14 +237,27 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
                  "jaxllm.sharding.rules does)")
 
   # --- weights per device
-  per_layer = (Dx * Ny * H * 2  # wq, wo
-               + Dx * kvh * H * 2  # wk, wv: the heads (or copies) a device holds; all K when batch-sharded
-               + Dx * Fy * 3  # gate, up, down
-               + Dx * (4 if c.post_norms else 2)  # RMSNorms (embed axis: replicated for tp, over x for 2d)
+  matrices = (Dx * Ny * H * 2  # wq, wo
+              + Dx * kvh * H * 2  # wk, wv: the heads (or copies) a device holds; all K when batch-sharded
+              + Dx * Fy * 3)  # gate, up, down
+  per_layer = (Dx * (4 if c.post_norms else 2)  # RMSNorms (embed axis: replicated for tp, over x for 2d)
                + (Ny + 2 * kvh) * H * c.qkv_bias + Dx * c.o_bias  # biases, split like their projections' outputs
                + 2 * H * c.qk_norm)  # q/k norms over head_dim (replicated)
+  if quantization is None:
+    per_layer_bytes = (matrices + per_layer) * wb
+  else:  # int8 weights, one scale per output channel: wq [N, H], wk / wv [K, H], wo [D], gate / up [F], down [D]
+    scales = Ny * H + 2 * kvh * H + Dx + 2 * Fy + Dx
+    per_layer_bytes = matrices + (scales + per_layer) * wb
+    notes.append("int8 weights: attention projections and MLP at 1 byte plus per-channel scales; embedding, LM head, "
+                 f"norms and biases in {dtype}")
   embed = vocab_rows * Dx * (1 if c.tie_embeddings else 2)
-  weight_bytes = (L * per_layer + embed + Dx) * wb
+  weight_bytes = L * per_layer_bytes + (embed + Dx) * wb
+  total_bytes = c.num_params * wb  # the model once
+  if quantization is not None:
+    Dc, Nc, Kc = c.d_model, c.num_heads, c.num_kv_heads
+    all_matrices = Dc * Nc * H * 2 + Dc * Kc * H * 2 + 3 * Dc * F
+    all_scales = Nc * H + 2 * Kc * H + 2 * Dc + 2 * F
+    total_bytes = L * all_matrices + (c.num_params - L * all_matrices + L * all_scales) * wb
 
   # --- KV cache
   kv_total = 2 * L * K * H * kb
@@ -311,12 +330,13 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
       model=c.name, num_params=c.num_params, shape=dict(V=V, D=D, F=F, L=L, N=N, K=K, H=H), layout=layout, mesh=mesh,
       num_devices=math.prod(mesh.values()), dtype=dtype, kv_dtype=kv_dtype, max_model_len=max_model_len,
       hbm_bytes=int(hbm_bytes), reserve=float(reserve),
-      weight_bytes_per_device=weight_bytes, weight_bytes_total=c.num_params * wb, vocab_rows_per_device=vocab_rows,
+      weight_bytes_per_device=weight_bytes, weight_bytes_total=total_bytes, vocab_rows_per_device=vocab_rows,
       kv_placement=placement, kv_heads_per_device=kvh, kv_note=kv_note, kv_bytes_per_token_total=kv_total,
       kv_bytes_per_token_per_device=kv_dev, batch_shards=batch_shards, batch_split=batch_split,
       reserve_bytes=reserve_bytes, kv_free_bytes_per_device=free, fits=fits, tokens_per_device=tokens_dev,
       max_tokens=max_tokens, max_batch=max_batch, max_context_batch1=max_ctx1, collectives=tuple(coll),
-      comm_bytes_per_token_per_layer=sum(x.bytes_per_token for x in coll), comm_model=comm_model, notes=tuple(notes))
+      comm_bytes_per_token_per_layer=sum(x.bytes_per_token for x in coll), comm_model=comm_model, notes=tuple(notes),
+      quantization=quantization)
 
 
 # ------------------------------------------------------------------------------------------------ text output
@@ -335,7 +355,8 @@ def format_plan(p: Plan) -> str:
   out = [f"{p.model} ({p.num_params / 1e9:.2f}B params; {' '.join(f'{k}={v}' for k, v in p.shape.items())}) on mesh "
          f"{format_mesh(p.mesh)} ({p.num_devices} device{'s' * (p.num_devices > 1)}), layout {p.layout} "
          f"({LAYOUT_NAMES[p.layout]})",
-         f"weights {p.dtype}, KV cache {p.kv_dtype}, HBM {_gib(p.hbm_bytes)} per device, "
+         f"weights {p.dtype if p.quantization is None else p.quantization + ' (scales ' + p.dtype + ')'}, "
+         f"KV cache {p.kv_dtype}, HBM {_gib(p.hbm_bytes)} per device, "
          f"reserve {p.reserve:.0%} for activations/workspace, max_model_len {p.max_model_len:,}", ""]
   out.append("Memory per device")
   out += _table([

@@ -145,9 +145,10 @@ def padded_query_heads(num_heads: int, num_kv_heads: int, mesh_shape, layout: st
 
 def pad_query_heads(attn: dict, num_kv_heads: int, padded_heads: int) -> dict:
   """The attention params (stacked [L, ...]) with each KV group's query heads padded by zero heads to
-  `padded_heads` in all: wq [L, D, N, H], bq [L, N, H] and wo [L, N, H, D]. Host or device arrays."""
+  `padded_heads` in all: wq [L, D, N, H] (and its int8 scales [L, N, H]), bq [L, N, H] and wo [L, N, H, D]. Host or
+  device arrays."""
   out = dict(attn)
-  for name, axis in (("wq_DNH", 2), ("bq_NH", 1), ("wo_NHD", 1)):
+  for name, axis in (("wq_DNH", 2), ("wq_scale_NH", 1), ("bq_NH", 1), ("wo_NHD", 1)):
     if name not in attn:
       continue
     w = attn[name]

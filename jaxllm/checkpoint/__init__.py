@@ -26,6 +26,7 @@ from jaxllm.checkpoint.gguf_io import GGUFCheckpoint
 from jaxllm.checkpoint.safetensors_io import SafetensorsCheckpoint
 from jaxllm.checkpoint.tensors import params_from_hf
 from jaxllm.config import ModelConfig
+from jaxllm.layers.ops import QUANTIZATIONS, check_quantization  # noqa: F401  (QUANTIZATIONS: for the CLIs)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -37,6 +38,7 @@ class LoadedCheckpoint:
   tokenizer: Any  # jaxllm.tokenizer.Tokenizer, or None for a weights-only directory
   source: str
   dtype: str
+  quantization: str | None = None  # "int8": params hold int8 weights and their scales
 
 
 # Names people type for the dtypes we take.
@@ -93,13 +95,16 @@ def _close_paths(path: str) -> str:
   return f" Did you mean {' or '.join(repr(f) for f in found)}?" if found else ""
 
 
-def load_checkpoint(model: str, dtype="float32", mesh=None, layout: str = "tp") -> LoadedCheckpoint:
+def load_checkpoint(model: str, dtype="float32", mesh=None, layout: str = "tp",
+                    quantization: str | None = None) -> LoadedCheckpoint:
   """Reads `model` (see the module docstring). With `mesh`, an orbax checkpoint is restored straight onto the
   layout's shardings (each process reads only its devices' shards); other formats come back as host arrays, which
-  `build_model` places shard by shard."""
+  `build_model` places shard by shard. quantization="int8" quantizes weights as they are read (GGUF tensors are
+  dequantized one at a time and requantized); an int8 orbax checkpoint is int8 whatever is asked."""
   from jaxllm import tokenizer as tok
 
   dtype = check_dtype(dtype)
+  check_quantization(quantization)
   path = resolve_path(model)
   if os.path.isfile(path):
     if not path.endswith(".gguf"):
@@ -108,27 +113,31 @@ def load_checkpoint(model: str, dtype="float32", mesh=None, layout: str = "tp") 
       if magic != b"GGUF":
         raise ValueError(f"{path} is neither a GGUF file nor a checkpoint directory.")
     ckpt = GGUFCheckpoint(path)
-    params = params_from_hf(ckpt.config, ckpt, dtype)
+    params = params_from_hf(ckpt.config, ckpt, dtype, quantization)
     has_vocab = "tokenizer.ggml.model" in ckpt.reader.fields
     tokenizer = tok.tokenizer_from_gguf(ckpt.reader) if has_vocab else None
-    return LoadedCheckpoint(ckpt.config, params, tokenizer, path, dtype)
+    return LoadedCheckpoint(ckpt.config, params, tokenizer, path, dtype, quantization)
 
   if orbax_io.is_orbax_checkpoint(path):
-    config, saved_dtype = orbax_io.read_config(path)
-    abstract = abstract_params(config, dtype)
+    config, saved_dtype, saved_quantization = orbax_io.read_config(path)
+    if quantization is not None and quantization != saved_quantization:
+      raise ValueError(f"{path} holds {saved_quantization or 'float'} weights; quantization={quantization!r} needs "
+                       f"`jaxllm convert --quantization {quantization}` from the original checkpoint.")
+    quantization = saved_quantization
+    abstract = abstract_params(config, dtype, quantization)
     if mesh is not None:
-      shardings = param_shardings(config, dtype, mesh, layout)
+      shardings = param_shardings(config, dtype, mesh, layout, quantization)
       abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
     params = orbax_io.restore(path, abstract)
-    return LoadedCheckpoint(config, params, _maybe_tokenizer(path), path, dtype)
+    return LoadedCheckpoint(config, params, _maybe_tokenizer(path), path, dtype, quantization)
 
   config_json = os.path.join(path, "config.json")
   if not os.path.isfile(config_json):
     raise ValueError(f"{path} is not a checkpoint directory: it has neither config.json (HF) nor "
                      f"{orbax_io.CONFIG_FILE} (jaxllm convert).")
   config = ModelConfig.from_hf_file(config_json)
-  params = params_from_hf(config, SafetensorsCheckpoint(path), dtype)
-  return LoadedCheckpoint(config, params, _maybe_tokenizer(path), path, dtype)
+  params = params_from_hf(config, SafetensorsCheckpoint(path), dtype, quantization)
+  return LoadedCheckpoint(config, params, _maybe_tokenizer(path), path, dtype, quantization)
 
 
 def _maybe_tokenizer(path: str):
@@ -139,21 +148,21 @@ def _maybe_tokenizer(path: str):
   return None
 
 
-def abstract_params(config: ModelConfig, dtype: str) -> dict:
+def abstract_params(config: ModelConfig, dtype: str, quantization: str | None = None) -> dict:
   """Shape/dtype tree of the model's params, built without allocating them."""
   from jaxllm.layers import Llama
 
-  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, quantization=quantization, rngs=nnx.Rngs(0)))
   return nnx.state(model, nnx.Param).to_pure_dict()
 
 
-def param_shardings(config: ModelConfig, dtype: str, mesh, layout: str) -> dict:
+def param_shardings(config: ModelConfig, dtype: str, mesh, layout: str, quantization: str | None = None) -> dict:
   """NamedSharding of every parameter of `config` (as stored: no KV-head replication) on `mesh` under `layout`."""
   from jaxllm.layers import Llama
   from jaxllm.sharding import rules
 
   rules.check_model_fits(config, mesh, layout)
-  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, quantization=quantization, rngs=nnx.Rngs(0)))
   return rules.param_shardings(nnx.state(model, nnx.Param), mesh, layout).to_pure_dict()
 
 
@@ -171,7 +180,8 @@ def place_params(params: dict, shardings: dict) -> dict:
   return jax.tree.map(place, params, shardings, is_leaf=lambda x: isinstance(x, rules.RepeatedAxis))
 
 
-def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout: str = "tp"):
+def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout: str = "tp",
+                quantization: str | None = None):
   """A `Llama` module holding `params`: on the default device, or with `mesh` each tensor placed straight onto its
   NamedSharding from `jaxllm.sharding.rules` (every device receives only its own shard; no device holds the model).
 
@@ -194,11 +204,12 @@ def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout
       config = dataclasses.replace(config, num_heads=heads)
     if kv.copies > 1:
       config = dataclasses.replace(config, num_kv_heads=config.num_kv_heads * kv.copies)
-    shardings = param_shardings(config, dtype, mesh, layout)  # raises if the mesh cannot fit the model
+    shardings = param_shardings(config, dtype, mesh, layout, quantization)  # raises if the mesh cannot fit it
     if kv.copies > 1:
       attn = dict(params["layers"]["attn"])
       # [L, D, K, H] -> [L, D, K * copies, H] (biases [L, K, H]), head k at k * copies ... + copies - 1
-      for name, axis in (("wk_DKH", 2), ("wv_DKH", 2), ("bk_KH", 1), ("bv_KH", 1)):
+      for name, axis in (("wk_DKH", 2), ("wv_DKH", 2), ("bk_KH", 1), ("bv_KH", 1), ("wk_scale_KH", 1),
+                         ("wv_scale_KH", 1)):
         if name not in attn:
           continue
         w, target = attn[name], shardings["layers"]["attn"][name]
@@ -210,7 +221,7 @@ def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout
     placed = place_params(params, shardings)
   else:
     placed = jax.tree.map(jax.numpy.asarray, params)
-  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, quantization=quantization, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   nnx.replace_by_pure_dict(state, placed)
   model = nnx.merge(graphdef, state)

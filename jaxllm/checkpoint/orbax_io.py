@@ -26,7 +26,8 @@ def is_orbax_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
 
 
-def save(directory: str, config: ModelConfig, params: dict, dtype: str, source: str = "") -> None:
+def save(directory: str, config: ModelConfig, params: dict, dtype: str, source: str = "",
+         quantization: str | None = None) -> None:
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(directory)
@@ -41,15 +42,17 @@ def save(directory: str, config: ModelConfig, params: dict, dtype: str, source: 
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-      json.dump({"model": config.to_dict(), "dtype": dtype, "source": source}, f, indent=2)
+      json.dump({"model": config.to_dict(), "dtype": dtype, "quantization": quantization, "source": source}, f,
+                indent=2)
 
 
-def read_config(directory: str) -> tuple[ModelConfig, str]:
+def read_config(directory: str) -> tuple[ModelConfig, str, str | None]:
+  """(config, dtype, quantization) of a converted checkpoint."""
   path = os.path.join(directory, CONFIG_FILE)
   try:
     with open(path) as f:
       d = json.load(f)
-    return ModelConfig.from_dict(d["model"]), d["dtype"]
+    return ModelConfig.from_dict(d["model"]), d["dtype"], d.get("quantization")
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{path} is not a valid jaxllm config ({e}).") from None
 

@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.layers.ops import check_quantization, quantize_int8
 
 
 class TensorSource(Protocol):
@@ -71,8 +72,12 @@ class SplitFused:
     return t[start:start + sizes[i]]
 
 
-def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32") -> dict:
+def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32", quantization: str | None = None) -> dict:
   """Builds the pure-dict params of `jaxllm.layers.Llama` (as `nnx.State.to_pure_dict()` lays them out).
+
+  quantization="int8": each attention projection and MLP tensor is quantized as it is read (one layer's tensor at a
+  time in float32 on the host, never the whole model), giving int8 weights and their per-output-channel scales
+  (`jaxllm.layers.ops.quantize_int8`) under the names `Llama(..., quantization="int8")` has.
 
   Gemma's norms: `post_attention_layernorm` is the norm on the attention output there (`pre_feedforward_layernorm`
   the one before the MLP), unlike Llama where it is the pre-MLP norm; weights are kept as stored (the layer adds 1).
@@ -80,6 +85,7 @@ def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32") -
   c = config
   D, F, N, K, H, V, L = c.d_model, c.d_ff, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.num_layers
   out_dtype = _np_dtype(dtype)
+  check_quantization(quantization)
   source = SplitFused(source, c)
   available = set(source.names())
 
@@ -99,30 +105,38 @@ def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32") -
       out[i] = convert(get(f"model.layers.{i}.{suffix}", shape))
     return out
 
+  def weights(into: dict, name: str, scale_name: str, suffix: str, shape, convert, reduce_axes) -> None:
+    """into[name] = the stacked weight; quantized: int8, and into[scale_name] its stacked scales."""
+    if quantization is None:
+      into[name] = stack(suffix, shape, convert)
+      return
+    qs, scales = zip(*(quantize_int8(np.asarray(convert(get(f"model.layers.{i}.{suffix}", shape)), np.float32),
+                                     reduce_axes) for i in range(L)))
+    into[name], into[scale_name] = np.stack(qs), np.stack(scales).astype(out_dtype)
+
   params = {
-      "embed_VD": get("model.embed_tokens.weight", (V, D)).astype(out_dtype),
       "final_norm": {"weight": get("model.norm.weight", (D,)).astype(out_dtype)},
       "layers": {
           "attn_norm": {"weight": stack("input_layernorm.weight", (D,), lambda w: w)},
           "mlp_norm": {"weight": stack("pre_feedforward_layernorm.weight" if c.post_norms else
                                        "post_attention_layernorm.weight", (D,), lambda w: w)},
-          "attn": {
-              "wq_DNH": stack("self_attn.q_proj.weight", (N * H, D), lambda w: w.T.reshape(D, N, H)),
-              "wk_DKH": stack("self_attn.k_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
-              "wv_DKH": stack("self_attn.v_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H)),
-              "wo_NHD": stack("self_attn.o_proj.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
-          },
-          "mlp": {
-              "w_gate_DF": stack("mlp.gate_proj.weight", (F, D), lambda w: w.T),
-              "w_up_DF": stack("mlp.up_proj.weight", (F, D), lambda w: w.T),
-              "w_down_FD": stack("mlp.down_proj.weight", (D, F), lambda w: w.T),
-          },
+          "attn": {},
+          "mlp": {},
       },
   }
+  params["embed_VD"] = get("model.embed_tokens.weight", (V, D)).astype(out_dtype)
+  attn, mlp = params["layers"]["attn"], params["layers"]["mlp"]
+  weights(attn, "wq_DNH", "wq_scale_NH", "self_attn.q_proj.weight", (N * H, D), lambda w: w.T.reshape(D, N, H), (0,))
+  weights(attn, "wk_DKH", "wk_scale_KH", "self_attn.k_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H), (0,))
+  weights(attn, "wv_DKH", "wv_scale_KH", "self_attn.v_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H), (0,))
+  weights(attn, "wo_NHD", "wo_scale_D", "self_attn.o_proj.weight", (D, N * H), lambda w: w.T.reshape(N, H, D),
+          (0, 1))
+  weights(mlp, "w_gate_DF", "w_gate_scale_F", "mlp.gate_proj.weight", (F, D), lambda w: w.T, (0,))
+  weights(mlp, "w_up_DF", "w_up_scale_F", "mlp.up_proj.weight", (F, D), lambda w: w.T, (0,))
+  weights(mlp, "w_down_FD", "w_down_scale_D", "mlp.down_proj.weight", (D, F), lambda w: w.T, (0,))
   if c.post_norms:
     params["layers"]["post_attn_norm"] = {"weight": stack("post_attention_layernorm.weight", (D,), lambda w: w)}
     params["layers"]["post_mlp_norm"] = {"weight": stack("post_feedforward_layernorm.weight", (D,), lambda w: w)}
-  attn = params["layers"]["attn"]
   if c.qkv_bias:
     attn["bq_NH"] = stack("self_attn.q_proj.bias", (N * H,), lambda b: b.reshape(N, H))
     attn["bk_KH"] = stack("self_attn.k_proj.bias", (K * H,), lambda b: b.reshape(K, H))

@@ -24,14 +24,16 @@ def main(argv):
   start = time.time()
   try:
     mesh, layout = device_flags.setup()
-    ckpt = checkpoint.load_checkpoint(_MODEL.value, _DTYPE.value, mesh, layout)
+    ckpt = checkpoint.load_checkpoint(_MODEL.value, _DTYPE.value, mesh, layout, device_flags.QUANTIZATION.value)
     params = ckpt.params
     if mesh is not None:  # written shard by shard from the devices (on many hosts: each host writes its own)
-      params = checkpoint.place_params(params, checkpoint.param_shardings(ckpt.config, ckpt.dtype, mesh, layout))
-    orbax_io.save(_OUTPUT.value, ckpt.config, params, ckpt.dtype, source=ckpt.source)
+      params = checkpoint.place_params(params, checkpoint.param_shardings(ckpt.config, ckpt.dtype, mesh, layout,
+                                                                          ckpt.quantization))
+    orbax_io.save(_OUTPUT.value, ckpt.config, params, ckpt.dtype, source=ckpt.source, quantization=ckpt.quantization)
     if ckpt.tokenizer is not None and device_flags.is_primary():
       ckpt.tokenizer.save(_OUTPUT.value)
   except (ValueError, OSError) as e:
     fail(str(e))
   if device_flags.is_primary():
-    print(f"wrote {os.path.abspath(_OUTPUT.value)} ({ckpt.config.name}, {ckpt.dtype}) in {time.time() - start:.1f}s")
+    weights = ckpt.dtype if ckpt.quantization is None else f"{ckpt.quantization} weights, {ckpt.dtype} scales"
+    print(f"wrote {os.path.abspath(_OUTPUT.value)} ({ckpt.config.name}, {weights}) in {time.time() - start:.1f}s")

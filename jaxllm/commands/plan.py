@@ -28,6 +28,8 @@ _LAYOUT = flags.DEFINE_enum("layout", None, ["tp", "2d", "dp"], "tp: 1D weight-s
 _KV_PLACEMENT = flags.DEFINE_enum("kv_placement", "runtime", ["runtime", "batch"], "runtime: KV heads as jaxllm "
                                   "places them (split, or replicated at load when they do not divide the head axis); "
                                   "batch: what-if of Pope et al.'s batch-sharded KV cache for that case.")
+_QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int8"], "Weight quantization to plan for: int8 "
+                                   "(attention projections and MLP; embedding, LM head, norms stay in --dtype).")
 _JSON = flags.DEFINE_bool("json", False, "Print the plan as JSON instead of a table.")
 
 
@@ -46,7 +48,8 @@ def main(argv):
       raise ValueError(f"--hbm_gib must be > 0, got {_HBM_GIB.value}.")
     max_len = config.max_position_embeddings if _MAX_MODEL_LEN.value is None else _MAX_MODEL_LEN.value
     p = planner.plan(config, mesh, _DTYPE.value, max_len, int(_HBM_GIB.value * planner.GiB), layout,
-                     kv_dtype=_KV_DTYPE.value, reserve=_RESERVE.value, kv_placement=_KV_PLACEMENT.value)
+                     kv_dtype=_KV_DTYPE.value, reserve=_RESERVE.value, kv_placement=_KV_PLACEMENT.value,
+                     quantization=_QUANTIZATION.value)
   except (ValueError, OSError) as e:
     fail(str(e))
   print(json.dumps(p.to_dict(), indent=2) if _JSON.value else planner.format_plan(p))

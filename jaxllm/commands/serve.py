@@ -30,7 +30,8 @@ def main(argv):
   logging.basicConfig(level=_LOG_LEVEL.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   try:
     config = ServerConfig(model=_MODEL.value, served_model_name=_SERVED.value, tokenizer=_TOKENIZER.value,
-                          host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value, engine=engine_flags.engine_config(),
+                          host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
+                          quantization=device_flags.QUANTIZATION.value, engine=engine_flags.engine_config(),
                           max_waiting=_MAX_WAITING.value, api_key=_API_KEY.value, warmup=_WARMUP.value)
     mesh, layout = device_flags.setup()
   except ValueError as e:

@@ -85,7 +85,34 @@ def main():
         out["hlo"][kv]["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
         out["hlo"][kv]["runtime_weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(g.params))  # global shapes
   out["orbax"] = orbax_round_trip(*first)
+  out["int8"] = int8_runs(tokens, prompts)
   print(json.dumps(out))
+
+
+def int8_runs(tokens, prompts):
+  """The 8/2-head model with int8 weights on tp and 2d vs one device, and each device's weight bytes beside the
+  planner's count."""
+  from jaxllm.sharding import planner
+
+  config = ModelConfig(vocab_size=512, d_model=128, d_ff=256, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16)
+  model = Llama(config, quantization="int8", rngs=nnx.Rngs(3))
+  params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+  single = Generator(checkpoint.build_model(config, params, "float32", quantization="int8"))
+  ref_logits = single.logits(tokens)
+  ref_tokens, _ = single.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
+  runs = []
+  for spec, layout in (("model=8", "tp"), ("x=2,y=4", "2d")):
+    mesh = make_mesh(spec)
+    g = Generator(checkpoint.build_model(config, params, "float32", mesh, layout, "int8"), mesh=mesh)
+    toks, _ = g.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
+    device0 = jax.devices()[0]
+    held = sum(s.data.nbytes for x in jax.tree.leaves(g.params) for s in x.addressable_shards if s.device == device0)
+    plan = planner.plan(config, dict(mesh.shape), "float32", 64, planner.GiB, layout, quantization="int8")
+    runs.append({"mesh": spec, "max_logit_diff": float(np.abs(g.logits(tokens) - ref_logits).max()),
+                 "decode_equal": toks == ref_tokens, "device0_bytes": held,
+                 "planned_bytes": plan.weight_bytes_per_device,
+                 "wq_dtype": str(g.params["layers"]["attn"]["wq_DNH"].value.dtype)})
+  return runs
 
 
 def orbax_round_trip(params, config):

@@ -66,6 +66,13 @@ def test_tp_has_two_all_reduces_per_layer_and_no_weight_gathers(results, kv):
   assert hlo["runtime_weight_bytes"] == hlo["weight_bytes"] + (extra_kv if kv == "2" else 0)
 
 
+def test_int8_weights_shard_like_float_and_as_the_planner_counts(results):
+  for run in results["int8"]:
+    assert run["wq_dtype"] == "int8" and run["decode_equal"], run
+    assert run["max_logit_diff"] <= 1e-5, run
+    assert run["device0_bytes"] == run["planned_bytes"], run  # what one device holds is what `jaxllm plan` says
+
+
 def test_orbax_restores_each_shard_onto_its_device(results):
   o = results["orbax"]  # the 8/2-head model: wq [L=2, D=128, N=8, H=16] with heads over model=8
   assert o["equal"], o
