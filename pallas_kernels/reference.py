@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.config import NO_WINDOW  # a window no position difference reaches: what window=None means in the kernels
+
 _MASKED = -1e30  # finite, so a row can never become NaN through exp(-inf - -inf)
-NO_WINDOW = 1 << 30  # a window no position difference reaches: what window=None means inside the kernels
 
 
 def window_or_none(window):
