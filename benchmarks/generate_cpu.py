@@ -4,7 +4,7 @@ Both sides: float32, the same prompt token ids, exactly --new_tokens generated t
 sizes from --batch_sizes, a warm-up pass first (jit compilation / torch first-call overhead are not timed). The figure
 is generated tokens per second of wall time, prefill included. Prints a table and appends it to benchmarks/RESULTS.md.
 
-    python benchmarks/generate_cpu.py [--new_tokens 64] [--batch_sizes 1,8] [--weights f32,bf16,int8,bf16+int8]
+    python benchmarks/generate_cpu.py [--new_tokens 64] [--batch_sizes 1,8] [--weights f32,bf16,int8,kv-int8]
 """
 
 import argparse
@@ -56,14 +56,16 @@ def time_hf(model, batch, new_tokens, pad_id):
 
 
 VARIANTS = {"f32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"),
-            "bf16+int8": dict(dtype="bfloat16", quantization="int8")}
+            "bf16+int8": dict(dtype="bfloat16", quantization="int8"), "kv-int8": dict(kv_cache_dtype="int8"),
+            "kv-fp8": dict(kv_cache_dtype="fp8")}
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--batch_sizes", default="1,8")
-  ap.add_argument("--weights", default="f32", help=f"comma-separated jaxllm weight variants: {', '.join(VARIANTS)}")
+  ap.add_argument("--weights", default="f32", help=f"comma-separated jaxllm weight / KV-cache variants: "
+                  f"{', '.join(VARIANTS)}")
   ap.add_argument("--results", default=common.RESULTS)
   args = ap.parse_args()
 

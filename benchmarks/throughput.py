@@ -14,8 +14,8 @@ Decode step: one engine step (forward + sampler programs) with every sequence de
 --step_context; the bandwidth floor is (weight bytes + KV bytes read per step) / measured copy bandwidth, the compute
 floor the step's FLOPs / measured matmul FLOP/s.
 
-    python benchmarks/throughput.py [--num_prompts 64] [--max_num_seqs 32]
-    python benchmarks/throughput.py --preset llama3-8b --dtype bfloat16 --max_num_seqs 64 --num_prompts 256  # GPU
+    python benchmarks/throughput.py [--num_prompts 64] [--max_num_seqs 32] [--variants f32,int8,kv-int8]
+    python benchmarks/throughput.py --preset llama3-8b --variants bf16,bf16+int8 --max_num_seqs 64 --num_prompts 256
 """
 
 import argparse
@@ -125,7 +125,7 @@ class RandomModel:
   """A preset's shape with random weights (no checkpoint, no tokenizer), e.g. Llama-3-8B in bfloat16 on a GPU: the
   engine and scheduler are driven directly, with the same requests as the LLM path."""
 
-  def __init__(self, preset, dtype, max_model_len, max_num_seqs):
+  def __init__(self, preset, dtype, max_model_len, max_num_seqs, quantization=None, kv_cache_dtype="auto"):
     import jax.numpy as jnp
     from flax import nnx
 
@@ -135,9 +135,10 @@ class RandomModel:
     from jaxllm.serving.engine import Engine
 
     self.config = ModelConfig.from_preset(preset)
-    model = Llama(self.config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+    model = Llama(self.config, dtype=jnp.dtype(dtype), quantization=quantization, rngs=nnx.Rngs(0))
     self.engine = Engine(model, EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                             max_num_batched_tokens=max(512, max_num_seqs)))
+                                             max_num_batched_tokens=max(512, max_num_seqs),
+                                             kv_cache_dtype=kv_cache_dtype))
 
   def generate(self, prompt_token_ids, sampling_params, use_tqdm=False):
     from jaxllm.serving.scheduler import Scheduler
@@ -146,6 +147,11 @@ class RandomModel:
     reqs = [sched.add(p, sp) for p, sp in zip(prompt_token_ids, sampling_params)]
     sched.run_until_done()
     return [types.SimpleNamespace(token_ids=r.output_ids) for r in reqs]
+
+
+VARIANTS = {"f32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"),
+            "bf16+int8": dict(dtype="bfloat16", quantization="int8"), "kv-int8": dict(kv_cache_dtype="int8"),
+            "kv-fp8": dict(kv_cache_dtype="fp8"), "int8+kv-int8": dict(quantization="int8", kv_cache_dtype="int8")}
 
 
 def main():
@@ -164,40 +170,51 @@ def main():
   ap.add_argument("--skip_hf", action="store_true", help="jaxllm only (e.g. on an accelerator)")
   ap.add_argument("--preset", default=None, help="a configs/models.toml preset with random weights instead of the "
                   "default model (implies --skip_hf), e.g. llama3-8b on a GPU")
-  ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+  ap.add_argument("--variants", default="f32", help="comma-separated weight / KV-cache variants, each run on the "
+                  f"same workload: {', '.join(VARIANTS)}")
   ap.add_argument("--results", default=common.RESULTS)
   args = ap.parse_args()
+  unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+  if unknown:
+    ap.error(f"unknown --variants {unknown}; choose from {', '.join(VARIANTS)}")
 
   import jax
 
   from jaxllm import LLM, default_model
+  from jaxllm.serving.kv_cache import page_bytes
 
   max_len = args.max_input + args.max_output + 16
-  if args.preset:
-    llm = RandomModel(args.preset, args.dtype, max_len, args.max_num_seqs)
-    model_name = f"{args.preset} shape, random {args.dtype} weights"
-  else:
-    llm = LLM("default", dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
-    model_name = f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to {args.dtype})"
-  prompts, outs = workload(np.random.default_rng(args.seed), args.num_prompts, llm.config.vocab_size, args)
-  ours, reqs = run_ours(llm, prompts, outs)
-  rows = [("jaxllm (continuous batching, paged)", ours)]
   # Decode steps and bandwidth before transformers loads: torch's OpenMP threads keep spinning after its generate
   # and would slow every later measurement in this process.
   bandwidth = common.copy_bandwidth_gbs()
-  mc = llm.config
-  item = np.dtype(args.dtype if args.dtype != "bfloat16" else np.float16).itemsize
-  weight_bytes = mc.num_params * item
-  kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * item
-  tflops = common.matmul_tflops(args.dtype)
-  steps = []
-  for slots in sorted({1, args.max_num_seqs}):
-    times, T = decode_step_seconds(llm, slots, args.step_context)
-    t = times["step"]
-    floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
-    compute = step_flops(mc, slots, args.step_context) / (tflops * 1e12)
-    steps.append((slots, T, t, floor, compute, times["forward"], times["pick"]))
+  rows, steps, floors, prompts = [], [], {}, None
+  for name in args.variants.split(","):
+    v = dict(VARIANTS[name])
+    dtype = v.pop("dtype", "float32")
+    if args.preset:
+      llm = RandomModel(args.preset, dtype, max_len, args.max_num_seqs, **v)
+      model_name = f"{args.preset} shape, random weights"
+    else:
+      llm = LLM("default", dtype=dtype, quantization=v.pop("quantization", None), max_model_len=max_len,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, **v)
+      model_name = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized; int8: requantized per output channel)"
+    if prompts is None:
+      prompts, outs = workload(np.random.default_rng(args.seed), args.num_prompts, llm.config.vocab_size, args)
+    ours, reqs = run_ours(llm, prompts, outs)
+    pad_id = getattr(getattr(llm, "tokenizer", None), "pad_id", None) or 0
+    rows.append((f"jaxllm {name} (continuous batching, paged)", ours))
+    eng, mc = llm.engine, llm.config
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(eng.params))  # the placed arrays a step streams
+    kv_per_token = page_bytes(eng.config, mc, eng.kv_dtype) / eng.config.page_size  # values and scales
+    floors[name] = (weight_bytes, kv_per_token, str(eng.kv_dtype))
+    tflops = common.matmul_tflops(dtype)
+    for slots in sorted({1, args.max_num_seqs}):
+      times, T = decode_step_seconds(llm, slots, args.step_context)
+      t = times["step"]
+      floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
+      compute = step_flops(mc, slots, args.step_context) / (tflops * 1e12)
+      steps.append((name, slots, T, t, floor, compute, times["forward"], times["pick"]))
+    del llm, eng
 
   agree = None
   if not args.skip_hf and not args.preset:
@@ -208,8 +225,8 @@ def main():
     path = default_model.gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32).eval()
-    theirs, got = run_hf(hf, prompts, outs, args.max_num_seqs, llm.tokenizer.pad_id or 0)
-    rows.append(("transformers generate (static batches, left-padded)", theirs))
+    theirs, got = run_hf(hf, prompts, outs, args.max_num_seqs, pad_id)
+    rows.append(("transformers generate f32 (static batches, left-padded)", theirs))
     # Greedy on both sides: count the requests whose first 8 tokens agree (f32 noise may flip a near-tie later).
     agree = sum(r.token_ids[:8] == g[:8] for r, g in zip(reqs, got))
 
@@ -221,25 +238,27 @@ def main():
       f"{model_name}, greedy, {args.num_prompts} requests: prompt lengths "
       f"{min(len(p) for p in prompts)}..{max(len(p) for p in prompts)} (mean {np.mean([len(p) for p in prompts]):.0f}), "
       f"output lengths {min(outs)}..{max(outs)} (mean {np.mean(outs):.0f}), {total_out} output tokens; "
-      f"{args.max_num_seqs} sequences at a time{' on both sides' if len(rows) > 1 else ''}; one run.",
+      f"{args.max_num_seqs} sequences at a time{' on both sides' if agree is not None else ''}; one run.",
       "",
       "| engine | seconds | output tok/s | ratio |",
       "|---|---:|---:|---:|",
   ] + [f"| {name} | {t:.1f} | {total_out / t:.1f} | {rows[-1][1] / t:.2f}x |" for name, t in rows]
   if agree is not None:
-    lines += ["", f"First 8 greedy tokens identical on both sides for {agree}/{len(reqs)} requests."]
+    lines += ["", f"First 8 greedy tokens identical on both sides ({args.variants.split(',')[-1]}) for "
+              f"{agree}/{len(reqs)} requests."]
   lines += [
       "",
       f"Decode step (one engine step: forward + sampler, every sequence decoding one token) at context "
-      f"{args.step_context}. Bandwidth floor = (weights {weight_bytes / 1e6:.0f} MB + KV read) / {bandwidth:.1f} GB/s "
-      f"measured copy bandwidth; compute floor = FLOPs of the step (2 per weight per row + attention) / "
-      f"{tflops:.3f} TFLOP/s measured {args.dtype} matmul. 'of floor' is the larger floor over the step time.",
+      f"{args.step_context}. Bandwidth floor = (bytes of the placed weights + KV bytes read, values and scales) / "
+      f"{bandwidth:.1f} GB/s measured copy bandwidth; compute floor = FLOPs of the step (2 per weight per row + "
+      f"attention) / measured matmul FLOP/s of the variant's dtype. 'of floor' is the larger floor over the step time.",
       "",
-      "| sequences | token bucket | step ms | model ms | LM head + sampler ms | bandwidth floor ms | "
-      "compute floor ms | of floor | step / compute floor |",
-      "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-  ] + [f"| {s} | {T} | {t * 1e3:.1f} | {fw * 1e3:.1f} | {pk * 1e3:.1f} | {f * 1e3:.1f} | {c * 1e3:.1f} | "
-       f"{max(f, c) / t:.0%} | {t / c:.1f}x |" for s, T, t, f, c, fw, pk in steps] + [""]
+      "| variant | weights | KV cache (B/token) | sequences | token bucket | step ms | model ms | "
+      "LM head + sampler ms | bandwidth floor ms | compute floor ms | of floor |",
+      "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
+  ] + [f"| {n} | {floors[n][0] / 1e6:.0f} MB | {floors[n][2]} ({floors[n][1]:.0f}) | {s} | {T} | {t * 1e3:.1f} | "
+       f"{fw * 1e3:.1f} | {pk * 1e3:.1f} | {f * 1e3:.1f} | {c * 1e3:.1f} | {max(f, c) / t:.0%} |"
+       for n, s, T, t, f, c, fw, pk in steps] + [""]
   common.publish(lines, args.results)
 
 

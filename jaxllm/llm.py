@@ -103,8 +103,8 @@ class LLM:
   Args:
     model: "default", a preset-free checkpoint path (.gguf file, HF dir, `jaxllm convert` dir).
     dtype: parameter dtype, "float32" or "bfloat16".
-    quantization: None, or "int8": weight-only int8 with per-output-channel scales (projections, MLP, embedding and
-      LM head; norms and biases stay in `dtype`), quantized as the checkpoint is read.
+    quantization: None, or "int8": weight-only int8 with per-output-channel scales for the attention projections and
+      the MLP (embedding, LM head, norms and biases stay in `dtype`), quantized as the checkpoint is read.
     tokenizer: a tokenizer path to use instead of the checkpoint's own.
     seed: seeds the draws of requests whose SamplingParams.seed is None.
     mesh, layout: a device mesh ("model=8", "data=2,model=4", or a jax Mesh) and its sharding layout.
@@ -112,7 +112,8 @@ class LLM:
       by later processes).
     engine_config: the engine's settings (`jaxllm.serving.config.EngineConfig`), or
     **engine_args: any of its fields by name, e.g. max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=256,
-      enable_prefix_caching=False, page_size, num_pages, kv_cache_memory_fraction.
+      enable_prefix_caching=False, kv_cache_dtype="int8" (or "fp8"), page_size, num_pages,
+      kv_cache_memory_fraction.
   """
 
   def __init__(self, model: str = "default", *, dtype: str = "float32", quantization: str | None = None,
@@ -155,7 +156,7 @@ class LLM:
     e = self.engine.config
     return (f"LLM({c.name!r}, {c.num_params / 1e6:.1f}M params, dtype={self.dtype}, layers={c.num_layers}, "
             f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len}, "
-            f"KV cache: {self.engine.num_pages - 1} pages x {e.page_size} tokens, max_num_seqs={e.max_num_seqs}, "
+            f"KV cache: {self.engine.num_pages - 1} pages x {e.page_size} tokens of {self.engine.kv_dtype}, max_num_seqs={e.max_num_seqs}, "
             f"max_num_batched_tokens={e.max_num_batched_tokens}, prefix caching {'on' if e.enable_prefix_caching else 'off'}"
             + (f", mesh={dict(self.mesh.shape)}, layout={self.layout}, KV: {self.kv_placement.note}"
                if self.mesh is not None else "") + ")")

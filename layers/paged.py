@@ -16,7 +16,9 @@ A step feeds the model B = 1 and the new tokens of all sequences concatenated on
 cu_q_lens[i]:cu_q_lens[i+1]). `slot_page_T` / `slot_offset_T` say where each new token's K/V go (vLLM's slot mapping:
 page id and offset within the page, computed by the host allocator from the page table); the view writes them, then
 ragged paged attention reads every sequence's pages up to its kv_len. Padding rows point at a scratch page the
-allocator never hands out. Decode tokens (one row for their sequence) and prefill chunks (many rows, possibly after a
+allocator never hands out. A quantized cache (`--kv_cache_dtype int8|fp8`) holds `QuantizedPages` (int8 / float8
+values and a float32 scale per token and KV head, `jaxllm.pallas_kernels.kv_quant`) in place of each array: the view
+quantizes each new token's K/V as it writes them, and the kernels dequantize what they read. Decode tokens (one row for their sequence) and prefill chunks (many rows, possibly after a
 cached prefix) mix freely in one step: this is the serving engine's only attention path.
 """
 
@@ -26,14 +28,15 @@ from flax import struct
 
 from jaxllm import pallas_kernels
 from jaxllm.config import ModelConfig
+from jaxllm.pallas_kernels.kv_quant import SCALE_DTYPE, QuantizedPages, is_quantized, quantize_kv
 
 
 @struct.dataclass
 class PagedKVCache:
   """Pages plus one step's metadata. Shapes: T new tokens, S sequence slots, M pages per sequence."""
 
-  k: jax.Array  # [L * P, K, C, H]
-  v: jax.Array  # [L * P, K, C, H]
+  k: jax.Array | QuantizedPages  # [L * P, K, C, H] (a quantized cache: values and [L * P, K, C] scales)
+  v: jax.Array | QuantizedPages
   slot_page_T: jax.Array  # int32 page id (in [0, P)) for each new token's K/V
   slot_offset_T: jax.Array  # int32 offset in that page
   kv_lens: jax.Array  # [S] int32, context length including this step's tokens
@@ -43,22 +46,29 @@ class PagedKVCache:
   num_layers: int = struct.field(pytree_node=False)  # L: the pool holds L * P pages
 
   @classmethod
-  def over(cls, k_LPKCH: jax.Array, v_LPKCH: jax.Array, **metadata) -> "PagedKVCache":
+  def over(cls, k_LPKCH, v_LPKCH, **metadata) -> "PagedKVCache":
     """The cache over stacked pages [L, P, K, C, H] (reshaped, not copied, into the pool)."""
-    L = k_LPKCH.shape[0]
+    L = jax.tree.leaves(k_LPKCH)[0].shape[0]
     pool = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
-    return cls(k=pool(k_LPKCH), v=pool(v_LPKCH), num_layers=L, **metadata)
+    return cls(k=jax.tree.map(pool, k_LPKCH), v=jax.tree.map(pool, v_LPKCH), num_layers=L, **metadata)
 
-  def stacked(self) -> tuple[jax.Array, jax.Array]:
-    """k, v as [L, P, K, C, H]."""
+  def stacked(self):
+    """k, v as [L, P, K, C, H] (and scales [L, P, K, C])."""
     stack = lambda x: x.reshape(self.num_layers, -1, *x.shape[1:])  # noqa: E731
-    return stack(self.k), stack(self.v)
+    return jax.tree.map(stack, self.k), jax.tree.map(stack, self.v)
 
   @staticmethod
-  def zero_pages(config: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """Stacked [L, P, K, C, H] zero pages."""
+  def zero_pages(config: ModelConfig, num_pages: int, page_size: int, dtype):
+    """Stacked [L, P, K, C, H] zero pages; for a quantized dtype (int8, float8_e4m3fn) `QuantizedPages` with
+    [L, P, K, C] float32 scales."""
     shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    def zeros():
+      if is_quantized(dtype):
+        return QuantizedPages(values=jnp.zeros(shape, dtype), scales=jnp.zeros(shape[:-1], SCALE_DTYPE))
+      return jnp.zeros(shape, dtype)
+
+    return zeros(), zeros()
 
   def view(self, k, v, layer, attention_impl):
     return PagedCacheView(self, k, v, layer, attention_impl)
@@ -75,11 +85,19 @@ class PagedCacheView:
     if q_BTNH.shape[0] != 1:
       raise ValueError(f"a paged step takes the ragged tokens as B=1, T=tokens; got B={q_BTNH.shape[0]}.")
     m = self.meta
-    offset = self.layer * (self.k.shape[0] // m.num_layers)  # this layer's first pool page
-    # Advanced indices on axes 0 and 2 with a slice between: the update is laid out [T, K, H].
-    self.k = self.k.at[m.slot_page_T + offset, :, m.slot_offset_T].set(k_BTKH[0])
-    self.v = self.v.at[m.slot_page_T + offset, :, m.slot_offset_T].set(v_BTKH[0])
+    offset = self.layer * (jax.tree.leaves(self.k)[0].shape[0] // m.num_layers)  # this layer's first pool page
+    page_T = m.slot_page_T + offset
+    # Advanced indices on axes 0 and 2 with a slice between: the update is laid out [T, K, H] ([T, K] for scales).
+    write = lambda pages, x: pages.at[page_T, :, m.slot_offset_T].set(x)  # noqa: E731
+    if isinstance(self.k, QuantizedPages):  # each new token's K/V quantized once, with a scale per KV head
+      self.k = jax.tree.map(write, self.k, QuantizedPages(*quantize_kv(k_BTKH[0], self.k.values.dtype)))
+      self.v = jax.tree.map(write, self.v, QuantizedPages(*quantize_kv(v_BTKH[0], self.v.values.dtype)))
+      pages = dict(k_pages=self.k.values, v_pages=self.v.values, k_scales=self.k.scales, v_scales=self.v.scales)
+    else:
+      self.k, self.v = write(self.k, k_BTKH[0]), write(self.v, v_BTKH[0])
+      pages = dict(k_pages=self.k, v_pages=self.v)
     o_TNH = pallas_kernels.ragged_paged_attention(
-        q_BTNH[0], self.k, self.v, m.kv_lens, m.page_indices + offset, m.cu_q_lens, m.num_seqs,
-        sm_scale=sm_scale, window=window, soft_cap=soft_cap, implementation=self.impl, interpret=self.interpret)
+        q_BTNH[0], kv_lens=m.kv_lens, page_indices=m.page_indices + offset, cu_q_lens=m.cu_q_lens,
+        num_seqs=m.num_seqs, sm_scale=sm_scale, window=window, soft_cap=soft_cap, implementation=self.impl,
+        interpret=self.interpret, **pages)
     return o_TNH[None]

@@ -37,6 +37,8 @@ class EngineConfig:
                                  "kv_cache_memory_fraction).")
   kv_cache_memory_fraction: float | None = _field(None, "Fraction of free device memory for the KV cache (default "
                                                   "0.9 on GPU/TPU; on CPU min(4 GiB, half the free RAM)).")
+  kv_cache_dtype: str = _field("auto", "KV-cache storage: auto (the model's dtype), int8 or fp8 (float8_e4m3fn), "
+                               "both with a float32 scale per token and KV head: about twice the pages of bfloat16.")
   enable_prefix_caching: bool = _field(True, "Keep full KV pages after a request ends and reuse them for later "
                                        "requests that share the prefix (vLLM's automatic prefix caching).")
   num_top_logprobs: int = _field(MAX_LOGPROBS, "Top-n logprobs the engine can return per token (requests may ask "
@@ -62,8 +64,10 @@ class EngineConfig:
       raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least max_num_seqs="
                        f"{self.max_num_seqs} (every running sequence decodes one token per step).")
     from jaxllm import pallas_kernels
+    from jaxllm.pallas_kernels.kv_quant import kv_cache_dtype
 
     pallas_kernels.split_impl(self.attention_impl)
+    kv_cache_dtype(self.kv_cache_dtype, "float32")  # raises naming the choices
 
   @classmethod
   def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -37,6 +37,7 @@ from flax import nnx, struct
 
 from jaxllm.layers.llama import Llama
 from jaxllm.layers.paged import PagedKVCache
+from jaxllm.pallas_kernels.kv_quant import QuantizedPages, kv_cache_dtype
 from jaxllm.sampling import SamplingArrays, TokenHistory, sample
 from jaxllm.serving.config import EngineConfig, bucket, cdiv
 from jaxllm.serving.kv_cache import size_kv_cache
@@ -49,8 +50,8 @@ SCRATCH_PAGE = 0  # padding rows write here; the allocator never hands it out
 class EngineState:
   """What persists across steps (Z = max_num_seqs slots, V = vocab)."""
 
-  k: jax.Array  # [L, P, K, C, H] KV pages
-  v: jax.Array  # [L, P, K, C, H]
+  k: jax.Array | QuantizedPages  # [L, P, K, C, H] KV pages (int8 / fp8 cache: values and [L, P, K, C] scales)
+  v: jax.Array | QuantizedPages
   tokens: jax.Array  # [Z] int32: each slot's last sampled token (fed by its next decode row)
   history: TokenHistory  # [Z, V]: what the penalties read; kept only for slots whose request uses penalties
 
@@ -204,20 +205,22 @@ class Engine:
     self.dtype = model.dtype
     self.activation_sharding = model.activation_sharding
     self.graphdef, self.params = nnx.split(model)
-    self.num_pages = size_kv_cache(config, model.config, model.dtype, self.activation_sharding)
+    self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, model.dtype)
+    self.num_pages = size_kv_cache(config, model.config, self.kv_dtype, self.activation_sharding)
     self.token_buckets = config.token_buckets
     self._static = dict(attention_impl=config.attention_impl)
 
   # ------------------------------------------------------------------ state
   def init_state(self) -> EngineState:
     c, mc = self.config, self.model_config
-    shape = (mc.num_layers, self.num_pages, mc.num_kv_heads, c.page_size, mc.head_dim)
+    pages = lambda: PagedKVCache.zero_pages(mc, self.num_pages, c.page_size, self.kv_dtype)  # noqa: E731
     sharding = None
     if self.activation_sharding is not None:  # KV heads over the layout's head axis, as the K/V projections
-      sharding = self.activation_sharding.named(("layers", None, "kv_heads", None, "head_dim"), shape)
-    zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
+      axes = ("layers", None, "kv_heads", None, "head_dim")
+      sharding = jax.tree.map(lambda x: self.activation_sharding.named(axes[:x.ndim], x.shape), jax.eval_shape(pages))
+    k, v = jax.jit(pages, out_shardings=sharding)()
     Z, V = c.max_num_seqs, mc.vocab_size
-    return EngineState(k=zeros(), v=zeros(), tokens=jnp.zeros((Z,), jnp.int32),
+    return EngineState(k=k, v=v, tokens=jnp.zeros((Z,), jnp.int32),
                        history=TokenHistory(output_counts=jnp.zeros((Z, V), jnp.int32),
                                             in_prompt=jnp.zeros((Z, V), bool)))
 

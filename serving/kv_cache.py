@@ -13,17 +13,19 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 
+from jaxllm.pallas_kernels.kv_quant import bytes_per_token_head
 from jaxllm.serving.config import EngineConfig, cdiv
 
 CPU_KV_CACHE_BYTES = 4 << 30  # vLLM's CPU default KV space; the CPU default fraction is also capped at this
 
 
 def page_bytes(engine_config: EngineConfig, model_config, dtype, num_shards: int = 1) -> int:
-  """Bytes one KV page (all layers, K and V) takes on each device holding a 1/num_shards slice of its heads."""
+  """Bytes one KV page (all layers, K and V; with a quantized dtype, the scales too) takes on each device holding a
+  1/num_shards slice of its heads. dtype: the KV values' dtype."""
   mc = model_config
-  per_page = 2 * mc.num_layers * mc.num_kv_heads * engine_config.page_size * mc.head_dim * jnp.dtype(dtype).itemsize
+  per_page = (2 * mc.num_layers * mc.num_kv_heads * engine_config.page_size
+              * bytes_per_token_head(mc.head_dim, dtype))
   return cdiv(per_page, num_shards)
 
 
@@ -41,7 +43,7 @@ def free_device_bytes(devices) -> tuple[int, bool]:
 
 
 def size_kv_cache(config: EngineConfig, model_config, dtype, activation_sharding=None) -> int:
-  """Number of KV pages: `config.num_pages` if given, else the memory budget's worth, at most `pages_wanted`.
+  """Number of KV pages (dtype: the KV values' dtype): `config.num_pages` if given, else the memory budget's worth, at most `pages_wanted`.
 
   Raises a ValueError when the pages cannot hold even one sequence of max_model_len (vLLM's "max_model_len is larger
   than the KV cache can hold"), naming the figures and the flags that change them."""

@@ -55,11 +55,12 @@ import types
 from typing import Any, Mapping
 
 from jaxllm.config import NO_WINDOW, ModelConfig
+from jaxllm.pallas_kernels.kv_quant import SCALE_DTYPE, bytes_per_token_head, is_quantized
+from jaxllm.pallas_kernels.kv_quant import kv_cache_dtype as kv_dtype
 from jaxllm.sharding.mesh import parse_mesh  # noqa: F401  (the planner reads --mesh as the runtime does)
 
 # Parameters jaxllm loads (jaxllm.checkpoint.DTYPES); the KV cache may be stored narrower.
 WEIGHT_DTYPES = {"float32": 4, "bfloat16": 2}
-KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 LAYOUTS = {"tp": ("data", "model"), "2d": ("data", "x", "y"), "dp": ("data",)}  # the mesh axes each layout uses
 LAYOUT_NAMES = {"tp": "1D weight-stationary", "2d": "2D weight-stationary", "dp": "data-parallel only"}
 GiB = 2**30
@@ -92,7 +93,7 @@ class Plan:
   mesh: dict[str, int]
   num_devices: int
   dtype: str
-  kv_dtype: str
+  kv_cache_dtype: str  # the engine's --kv_cache_dtype: auto (= dtype), int8 or fp8
   max_model_len: int
   hbm_bytes: int
   reserve: float  # fraction of HBM kept for activations / workspace
@@ -177,8 +178,15 @@ def _check_mesh(config: ModelConfig, mesh: dict[str, int], layout: str) -> dict:
   return rules.rules_for(layout, shaped)
 
 
+def _kv_entry_bytes(p: "Plan") -> str:
+  """How one token of one KV head is stored, e.g. 'H=128 x 1 B + 4 B scale'."""
+  dtype = kv_dtype(p.kv_cache_dtype, p.dtype)
+  scale = f" + {SCALE_DTYPE.itemsize} B scale" if is_quantized(dtype) else ""
+  return f"H={p.shape['H']} x {dtype.itemsize} B{scale}"
+
+
 def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len: int, hbm_bytes: int, layout: str,
-         kv_dtype: str | None = None, reserve: float = 0.1, kv_placement: str = "runtime",
+         kv_cache_dtype: str = "auto", reserve: float = 0.1, kv_placement: str = "runtime",
          quantization: str | None = None) -> Plan:
   """Plans `config` on `mesh` (axis -> size); see the module docstring for the layouts and the cost model.
   quantization="int8": the attention projections and MLP take 1 byte per weight plus a `dtype` scale per output
@@ -188,9 +196,6 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
     raise ValueError(f"quantization {quantization!r} is not supported; choose int8 or none.")
   if dtype not in WEIGHT_DTYPES:
     raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(WEIGHT_DTYPES)}.")
-  kv_dtype = kv_dtype or dtype
-  if kv_dtype not in KV_DTYPES:
-    raise ValueError(f"kv_dtype {kv_dtype!r} is not supported; choose one of {sorted(KV_DTYPES)}.")
   if not isinstance(max_model_len, int) or max_model_len <= 0:
     raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}.")
   if max_model_len > c.max_position_embeddings:
@@ -206,7 +211,8 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
   axis_rules = _check_mesh(c, mesh, layout)
 
   D, F, N, K, H, V, L = c.d_model, c.d_ff, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.num_layers
-  wb, kb = WEIGHT_DTYPES[dtype], KV_DTYPES[kv_dtype]
+  wb = WEIGHT_DTYPES[dtype]
+  kb = bytes_per_token_head(H, kv_dtype(kv_cache_dtype, dtype))  # K (or V) of one token and KV head
   ab = wb  # activations are carried in the parameter dtype
   data = mesh.get("data", 1)
   head_axis = axis_rules.get("heads")  # "model" (tp), "y" (2d), None (dp)
@@ -260,8 +266,8 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
     total_bytes = L * all_matrices + (c.num_params - L * all_matrices + L * all_scales) * wb
 
   # --- KV cache
-  kv_total = 2 * L * K * H * kb
-  kv_dev = 2 * L * kvh * H * kb
+  kv_total = 2 * L * K * kb
+  kv_dev = 2 * L * kvh * kb
   batch_axes = {"data": data, "x": X if layout == "2d" else 1, head_axis or "-": kv_batch}
   batch_shards = math.prod(batch_axes.values())
   batch_split = " x ".join(f"{a}={n}" for a, n in batch_axes.items() if n > 1) or "none"
@@ -328,7 +334,7 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
 
   return Plan(
       model=c.name, num_params=c.num_params, shape=dict(V=V, D=D, F=F, L=L, N=N, K=K, H=H), layout=layout, mesh=mesh,
-      num_devices=math.prod(mesh.values()), dtype=dtype, kv_dtype=kv_dtype, max_model_len=max_model_len,
+      num_devices=math.prod(mesh.values()), dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
       hbm_bytes=int(hbm_bytes), reserve=float(reserve),
       weight_bytes_per_device=weight_bytes, weight_bytes_total=total_bytes, vocab_rows_per_device=vocab_rows,
       kv_placement=placement, kv_heads_per_device=kvh, kv_note=kv_note, kv_bytes_per_token_total=kv_total,
@@ -356,7 +362,7 @@ def format_plan(p: Plan) -> str:
          f"{format_mesh(p.mesh)} ({p.num_devices} device{'s' * (p.num_devices > 1)}), layout {p.layout} "
          f"({LAYOUT_NAMES[p.layout]})",
          f"weights {p.dtype if p.quantization is None else p.quantization + ' (scales ' + p.dtype + ')'}, "
-         f"KV cache {p.kv_dtype}, HBM {_gib(p.hbm_bytes)} per device, "
+         f"KV cache {p.kv_cache_dtype}, HBM {_gib(p.hbm_bytes)} per device, "
          f"reserve {p.reserve:.0%} for activations/workspace, max_model_len {p.max_model_len:,}", ""]
   out.append("Memory per device")
   out += _table([
@@ -369,7 +375,7 @@ def format_plan(p: Plan) -> str:
       ("placement", f"{p.kv_placement}: {p.kv_note}"),
       ("KV heads per device", str(p.kv_heads_per_device)),
       ("bytes per token, total", f"{p.kv_bytes_per_token_total:,} B (K and V x L={p.shape['L']} x K={p.shape['K']} x "
-                                 f"H={p.shape['H']} x {KV_DTYPES[p.kv_dtype]} B)"),
+                                 f"{_kv_entry_bytes(p)})"),
       ("bytes per token, per device", f"{p.kv_bytes_per_token_per_device:,} B (per token of each sequence it holds)"),
       ("batch split over", f"{p.batch_shards} groups ({p.batch_split}); the batch is a multiple of {p.batch_shards}"
        if p.batch_shards > 1 else "not split: every device holds every sequence"),

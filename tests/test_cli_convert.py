@@ -35,7 +35,8 @@ def test_convert_round_trip_is_exact(tmp_path, rng):
 
 def test_convert_and_generate_on_a_mesh(tmp_path, rng):
   """`convert --mesh` writes the shards from their devices; a load with a mesh restores them straight onto it (the
-  2 KV heads on model=4, replicated 2x at load) and generates the tokens one device generates."""
+  2 KV heads on model=4, replicated 2x at load) and generates the tokens one device generates, with a float and
+  with an int8 KV cache."""
   import os
 
   src, out = tmp_path / "hf", tmp_path / "converted"
@@ -53,6 +54,13 @@ def test_convert_and_generate_on_a_mesh(tmp_path, rng):
   sharded = cli("generate", f"--model={out}", f"--prompt_token_ids={prompt_ids}", "--max_tokens=8", "--mesh=model=4")
   assert single.returncode == 0 and sharded.returncode == 0, single.stderr + sharded.stderr
   assert sharded.stdout == single.stdout and len(single.stdout.split(",")) == 8
+  # An int8 KV cache sharded by KV heads (each head's scales beside it) generates what one device's int8 cache does.
+  single_q = cli("generate", f"--model={out}", f"--prompt_token_ids={prompt_ids}", "--max_tokens=8",
+                 "--kv_cache_dtype=int8")
+  sharded_q = cli("generate", f"--model={out}", f"--prompt_token_ids={prompt_ids}", "--max_tokens=8",
+                  "--kv_cache_dtype=int8", "--mesh=model=4")
+  assert single_q.returncode == 0 and sharded_q.returncode == 0, single_q.stderr + sharded_q.stderr
+  assert sharded_q.stdout == single_q.stdout and len(single_q.stdout.split(",")) == 8
   bad = cli("convert", f"--model={src}", f"--output={tmp_path / 'x'}", "--mesh=model=3")
   assert bad.returncode == 1 and "3 positions but 4 devices" in bad.stderr
 

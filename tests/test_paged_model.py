@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxllm.config import ModelConfig
 from jaxllm.layers import Llama
 from jaxllm.layers.paged import PagedKVCache
+from jaxllm.pallas_kernels.kv_quant import QuantizedPages, quantize_kv
 from tests.oracle import Generator
 
 PAGE = 8
@@ -87,3 +88,29 @@ def test_flash_prefill_in_the_model_equals_reference(model, impl, rng):
   ref, _ = model(tokens, positions, attention_impl="xla")
   got, _ = model(tokens, positions, attention_impl=impl)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantized_cache_stores_each_token_quantized_once(model, kv_dtype, rng):
+  """The same two steps over a float and a quantized cache: layer 0's quantized pages hold exactly quantize_kv of the
+  float cache's K (its K comes from the embeddings alone; later layers' K already differ through the quantized
+  attention), and the logits stay close to the float cache's."""
+  prompts = [rng.integers(0, 512, size=n).tolist() for n in (13, 20)]
+  tables = [[3, 7], [1, 5, 9]]
+  seqs = lambda done: [(tables[0], done[0]), (tables[1], done[1])]  # noqa: E731
+  out = {}
+  for dtype in (jnp.float32, kv_dtype):
+    k, v = PagedKVCache.zero_pages(model.config, NUM_PAGES, PAGE, dtype)
+    logits1, k, v = run_step(model, k, v, seqs((0, 0)), [prompts[0], prompts[1][:12]], "xla")
+    k1 = k
+    logits2, k, v = run_step(model, k, v, seqs((13, 12)), [[5], prompts[1][12:]], "xla")
+    out[dtype] = (np.concatenate([logits1[:25], logits2[:9]]), k1)
+  (want, k_float), (got, k_quant) = out[jnp.float32], out[kv_dtype]
+  assert isinstance(k_quant, QuantizedPages) and k_quant.values.dtype == kv_dtype
+  values, scales = quantize_kv(k_float[0], kv_dtype)  # layer 0's [P, K, C, H]: every page (zeros stay zeros)
+  as_f32 = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
+  np.testing.assert_array_equal(as_f32(k_quant.values[0]), as_f32(values))
+  np.testing.assert_array_equal(np.asarray(k_quant.scales[0]), np.asarray(scales))
+  assert np.abs(as_f32(values)).max() == (127 if kv_dtype == jnp.int8 else 448)
+  err = np.abs(got - want).max() / np.abs(want).max()
+  assert 0 < err < (0.02 if kv_dtype == jnp.int8 else 0.1), err

@@ -41,8 +41,10 @@ def test_kv_bytes_per_token_llama3_8b():
     assert p.kv_bytes_per_token_total == 2 * L * K * H * 2 == 131072
     assert p.kv_heads_per_device == heads_per_device
     assert p.kv_bytes_per_token_per_device == 2 * L * heads_per_device * H * 2
-  p = plan(llama("llama3-8b"), {"model": 2}, "bfloat16", 8192, 80 * GiB, "tp", kv_dtype="float8_e4m3fn")
-  assert (p.kv_bytes_per_token_total, p.kv_bytes_per_token_per_device) == (65536, 32768)  # 4 heads per device, 1 B each
+  for name in ("int8", "fp8"):  # 1 B per element plus a float32 scale per token and head
+    p = plan(llama("llama3-8b"), {"model": 2}, "bfloat16", 8192, 80 * GiB, "tp", kv_cache_dtype=name)
+    assert (p.kv_bytes_per_token_total, p.kv_bytes_per_token_per_device) == (2 * L * K * 132, 2 * L * 4 * 132)
+    assert "H=128 x 1 B + 4 B scale" in planner.format_plan(p)
 
 
 def test_gqa_kv_heads_replicated_when_model_axis_exceeds_them():

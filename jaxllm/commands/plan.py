@@ -16,8 +16,9 @@ _MODEL = flags.DEFINE_string("model", None, "A preset name (configs/models.toml,
 _MESH = flags.DEFINE_string("mesh", "model=1", "Mesh axes AXIS=SIZE, comma separated: 'model=8', 'data=2,model=4' "
                             "(layout tp), 'x=2,y=4' (layout 2d) or 'data=8' (layout dp).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter (and activation) dtype: float32 or bfloat16.")
-_KV_DTYPE = flags.DEFINE_string("kv_dtype", None, "KV-cache dtype (default: --dtype): float32, bfloat16, float16, "
-                                "float8_e4m3fn or float8_e5m2.")
+_KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8", "fp8"], "KV-cache storage, as the "
+                                    "engine's flag: auto (--dtype), int8 or fp8 (1 B per element plus a float32 scale "
+                                    "per token and KV head).")
 _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", None, "Context length to plan for (default: the model's "
                                       "max_position_embeddings).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 80.0, "Accelerator memory per device, GiB.")
@@ -48,7 +49,7 @@ def main(argv):
       raise ValueError(f"--hbm_gib must be > 0, got {_HBM_GIB.value}.")
     max_len = config.max_position_embeddings if _MAX_MODEL_LEN.value is None else _MAX_MODEL_LEN.value
     p = planner.plan(config, mesh, _DTYPE.value, max_len, int(_HBM_GIB.value * planner.GiB), layout,
-                     kv_dtype=_KV_DTYPE.value, reserve=_RESERVE.value, kv_placement=_KV_PLACEMENT.value,
+                     kv_cache_dtype=_KV_CACHE_DTYPE.value, reserve=_RESERVE.value, kv_placement=_KV_PLACEMENT.value,
                      quantization=_QUANTIZATION.value)
   except (ValueError, OSError) as e:
     fail(str(e))

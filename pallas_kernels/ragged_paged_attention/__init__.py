@@ -13,7 +13,8 @@ M max pages per sequence):
            one KV head of it is a contiguous [C, H] slab: the TPU kernel loads a head's keys with plain tile-aligned
            loads (the token-major [P, C, K, H] layout interleaves heads in sublanes, which Mosaic can only pull apart
            with strided loads for 32-bit types and H == 128) and the GPU kernel's page gathers read contiguous
-           C * H runs. To write one new token: k_pages.at[page, :, slot].set(k_KH).
+           C * H runs. To write one new token: k_pages.at[page, :, slot].set(k_KH). A quantized cache (int8 or
+           float8_e4m3fn pages) carries k_scales, v_scales [P, K, C] float32 beside them, one per token and head.
   metadata kv_lens [S], page_indices [S, M], cu_q_lens [S + 1], num_seqs (scalar), all int32.
 Semantics: query row r of sequence i (q_len = cu_q_lens[i+1] - cu_q_lens[i]) sits at position kv_len - q_len + r
 and attends to the sequence's cached positions <= its own (the new tokens' K/V are already in the pages) and, with a
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.pallas_kernels.backend import default_implementation
+from jaxllm.pallas_kernels.kv_quant import QUANTIZED_DTYPES, SCALE_DTYPE, is_quantized
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_gpu import ragged_paged_attention_gpu
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_tpu import ragged_paged_attention_tpu
 from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items, ragged_paged_attention_xla
@@ -56,6 +58,8 @@ def ragged_paged_attention(
     cu_q_lens: jax.Array,
     num_seqs: jax.Array,
     *,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
     sm_scale: float | None = None,
     window=None,
     soft_cap: float | None = None,
@@ -69,15 +73,18 @@ def ragged_paged_attention(
     q_TNH: [T, N, H] float32 or bfloat16. The new tokens of all sequences, concatenated in sequence order:
       sequence i's rows are cu_q_lens[i]:cu_q_lens[i+1]. T may be a padded bucket; rows past cu_q_lens[num_seqs]
       are ignored and come back as 0.
-    k_pages: [P, K, C, H], q's dtype. Paged keys: P pages of C tokens, K KV heads (N must be a multiple of K; query
+    k_pages: [P, K, C, H], q's dtype, or int8 / float8_e4m3fn with k_scales (a quantized cache, see
+      `jaxllm.pallas_kernels.kv_quant`). Paged keys: P pages of C tokens, K KV heads (N must be a multiple of K; query
       head n reads KV head n // (N // K), K/V are never repeated). Already holds this step's new tokens.
-    v_pages: [P, K, C, H], q's dtype. Paged values, same layout.
+    v_pages: [P, K, C, H], paged values, same layout and dtype as k_pages.
     kv_lens: [S] int32. Context length of each sequence slot INCLUDING this step's new tokens.
     page_indices: [S, M] int32. Page ids of each sequence in order; sequence i reads only entries
       [0, cdiv(kv_lens[i], C)), later entries are never dereferenced (they may hold anything).
     cu_q_lens: [S + 1] int32. Cumulative query lengths, cu_q_lens[0] == 0, non-decreasing up to num_seqs.
     num_seqs: int32 scalar (or [1]) array: slots >= num_seqs are padding and ignored. Decode (q_len = 1) and prefill
       chunks (q_len > 1) may be mixed freely; each needs q_len <= kv_len.
+    k_scales, v_scales: [P, K, C] float32 for quantized pages (key c of page p, head h is k_pages[p, h, c] *
+      k_scales[p, h, c]; each implementation dequantizes the pages it reads), None for float pages.
     sm_scale: softmax scale; default H ** -0.5.
     window: None (no limit) or the sliding window: an int >= 1, or an int32 scalar array that may be traced (a layer
       scan carries one per layer). A row sees the keys at positions (its own - window, its own]; page-table entries
@@ -111,10 +118,11 @@ def ragged_paged_attention(
                      f"{BLOCK_SIZES[impl]}.")
   kv_lens, page_indices, cu_q_lens, num_seqs = _validate(q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens,
                                                          num_seqs)
+  _validate_scales(k_pages, k_scales, v_scales)
   sm_scale = float(q_TNH.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
   window = window_or_none(check_window(window))
   soft_cap = check_soft_cap(soft_cap)
-  args = (q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, window)
+  args = (q_TNH, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, window, k_scales, v_scales)
   if impl == "xla":
     return _xla_jit(*args, sm_scale=sm_scale, soft_cap=soft_cap,
                     **xla_block_sizes(q_TNH.shape[0], page_indices.shape[0], k_pages.shape[2], **block_sizes))
@@ -144,8 +152,9 @@ def _validate(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
     raise ValueError(f"v_pages shape {v_pages.shape} must equal k_pages shape {k_pages.shape}.")
   T, N, H = q.shape
   P, K, C, Hk = k_pages.shape
-  if not (q.dtype == k_pages.dtype == v_pages.dtype):
-    raise ValueError(f"q, k_pages and v_pages must share a dtype; got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}.")
+  if k_pages.dtype != v_pages.dtype or not (q.dtype == k_pages.dtype or is_quantized(k_pages.dtype)):
+    raise ValueError(f"k_pages and v_pages must share q's dtype, or both be a quantized dtype "
+                     f"{[str(d) for d in QUANTIZED_DTYPES]}; got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}.")
   if q.dtype not in _FLOAT_DTYPES:
     raise ValueError(f"dtype {q.dtype} is not supported; use float32 or bfloat16.")
   if Hk != H:
@@ -199,6 +208,19 @@ def _validate(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
   return as_i32(kv_lens), as_i32(page_indices), as_i32(cu_q_lens), jnp.reshape(as_i32(num_seqs), ())
 
 
+def _validate_scales(k_pages, k_scales, v_scales):
+  if not is_quantized(k_pages.dtype):
+    if k_scales is not None or v_scales is not None:
+      raise ValueError(f"k_scales / v_scales go with quantized pages; k_pages are {k_pages.dtype}.")
+    return
+  want = k_pages.shape[:3]
+  for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+    if s is None:
+      raise ValueError(f"{k_pages.dtype} pages need {name} [P, K, C] = {list(want)} float32.")
+    if s.shape != want or s.dtype != SCALE_DTYPE:
+      raise ValueError(f"{name} must be [P, K, C] = {list(want)} {SCALE_DTYPE}; got {list(s.shape)} {s.dtype}.")
+
+
 def xla_block_sizes(T: int, S: int, C: int, **given) -> dict[str, int]:
   """Block sizes for "xla": the caller's, else
     block_q         1 when T <= S (a decode-shaped bucket: one row per pair, nothing wasted), else T // 8 clipped to
@@ -222,8 +244,10 @@ def _positive_int(x) -> bool:
 def _check_tpu_tiling(q, k_pages, block_sizes):
   align = 8 if q.dtype.itemsize == 4 else 16  # sublanes per tile
   C = k_pages.shape[2]
-  if C % align:
-    raise ValueError(f"implementation='tpu' needs page_size (C={C}) to be a multiple of {align} for {q.dtype}.")
+  page_align = 32 // k_pages.dtype.itemsize  # a page's [C, H] slab: 8 sublanes of 32-bit, 16 of 16-bit, 32 of 8-bit
+  if C % page_align:
+    raise ValueError(f"implementation='tpu' needs page_size (C={C}) to be a multiple of {page_align} for "
+                     f"{k_pages.dtype} pages.")
   block_q = block_sizes.get("block_q")
   if block_q is not None and (block_q <= 0 or block_q % align):
     raise ValueError(f"implementation='tpu' needs block_q={block_q} to be a positive multiple of {align} for "

@@ -20,6 +20,9 @@ Data flow:
   3. The program writes its [W, H] tile; the wrapper gathers every real token's rows back into [T, N, H]
      (bucket-padding rows past cu_q_lens[num_seqs] come out as 0).
 
+Quantized pages (int8 / float8_e4m3fn with [P, K, C] float32 scales) are gathered as they are stored and dequantized
+to q's dtype in registers, block by block: HBM traffic is the quantized bytes plus 4 per key.
+
 f32 dots run at IEEE precision (Triton's default for f32 would be TF32); bf16 dots accumulate in f32.
 Requires: page_size, head_dim, block_q and pages_per_block powers of two; W >= 16 and B >= 16 (tl.dot minimum).
 """
@@ -45,13 +48,13 @@ def _kernel(
     q_ref,  # [W, H] this unit's queries of one KV head
     k_ref,  # [P, C, H] the cache of this KV head
     v_ref,  # [P, C, H]
-    o_ref,  # [W, H]
-    *,
+    *refs,  # (k_scale_ref, v_scale_ref [P, C] float32, with quantized pages), o_ref [W, H]
     sm_scale: float,
     soft_cap: float | None,
     group_pad: int,
     pages_per_block: int,
 ):
+  *scale_refs, o_ref = refs
   W, H = q_ref.shape
   C = k_ref.shape[1]
   B = pages_per_block * C
@@ -75,6 +78,10 @@ def _kernel(
     page_ids_p = jnp.where((page_no_p < num_pages) & (page_no_p >= lo_page), page_ids_p, first_page)
     k_BH = k_ref[page_ids_p].reshape(B, H)
     v_BH = v_ref[page_ids_p].reshape(B, H)
+    if scale_refs:  # quantized pages: dequantize the block to q's dtype in registers
+      k_scale_ref, v_scale_ref = scale_refs
+      k_BH = (k_BH.astype(f32) * k_scale_ref[page_ids_p].reshape(B)[:, None]).astype(q_WH.dtype)
+      v_BH = (v_BH.astype(f32) * v_scale_ref[page_ids_p].reshape(B)[:, None]).astype(q_WH.dtype)
     c_B = j * B + lax.broadcasted_iota(jnp.int32, (B,), 0)
     s_WB = lax.dot_general(q_WH, k_BH, (((1,), (1,)), ((), ())), precision=precision,
                            preferred_element_type=f32) * sm_scale
@@ -116,6 +123,8 @@ def ragged_paged_attention_gpu(
     cu_q_lens_S1: jax.Array,
     num_seqs: jax.Array,
     window: jax.Array,
+    k_scales_PKC: jax.Array | None = None,
+    v_scales_PKC: jax.Array | None = None,
     *,
     sm_scale: float,
     soft_cap: float | None = None,
@@ -164,6 +173,8 @@ def ragged_paged_attention_gpu(
   pages_SM = jnp.pad(page_indices_SM, ((0, 0), (0, M_pad - M)))
 
   kernel = functools.partial(_kernel, sm_scale=sm_scale, soft_cap=soft_cap, group_pad=Gp, pages_per_block=pages_per_block)
+  page_spec = pl.BlockSpec((P, None, C, H), lambda u, h: (0, h, 0, 0))
+  scales = () if k_scales_PKC is None else (k_scales_PKC, v_scales_PKC)
   o_UKWH = pl.pallas_call(
       kernel,
       grid=(U, K),
@@ -171,15 +182,15 @@ def ragged_paged_attention_gpu(
           pl.BlockSpec((None, 4), lambda u, h: (u, 0)),
           pl.BlockSpec((S, M_pad), lambda u, h: (0, 0)),
           pl.BlockSpec((None, None, W, H), lambda u, h: (u, h, 0, 0)),
-          pl.BlockSpec((P, None, C, H), lambda u, h: (0, h, 0, 0)),
-          pl.BlockSpec((P, None, C, H), lambda u, h: (0, h, 0, 0)),
-      ],
+          page_spec,
+          page_spec,
+      ] + [pl.BlockSpec((P, None, C), lambda u, h: (0, h, 0))] * len(scales),
       out_specs=pl.BlockSpec((None, None, W, H), lambda u, h: (u, h, 0, 0)),
       out_shape=jax.ShapeDtypeStruct((U, K, W, H), q_TNH.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention_gpu",
-  )(meta_U4, pages_SM, q_UKWH, k_PKCH, v_PKCH)
+  )(meta_U4, pages_SM, q_UKWH, k_PKCH, v_PKCH, *scales)
 
   # Back to tokens: token t of sequence i is row (t - cu_q_lens[i]) % Q of unit unit_start[i] + (t - cu[i]) // Q.
   t_T = jnp.arange(T, dtype=i32)

@@ -29,6 +29,11 @@ Keys at positions no row of the block can see (outside [kv_lo, kv_end): the tail
 stale buffer slots) are masked out of the scores and their values zeroed, so NaN there cannot leak (p = 0 times NaN
 is NaN). The window is a scalar-prefetched runtime value (one per layer under a layer scan); soft-capping is static.
 
+Quantized pages (int8 / float8_e4m3fn, one float32 scale per key and head in [P, K, C]): the pages are copied as
+stored (half the DMA bytes of bfloat16) with their scales beside them into a lane-major [K, B] buffer; a head's
+scales are one [1, B] row, applied to the columns of the scores (q . (k * s) = (q . k) * s) and of the probabilities
+before the value matmul (sum p * s * v), so the [B, H] tiles are only converted, never rescaled.
+
 Layout notes: the cache is [P, K, C, H] so a page is one contiguous DMA and one KV head of it is a plain, tile-aligned
 [C, H] slab in VMEM (loads of a head need no strided sublane access, which Mosaic only has for 32-bit data). C must be
 a multiple of the sublane tiling (8 for f32, 16 for bf16) and block_q a multiple of 8 (16 for bf16).
@@ -64,16 +69,16 @@ def _kernel(
     q_ref,  # VMEM [K, R, H]
     k_hbm_ref,  # ANY [P, K, C, H]
     v_hbm_ref,  # ANY [P, K, C, H]
+    *refs,
+    # quantized pages only: k_scale_hbm_ref, v_scale_hbm_ref  ANY [P, K, C] float32
     # Output.
-    o_ref,  # VMEM [K, R, H]
+    # o_ref  VMEM [K, R, H]
     # Scratch.
-    k_buf_ref,  # VMEM [2, K, B, H] (two slots: double buffering)
-    v_buf_ref,  # VMEM [2, K, B, H]
-    sems_ref,  # DMA semaphores [2 (k, v), 2 (slot)]
-    m_ref,  # VMEM f32 [K, R, 128] running max
-    l_ref,  # VMEM f32 [K, R, 128] running denominator
-    acc_ref,  # VMEM f32 [K, R, H] running numerator
-    *,
+    # k_buf_ref, v_buf_ref  VMEM [2, K, B, H] (two slots: double buffering)
+    # quantized pages only: k_scale_buf_ref, v_scale_buf_ref  VMEM f32 [2, K, B]
+    # sems_ref  DMA semaphores [4 (k, v, k scales, v scales), 2 (slot)]
+    # m_ref, l_ref  VMEM f32 [K, R, 128] running max and denominator; acc_ref  VMEM f32 [K, R, H] running numerator
+    quantized: bool,
     sm_scale: float,
     soft_cap: float | None,
     block_q: int,
@@ -81,6 +86,11 @@ def _kernel(
     max_pages: int,
     group: int,
 ):
+  if quantized:
+    k_scale_hbm_ref, v_scale_hbm_ref, o_ref, k_buf_ref, v_buf_ref, k_scale_buf_ref, v_scale_buf_ref, *rest = refs
+  else:
+    o_ref, k_buf_ref, v_buf_ref, *rest = refs
+  sems_ref, m_ref, l_ref, acc_ref = rest
   K, R, H = q_ref.shape
   B = k_buf_ref.shape[2]
   C = B // pages_per_block
@@ -136,6 +146,11 @@ def _kernel(
           copy = pltpu.make_async_copy(x_hbm_ref.at[page], x_buf_ref.at[slot, :, pl.ds(p * C, C), :],
                                        sems_ref.at[kv, slot])
           getattr(copy, action)()
+        if quantized:  # the page's scales [K, C] land lane-major: key c of head h at [slot, h, p * C + c]
+          for x_hbm_ref, x_buf_ref, kv in ((k_scale_hbm_ref, k_scale_buf_ref, 2), (v_scale_hbm_ref, v_scale_buf_ref, 3)):
+            copy = pltpu.make_async_copy(x_hbm_ref.at[page], x_buf_ref.at[slot, :, pl.ds(p * C, C)],
+                                         sems_ref.at[kv, slot])
+            getattr(copy, action)()
 
   def compute(i, j, slot):
     q_start, q_end, kv_len, kv_end, _, kv_lo = seq_info(i)
@@ -152,6 +167,8 @@ def _kernel(
     # Values of keys no row here can see (stale slots, pages not copied, the tail past kv_len) are zeroed.
     c_B1 = kv_start + lax.broadcasted_iota(jnp.int32, (B, H), 0)
     c_valid_BH = (c_B1 < kv_end) & (c_B1 >= kv_lo)
+    c_1B = kv_start + lax.broadcasted_iota(jnp.int32, (1, B), 1)
+    c_valid_1B = (c_1B < kv_end) & (c_1B >= kv_lo)
     r_RL = lax.broadcasted_iota(jnp.int32, (R, _LANES), 0)
     mine_RL = (r_RL >= lo_r) & (r_RL < hi_r)
     r_RH = lax.broadcasted_iota(jnp.int32, (R, H), 0)
@@ -161,9 +178,15 @@ def _kernel(
       q_RH = q_ref[h]
       k_BH = k_buf_ref[slot, h]
       v_BH = v_buf_ref[slot, h]
-      v_BH = jnp.where(c_valid_BH, v_BH.astype(f32), 0.0).astype(v_BH.dtype)
+      v_BH = jnp.where(c_valid_BH, v_BH.astype(f32), 0.0).astype(q_RH.dtype)
+      if quantized:  # per-key scales [1, B] apply to the logits' and the probabilities' columns
+        k_scale_1B = k_scale_buf_ref[slot, pl.ds(h, 1), :]
+        v_scale_1B = jnp.where(c_valid_1B, v_scale_buf_ref[slot, pl.ds(h, 1), :], 0.0)
+        k_BH = k_BH.astype(f32).astype(q_RH.dtype)
       s_RB = lax.dot_general(q_RH, k_BH, (((1,), (1,)), ((), ())), precision=precision,
                              preferred_element_type=f32) * sm_scale
+      if quantized:
+        s_RB = s_RB * k_scale_1B
       if soft_cap is not None:
         s_RB = soft_cap * jnp.tanh(s_RB / soft_cap)
       s_RB = jnp.where(visible_RB, s_RB, _MASKED)
@@ -174,7 +197,7 @@ def _kernel(
       p_RB = jnp.exp(s_RB - m_new_R1)
       alpha_R1 = jnp.exp(m_prev_R1 - m_new_R1)
       l_new_R1 = alpha_R1 * l_prev_R1 + jnp.sum(p_RB, axis=1, keepdims=True)
-      pv_RH = lax.dot_general(p_RB.astype(v_BH.dtype), v_BH, (((1,), (0,)), ((), ())), precision=precision,
+      pv_RH = lax.dot_general((p_RB * v_scale_1B if quantized else p_RB).astype(v_BH.dtype), v_BH, (((1,), (0,)), ((), ())), precision=precision,
                               preferred_element_type=f32)
       m_ref[h] = jnp.where(mine_RL, jnp.broadcast_to(m_new_R1, (R, _LANES)), m_prev_RL)
       l_ref[h] = jnp.where(mine_RL, jnp.broadcast_to(l_new_R1, (R, _LANES)), l_prev_RL)
@@ -233,6 +256,8 @@ def ragged_paged_attention_tpu(
     cu_q_lens_S1: jax.Array,
     num_seqs: jax.Array,
     window: jax.Array,
+    k_scales_PKC: jax.Array | None = None,
+    v_scales_PKC: jax.Array | None = None,
     *,
     sm_scale: float,
     soft_cap: float | None = None,
@@ -262,20 +287,25 @@ def ragged_paged_attention_tpu(
   seq_lo_Q = jnp.sum(active_S & (cu_q_lens_S1[1:] <= blk_start_Q), axis=1, dtype=jnp.int32)
   seq_hi_Q = jnp.sum(active_S & (cu_q_lens_S1[:-1] < blk_start_Q + block_q), axis=1, dtype=jnp.int32)
 
+  quantized = k_scales_PKC is not None
   kernel = functools.partial(_kernel, sm_scale=sm_scale, soft_cap=soft_cap, block_q=block_q, pages_per_block=pages_per_block,
-                             max_pages=M, group=G)
+                             max_pages=M, group=G, quantized=quantized)
   q_spec = pl.BlockSpec((K, R, H), lambda b, *_: (0, b, 0))
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  scales = (k_scales_PKC, v_scales_PKC) if quantized else ()
+  scale_bufs = [pltpu.VMEM((2, K, B), jnp.float32)] * len(scales)
   o_KQH = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=7,
           grid=(num_q_blocks,),
-          in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+          in_specs=[q_spec, any_spec, any_spec] + [any_spec] * len(scales),
           out_specs=q_spec,
           scratch_shapes=[
               pltpu.VMEM((2, K, B, H), k_PKCH.dtype),
               pltpu.VMEM((2, K, B, H), v_PKCH.dtype),
-              pltpu.SemaphoreType.DMA((2, 2)),
+              *scale_bufs,
+              pltpu.SemaphoreType.DMA((4, 2)),
               pltpu.VMEM((K, R, _LANES), jnp.float32),
               pltpu.VMEM((K, R, _LANES), jnp.float32),
               pltpu.VMEM((K, R, H), jnp.float32),
@@ -286,5 +316,5 @@ def ragged_paged_attention_tpu(
       interpret=pltpu.InterpretParams() if interpret else False,
       name="ragged_paged_attention_tpu",
   )(kv_lens_S, page_indices_SM.reshape(-1), cu_q_lens_S1, num_seqs_1, jnp.reshape(window, (1,)).astype(jnp.int32),
-    seq_lo_Q, seq_hi_Q, q_KQH, k_PKCH, v_PKCH)
+    seq_lo_Q, seq_hi_Q, q_KQH, k_PKCH, v_PKCH, *scales)
   return o_KQH.reshape(K, T_pad, G, H).transpose(1, 0, 2, 3).reshape(T_pad, N, H)[:T]

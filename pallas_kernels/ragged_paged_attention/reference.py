@@ -18,6 +18,7 @@ xla.py, the TPU and GPU kernels) are tested against, not a serving path.
 import jax
 import jax.numpy as jnp
 
+from jaxllm.pallas_kernels.kv_quant import dequantize_kv
 from jaxllm.pallas_kernels.reference import attention_reference, window_or_none
 
 
@@ -30,14 +31,19 @@ def ragged_paged_attention_reference(
     cu_q_lens_S1: jax.Array,
     num_seqs: jax.Array,
     window=None,
+    k_scales=None,
+    v_scales=None,
     *,
     sm_scale: float,
     soft_cap: float | None = None,
 ) -> jax.Array:
   """Ragged paged attention, [T, N, H] in q's dtype; arguments as in `ragged_paged_attention` (cache [P, K, C, H]).
 
-  Rows past cu_q_lens[num_seqs] (bucket padding) come back as zeros.
+  Quantized pages (with k_scales / v_scales) are dequantized to q's dtype first: the definition the kernels' in-kernel
+  dequantization is tested against. Rows past cu_q_lens[num_seqs] (bucket padding) come back as zeros.
   """
+  if k_scales is not None:
+    k_PKCH, v_PKCH = dequantize_kv(k_PKCH, k_scales, q_TNH.dtype), dequantize_kv(v_PKCH, v_scales, q_TNH.dtype)
   T, N, H = q_TNH.shape
   P, K, page_size, _ = k_PKCH.shape
   S, max_pages = page_indices_SM.shape

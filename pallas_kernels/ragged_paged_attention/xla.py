@@ -38,6 +38,7 @@ larger block_q divides the number of times a prefill chunk's keys are gathered b
 import jax
 import jax.numpy as jnp
 
+from jaxllm.pallas_kernels.kv_quant import dequantize_kv
 from jaxllm.pallas_kernels.reference import soft_cap_logits
 
 _MASKED = -1e30  # finite: a fully masked row gets a uniform softmax, never exp(-inf - -inf) = NaN
@@ -57,6 +58,8 @@ def ragged_paged_attention_xla(
     cu_q_lens_S1: jax.Array,
     num_seqs: jax.Array,
     window: jax.Array,
+    k_scales_PKC: jax.Array | None = None,
+    v_scales_PKC: jax.Array | None = None,
     *,
     sm_scale: float,
     soft_cap: float | None,
@@ -74,6 +77,8 @@ def ragged_paged_attention_xla(
     cu_q_lens_S1: [S + 1] int32 cumulative query lengths.
     num_seqs: int32 scalar (or [1]); slots >= num_seqs are ignored.
     window: int32 scalar sliding window (NO_WINDOW for none); may be traced.
+    k_scales_PKC, v_scales_PKC: [P, K, C] float32 scales of int8 / float8 pages (None for float pages): the gathered
+      pages are dequantized to q's dtype, so only the quantized bytes are read from the pool.
     sm_scale: softmax scale (static).
     soft_cap: logit soft-cap (static float) or None.
     block_q: query rows per pair (static, >= 1).
@@ -127,6 +132,11 @@ def ragged_paged_attention_xla(
   q_WbKGH = _take(q_pad_TNH.reshape(num_blocks, b, K, G, H), block_W)
   pos_pC = jnp.arange(p * C, dtype=jnp.int32).reshape(p, C)
 
+  def gather(pages, scales, ids):
+    """Pages [I, p, K, C, H] in q's dtype (dequantized when the cache is quantized)."""
+    x = _take(pages, ids)
+    return x if scales is None else dequantize_kv(x, _take(scales, ids), q_TNH.dtype)
+
   def fold(it, carry):
     m_WKGb, l_WKGb, o_WKGbH = carry
     r_I = it * I + jnp.arange(I, dtype=jnp.int32)
@@ -142,7 +152,7 @@ def ragged_paged_attention_xla(
     pages_Ip = jnp.clip(jnp.where(used_Ip, pages_Ip, page_indices_SM[seq_I, lo_I // C][:, None]), 0, P - 1)
     key_pos_IpC = kv_block_I[:, None, None] * (p * C) + pos_pC
 
-    s_IKGbpC = jnp.einsum("IbKGH,IpKCH->IKGbpC", _take(q_WbKGH, w_I), _take(k_PKCH, pages_Ip),
+    s_IKGbpC = jnp.einsum("IbKGH,IpKCH->IKGbpC", _take(q_WbKGH, w_I), gather(k_PKCH, k_scales_PKC, pages_Ip),
                           preferred_element_type=jnp.float32) * sm_scale
     s_IKGbpC = soft_cap_logits(s_IKGbpC, soft_cap)
     behind_IbpC = q_pos_Wb[w_I][:, :, None, None] - key_pos_IpC[:, None]
@@ -152,7 +162,7 @@ def ragged_paged_attention_xla(
     m_IKGb = jnp.max(s_IKGbpC, axis=(-2, -1))
     e_IKGbpC = jnp.exp(s_IKGbpC - m_IKGb[..., None, None])
     key_used_IpC = (key_pos_IpC < kv_len_I[:, None, None]) & (key_pos_IpC >= lo_I[:, None, None])
-    v_IpKCH = jnp.where(key_used_IpC[:, :, None, :, None], _take(v_PKCH, pages_Ip), 0)
+    v_IpKCH = jnp.where(key_used_IpC[:, :, None, :, None], gather(v_PKCH, v_scales_PKC, pages_Ip), 0)
     o_IKGbH = jnp.einsum("IKGbpC,IpKCH->IKGbH", e_IKGbpC, v_IpKCH.astype(jnp.float32))
 
     # Log-sum-exp merge into the pairs' running softmax; items past the real count go out of range and are dropped.

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxllm.pallas_kernels.kv_quant import dequantize_kv, quantize_kv
 from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from jaxllm.pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items
@@ -279,6 +280,33 @@ def test_traced_metadata_under_jit(rng):
   assert_close(f(*args), reference(args), args, jnp.float32)
 
 
+def quantize_case(args, dtype):
+  """The case's K/V pages quantized (a scale per token and head); the NaN poison carries into the scales."""
+  q, k, v = args[:3]
+  (kq, ks), (vq, vs) = quantize_kv(k, dtype), quantize_kv(v, dtype)
+  assert not np.isfinite(np.asarray(ks)).all(), "the poison must reach the scales"
+  return (q, kq, vq) + tuple(args[3:]), dict(k_scales=ks, v_scales=vs)
+
+
+# Quantized pages (int8 / float8_e4m3fn values, float32 scales): every implementation dequantizes inside the kernel
+# and must equal the oracle on the dequantized pages; with windows, NaN in every page wholly before them.
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu"])
+@pytest.mark.parametrize("kv_dtype,window,soft_cap", [(jnp.int8, None, None), (jnp.float8_e4m3fn, 20, 30.0)],
+                         ids=["int8", "fp8_window_softcap"])
+def test_quantized_pages_match_reference_on_dequantized(rng, impl, kv_dtype, window, soft_cap):
+  args = make_case(rng, [1, 17, 1, 6], [40, 33, 70, 6], N=6, K=2, H=32, C=32, pad_seqs=1, pad_rows=3)
+  if window is not None:
+    args = poison_before_windows(args, window)
+  args, scales = quantize_case(args, kv_dtype)
+  deq = lambda x, s: dequantize_kv(x, s, jnp.float32)  # noqa: E731
+  ref_args = args[:1] + (deq(args[1], scales["k_scales"]), deq(args[2], scales["v_scales"])) + args[3:]
+  ref = _reference_jit(*ref_args, window, sm_scale=32 ** -0.5, soft_cap=soft_cap)
+  kw = dict(window=window, soft_cap=soft_cap, **scales)
+  out = ragged_paged_attention(*args, implementation="xla", **kw) if impl == "xla" else run_kernel(impl, args, **kw)
+  assert out.dtype == jnp.float32
+  assert_close(out, ref, args, jnp.float32)
+
+
 def _valid_args():
   q = jnp.zeros((4, 4, 32), jnp.float32)
   k = jnp.zeros((6, 2, 16, 32), jnp.float32)
@@ -292,7 +320,7 @@ def _valid_args():
 VALIDATION = [
     ("head_count", dict(q_TNH=jnp.zeros((4, 3, 32))), "multiple of KV heads"),
     ("head_dim", dict(q_TNH=jnp.zeros((4, 4, 64))), "head dim of q"),
-    ("dtype", dict(q_TNH=jnp.zeros((4, 4, 32), jnp.bfloat16)), "share a dtype"),
+    ("dtype", dict(q_TNH=jnp.zeros((4, 4, 32), jnp.bfloat16)), "share q.s dtype"),
     ("v_shape", dict(v_pages=jnp.zeros((6, 2, 8, 32))), "v_pages shape"),
     ("page_indices_shape", dict(page_indices=jnp.zeros((3, 3), jnp.int32)), "kv_lens shape"),
     ("page_indices_rank", dict(page_indices=jnp.zeros((6,), jnp.int32)), "page_indices must be"),
@@ -318,6 +346,15 @@ VALIDATION = [
     ("window_zero", dict(window=0), "window=0 must be >= 1"),
     ("window_float", dict(window=jnp.float32(4.0)), "window must be None, an int"),
     ("soft_cap_negative", dict(soft_cap=-1.0), "soft_cap=-1.0 must be a positive"),
+    ("quantized_without_scales", dict(k_pages=jnp.zeros((6, 2, 16, 32), jnp.int8),
+                                      v_pages=jnp.zeros((6, 2, 16, 32), jnp.int8)), "need k_scales"),
+    ("quantized_k_only", dict(v_pages=jnp.zeros((6, 2, 16, 32), jnp.int8)), "share q's dtype"),
+    ("scales_shape", dict(k_pages=jnp.zeros((6, 2, 16, 32), jnp.int8), v_pages=jnp.zeros((6, 2, 16, 32), jnp.int8),
+                          k_scales=jnp.zeros((6, 2, 16)), v_scales=jnp.zeros((6, 2, 8))), r"v_scales must be \[P, K, C\]"),
+    ("scales_with_float_pages", dict(k_scales=jnp.zeros((6, 2, 16))), "go with quantized pages"),
+    ("tpu_int8_page_size", dict(implementation="tpu", k_pages=jnp.zeros((6, 2, 16, 32), jnp.int8),
+                                v_pages=jnp.zeros((6, 2, 16, 32), jnp.int8), k_scales=jnp.zeros((6, 2, 16)),
+                                v_scales=jnp.zeros((6, 2, 16))), "multiple of 32 for int8"),
 ]
 
 
@@ -333,25 +370,32 @@ def test_valid_args_pass():
   assert out.shape == (4, 4, 32) and np.isfinite(np.asarray(out)).all()
 
 
-LOWERING_SHAPES = [  # (dtype, T, N, K, H, P, C, S, M)
-    ("f32_p16", jnp.float32, 256, 32, 8, 128, 512, 16, 32, 128),
-    ("bf16_p64", jnp.bfloat16, 256, 32, 8, 128, 512, 64, 32, 128),
-    ("bf16_g3_odd_sizes", jnp.bfloat16, 200, 24, 8, 128, 500, 16, 20, 100),
+LOWERING_SHAPES = [  # (dtype, pages dtype, T, N, K, H, P, C, S, M)
+    ("f32_p16", jnp.float32, jnp.float32, 256, 32, 8, 128, 512, 16, 32, 128),
+    ("bf16_p64", jnp.bfloat16, jnp.bfloat16, 256, 32, 8, 128, 512, 64, 32, 128),
+    ("bf16_g3_odd_sizes", jnp.bfloat16, jnp.bfloat16, 200, 24, 8, 128, 500, 16, 20, 100),
+    ("bf16_int8_pages", jnp.bfloat16, jnp.int8, 256, 32, 8, 128, 512, 32, 32, 128),
+    ("bf16_fp8_pages", jnp.bfloat16, jnp.float8_e4m3fn, 256, 32, 8, 128, 512, 64, 32, 128),
 ]
 
 
 @pytest.mark.parametrize("impl,platform", [("tpu", "tpu"), ("gpu", "cuda")])
-@pytest.mark.parametrize("dtype,T,N,K,H,P,C,S,M", [s[1:] for s in LOWERING_SHAPES], ids=[s[0] for s in LOWERING_SHAPES])
-def test_lowers(impl, platform, dtype, T, N, K, H, P, C, S, M):
+@pytest.mark.parametrize("dtype,kv_dtype,T,N,K,H,P,C,S,M", [s[1:] for s in LOWERING_SHAPES],
+                         ids=[s[0] for s in LOWERING_SHAPES])
+def test_lowers(impl, platform, dtype, kv_dtype, T, N, K, H, P, C, S, M):
   """The kernel lowers (Mosaic for TPU, Triton for CUDA) on realistic shapes; checked on a CPU-only jax."""
   sds = jax.ShapeDtypeStruct
-  shapes = [sds((T, N, H), dtype), sds((P, K, C, H), dtype), sds((P, K, C, H), dtype), sds((S,), jnp.int32),
+  shapes = [sds((T, N, H), dtype), sds((P, K, C, H), kv_dtype), sds((P, K, C, H), kv_dtype), sds((S,), jnp.int32),
             sds((S, M), jnp.int32), sds((S + 1,), jnp.int32), sds((), jnp.int32)]
+  scales = {}
+  if kv_dtype != dtype:
+    scales = dict(k_scales=sds((P, K, C), jnp.float32), v_scales=sds((P, K, C), jnp.float32))
   # A traced window (as under a layer scan) and soft-capping (Gemma 2) lower too.
   f = jax.jit(functools.partial(ragged_paged_attention, implementation=impl, soft_cap=50.0))
   # Triton custom calls carry no serialization-compatibility guarantee; we only need the lowering, not the artifact.
   exported = jax.export.export(f, platforms=[platform], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes, window=sds((), jnp.int32))
+      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes, window=sds((), jnp.int32),
+                                                                           **scales)
   text = exported.mlir_module()
   assert ("tpu_custom_call" in text) if impl == "tpu" else ("__gpu$xla.gpu.triton" in text)
 

@@ -110,6 +110,20 @@ def test_kv_cache_is_sized_from_a_memory_budget():
     size_kv_cache(EngineConfig(max_model_len=256, kv_cache_memory_fraction=1e-12), CONFIG, "float32")
   with pytest.raises(ValueError, match="kv_cache_memory_fraction=1.5"):
     EngineConfig(max_model_len=256, kv_cache_memory_fraction=1.5)
+  # A quantized cache: 1 byte per element plus a float32 scale per token and KV head.
+  assert page_bytes(ec, CONFIG, "int8") == page_bytes(ec, CONFIG, "float8_e4m3fn") == 2 * 2 * 2 * 16 * (16 + 4)
+  with pytest.raises(ValueError, match="kv_cache_dtype='int4' is not supported; choose auto, int8, fp8"):
+    EngineConfig(kv_cache_dtype="int4")
+
+
+def test_quantized_kv_cache_holds_about_twice_the_pages_of_bfloat16():
+  """The same memory budget for SmolLM2's shape (H = 64): int8 / fp8 pages cost (64 + 4) / 128 of bfloat16's."""
+  mc = ModelConfig.from_preset("smollm2-135m")
+  ec = EngineConfig(max_model_len=2048, max_num_seqs=256, kv_cache_memory_fraction=0.05)
+  bf16 = size_kv_cache(ec, mc, "bfloat16")
+  for dtype in ("int8", "float8_e4m3fn"):
+    assert page_bytes(ec, mc, "bfloat16") / page_bytes(ec, mc, dtype) == 128 / 68
+    assert size_kv_cache(ec, mc, dtype) / bf16 == pytest.approx(128 / 68, rel=0.02)  # free RAM read twice
 
 
 def test_compilation_cache_dir_is_reused_by_a_second_process(saved, tmp_path):
