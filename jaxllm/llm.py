@@ -103,8 +103,9 @@ class LLM:
   Args:
     model: "default", a preset-free checkpoint path (.gguf file, HF dir, `jaxllm convert` dir).
     dtype: parameter dtype, "float32" or "bfloat16".
-    quantization: None, or "int8": weight-only int8 with per-output-channel scales for the attention projections and
-      the MLP (embedding, LM head, norms and biases stay in `dtype`), quantized as the checkpoint is read.
+    quantization: None, "int8" or "q8_0": weight-only int8 for the attention projections and the MLP (embedding, LM
+      head, norms and biases stay in `dtype`), quantized as the checkpoint is read: "int8" with a scale per output
+      channel, "q8_0" with a float16 scale per 32 weights (llama.cpp's Q8_0; a Q8_0 GGUF loads bit-exactly).
     tokenizer: a tokenizer path to use instead of the checkpoint's own.
     seed: seeds the draws of requests whose SamplingParams.seed is None.
     mesh, layout: a device mesh ("model=8", "data=2,model=4", or a jax Mesh) and its sharding layout.
@@ -156,7 +157,8 @@ class LLM:
     e = self.engine.config
     return (f"LLM({c.name!r}, {c.num_params / 1e6:.1f}M params, dtype={self.dtype}, layers={c.num_layers}, "
             f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len}, "
-            f"KV cache: {self.engine.num_pages - 1} pages x {e.page_size} tokens of {self.engine.kv_dtype}, max_num_seqs={e.max_num_seqs}, "
+            f"KV cache: {self.engine.num_pages - 1} pages x {e.page_size} tokens of {self.engine.kv_dtype}, "
+            f"max_num_seqs={e.max_num_seqs}, "
             f"max_num_batched_tokens={e.max_num_batched_tokens}, prefix caching {'on' if e.enable_prefix_caching else 'off'}"
             + (f", mesh={dict(self.mesh.shape)}, layout={self.layout}, KV: {self.kv_placement.note}"
                if self.mesh is not None else "") + ")")

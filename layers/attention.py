@@ -56,14 +56,14 @@ class Attention(nnx.Module):
     D, N, K, H = d_model, num_heads, num_kv_heads, head_dim
     self.scale = float(H ** -0.5 if scale is None else scale)
     self.soft_cap = soft_cap
-    # Projections; with int8 quantization each has a scale per output channel (wq_scale_NH, ...), else None.
-    self.wq_DNH, self.wq_scale_NH = weight(rngs.params(), (D, N, H), ("embed", "heads", "head_dim"), dtype,
+    # Projections; quantized (int8 / q8_0, see layers.ops) each has its scales (wq_scale, ...), else None.
+    self.wq_DNH, self.wq_scale = weight(rngs.params(), (D, N, H), ("embed", "heads", "head_dim"), dtype,
                                            quantization, reduce_axes=(0,))
-    self.wk_DKH, self.wk_scale_KH = weight(rngs.params(), (D, K, H), ("embed", "kv_heads", "head_dim"), dtype,
+    self.wk_DKH, self.wk_scale = weight(rngs.params(), (D, K, H), ("embed", "kv_heads", "head_dim"), dtype,
                                            quantization, reduce_axes=(0,))
-    self.wv_DKH, self.wv_scale_KH = weight(rngs.params(), (D, K, H), ("embed", "kv_heads", "head_dim"), dtype,
+    self.wv_DKH, self.wv_scale = weight(rngs.params(), (D, K, H), ("embed", "kv_heads", "head_dim"), dtype,
                                            quantization, reduce_axes=(0,))
-    self.wo_NHD, self.wo_scale_D = weight(rngs.params(), (N, H, D), ("heads", "head_dim", "embed"), dtype,
+    self.wo_NHD, self.wo_scale = weight(rngs.params(), (N, H, D), ("heads", "head_dim", "embed"), dtype,
                                           quantization, reduce_axes=(0, 1))
     zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
     self.bq_NH = nnx.Param(zeros(N, H), out_sharding=("heads", "head_dim")) if qkv_bias else None
@@ -77,9 +77,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: CacheView, inv_freq_h: jax.Array,
                window: jax.Array) -> jax.Array:
     """inv_freq_h: this layer's RoPE inverse frequencies [H/2]; window: its sliding window (int32 scalar)."""
-    q_BTNH = dense("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...], value(self.wq_scale_NH))
-    k_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...], value(self.wk_scale_KH))
-    v_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...], value(self.wv_scale_KH))
+    q_BTNH = dense("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...], value(self.wq_scale))
+    k_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...], value(self.wk_scale))
+    v_BTKH = dense("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...], value(self.wv_scale))
     if self.bq_NH is not None:
       q_BTNH, k_BTKH, v_BTKH = q_BTNH + self.bq_NH[...], k_BTKH + self.bk_KH[...], v_BTKH + self.bv_KH[...]
     if self.q_norm is not None:
@@ -87,5 +87,5 @@ class Attention(nnx.Module):
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq_h)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq_h)
     o_BTNH = cache.attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, self.scale, window, self.soft_cap)
-    out_BTD = dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...], value(self.wo_scale_D))
+    out_BTD = dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...], value(self.wo_scale))
     return out_BTD if self.bo_D is None else out_BTD + self.bo_D[...]

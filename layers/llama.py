@@ -70,10 +70,11 @@ class LayerCache(Protocol):
 
 
 class Llama(nnx.Module):
-  """quantization=None: every weight in `dtype`. "int8": the attention projections and the MLP are int8 with a float
-  scale per output channel (see `jaxllm.layers.ops`); the embedding / LM head, norms, biases and activations stay in
-  `dtype`. The LM head stays float because its error lands on every logit directly (int8 there alone costs SmolLM2
-  +0.4% perplexity, as much as all the projections together), as vLLM's and AQT's weight-only int8 keep it."""
+  """quantization=None: every weight in `dtype`. "int8" / "q8_0": the attention projections and the MLP are int8 with a
+  float scale per output channel / a float16 scale per 32 weights (see `jaxllm.layers.ops`); the embedding / LM head,
+  norms, biases and activations stay in `dtype`. The LM head stays float because its error lands on every logit directly
+  (int8 there alone costs SmolLM2 +0.4% perplexity, as much as all the projections together), as vLLM's and AQT's
+  weight-only int8 keep it."""
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, quantization: str | None = None, rngs: nnx.Rngs):
     self.config = config

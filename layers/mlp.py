@@ -20,15 +20,15 @@ class MLP(nnx.Module):
                dtype=jnp.float32, rngs: nnx.Rngs):
     D, F = d_model, d_ff
     self.activation = activation
-    self.w_gate_DF, self.w_gate_scale_F = weight(rngs.params(), (D, F), ("embed", "mlp"), dtype, quantization,
+    self.w_gate_DF, self.w_gate_scale = weight(rngs.params(), (D, F), ("embed", "mlp"), dtype, quantization,
                                                  reduce_axes=(0,))
-    self.w_up_DF, self.w_up_scale_F = weight(rngs.params(), (D, F), ("embed", "mlp"), dtype, quantization,
+    self.w_up_DF, self.w_up_scale = weight(rngs.params(), (D, F), ("embed", "mlp"), dtype, quantization,
                                              reduce_axes=(0,))
-    self.w_down_FD, self.w_down_scale_D = weight(rngs.params(), (F, D), ("mlp", "embed"), dtype, quantization,
+    self.w_down_FD, self.w_down_scale = weight(rngs.params(), (F, D), ("mlp", "embed"), dtype, quantization,
                                                  reduce_axes=(0,))
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    gate = dense("BTD,DF->BTF", x_BTD, self.w_gate_DF[...], value(self.w_gate_scale_F))
-    up = dense("BTD,DF->BTF", x_BTD, self.w_up_DF[...], value(self.w_up_scale_F))
+    gate = dense("BTD,DF->BTF", x_BTD, self.w_gate_DF[...], value(self.w_gate_scale))
+    up = dense("BTD,DF->BTF", x_BTD, self.w_up_DF[...], value(self.w_up_scale))
     return dense("BTF,FD->BTD", _ACTIVATIONS[self.activation](gate) * up, self.w_down_FD[...],
-                 value(self.w_down_scale_D))
+                 value(self.w_down_scale))

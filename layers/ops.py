@@ -3,11 +3,18 @@
 This states on every backend what TPU/GPU matrix units do anyway (bf16 inputs, f32 accumulation), so CPU runs of a
 bfloat16 model see the same numerics as accelerator runs.
 
-Weight-only int8 (`quantization="int8"`): a weight is stored as int8 beside a scale per output channel (symmetric:
-w ~= q * scale, q in [-127, 127], scale = max |w| over the contraction axes / 127). `dense` feeds the int8 weight to
-the dot converted to the activation dtype (XLA fuses the convert into the dot's operand, so HBM holds and streams int8)
-and multiplies the f32 accumulator by the scales of its output channels, which is exact algebra: the scale does not
-vary along the contracted axes.
+Weight-only quantization keeps a matrix as int8 values q beside float scales (symmetric: w ~= q * scale, q in
+[-127, 127], scale = max |w| / 127 over what it covers), in one of two layouts (`quantization=`):
+  "int8"  a scale per output channel (over all the contraction axes): the scale array has the output axes only, e.g.
+          wq [D, N, H] -> scale [N, H]. `dense` feeds q to the dot converted to the activation dtype and multiplies the
+          f32 accumulator by the scales of its output channels (exact algebra: the scale does not vary along the
+          contracted axes).
+  "q8_0"  a scale per block of 32 consecutive entries of the innermost contraction axis, stored as float16 (llama.cpp's
+          Q8_0: 8.5 bits per weight): the scale array has the weight's rank with that axis divided by 32, e.g.
+          wq [D, N, H] -> [D / 32, N, H], wo [N, H, D] -> [N, H / 32, D]. `dense` dequantizes q * scale in float32
+          into the dot's operand. A GGUF Q8_0 tensor loads bit-exactly: requantizing its dequantized blocks gives back
+          its own values and float16 scales (`quantize_blocks`' rounding is llama.cpp's).
+A scale array's rank says its layout; both keep their contraction axes' logical names, so they shard with the weight.
 """
 
 import jax
@@ -15,17 +22,49 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "q8_0")
+BLOCK = 32  # q8_0: entries of the innermost contraction axis per scale
 _init = nnx.initializers.normal(0.02)
 
 
 def dense(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-  """einsum(spec, x, w) in f32, times `scale` (the output channels' int8 scales, broadcast over the trailing output
-  dims) when w is quantized; returned in x's dtype."""
+  """einsum(spec, x, w) in f32, returned in x's dtype. A quantized w (int8) comes with its scales: per output channel
+  (fewer dims than w, broadcast over the trailing output dims of the result) or per block (w's rank)."""
   if scale is None:
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  if scale.ndim == w.ndim:
+    return jnp.einsum(spec, x, dequantize_blocks(w, scale, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
   y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _block_axis(w_shape, scale_shape) -> int:
+  (axis,) = [i for i, (a, b) in enumerate(zip(w_shape, scale_shape)) if a != b]
+  return axis
+
+
+def quantize_blocks(w, axis: int):
+  """(q int8, scale float16) with a scale per BLOCK consecutive entries along `axis` (numpy in, numpy out; jax
+  likewise): scale = max |w| / 127 rounded to float16, q = round(w / that scale) in [-127, 127] (an all-zero block
+  gets scale 0). Requantizing dequantized Q8_0 blocks gives back their values and scales exactly."""
+  xp = np if isinstance(w, np.ndarray) else jnp
+  n = w.shape[axis]
+  if n % BLOCK:
+    raise ValueError(f"q8_0 quantizes blocks of {BLOCK} along a contraction axis of size {n}, not a multiple of "
+                     f"{BLOCK}; use quantization='int8'.")
+  blocks = w.astype(xp.float32).reshape(*w.shape[:axis], n // BLOCK, BLOCK, *w.shape[axis + 1:])
+  scale = (xp.max(xp.abs(blocks), axis=axis + 1, keepdims=True) / 127.0).astype(xp.float16)
+  s32 = scale.astype(xp.float32)
+  q = xp.clip(xp.round(blocks / xp.where(s32 > 0, s32, 1.0)), -127, 127).astype(xp.int8)
+  return q.reshape(w.shape), xp.squeeze(scale, axis=axis + 1)
+
+
+def dequantize_blocks(q, scale, dtype):
+  """q [..., n, ...] int8 * scale [..., n / BLOCK, ...] (each scale over its block of the axis where the shapes
+  differ), in float32, returned in dtype."""
+  axis = _block_axis(q.shape, scale.shape)
+  blocks = q.astype(jnp.float32).reshape(*q.shape[:axis], scale.shape[axis], -1, *q.shape[axis + 1:])
+  return (blocks * jnp.expand_dims(scale.astype(jnp.float32), axis + 1)).reshape(q.shape).astype(dtype)
 
 
 def quantize_int8(w, reduce_axes: tuple[int, ...]):
@@ -45,15 +84,24 @@ def check_quantization(quantization):
   return quantization
 
 
+def quantize(w, quantization: str, reduce_axes: tuple[int, ...], dtype):
+  """(q, scale) of a float weight in the layout `quantization` names; reduce_axes: its contraction axes (the
+  innermost one holds q8_0's blocks). Per-channel scales are kept in the model's `dtype`."""
+  if quantization == "q8_0":
+    return quantize_blocks(w, max(reduce_axes))
+  q, scale = quantize_int8(w, reduce_axes)
+  return q, scale.astype(dtype)
+
+
 def weight(key, shape: tuple[int, ...], axes: tuple[str, ...], dtype, quantization, *, reduce_axes: tuple[int, ...]):
-  """A weight Param (random init) and its scale Param (None unless quantized): int8 per output channel, the scale
-  over the dims not in `reduce_axes` (the contraction dims), with those dims' logical axes."""
+  """A weight Param (random init) and its scale Param (None unless quantized), with the logical axes the layout
+  gives it: a per-channel scale has the dims not in `reduce_axes` (the contraction dims), a block scale all of w's."""
   w = _init(key, shape, dtype)
   if quantization is None:
     return nnx.Param(w, out_sharding=axes), None
-  q, scale = quantize_int8(w, reduce_axes)
-  scale_axes = tuple(a for i, a in enumerate(axes) if i not in reduce_axes)
-  return nnx.Param(q, out_sharding=axes), nnx.Param(scale.astype(dtype), out_sharding=scale_axes)
+  q, scale = quantize(w, quantization, reduce_axes, dtype)
+  scale_axes = axes if quantization == "q8_0" else tuple(a for i, a in enumerate(axes) if i not in reduce_axes)
+  return nnx.Param(q, out_sharding=axes), nnx.Param(scale, out_sharding=scale_axes)
 
 
 def value(p):

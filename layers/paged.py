@@ -16,10 +16,11 @@ A step feeds the model B = 1 and the new tokens of all sequences concatenated on
 cu_q_lens[i]:cu_q_lens[i+1]). `slot_page_T` / `slot_offset_T` say where each new token's K/V go (vLLM's slot mapping:
 page id and offset within the page, computed by the host allocator from the page table); the view writes them, then
 ragged paged attention reads every sequence's pages up to its kv_len. Padding rows point at a scratch page the
-allocator never hands out. A quantized cache (`--kv_cache_dtype int8|fp8`) holds `QuantizedPages` (int8 / float8
-values and a float32 scale per token and KV head, `jaxllm.pallas_kernels.kv_quant`) in place of each array: the view
-quantizes each new token's K/V as it writes them, and the kernels dequantize what they read. Decode tokens (one row for their sequence) and prefill chunks (many rows, possibly after a
-cached prefix) mix freely in one step: this is the serving engine's only attention path.
+allocator never hands out. A quantized cache (`--kv_cache_dtype int8|fp8`) holds `QuantizedPages` (int8 / float8 values
+and a float32 scale per token and KV head, `jaxllm.pallas_kernels.kv_quant`) in place of each array: the view quantizes
+each new token's K/V as it writes them, and the kernels dequantize what they read. Decode tokens (one row for their
+sequence) and prefill chunks (many rows, possibly after a cached prefix) mix freely in one step: this is the serving
+engine's only attention path.
 """
 
 import jax

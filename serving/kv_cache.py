@@ -43,7 +43,8 @@ def free_device_bytes(devices) -> tuple[int, bool]:
 
 
 def size_kv_cache(config: EngineConfig, model_config, dtype, activation_sharding=None) -> int:
-  """Number of KV pages (dtype: the KV values' dtype): `config.num_pages` if given, else the memory budget's worth, at most `pages_wanted`.
+  """Number of KV pages (dtype: the KV values' dtype): `config.num_pages` if given, else the memory budget's worth, at
+  most `pages_wanted`.
 
   Raises a ValueError when the pages cannot hold even one sequence of max_model_len (vLLM's "max_model_len is larger
   than the KV cache can hold"), naming the figures and the flags that change them."""

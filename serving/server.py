@@ -54,7 +54,7 @@ class ServerConfig:
   host: str = "127.0.0.1"
   port: int = 8000
   dtype: str = "float32"
-  quantization: str | None = None  # "int8": weight-only int8
+  quantization: str | None = None  # "int8" / "q8_0": weight-only int8 (jaxllm.layers.ops)
   engine: EngineConfig = EngineConfig()
   max_waiting: int = 1024  # queued requests beyond which new ones get 503
   api_key: str | None = None

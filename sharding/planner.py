@@ -55,6 +55,7 @@ import types
 from typing import Any, Mapping
 
 from jaxllm.config import NO_WINDOW, ModelConfig
+from jaxllm.layers.ops import BLOCK, QUANTIZATIONS
 from jaxllm.pallas_kernels.kv_quant import SCALE_DTYPE, bytes_per_token_head, is_quantized
 from jaxllm.pallas_kernels.kv_quant import kv_cache_dtype as kv_dtype
 from jaxllm.sharding.mesh import parse_mesh  # noqa: F401  (the planner reads --mesh as the runtime does)
@@ -189,11 +190,12 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
          kv_cache_dtype: str = "auto", reserve: float = 0.1, kv_placement: str = "runtime",
          quantization: str | None = None) -> Plan:
   """Plans `config` on `mesh` (axis -> size); see the module docstring for the layouts and the cost model.
-  quantization="int8": the attention projections and MLP take 1 byte per weight plus a `dtype` scale per output
-  channel; embedding, LM head, norms and biases stay in `dtype` (as `jaxllm.layers.Llama` holds them)."""
+  quantization="int8": the attention projections and MLP take 1 byte per weight plus a `dtype` scale per output channel
+  ("q8_0": plus a float16 scale per 32 weights); embedding, LM head, norms and biases stay in `dtype` (as
+  `jaxllm.layers.Llama` holds them)."""
   c = config
-  if quantization not in (None, "int8"):
-    raise ValueError(f"quantization {quantization!r} is not supported; choose int8 or none.")
+  if quantization not in QUANTIZATIONS:
+    raise ValueError(f"quantization {quantization!r} is not supported; choose int8, q8_0 or none.")
   if dtype not in WEIGHT_DTYPES:
     raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(WEIGHT_DTYPES)}.")
   if not isinstance(max_model_len, int) or max_model_len <= 0:
@@ -251,19 +253,26 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
                + 2 * H * c.qk_norm)  # q/k norms over head_dim (replicated)
   if quantization is None:
     per_layer_bytes = (matrices + per_layer) * wb
-  else:  # int8 weights, one scale per output channel: wq [N, H], wk / wv [K, H], wo [D], gate / up [F], down [D]
+  elif quantization == "int8":  # a scale per output channel: wq [N, H], wk / wv [K, H], wo [D], gate / up [F], down [D]
     scales = Ny * H + 2 * kvh * H + Dx + 2 * Fy + Dx
     per_layer_bytes = matrices + (scales + per_layer) * wb
     notes.append("int8 weights: attention projections and MLP at 1 byte plus per-channel scales; embedding, LM head, "
                  f"norms and biases in {dtype}")
+  else:  # q8_0: a float16 scale per 32 weights, sharded with them
+    per_layer_bytes = matrices + matrices * 2 // BLOCK + per_layer * wb
+    notes.append("q8_0 weights: attention projections and MLP at 1 byte plus a float16 scale per 32 (8.5 bits); "
+                 f"embedding, LM head, norms and biases in {dtype}")
   embed = vocab_rows * Dx * (1 if c.tie_embeddings else 2)
   weight_bytes = L * per_layer_bytes + (embed + Dx) * wb
   total_bytes = c.num_params * wb  # the model once
   if quantization is not None:
     Dc, Nc, Kc = c.d_model, c.num_heads, c.num_kv_heads
     all_matrices = Dc * Nc * H * 2 + Dc * Kc * H * 2 + 3 * Dc * F
-    all_scales = Nc * H + 2 * Kc * H + 2 * Dc + 2 * F
-    total_bytes = L * all_matrices + (c.num_params - L * all_matrices + L * all_scales) * wb
+    if quantization == "int8":
+      all_scales = (Nc * H + 2 * Kc * H + 2 * Dc + 2 * F) * wb
+    else:
+      all_scales = all_matrices * 2 // BLOCK
+    total_bytes = L * all_matrices + (c.num_params - L * all_matrices) * wb + L * all_scales
 
   # --- KV cache
   kv_total = 2 * L * K * kb

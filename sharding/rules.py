@@ -145,11 +145,15 @@ def padded_query_heads(num_heads: int, num_kv_heads: int, mesh_shape, layout: st
 
 def pad_query_heads(attn: dict, num_kv_heads: int, padded_heads: int) -> dict:
   """The attention params (stacked [L, ...]) with each KV group's query heads padded by zero heads to
-  `padded_heads` in all: wq [L, D, N, H] (and its int8 scales [L, N, H]), bq [L, N, H] and wo [L, N, H, D]. Host or
-  device arrays."""
+  `padded_heads` in all: wq [L, D, N, H] (and its int8 scales: [L, N, H] per channel, [L, D / 32, N, H] per block),
+  bq [L, N, H] and wo [L, N, H, D] (its q8_0 scales [L, N, H / 32, D]; per-channel ones [L, D] have no head axis).
+  Host or device arrays."""
   out = dict(attn)
-  for name, axis in (("wq_DNH", 2), ("wq_scale_NH", 1), ("bq_NH", 1), ("wo_NHD", 1)):
+  for name, axis in (("wq_DNH", 2), ("wq_scale", 2), ("bq_NH", 1), ("wo_NHD", 1), ("wo_scale", 1)):
     if name not in attn:
+      continue
+    axis = scale_axis(name, axis, attn)
+    if axis is None:
       continue
     w = attn[name]
     xp = jax.numpy if isinstance(w, jax.Array) else np
@@ -159,6 +163,18 @@ def pad_query_heads(attn: dict, num_kv_heads: int, padded_heads: int) -> dict:
     pad[axis + 1] = (0, padded_heads // num_kv_heads - n // num_kv_heads)
     out[name] = xp.pad(grouped, pad).reshape(*w.shape[:axis], padded_heads, *w.shape[axis + 1:])
   return out
+
+
+def scale_axis(name: str, axis: int, params: dict) -> int | None:
+  """The axis of params[name] that corresponds to `axis` of its weight: the same for a weight or a block scale (same
+  rank), shifted left past the leading contraction axis for a per-channel scale of wq / wk / wv ([L, D, X, H] ->
+  [L, X, H]); None for wo's per-channel scale, which has no head axis."""
+  if not name.endswith("_scale"):
+    return axis
+  weight = next(v for k, v in params.items() if k.startswith(name[:-len("_scale")] + "_") and k != name)
+  if len(params[name].shape) == len(weight.shape):
+    return axis
+  return None if name.startswith("wo") else axis - 1
 
 
 def repeat_kv_heads(host: np.ndarray, axis: int, copies: int):

@@ -208,10 +208,11 @@ def build_model(config: ModelConfig, params: dict, dtype: str, mesh=None, layout
     if kv.copies > 1:
       attn = dict(params["layers"]["attn"])
       # [L, D, K, H] -> [L, D, K * copies, H] (biases [L, K, H]), head k at k * copies ... + copies - 1
-      for name, axis in (("wk_DKH", 2), ("wv_DKH", 2), ("bk_KH", 1), ("bv_KH", 1), ("wk_scale_KH", 1),
-                         ("wv_scale_KH", 1)):
+      for name, axis in (("wk_DKH", 2), ("wv_DKH", 2), ("bk_KH", 1), ("bv_KH", 1), ("wk_scale", 2),
+                         ("wv_scale", 2)):
         if name not in attn:
           continue
+        axis = rules.scale_axis(name, axis, attn)
         w, target = attn[name], shardings["layers"]["attn"][name]
         if isinstance(w, jax.Array):
           attn[name] = jax.jit(lambda w, axis=axis: jax.numpy.repeat(w, kv.copies, axis=axis), out_shardings=target)(w)

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.layers.ops import check_quantization, quantize_int8
+from jaxllm.layers.ops import check_quantization, quantize
 
 
 class TensorSource(Protocol):
@@ -75,9 +75,10 @@ class SplitFused:
 def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32", quantization: str | None = None) -> dict:
   """Builds the pure-dict params of `jaxllm.layers.Llama` (as `nnx.State.to_pure_dict()` lays them out).
 
-  quantization="int8": each attention projection and MLP tensor is quantized as it is read (one layer's tensor at a
-  time in float32 on the host, never the whole model), giving int8 weights and their per-output-channel scales
-  (`jaxllm.layers.ops.quantize_int8`) under the names `Llama(..., quantization="int8")` has.
+  quantization="int8" / "q8_0": each attention projection and MLP tensor is quantized as it is read (one layer's
+  tensor at a time in float32 on the host, never the whole model), giving int8 weights and their per-output-channel
+  or per-block scales (`jaxllm.layers.ops.quantize`) under the names `Llama(..., quantization=...)` has. A GGUF
+  Q8_0 tensor comes back from "q8_0" bit-exactly (its own int8 values and float16 block scales).
 
   Gemma's norms: `post_attention_layernorm` is the norm on the attention output there (`pre_feedforward_layernorm`
   the one before the MLP), unlike Llama where it is the pre-MLP norm; weights are kept as stored (the layer adds 1).
@@ -110,9 +111,9 @@ def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32", q
     if quantization is None:
       into[name] = stack(suffix, shape, convert)
       return
-    qs, scales = zip(*(quantize_int8(np.asarray(convert(get(f"model.layers.{i}.{suffix}", shape)), np.float32),
-                                     reduce_axes) for i in range(L)))
-    into[name], into[scale_name] = np.stack(qs), np.stack(scales).astype(out_dtype)
+    qs, scales = zip(*(quantize(np.asarray(convert(get(f"model.layers.{i}.{suffix}", shape)), np.float32),
+                                quantization, reduce_axes, out_dtype) for i in range(L)))
+    into[name], into[scale_name] = np.stack(qs), np.stack(scales)
 
   params = {
       "final_norm": {"weight": get("model.norm.weight", (D,)).astype(out_dtype)},
@@ -126,14 +127,14 @@ def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32", q
   }
   params["embed_VD"] = get("model.embed_tokens.weight", (V, D)).astype(out_dtype)
   attn, mlp = params["layers"]["attn"], params["layers"]["mlp"]
-  weights(attn, "wq_DNH", "wq_scale_NH", "self_attn.q_proj.weight", (N * H, D), lambda w: w.T.reshape(D, N, H), (0,))
-  weights(attn, "wk_DKH", "wk_scale_KH", "self_attn.k_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H), (0,))
-  weights(attn, "wv_DKH", "wv_scale_KH", "self_attn.v_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H), (0,))
-  weights(attn, "wo_NHD", "wo_scale_D", "self_attn.o_proj.weight", (D, N * H), lambda w: w.T.reshape(N, H, D),
+  weights(attn, "wq_DNH", "wq_scale", "self_attn.q_proj.weight", (N * H, D), lambda w: w.T.reshape(D, N, H), (0,))
+  weights(attn, "wk_DKH", "wk_scale", "self_attn.k_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H), (0,))
+  weights(attn, "wv_DKH", "wv_scale", "self_attn.v_proj.weight", (K * H, D), lambda w: w.T.reshape(D, K, H), (0,))
+  weights(attn, "wo_NHD", "wo_scale", "self_attn.o_proj.weight", (D, N * H), lambda w: w.T.reshape(N, H, D),
           (0, 1))
-  weights(mlp, "w_gate_DF", "w_gate_scale_F", "mlp.gate_proj.weight", (F, D), lambda w: w.T, (0,))
-  weights(mlp, "w_up_DF", "w_up_scale_F", "mlp.up_proj.weight", (F, D), lambda w: w.T, (0,))
-  weights(mlp, "w_down_FD", "w_down_scale_D", "mlp.down_proj.weight", (D, F), lambda w: w.T, (0,))
+  weights(mlp, "w_gate_DF", "w_gate_scale", "mlp.gate_proj.weight", (F, D), lambda w: w.T, (0,))
+  weights(mlp, "w_up_DF", "w_up_scale", "mlp.up_proj.weight", (F, D), lambda w: w.T, (0,))
+  weights(mlp, "w_down_FD", "w_down_scale", "mlp.down_proj.weight", (D, F), lambda w: w.T, (0,))
   if c.post_norms:
     params["layers"]["post_attn_norm"] = {"weight": stack("post_attention_layernorm.weight", (D,), lambda w: w)}
     params["layers"]["post_mlp_norm"] = {"weight": stack("post_feedforward_layernorm.weight", (D,), lambda w: w)}

@@ -20,8 +20,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
 _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "A directory for jax's persistent "
                                           "compilation cache: programs compiled once are loaded by later runs.")
-QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int8"], "Weight quantization: int8 (per-output-channel "
-                                  "scales, quantized at load; norms and biases stay in --dtype). Default: none.")
+QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int8", "q8_0"], "Weight quantization of the attention "
+                                  "projections and MLP, at load: int8 (a scale per output channel) or q8_0 (a float16 "
+                                  "scale per 32 weights, llama.cpp's Q8_0: a Q8_0 GGUF loads bit-exactly); embedding, "
+                                  "LM head, norms and biases stay in --dtype. Default: none.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host with the cluster detected by jax (Cloud TPU pods, "
                                  "SLURM, Open MPI) instead of the three flags above.")
 

@@ -29,8 +29,9 @@ _LAYOUT = flags.DEFINE_enum("layout", None, ["tp", "2d", "dp"], "tp: 1D weight-s
 _KV_PLACEMENT = flags.DEFINE_enum("kv_placement", "runtime", ["runtime", "batch"], "runtime: KV heads as jaxllm "
                                   "places them (split, or replicated at load when they do not divide the head axis); "
                                   "batch: what-if of Pope et al.'s batch-sharded KV cache for that case.")
-_QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int8"], "Weight quantization to plan for: int8 "
-                                   "(attention projections and MLP; embedding, LM head, norms stay in --dtype).")
+_QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int8", "q8_0"], "Weight quantization to plan for: int8 "
+                                   "or q8_0 (attention projections and MLP; embedding, LM head, norms stay in "
+                                   "--dtype).")
 _JSON = flags.DEFINE_bool("json", False, "Print the plan as JSON instead of a table.")
 
 

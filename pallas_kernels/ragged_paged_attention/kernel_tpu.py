@@ -147,7 +147,8 @@ def _kernel(
                                        sems_ref.at[kv, slot])
           getattr(copy, action)()
         if quantized:  # the page's scales [K, C] land lane-major: key c of head h at [slot, h, p * C + c]
-          for x_hbm_ref, x_buf_ref, kv in ((k_scale_hbm_ref, k_scale_buf_ref, 2), (v_scale_hbm_ref, v_scale_buf_ref, 3)):
+          for x_hbm_ref, x_buf_ref, kv in ((k_scale_hbm_ref, k_scale_buf_ref, 2),
+                                           (v_scale_hbm_ref, v_scale_buf_ref, 3)):
             copy = pltpu.make_async_copy(x_hbm_ref.at[page], x_buf_ref.at[slot, :, pl.ds(p * C, C)],
                                          sems_ref.at[kv, slot])
             getattr(copy, action)()
@@ -197,7 +198,8 @@ def _kernel(
       p_RB = jnp.exp(s_RB - m_new_R1)
       alpha_R1 = jnp.exp(m_prev_R1 - m_new_R1)
       l_new_R1 = alpha_R1 * l_prev_R1 + jnp.sum(p_RB, axis=1, keepdims=True)
-      pv_RH = lax.dot_general((p_RB * v_scale_1B if quantized else p_RB).astype(v_BH.dtype), v_BH, (((1,), (0,)), ((), ())), precision=precision,
+      p_RB = p_RB * v_scale_1B if quantized else p_RB
+      pv_RH = lax.dot_general(p_RB.astype(v_BH.dtype), v_BH, (((1,), (0,)), ((), ())), precision=precision,
                               preferred_element_type=f32)
       m_ref[h] = jnp.where(mine_RL, jnp.broadcast_to(m_new_R1, (R, _LANES)), m_prev_RL)
       l_ref[h] = jnp.where(mine_RL, jnp.broadcast_to(l_new_R1, (R, _LANES)), l_prev_RL)

@@ -161,8 +161,8 @@ def test_quantized_kv_cache_keeps_batch_invariance_preemption_and_page_accountin
   preemption with recompute), every page comes back, and the outputs stay near the float cache's."""
   base = dataclasses.replace(ENGINE, max_model_len=128, max_num_seqs=4, page_size=8, kv_cache_dtype=kv_cache_dtype)
   rng = np.random.default_rng(3)
-  prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(20, 40, 6)]
-  sp = SamplingParams(max_tokens=24, temperature=0)
+  prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(20, 40, 5)]
+  sp = SamplingParams(max_tokens=16, temperature=0)
   roomy = Scheduler(Engine(model, base))
   assert roomy.state.k.values.dtype == {"int8": np.int8, "fp8": jax.numpy.float8_e4m3fn}[kv_cache_dtype]
   solo = []
@@ -176,7 +176,7 @@ def test_quantized_kv_cache_keeps_batch_invariance_preemption_and_page_accountin
   assert [r.output_ids for r in reqs] == [r.output_ids for r in solo]
   assert_all_pages_back(tight)
   assert_all_pages_back(roomy)
-  agree = np.mean([a == b for p, r in zip(prompts, solo) for a, b in zip(r.output_ids, alone(p, 24))])
+  agree = np.mean([a == b for p, r in zip(prompts, solo) for a, b in zip(r.output_ids, alone(p, 16))])
   assert agree > 0.5, agree  # a random model's near-ties flip under rounding; most tokens still agree
 
 

@@ -80,7 +80,7 @@ def hf_token_logprobs(model, rows):
 
 def test_job_matches_transformers_on_varied_records(tmp_path, default_llm, hf_default):
   model, tok = hf_default
-  records = varied_records(200)
+  records = varied_records(96)
   src = tmp_path / "in.jsonl"
   src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
   out = tmp_path / "out.jsonl"
@@ -127,7 +127,7 @@ def test_job_matches_transformers_on_varied_records(tmp_path, default_llm, hf_de
       if np.all(np.abs(top2[:, 1] - top2[:, 0]) > 1e-3):
         assert g["is_greedy"] == bool(np.all(lp[np.arange(first - 1, len(ids) - 1)].argmax(-1) == ids[first:]))
   assert worst <= 1e-3, worst
-  assert checked >= 190 and summary["errors"] == len(records) - checked
+  assert checked >= 0.95 * len(records) and summary["errors"] == len(records) - checked
   assert min(lengths) <= 4 and max(lengths) >= 250  # the records really vary
   assert summary["padding_fraction"] < 0.35
 

@@ -39,7 +39,8 @@ def main():
            "mlp_activation": "gelu_tanh", "norm_plus_one": True, "post_norms": True, "scale_embeddings": True,
            "attn_scale": 0.2, "attn_soft_cap": 5.0, "final_soft_cap": 3.0}
   # with 6 query heads over 2 KV heads on model=4 the query heads do not split either: 2 zero heads pad them to 8
-  models = [(8, 2, CASES, {}), (8, 8, CASES, {}), (6, 3, [("data=4,model=2", "tp")], {}),
+  models = [(8, 2, CASES, {}), (8, 8, [("model=8", "tp"), ("x=2,y=4", "2d")], {}),
+            (6, 3, [("data=4,model=2", "tp")], {}),
             (8, 2, [("data=2,model=4", "tp"), ("x=2,y=4", "2d")], qwen), (6, 2, [("data=2,model=4", "tp")], qwen),
             (8, 2, [("model=8", "tp"), ("x=2,y=4", "2d")], gemma)]
   for heads, kv, cases, variations in models:
@@ -90,28 +91,34 @@ def main():
 
 
 def int8_runs(tokens, prompts):
-  """The 8/2-head model with int8 weights on tp and 2d vs one device, and each device's weight bytes beside the
-  planner's count."""
+  """The 8/2-head model with int8 (per channel) and q8_0 (per block of 32; head_dim 32 so wo's blocks stay within a
+  head) weights on tp and 2d vs one device, and each device's weight bytes beside the planner's count. The 2 KV heads
+  are copied 4x on model=8 with their scales; on 2d, D = 128 splits into whole blocks over x."""
   from jaxllm.sharding import planner
 
-  config = ModelConfig(vocab_size=512, d_model=128, d_ff=256, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16)
-  model = Llama(config, quantization="int8", rngs=nnx.Rngs(3))
-  params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
-  single = Generator(checkpoint.build_model(config, params, "float32", quantization="int8"))
-  ref_logits = single.logits(tokens)
-  ref_tokens, _ = single.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
   runs = []
-  for spec, layout in (("model=8", "tp"), ("x=2,y=4", "2d")):
-    mesh = make_mesh(spec)
-    g = Generator(checkpoint.build_model(config, params, "float32", mesh, layout, "int8"), mesh=mesh)
-    toks, _ = g.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
-    device0 = jax.devices()[0]
-    held = sum(s.data.nbytes for x in jax.tree.leaves(g.params) for s in x.addressable_shards if s.device == device0)
-    plan = planner.plan(config, dict(mesh.shape), "float32", 64, planner.GiB, layout, quantization="int8")
-    runs.append({"mesh": spec, "max_logit_diff": float(np.abs(g.logits(tokens) - ref_logits).max()),
-                 "decode_equal": toks == ref_tokens, "device0_bytes": held,
-                 "planned_bytes": plan.weight_bytes_per_device,
-                 "wq_dtype": str(g.params["layers"]["attn"]["wq_DNH"].value.dtype)})
+  for quantization, head_dim in (("int8", 16), ("q8_0", 32)):
+    config = ModelConfig(vocab_size=512, d_model=128, d_ff=256, num_layers=2, num_heads=8, num_kv_heads=2,
+                         head_dim=head_dim)
+    model = Llama(config, quantization=quantization, rngs=nnx.Rngs(3))
+    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    single = Generator(checkpoint.build_model(config, params, "float32", quantization=quantization))
+    ref_logits = single.logits(tokens)
+    ref_tokens, _ = single.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
+    for spec, layout in (("model=8", "tp"), ("x=2,y=4", "2d")):
+      mesh = make_mesh(spec)
+      g = Generator(checkpoint.build_model(config, params, "float32", mesh, layout, quantization), mesh=mesh)
+      toks, _ = g.generate(prompts, [6] * 8, greedy(8), lambda i, t: False, max_len=64)
+      device0 = jax.devices()[0]
+      held = sum(s.data.nbytes for x in jax.tree.leaves(g.params) for s in x.addressable_shards
+                 if s.device == device0)
+      plan = planner.plan(config, dict(mesh.shape), "float32", 64, planner.GiB, layout, quantization=quantization)
+      runs.append({"quantization": quantization, "mesh": spec,
+                   "max_logit_diff": float(np.abs(g.logits(tokens) - ref_logits).max()),
+                   "decode_equal": toks == ref_tokens, "device0_bytes": held,
+                   "planned_bytes": plan.weight_bytes_per_device,
+                   "wq_dtype": str(g.params["layers"]["attn"]["wq_DNH"].value.dtype),
+                   "scale_shard": list(g.params["layers"]["attn"]["wo_scale"].value.addressable_shards[0].data.shape)})
   return runs
 
 

@@ -22,9 +22,10 @@ def results():
 
 def test_every_layout_matches_single_device(results):
   assert results["devices"] == 8
-  # 4 layouts x (8/2 and 8/8 heads), 6/3 heads on data=4,model=2, 8/2 heads of Qwen's shape on tp and 2d, 6/2
-  # of Qwen's shape on data=2,model=4 (query heads padded), and 8/2 of Gemma's shape (windows, soft-caps) on tp and 2d
-  assert len(results["runs"]) == 14
+  # 4 layouts x 8/2 heads, 8/8 on tp and 2d, 6/3 heads on data=4,model=2, 8/2 heads of Qwen's shape on tp and 2d,
+  # 6/2 of Qwen's shape on data=2,model=4 (query heads padded), and 8/2 of Gemma's shape (windows, soft-caps) on tp
+  # and 2d
+  assert len(results["runs"]) == 12
   for run in results["runs"]:
     assert run["max_logit_diff"] <= 1e-5, run  # prefill, f32
     assert run["decode_equal"], run  # greedy decode through the sharded KV cache
@@ -66,11 +67,17 @@ def test_tp_has_two_all_reduces_per_layer_and_no_weight_gathers(results, kv):
   assert hlo["runtime_weight_bytes"] == hlo["weight_bytes"] + (extra_kv if kv == "2" else 0)
 
 
-def test_int8_weights_shard_like_float_and_as_the_planner_counts(results):
-  for run in results["int8"]:
+def test_quantized_weights_shard_like_float_and_as_the_planner_counts(results):
+  runs = {(r["quantization"], r["mesh"]): r for r in results["int8"]}
+  assert len(runs) == 4
+  for run in runs.values():
     assert run["wq_dtype"] == "int8" and run["decode_equal"], run
     assert run["max_logit_diff"] <= 1e-5, run
     assert run["device0_bytes"] == run["planned_bytes"], run  # what one device holds is what `jaxllm plan` says
+  # wo [L, N, H, D]: per-channel scales [L, D] are replicated on tp; q8_0's [L, N, H / 32, D] split by heads
+  assert runs[("int8", "model=8")]["scale_shard"] == [2, 128]
+  assert runs[("q8_0", "model=8")]["scale_shard"] == [2, 1, 1, 128]
+  assert runs[("q8_0", "x=2,y=4")]["scale_shard"] == [2, 2, 1, 64]
 
 
 def test_orbax_restores_each_shard_onto_its_device(results):
