@@ -155,10 +155,18 @@ def test_forced_preemption_gives_the_unconstrained_outputs(model, alone):
   assert_all_pages_back(sched)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", pytest.param("fp8", marks=pytest.mark.slow)])
-def test_quantized_kv_cache_keeps_batch_invariance_preemption_and_page_accounting(model, alone, kv_cache_dtype):
-  """With int8 / fp8 pages each prompt still gets what it gets alone (through batching, chunked prefill and forced
-  preemption with recompute), every page comes back, and the outputs stay near the float cache's."""
+@pytest.mark.parametrize("quantization,kv_cache_dtype", [("int8", "int8"),
+                                                       pytest.param(None, "fp8", marks=pytest.mark.slow)])
+def test_quantized_kv_cache_keeps_batch_invariance_preemption_and_page_accounting(model, alone, quantization,
+                                                                                  kv_cache_dtype):
+  """With int8 weights and int8 pages (fp8 pages: slow) each prompt still gets what it gets alone (through batching,
+  chunked prefill and forced preemption with recompute), every page comes back, and the outputs stay near the float
+  model's."""
+  if quantization is not None:
+    params = jax.tree.map(np.asarray, nnx.state(Llama(CONFIG, quantization=quantization, rngs=nnx.Rngs(0)),
+                                                nnx.Param).to_pure_dict())
+    model = checkpoint.build_model(CONFIG, params, "float32", quantization=quantization)
+    assert model.layers.mlp.w_up_DF[...].dtype == np.int8
   base = dataclasses.replace(ENGINE, max_model_len=128, max_num_seqs=4, page_size=8, kv_cache_dtype=kv_cache_dtype)
   rng = np.random.default_rng(3)
   prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(20, 40, 5)]
