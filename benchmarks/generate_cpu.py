@@ -56,6 +56,7 @@ def time_hf(model, batch, new_tokens, pad_id):
 
 
 VARIANTS = {"f32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"),
+            "q8_0": dict(quantization="q8_0"),
             "bf16+int8": dict(dtype="bfloat16", quantization="int8"), "kv-int8": dict(kv_cache_dtype="int8"),
             "kv-fp8": dict(kv_cache_dtype="fp8")}
 
@@ -97,8 +98,8 @@ def main():
   lines = [
       f"### generate_cpu.py — {datetime.date.today()} — {device}",
       "",
-      f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized; int8: requantized per output channel, embedding / LM head "
-      f"kept float), greedy, {args.new_tokens} new tokens per prompt, prefill included, one run; transformers in "
+      f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized; int8 / q8_0: requantized per output channel / per block of "
+      f"32, embedding / LM head kept float; kv-*: the KV cache's dtype), greedy, {args.new_tokens} new tokens per prompt, prefill included, one run; transformers in "
       f"float32. Batch-1 bound: weight bytes per step at a measured {bandwidth:.1f} GB/s copy bandwidth.",
       "",
       "| weights | bytes/step | bound tok/s (b=1) | batch | jaxllm tok/s | transformers f32 tok/s | ratio |",

@@ -150,6 +150,7 @@ class RandomModel:
 
 
 VARIANTS = {"f32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"),
+            "q8_0": dict(quantization="q8_0"),
             "bf16+int8": dict(dtype="bfloat16", quantization="int8"), "kv-int8": dict(kv_cache_dtype="int8"),
             "kv-fp8": dict(kv_cache_dtype="fp8"), "int8+kv-int8": dict(quantization="int8", kv_cache_dtype="int8")}
 

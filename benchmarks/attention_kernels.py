@@ -9,7 +9,7 @@ Prefill reports TFLOP/s (causal: 2 * B * N * H * T * (T + 1) flops for QK^T and 
 measured matmul peak; decode reports GB/s of K/V bytes read (sum over sequences of kv_len * K * H * 2 * itemsize) as a
 fraction of a measured device copy bandwidth. Prints a table and appends it to benchmarks/RESULTS.md.
 
-    python benchmarks/kernels.py [--dtype bfloat16] [--quick]
+    python benchmarks/attention_kernels.py [--dtype bfloat16] [--quick]
 
 On CPU only the XLA reference runs (Pallas interpret mode says nothing about speed).
 """
@@ -119,7 +119,7 @@ def main():
   peak_tflops, bandwidth = measured_ceilings(dtype)
   rows = prefill_rows(dtype, args.quick) + decode_rows(dtype, args.quick)
   device = jax.devices()[0].device_kind
-  lines = [f"### kernels.py — {datetime.date.today()} — {device} ({jax.default_backend()}, jax {jax.__version__})", "",
+  lines = [f"### attention_kernels.py — {datetime.date.today()} — {device} ({jax.default_backend()}, jax {jax.__version__})", "",
            f"{args.dtype}; measured ceilings: matmul {peak_tflops:.3g} TFLOP/s, copy bandwidth {bandwidth:.0f} GB/s.",
            "", "| op | shape | impl | time ms | achieved | of ceiling |", "|---|---|---|---:|---:|---:|"]
   for op, shape, impl, t, work, unit in rows:
