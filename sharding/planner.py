@@ -179,6 +179,10 @@ def _check_mesh(config: ModelConfig, mesh: dict[str, int], layout: str) -> dict:
   return rules.rules_for(layout, shaped)
 
 
+def _scale_dtype(p: "Plan") -> str:
+  return "float16" if p.quantization == "q8_0" else p.dtype
+
+
 def _kv_entry_bytes(p: "Plan") -> str:
   """How one token of one KV head is stored, e.g. 'H=128 x 1 B + 4 B scale'."""
   dtype = kv_dtype(p.kv_cache_dtype, p.dtype)
@@ -370,7 +374,7 @@ def format_plan(p: Plan) -> str:
   out = [f"{p.model} ({p.num_params / 1e9:.2f}B params; {' '.join(f'{k}={v}' for k, v in p.shape.items())}) on mesh "
          f"{format_mesh(p.mesh)} ({p.num_devices} device{'s' * (p.num_devices > 1)}), layout {p.layout} "
          f"({LAYOUT_NAMES[p.layout]})",
-         f"weights {p.dtype if p.quantization is None else p.quantization + ' (scales ' + p.dtype + ')'}, "
+         f"weights {p.dtype if p.quantization is None else f'{p.quantization} (scales {_scale_dtype(p)})'}, "
          f"KV cache {p.kv_cache_dtype}, HBM {_gib(p.hbm_bytes)} per device, "
          f"reserve {p.reserve:.0%} for activations/workspace, max_model_len {p.max_model_len:,}", ""]
   out.append("Memory per device")
