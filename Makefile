@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Test files run on this many pytest-xdist workers, each file on one worker (its module fixtures are built once).
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-all serve demo bench clean
 
@@ -18,10 +20,10 @@ setup: $(STAMP)
 
 # Fast, meaningful default run (slow cases are marked and run by `make test-all`).
 test: setup
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: setup
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The main job: the OpenAI-compatible server on the default model. Compiled programs are cached in .jit-cache, so
 # only the first start pays for the whole warmup.

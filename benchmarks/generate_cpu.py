@@ -59,12 +59,15 @@ VARIANTS = {"f32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8"
             "q8_0": dict(quantization="q8_0"),
             "bf16+int8": dict(dtype="bfloat16", quantization="int8"), "kv-int8": dict(kv_cache_dtype="int8"),
             "kv-fp8": dict(kv_cache_dtype="fp8")}
+VARIANTS = {name: {"quantization": None, **v} for name, v in VARIANTS.items()}  # float unless named (not "auto")
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--batch_sizes", default="1,8")
+  ap.add_argument("--max_model_len", type=int, default=512, help="each engine's context (prompt + new tokens); it "
+                  "sizes the KV cache, so the default model's 8,192 would hold GBs per variant")
   ap.add_argument("--weights", default="f32", help=f"comma-separated jaxllm weight / KV-cache variants: "
                   f"{', '.join(VARIANTS)}")
   ap.add_argument("--results", default=common.RESULTS)
@@ -84,7 +87,7 @@ def main():
   variants = args.weights.split(",")
   rows, theirs, weight_bytes = [], {}, {}
   for name in variants:
-    llm = LLM("default", **VARIANTS[name])
+    llm = LLM("default", max_model_len=args.max_model_len, max_num_seqs=max(sizes), **VARIANTS[name])
     weight_bytes[name] = sum(x.nbytes for x in jax.tree.leaves(llm.engine.params))  # what a decode step streams
     for b in sizes:
       batch = [llm.tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(b)]
@@ -92,6 +95,7 @@ def main():
         theirs[b] = b * args.new_tokens / time_hf(hf, batch, args.new_tokens, llm.tokenizer.pad_id or 0)
       rows.append((name, b, b * args.new_tokens / time_ours(llm, batch, args.new_tokens)))
     del llm
+    jax.clear_caches()  # the next variant compiles its own programs; these would only hold memory
 
   bandwidth = common.copy_bandwidth_gbs()
   device = common.device_name()

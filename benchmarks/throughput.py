@@ -198,7 +198,8 @@ def main():
     else:
       llm = LLM("default", dtype=dtype, quantization=v.pop("quantization", None), max_model_len=max_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, **v)
-      model_name = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized; int8: requantized per output channel)"
+      model_name = ("SmolLM2-135M-Instruct (Q4_1 GGUF dequantized; int8: requantized per output channel, q8_0: per "
+                    "block of 32)")
     if prompts is None:
       prompts, outs = workload(np.random.default_rng(args.seed), args.num_prompts, llm.config.vocab_size, args)
     ours, reqs = run_ours(llm, prompts, outs)

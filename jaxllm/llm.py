@@ -103,9 +103,12 @@ class LLM:
   Args:
     model: "default", a preset-free checkpoint path (.gguf file, HF dir, `jaxllm convert` dir).
     dtype: parameter dtype, "float32" or "bfloat16".
-    quantization: None, "int8" or "q8_0": weight-only int8 for the attention projections and the MLP (embedding, LM
-      head, norms and biases stay in `dtype`), quantized as the checkpoint is read: "int8" with a scale per output
-      channel, "q8_0" with a float16 scale per 32 weights (llama.cpp's Q8_0; a Q8_0 GGUF loads bit-exactly).
+    quantization: "auto", None, "int8" or "q8_0": weight-only int8 for the attention projections and the MLP
+      (embedding, LM head, norms and biases stay in `dtype`), quantized as the checkpoint is read: "int8" with a
+      scale per output channel, "q8_0" with a float16 scale per 32 weights (llama.cpp's Q8_0; a Q8_0 GGUF loads
+      bit-exactly); None: float. "auto" (the default): q8_0 for a GGUF stored quantized (so the default model, a
+      Q4_1 GGUF, runs q8_0: 2.4x fewer bytes than float32, faster, +0.02% perplexity), float for HF and float GGUF
+      checkpoints, and what a `jaxllm convert` directory holds.
     tokenizer: a tokenizer path to use instead of the checkpoint's own.
     seed: seeds the draws of requests whose SamplingParams.seed is None.
     mesh, layout: a device mesh ("model=8", "data=2,model=4", or a jax Mesh) and its sharding layout.
@@ -117,7 +120,7 @@ class LLM:
       kv_cache_memory_fraction.
   """
 
-  def __init__(self, model: str = "default", *, dtype: str = "float32", quantization: str | None = None,
+  def __init__(self, model: str = "default", *, dtype: str = "float32", quantization: str | None = "auto",
                tokenizer: str | None = None, seed: int = 0,
                mesh: str | None = None, layout: str = "tp", compilation_cache_dir: str | None = None,
                engine_config: EngineConfig | None = None, **engine_args):
@@ -155,7 +158,8 @@ class LLM:
   def __repr__(self) -> str:
     c = self.config
     e = self.engine.config
-    return (f"LLM({c.name!r}, {c.num_params / 1e6:.1f}M params, dtype={self.dtype}, layers={c.num_layers}, "
+    return (f"LLM({c.name!r}, {c.num_params / 1e6:.1f}M params, dtype={self.dtype}, "
+            f"{self.quantization + ' weights, ' if self.quantization else ''}layers={c.num_layers}, "
             f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len}, "
             f"KV cache: {self.engine.num_pages - 1} pages x {e.page_size} tokens of {self.engine.kv_dtype}, "
             f"max_num_seqs={e.max_num_seqs}, "

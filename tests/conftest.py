@@ -16,6 +16,13 @@ import numpy as np
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+  """The longest file first (the 8-device sharding run, ~3-7 min): under `make test`'s pytest-xdist workers
+  (--dist loadfile hands out files in collection order) it then overlaps the other files instead of running alone
+  at the end."""
+  items.sort(key=lambda item: item.path.parent.name != "sharding")
+
+
 @pytest.fixture(scope="session")
 def default_gguf():
   from jaxllm import default_model
@@ -25,9 +32,12 @@ def default_gguf():
 
 @pytest.fixture(scope="session")
 def default_llm():
+  """The default model in float32: exactly the GGUF's dequantized weights, what transformers computes from the same
+  file (LLM("default") itself runs q8_0, see tests/test_quantization.py). 1,024 KV pages (16,384 tokens, 750 MB)
+  instead of the CPU default's 4 GiB: each pytest-xdist worker holds one."""
   from jaxllm import LLM
 
-  return LLM("default")
+  return LLM("default", quantization=None, num_pages=1025)
 
 
 @pytest.fixture(scope="session")

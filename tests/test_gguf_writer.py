@@ -141,7 +141,7 @@ def test_llama3_rope_freqs_table_becomes_llama3_scaling(tmp_path, rng):
 def test_q8_0_gguf_dequantizes_like_gguf_does(tmp_path):
   model = make_hf_model(tmp_path / "hf", 4, 2, False, None)
   write_gguf(tmp_path / "q8.gguf", model, quantize=gguf.GGMLQuantizationType.Q8_0)
-  ckpt = checkpoint.load_checkpoint(str(tmp_path / "q8.gguf"))
+  ckpt = checkpoint.load_checkpoint(str(tmp_path / "q8.gguf"), quantization=None)
   ref = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
   got = ckpt.params["layers"]["mlp"]["w_down_FD"][1].T
   expected = gguf.quants.dequantize(gguf.quants.quantize(ref, gguf.GGMLQuantizationType.Q8_0),

@@ -6,6 +6,7 @@ Held-out text for perplexity: the Apache-2.0 license text shipped in jax's wheel
 prose no other fixture uses).
 """
 
+import functools
 import importlib.metadata
 
 import jax
@@ -118,7 +119,7 @@ def test_q8_0_gguf_loads_bit_exactly_and_computes_its_dequantized_logits(tiny_h3
 
   write_gguf(tmp_path / "q8.gguf", tiny_h32[0], quantize=gguf.GGMLQuantizationType.Q8_0)
   q = checkpoint.load_checkpoint(str(tmp_path / "q8.gguf"), quantization="q8_0")
-  f = checkpoint.load_checkpoint(str(tmp_path / "q8.gguf"))
+  f = checkpoint.load_checkpoint(str(tmp_path / "q8.gguf"), quantization=None)
   attn = q.params["layers"]["attn"]
   assert attn["wq_DNH"].dtype == np.int8 and attn["wq_scale"].shape == (3, 2, 2, 32)  # [L, D / 32, N, H]
   assert attn["wo_scale"].shape == (3, 2, 1, 64) and attn["wo_scale"].dtype == np.float16  # [L, N, H / 32, D]
@@ -142,6 +143,28 @@ def test_q8_0_gguf_loads_bit_exactly_and_computes_its_dequantized_logits(tiny_h3
   got = Generator(checkpoint.build_model(q.config, q.params, "float32", quantization="q8_0")).logits(tokens)
   want = Generator(checkpoint.build_model(f.config, f.params, "float32")).logits(tokens)
   assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
+def test_auto_keeps_quantized_ggufs_quantized(tiny, tiny_h32, tmp_path, default_gguf):
+  """quantization="auto" (LLM's default): a GGUF stored block-quantized loads as q8_0 (a Q8_0 file bit-exactly, as
+  asked explicitly); a float GGUF, an HF checkpoint, or a model whose dims do not split into blocks of 32 loads float;
+  the default model (Q4_1) runs q8_0."""
+  import gguf
+
+  from tests.test_gguf_writer import write_gguf
+
+  write_gguf(tmp_path / "q8.gguf", tiny_h32[0], quantize=gguf.GGMLQuantizationType.Q8_0)
+  auto = checkpoint.load_checkpoint(str(tmp_path / "q8.gguf"))
+  asked = checkpoint.load_checkpoint(str(tmp_path / "q8.gguf"), quantization="q8_0")
+  assert auto.quantization == "q8_0"
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, auto.params, asked.params)))
+  write_gguf(tmp_path / "f32.gguf", tiny_h32[0])
+  assert checkpoint.load_checkpoint(str(tmp_path / "f32.gguf")).quantization is None
+  assert checkpoint.load_checkpoint(str(tiny_h32[1])).quantization is None  # HF safetensors
+  write_gguf(tmp_path / "q8_h16.gguf", tiny[0], quantize=gguf.GGMLQuantizationType.Q8_0)  # head_dim 16
+  assert checkpoint.load_checkpoint(str(tmp_path / "q8_h16.gguf")).quantization is None
+  default = checkpoint.GGUFCheckpoint(default_gguf)
+  assert default.matrices_quantized() and checkpoint.auto_quantization(default) == "q8_0"
 
 
 def test_q8_0_needs_whole_blocks(tiny):
@@ -220,35 +243,46 @@ def test_quantized_perplexity_within_one_percent_of_float32(default_llm, quantiz
   assert got.perplexity / base.perplexity - 1 < 0.01, (got.perplexity, base.perplexity)
 
 
-def paged_nll(llm, tokens: list[int], kv_dtype, window: int = 1024, chunk: int = 256) -> np.ndarray:
-  """-log p(token | earlier tokens of its window) for every token but each window's first, computed as the engine
-  does: the text prefilled chunk by chunk into a paged cache of `kv_dtype` and read back by ragged paged attention
+PAGE = 16  # tokens per page of the test's paged cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "window", "chunk"))
+def _paged_chunk(graphdef, params, k, v, toks_T, start, n, *, window, chunk):
+  """One prefill chunk of a single sequence through a paged cache (page 0 scratch, pages 1.. the window in order):
+  log p of the next token at each of the chunk's positions, and the written pages."""
+  model = nnx.merge(graphdef, params)
+  pos_T = start + jnp.arange(chunk, dtype=jnp.int32)
+  real_T = jnp.arange(chunk) < n
+  cache = PagedKVCache.over(
+      k, v, slot_page_T=jnp.where(real_T, 1 + pos_T // PAGE, 0), slot_offset_T=jnp.where(real_T, pos_T % PAGE, 0),
+      kv_lens=(start + n)[None], page_indices=1 + jnp.arange(window // PAGE, dtype=jnp.int32)[None],
+      cu_q_lens=jnp.stack([0, n]), num_seqs=jnp.int32(1))
+  h, cache = model(toks_T[None], pos_T[None], cache, "xla")
+  return jax.nn.log_softmax(model.logits(h)[0], axis=-1), *cache.stacked()
+
+
+def paged_logprobs(llm, tokens: list[int], kv_dtype, window: int = 1024, chunk: int = 256):
+  """Yields (window's tokens, chunk start, log p [chunk, V]) for a text in windows of `window` tokens, computed as
+  the engine does: prefilled chunk by chunk into a paged cache of `kv_dtype` and read back by ragged paged attention
   (the score path's full forward never touches a cache)."""
-  graphdef, params = llm.engine.graphdef, llm.engine.params
-  C = 16
-  k0, v0 = PagedKVCache.zero_pages(llm.engine.model_config, window // C + 1, C, kv_dtype)  # page 0: scratch
-
-  @jax.jit
-  def step(params, k, v, toks_T, start, n):
-    model = nnx.merge(graphdef, params)
-    pos_T = start + jnp.arange(chunk, dtype=jnp.int32)
-    real_T = jnp.arange(chunk) < n
-    cache = PagedKVCache.over(
-        k, v, slot_page_T=jnp.where(real_T, 1 + pos_T // C, 0), slot_offset_T=jnp.where(real_T, pos_T % C, 0),
-        kv_lens=(start + n)[None], page_indices=1 + jnp.arange(window // C, dtype=jnp.int32)[None],
-        cu_q_lens=jnp.stack([0, n]), num_seqs=jnp.int32(1))
-    h, cache = model(toks_T[None], pos_T[None], cache, "xla")
-    return jax.nn.log_softmax(model.logits(h)[0], axis=-1), *cache.stacked()
-
-  nll = []
+  k0, v0 = PagedKVCache.zero_pages(llm.engine.model_config, window // PAGE + 1, PAGE, kv_dtype)
   for w in range(0, len(tokens), window):
     text, k, v = tokens[w:w + window], k0, v0
     for start in range(0, len(text), chunk):
       part = text[start:start + chunk]
-      logp, k, v = step(params, k, v, jnp.asarray(part + [0] * (chunk - len(part)), jnp.int32), jnp.int32(start),
-                        jnp.int32(len(part)))
-      targets = text[start + 1:start + chunk + 1]
-      nll += (-np.asarray(logp)[np.arange(len(targets)), targets]).tolist()
+      logp, k, v = _paged_chunk(llm.engine.graphdef, llm.engine.params, k, v,
+                                jnp.asarray(part + [0] * (chunk - len(part)), jnp.int32), jnp.int32(start),
+                                jnp.int32(len(part)), window=window, chunk=chunk)
+      yield text, start, np.asarray(logp)
+
+
+def paged_nll(llm, tokens: list[int], kv_dtype) -> np.ndarray:
+  """-log p(token | earlier tokens of its window) for every token but each window's first, through the paged
+  cache."""
+  nll = []
+  for text, start, logp in paged_logprobs(llm, tokens, kv_dtype):
+    targets = text[start + 1:start + len(logp) + 1]
+    nll += (-logp[np.arange(len(targets)), targets]).tolist()
   return np.asarray(nll)
 
 
@@ -288,23 +322,41 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", 
            "The speed of light", "Dear Sir or Madam,", "A haiku about autumn:", "SELECT * FROM"]
 
 
-@pytest.mark.slow  # ~3 min: five loads of the default model and 5 x 16 x 32 greedy tokens
-def test_int8_greedy_agreement_is_within_bf16s(default_llm):
-  """Greedy continuations of 16 prompts against float32, token by token over the first 32. SmolLM2 has near-ties
-  that any rounding flips (measured: bf16 weights agree on 78%, int8 on 74%; the issue's 90% is out of reach for
-  bf16 too), so int8 weights, and int8 / fp8 KV pages, are held to bf16's agreement minus 8 points."""
+@pytest.mark.slow  # ~5 min: five loads of the default model, 5 x 16 x 32 greedy tokens, 2 x 16 paged prefills
+def test_greedy_agreement_with_float32(default_llm):
+  """Greedy continuations of 16 prompts, the first 32 tokens, against float32's, measured two ways:
+  - teacher-forced: at each of the 32 positions of float32's continuation, given float32's prefix, the variant's
+    argmax is float32's token (per-token agreement, the issue's >= 90%);
+  - free-running: the variant's own continuation, position by position. SmolLM2 has near-ties that any rounding
+    flips and a flip changes everything after it (measured: bf16 weights agree on 78%, int8 on 74%), so this is held
+    to bf16's agreement minus 8 points.
+  For int8 / q8_0 weights and int8 / fp8 KV pages (float32 weights, teacher-forced through the paged cache)."""
   sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+  prompts = [default_llm.tokenizer.encode(p) for p in PROMPTS]
 
   def tokens(llm):
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp)]
+    return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
 
   def agreement(got, want):
     return sum(a == b for g, w in zip(got, want) for a, b in zip(g, w)) / (32 * len(want))
 
   base = tokens(default_llm)
-  bf16 = agreement(tokens(LLM("default", dtype="bfloat16", max_model_len=256)), base)
-  int8 = agreement(tokens(LLM("default", quantization="int8", max_model_len=256)), base)
-  assert int8 >= bf16 - 0.08, (int8, bf16)
-  for kv in ("int8", "fp8"):
-    got = agreement(tokens(LLM("default", kv_cache_dtype=kv, max_model_len=256)), base)
-    assert got >= bf16 - 0.08, (kv, got, bf16)
+  bf16 = agreement(tokens(LLM("default", dtype="bfloat16", quantization=None, max_model_len=256)), base)
+  measured = {}
+  for name, kwargs in (("int8", dict(quantization="int8")), ("q8_0", dict(quantization="q8_0")),
+                       ("kv-int8", dict(kv_cache_dtype="int8")), ("kv-fp8", dict(kv_cache_dtype="fp8"))):
+    llm = LLM("default", max_model_len=256, **{"quantization": None, **kwargs})
+    free = agreement(tokens(llm), base)
+    if name.startswith("kv-"):
+      kv_dtype = llm.engine.kv_dtype
+      forced = [np.argmax(next(paged_logprobs(default_llm, p + c, kv_dtype))[2], -1)[len(p) - 1:len(p) + 31]
+                for p, c in zip(prompts, base)]
+    else:
+      scores = llm.score(token_pairs=list(zip(prompts, base)), num_top_logprobs=1)
+      forced = [[max(top, key=top.get) for top in s.top_logprobs] for s in scores]
+    measured[name] = (agreement(forced, base), free)
+    del llm
+  print(f"agreement with float32 (teacher-forced, free-running); bf16 free-running {bf16:.3f}: {measured}")
+  for name, (forced, free) in measured.items():
+    assert forced >= 0.9, (name, forced)
+    assert free >= bf16 - 0.08, (name, free, bf16)

@@ -25,6 +25,8 @@ from jaxllm.config import ModelConfig, RopeScaling, rope_inv_freq
 
 _BIG_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 
+_MATRIX = re.compile(r"blk\.\d+\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down))\.weight$")
+
 _LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -121,6 +123,12 @@ class GGUFCheckpoint:
 
   def names(self):
     return self._tensors.keys()
+
+  def matrices_quantized(self) -> bool:
+    """Whether the file stores every attention / MLP matrix block-quantized (Q4_0, Q4_1, Q8_0, the K-quants...), as
+    llama.cpp's quantized files do, rather than as F32 / F16 / BF16."""
+    mats = [t for t in self.reader.tensors if _MATRIX.match(t.name)]
+    return bool(mats) and all(t.tensor_type.name not in ("F32", "F16", "BF16", "F64") for t in mats)
 
   def _dequantize(self, t) -> np.ndarray:
     import gguf

@@ -23,7 +23,7 @@ def main(argv):
     params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value)
     print(f"loading {_MODEL.value} ...", file=sys.stderr)
     mesh, layout = device_flags.setup()
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value, quantization=device_flags.QUANTIZATION.value, mesh=mesh, layout=layout,
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value, quantization=device_flags.quantization(), mesh=mesh, layout=layout,
               engine_config=engine_flags.engine_config())
   except (ValueError, OSError) as e:
     fail(str(e))

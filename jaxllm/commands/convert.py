@@ -24,7 +24,7 @@ def main(argv):
   start = time.time()
   try:
     mesh, layout = device_flags.setup()
-    ckpt = checkpoint.load_checkpoint(_MODEL.value, _DTYPE.value, mesh, layout, device_flags.QUANTIZATION.value)
+    ckpt = checkpoint.load_checkpoint(_MODEL.value, _DTYPE.value, mesh, layout, device_flags.quantization())
     params = ckpt.params
     if mesh is not None:  # written shard by shard from the devices (on many hosts: each host writes its own)
       params = checkpoint.place_params(params, checkpoint.param_shardings(ckpt.config, ckpt.dtype, mesh, layout,

@@ -20,10 +20,19 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
 _COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "A directory for jax's persistent "
                                           "compilation cache: programs compiled once are loaded by later runs.")
-QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int8", "q8_0"], "Weight quantization of the attention "
-                                  "projections and MLP, at load: int8 (a scale per output channel) or q8_0 (a float16 "
-                                  "scale per 32 weights, llama.cpp's Q8_0: a Q8_0 GGUF loads bit-exactly); embedding, "
-                                  "LM head, norms and biases stay in --dtype. Default: none.")
+_QUANTIZATION = flags.DEFINE_enum("quantization", "auto", ["auto", "none", "int8", "q8_0"], "Weight quantization "
+                                   "of the attention projections and MLP, at load: int8 (a scale per output channel), "
+                                   "q8_0 (a float16 scale per 32 weights, llama.cpp's Q8_0: a Q8_0 GGUF loads "
+                                   "bit-exactly) or none (float); auto: q8_0 for a GGUF stored quantized (the default "
+                                   "model), float for HF checkpoints, as saved for a `jaxllm convert` directory. "
+                                   "Embedding, LM head, norms and biases stay in --dtype.")
+
+
+def quantization() -> str | None:
+  """--quantization as `LLM` / `load_checkpoint` take it ("none" -> None)."""
+  return None if _QUANTIZATION.value == "none" else _QUANTIZATION.value
+
+
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host with the cluster detected by jax (Cloud TPU pods, "
                                  "SLURM, Open MPI) instead of the three flags above.")
 

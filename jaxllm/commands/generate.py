@@ -37,7 +37,7 @@ def main(argv):
     params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                             top_p=_TOP_P.value, seed=_SEED.value)
     mesh, layout = device_flags.setup()
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value, quantization=device_flags.QUANTIZATION.value, mesh=mesh, layout=layout,
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value, quantization=device_flags.quantization(), mesh=mesh, layout=layout,
               engine_config=engine_flags.engine_config())
     if _CHAT.value:
       messages = ([{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else [])

@@ -80,7 +80,7 @@ def main(argv):
     from jaxllm import LLM
 
     mesh, layout = device_flags.setup()
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value, quantization=device_flags.QUANTIZATION.value, tokenizer=_TOKENIZER.value, max_model_len=_MAX_MODEL_LEN.value,
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value, quantization=device_flags.quantization(), tokenizer=_TOKENIZER.value, max_model_len=_MAX_MODEL_LEN.value,
               max_num_seqs=1, mesh=mesh, layout=layout)
     summary = score_job.run(llm, config)
   except (ValueError, OSError, score_job.JobError) as e:

@@ -12,7 +12,8 @@ _SERVED = flags.DEFINE_string("served_model_name", None, "The model name clients
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
-_MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Queued requests beyond which new ones are answered 503.")
+_MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Sequences (prompts x n) queued for a slot beyond which a "
+                                     "request is answered 503 (queued whole or not at all; one asking for more is 400).")
 _API_KEY = flags.DEFINE_string("api_key", None, "If set, /v1/, /tokenize and /detokenize requests need "
                                  "'Authorization: Bearer KEY'.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape bucket before reporting ready.")
@@ -31,7 +32,7 @@ def main(argv):
   try:
     config = ServerConfig(model=_MODEL.value, served_model_name=_SERVED.value, tokenizer=_TOKENIZER.value,
                           host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
-                          quantization=device_flags.QUANTIZATION.value, engine=engine_flags.engine_config(),
+                          quantization=device_flags.quantization(), engine=engine_flags.engine_config(),
                           max_waiting=_MAX_WAITING.value, api_key=_API_KEY.value, warmup=_WARMUP.value)
     mesh, layout = device_flags.setup()
   except ValueError as e:

@@ -14,7 +14,7 @@ from jaxllm.serving.server import ServerConfig, run_in_thread
 
 @pytest.fixture(scope="session")
 def server():
-  config = ServerConfig(model="default", port=0, warmup=False, served_model_name="smollm2",
+  config = ServerConfig(model="default", quantization=None, port=0, warmup=False, served_model_name="smollm2",
                         engine=EngineConfig(max_model_len=512, max_num_seqs=8))
   srv, thread, loop, stop = run_in_thread(config)
   deadline = time.time() + 300
