@@ -3,6 +3,7 @@
     loop = EngineLoop(scheduler)
     loop.start()
     stream = loop.submit(prompt_ids, SamplingParams(n=2), request_id="cmpl-1")   # validated here; raises ValueError
+    streams = loop.submit_all([(ids_a, params_a), (ids_b, params_b)], request_id="cmpl-2")  # all queued, or none
     async for update in stream:           # Update(index, delta, finished, request) per sample as text becomes final
         ...
     loop.cancel(stream)                   # e.g. the client went away: the samples end, their pages are freed
@@ -12,6 +13,10 @@ Only the engine thread touches the scheduler (it is not thread-safe): `submit` a
 the thread runs before its next step, and the scheduler's streaming callback hands each update to the caller's event
 loop with `call_soon_threadsafe`. Requests are validated on the caller's thread first (the checks read only the
 engine's fixed configuration), so a bad request is an exception at `submit` and never reaches the engine thread.
+
+Admission counts samples (sequences: prompts x n), the unit that waits for a slot: a request is queued whole or not at
+all, against `max_waiting` samples waiting in the scheduler or submitted and not yet added. A request that could never
+fit (more samples than `max_waiting`) is a ValueError; one that does not fit now is an OverflowError.
 """
 
 from __future__ import annotations
@@ -70,15 +75,16 @@ class EngineLoop:
 
   def __init__(self, scheduler: Scheduler, max_waiting: int | None = None):
     self.scheduler = scheduler
-    self.max_waiting = max_waiting  # requests queued but not yet running beyond which `submit` refuses (None: no cap)
+    self.max_waiting = max_waiting  # samples queued for a slot beyond which `submit_all` refuses (None: no cap)
     self._ops: collections.deque = collections.deque()
     self._wake = threading.Condition()
     self._thread = threading.Thread(target=self._run, name="jaxllm-engine", daemon=True)
     self._stopping = False
     self._drain = True
     self.error: BaseException | None = None  # what killed the engine thread, if anything did
-    self.num_waiting = 0  # queued or waiting, as of the last step (read by the server's metrics)
+    self.num_waiting = 0  # samples waiting in the scheduler, as of the engine thread's last look
     self.num_running = 0
+    self._pending = 0  # samples submitted whose add has not run on the engine thread yet (guarded by _wake)
 
   # ------------------------------------------------------------------ caller side (any thread)
   def start(self) -> None:
@@ -88,32 +94,65 @@ class EngineLoop:
   def alive(self) -> bool:
     return self._thread.is_alive() and self.error is None
 
+  @property
+  def queued(self) -> int:
+    """Samples waiting for a slot: in the scheduler's queue, or submitted and about to be added to it."""
+    return self.num_waiting + self._pending
+
   def submit(self, prompt_ids, params: SamplingParams, *, request_id: str, seeds: list[int] | None = None,
              loop: asyncio.AbstractEventLoop | None = None, grammar=None) -> RequestStream:
-    """Queues params.n samples of a prompt; raises ValueError for a bad request and OverflowError when the queue
-    is full. A structured-output constraint is compiled here (on the caller's thread) unless `grammar` is the
-    matcher `compile_grammar` made for it."""
+    """Queues params.n samples of a prompt (see `submit_all`)."""
+    return self.submit_all([(prompt_ids, params)], request_id=request_id, loop=loop, grammar=grammar,
+                           seeds=None if seeds is None else lambda n: seeds)[0]
+
+  def submit_all(self, items, *, request_id: str, seeds=None, loop: asyncio.AbstractEventLoop | None = None,
+                 grammar=None) -> list[RequestStream]:
+    """Queues params.n samples of each (prompt_ids, params) item, all or none: raises ValueError for a bad item or a
+    request of more samples than `max_waiting`, OverflowError when the queue cannot take them now; nothing is queued
+    then. seeds(n) -> n per-sample seeds (called only once the request is admitted). A structured-output
+    constraint is compiled here (on the caller's thread) unless `grammar` is the matcher `compile_grammar` made."""
     if not self.alive or self._stopping:
       raise RuntimeError("the engine is not accepting requests (shutting down or stopped).")
-    ids = self.scheduler.validate(prompt_ids, params)
-    if params.structured_outputs is not None and grammar is None:
-      grammar = self.compile_grammar(params)
-    if self.max_waiting is not None and self.num_waiting + len(self._ops) >= self.max_waiting:
-      raise OverflowError(f"the server is at capacity ({self.max_waiting} requests waiting); retry later.")
+    samples = sum(params.n for _, params in items)
+    if self.max_waiting is not None and samples > self.max_waiting:
+      raise ValueError(f"the request asks for {samples} sequences (prompts x n); this server queues at most "
+                       f"{self.max_waiting} (--max_waiting).")
+    checked = [(self.scheduler.validate(ids, params), params) for ids, params in items]
+    grammars = [grammar if grammar is not None or params.structured_outputs is None else self.compile_grammar(params)
+                for _, params in checked]
     loop = loop or asyncio.get_running_loop()
-    stream = RequestStream(request_id, params.n, loop)
+    with self._wake:
+      if self.max_waiting is not None and self.queued + samples > self.max_waiting:
+        raise OverflowError(f"the server is at capacity ({self.queued} sequences waiting for a slot, at most "
+                            f"{self.max_waiting}); retry later.")
+      self._pending += samples
+    streams = []
+    adds = []
+    for k, ((ids, params), g) in enumerate(zip(checked, grammars)):
+      stream = RequestStream(request_id if len(items) == 1 else f"{request_id}-{k}", params.n, loop)
+      streams.append(stream)
+      adds.append((stream, ids, params, g, seeds(params.n) if seeds is not None else None))
 
+    def add():  # on the engine thread
+      for stream, ids, params, g, sample_seeds in adds:
+        stream.requests = self.scheduler.add_samples(ids, params, request_id=stream.request_id,
+                                                     on_update=self._updater(stream, loop), seeds=sample_seeds,
+                                                     grammar=g)
+      with self._wake:
+        self._pending -= samples
+        self.num_waiting = len(self.scheduler.waiting)
+
+    self._call(add)
+    return streams
+
+  @staticmethod
+  def _updater(stream: RequestStream, loop: asyncio.AbstractEventLoop):
     def update(req: Request, delta: str) -> None:  # on the engine thread
       if stream.first_token_time is None and req.output_ids:
         stream.first_token_time = time.monotonic()
       loop.call_soon_threadsafe(stream._push, Update(req.index, delta, req.finished, req))
 
-    def add():
-      stream.requests = self.scheduler.add_samples(ids, params, request_id=request_id, on_update=update, seeds=seeds,
-                                                   grammar=grammar)
-
-    self._call(add)
-    return stream
+    return update
 
   def compile_grammar(self, params: SamplingParams):
     """The grammar matcher of params' structured-output constraint, or None (any thread; raises ValueError for a

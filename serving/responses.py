@@ -183,7 +183,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
   except ValueError as e:
     raise APIError(400, str(e)) from None
   field = "tools" if constraint is not None else "structured_outputs" if req.structured_outputs is not None else "text"
-  stream = _submit(server, ids, params, None, await _grammar(server, params, field))
+  (stream,) = _submit(server, [(ids, params)], None, await _grammar(server, params, field))
   calls = _ToolCalls(fmt, specs, choice, 1)
   rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
@@ -339,4 +339,5 @@ async def get_response(request: web.Request) -> web.Response:
 def setup(app: web.Application) -> None:
   """Adds the Responses API's routes and its store of responses to the server's app."""
   app[STORE] = collections.OrderedDict()
-  app.add_routes([web.post("/v1/responses", responses), web.get("/v1/responses/{response_id}", get_response)])
+  app.add_routes([web.post("/v1/responses", responses, name="responses"),
+                  web.get("/v1/responses/{response_id}", get_response, name="response")])

@@ -23,9 +23,11 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import gc
+import hmac
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -54,9 +56,9 @@ class ServerConfig:
   host: str = "127.0.0.1"
   port: int = 8000
   dtype: str = "float32"
-  quantization: str | None = None  # "int8" / "q8_0": weight-only int8 (jaxllm.layers.ops)
+  quantization: str | None = "auto"  # LLM's: "auto", None (float), "int8" / "q8_0" (weight-only int8)
   engine: EngineConfig = EngineConfig()
-  max_waiting: int = 1024  # queued requests beyond which new ones get 503
+  max_waiting: int = 1024  # sequences (prompts x n) queued for a slot beyond which a request gets 503
   api_key: str | None = None
   warmup: bool = True
   seed: int = 0
@@ -70,7 +72,8 @@ class APIError(Exception):
 
   def response(self) -> web.Response:
     body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
-    return web.json_response(body, status=self.status)
+    headers = {"Retry-After": "1"} if self.status == 503 else None  # overloaded or starting: clients back off, retry
+    return web.json_response(body, status=self.status, headers=headers)
 
 
 class Metrics:
@@ -90,7 +93,8 @@ class Metrics:
     self.tpot = Histogram(p + "time_per_output_token_seconds", "Mean time per generated token after the first.",
                           registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
     g = lambda name, doc, fn: Gauge(p + name, doc, registry=r).set_function(fn)  # noqa: E731
-    g("num_requests_waiting", "Requests queued for a slot.", lambda: server.loop.num_waiting if server.loop else 0)
+    g("num_requests_waiting", "Sequences (prompts x n) queued for a slot, counted from their admission.",
+      lambda: server.loop.queued if server.loop else 0)
     g("num_requests_running", "Requests holding a slot.", lambda: server.loop.num_running if server.loop else 0)
     g("kv_pages_used", "KV-cache pages held by sequences.", server.pages_used)
     g("kv_pages_total", "KV-cache pages (scratch page excluded).", server.pages_total)
@@ -221,12 +225,17 @@ async def _body(request: web.Request, schema):
 def _parse_body(raw_body: bytes, schema):
   try:
     data = json.loads(raw_body)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise APIError(400, f"the request body is not valid JSON: {e}") from None
   except RecursionError:
     raise APIError(400, "the request body is nested too deeply.") from None
+  except ValueError as e:  # not JSON, not UTF-8, or an integer past Python's 4,300-digit conversion limit
+    raise APIError(400, f"the request body is not valid JSON: {e}") from None
   if not isinstance(data, dict):
     raise APIError(400, "the request body must be a JSON object.")
+  if _SURROGATE_ESCAPE.search(raw_body):
+    bad = _lone_surrogate_path(data)
+    if bad is not None:
+      raise APIError(400, f"{bad or 'the body'}: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff escape "
+                     "not part of a pair), which is not text.", param=bad or None)
   try:
     return schema.model_validate(data)
   except ValidationError as e:
@@ -239,6 +248,27 @@ def _parse_body(raw_body: bytes, schema):
       msg = str(cause) if field or not where else f"{where}: {cause}"
       raise APIError(400, msg, param=where) from None
     raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON carries surrogates only as \uXXXX escapes
+
+
+def _lone_surrogate_path(data) -> str | None:
+  """The dotted path of the first string (key or value) in parsed JSON that is not encodable text, else None."""
+  stack = [("", data)]
+  while stack:
+    path, value = stack.pop()
+    if isinstance(value, str):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError:
+        return path
+    elif isinstance(value, dict):
+      stack.extend((f"{path}.{k}".lstrip(".") if isinstance(k, str) else path, v) for k, v in value.items())
+      stack.extend((path, k) for k in value)
+    elif isinstance(value, list):
+      stack.extend((f"{path}.{i}".lstrip("."), v) for i, v in enumerate(value))
+  return None
 
 
 async def _tokens_response(server: "Server", ids: list[int], **fields) -> web.Response:
@@ -302,10 +332,12 @@ async def _grammar(server: Server, params: SamplingParams, field: str):
     raise APIError(400, str(e), param=field) from None
 
 
-def _submit(server: Server, prompt_ids, params, seed, grammar=None) -> RequestStream:
+def _submit(server: Server, items, seed, grammar=None) -> list[RequestStream]:
+  """Queues the samples of every (prompt ids, params) item of a request, all or none: 503 when the queue cannot take
+  them now, 400 for a bad item or more samples than --max_waiting (nothing runs for a refused request)."""
   try:
-    return server.loop.submit(prompt_ids, params, request_id=uuid.uuid4().hex, seeds=server.seeds(seed, params.n),
-                              grammar=grammar)
+    return server.loop.submit_all(items, request_id=uuid.uuid4().hex, seeds=lambda n: server.seeds(seed, n),
+                                  grammar=grammar)
   except OverflowError as e:
     raise APIError(503, str(e), "service_unavailable") from None
   except ValueError as e:
@@ -432,14 +464,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                    param="max_tokens")
   params = [_sampling(server, req, len(i), None if score_only else req.max_tokens, req.logprobs) for i in ids]
   grammar = await _grammar(server, params[0], _constraint_field(req))  # one constraint for every prompt
-  streams = []
-  try:
-    for i, sp in ([] if score_only else zip(ids, params)):
-      streams.append(_submit(server, i, sp, req.seed, grammar))
-  except APIError:  # a later prompt refused: the earlier ones must not run for nobody
-    for s in streams:
-      server.loop.cancel(s)
-    raise
+  streams = [] if score_only else _submit(server, list(zip(ids, params)), req.seed, grammar)
   rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
   prompt_tokens = sum(len(row) for row in ids) * n
   texts = {}
@@ -547,7 +572,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
       raise APIError(400, f"tool_choice {choice!r} constrains the output itself; drop response_format / "
                      "structured_outputs.", param="tool_choice")
     params = dataclasses.replace(params, structured_outputs=constraint)
-  stream = _submit(server, ids, params, req.seed, await _grammar(server, params, _constraint_field(req)))
+  (stream,) = _submit(server, [(ids, params)], req.seed, await _grammar(server, params, _constraint_field(req)))
   calls = _ToolCalls(fmt, specs, choice, req.n)
   rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -735,28 +760,40 @@ async def detokenize(request: web.Request) -> web.Response:
   return web.json_response({"prompt": await server.off_loop(server.tokenizer.decode, req.tokens)})
 
 
+def _authorized(header: str, key: str) -> bool:
+  """`Authorization: Bearer <key>`, the scheme in any case (RFC 7235), the key compared in constant time."""
+  scheme, _, given = header.partition(" ")
+  return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+def _endpoint(request: web.Request) -> str:
+  """The metrics label of a request: its route's name ("unknown" for a path no route matches), never the raw path,
+  which a client could vary without bound to grow /metrics."""
+  return getattr(getattr(request.match_info, "route", None), "name", None) or "unknown"
+
+
 @web.middleware
 async def errors_and_auth(request: web.Request, handler):
   server: Server = request.app[SERVER]
   try:
     key = server.config.api_key
     guarded = request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")
-    if key and guarded and request.headers.get("Authorization") != f"Bearer {key}":
+    if key and guarded and not _authorized(request.headers.get("Authorization", ""), key):
       raise APIError(401, "invalid API key: send 'Authorization: Bearer <key>'.", "authentication_error")
     return await handler(request)
   except APIError as e:
-    server.metrics.requests.labels(request.path, str(e.status)).inc()
+    server.metrics.requests.labels(_endpoint(request), str(e.status)).inc()
     return e.response()
   except web.HTTPException as e:  # aiohttp's own 404 / 405 / 413, in OpenAI's error shape
     if e.status < 400:
       raise
-    server.metrics.requests.labels(request.path, str(e.status)).inc()
+    server.metrics.requests.labels(_endpoint(request), str(e.status)).inc()
     return APIError(e.status, f"{e.reason}: {request.method} {request.path}", "invalid_request_error").response()
   except (ConnectionResetError, asyncio.CancelledError):
     raise
   except Exception as e:  # noqa: BLE001 - never let one request take the server down
     log.exception("internal error on %s", request.path)
-    server.metrics.requests.labels(request.path, "500").inc()
+    server.metrics.requests.labels(_endpoint(request), "500").inc()
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error").response()
 
 
@@ -764,10 +801,11 @@ def create_app(server: Server, max_body_bytes: int = 4 << 20) -> web.Application
   app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body_bytes)
   app[SERVER] = server
   app.add_routes([
-      web.post("/v1/completions", completions), web.post("/v1/chat/completions", chat_completions),
-      web.get("/v1/models", models), web.get("/v1/models/{model_id:.+}", model), web.get("/health", health),
-      web.get("/metrics", metrics),
-      web.post("/tokenize", tokenize), web.post("/detokenize", detokenize)])
+      web.post("/v1/completions", completions, name="completions"),
+      web.post("/v1/chat/completions", chat_completions, name="chat"),
+      web.get("/v1/models", models, name="models"), web.get("/v1/models/{model_id:.+}", model, name="model"),
+      web.get("/health", health, name="health"), web.get("/metrics", metrics, name="metrics"),
+      web.post("/tokenize", tokenize, name="tokenize"), web.post("/detokenize", detokenize, name="detokenize")])
   from jaxllm.serving import responses  # it builds on this module's handlers
 
   responses.setup(app)

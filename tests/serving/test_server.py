@@ -161,6 +161,13 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
     ("/v1/nope", {}, 404, "Not Found"),
     ("/v1/models/gpt-9", None, 404, "gpt-9"),
     ("/v1/completions", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', 413, "Too Large"),
+    # past Python's 4,300-digit int conversion limit; lone surrogates (tokenizers raise TypeError on them)
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     "messages.0.content: a string holds a lone UTF-16 surrogate"),
+    ("/tokenize", b'{"prompt": "\\udc00"}', 400, "lone UTF-16 surrogate"),
+    ("/tokenize", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "image_url content parts"),
 ])
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, client, path, body, status, needle):
   got_status, got = raw(server, path, body)
@@ -283,14 +290,31 @@ def test_200_abandoned_requests_free_their_pages_within_seconds(server):
   assert freed < 5.0, freed  # measured: 0.7-0.8 s on 2 cores
 
 
-def test_a_full_queue_answers_503_and_the_server_recovers(server, client):
-  server.loop.max_waiting = 0  # as if --max_waiting requests were already queued
+def test_admission_counts_every_sequence_and_queues_all_or_none(server, client):
+  """A request is queued whole or not at all, its prompts x n samples counted against --max_waiting: more samples
+  than that is a 400 at once (no seeds drawn for n=200,000), a prompt list with a bad last prompt is a 400 that queued
+  nothing, a full queue is a 503 with Retry-After; the server is idle right after each and then serves."""
+  t0 = time.perf_counter()
+  for body in ({"prompt": "Hi", "max_tokens": 2, "n": 200_000}, {"prompt": ["Hi"] * 600, "max_tokens": 2, "n": 2}):
+    status, got = raw(server, "/v1/completions", body)
+    assert status == 400 and "(prompts x n); this server queues at most 1024" in got["error"]["message"], got
+  assert time.perf_counter() - t0 < 5
+  status, got = raw(server, "/v1/completions", {"prompt": [[1, 2], [3, 4], [1, 2, 10**7]], "max_tokens": 64})
+  assert status == 400 and "vocabulary" in got["error"]["message"], got
+  assert server.loop.queued == 0 and server.loop.num_running == 0 and pages_all_free(server)
+  server.loop.num_waiting = server.loop.max_waiting  # as if --max_waiting sequences were queued (the engine is idle)
   try:
-    status, body = raw(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/completions", data=b'{"prompt": "Hi"}')
+    with pytest.raises(urllib.error.HTTPError) as e:
+      urllib.request.urlopen(req, timeout=60)
+    _, gauges = raw(server, "/metrics")
   finally:
-    server.loop.max_waiting = 1024
-  assert status == 503 and "capacity" in body["error"]["message"]
+    server.loop.num_waiting = 0
+  assert e.value.code == 503 and e.value.headers["Retry-After"] == "1"  # clients back off and retry
+  assert "capacity" in json.loads(e.value.read())["error"]["message"]
+  assert "jaxllm_num_requests_waiting 1024.0" in gauges
   assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).choices[0].text is not None
+  assert server.loop.queued == 0 and pages_all_free(server)
 
 
 def test_metrics_count_requests_and_tokens(server, client):
@@ -301,6 +325,15 @@ def test_metrics_count_requests_and_tokens(server, client):
                "jaxllm_kv_pages_used", "jaxllm_num_requests_waiting", "jaxllm_num_preemptions"):
     assert name in text, name
   assert 'jaxllm_requests_total{endpoint="completions",status="200"}' in text
+  # labelled by route name: paths a client makes up all count as "unknown", so /metrics cannot grow with them
+  for i in range(20):
+    assert raw(server, f"/v1/made-up-{i}", {})[0] == 404
+  _, after = raw(server, "/metrics")
+  assert "made-up" not in after and 'jaxllm_requests_total{endpoint="unknown",status="404"}' in after
+  assert len(after.splitlines()) == len(raw(server, "/metrics")[1].splitlines())
+  # a paired surrogate escape (an emoji as OpenAI's clients send it) is text
+  status, body = raw(server, "/tokenize", b'{"prompt": "\\ud83d\\ude00 ok"}')
+  assert status == 200 and body["count"] >= 1, body
 
 
 def metric(server, name: str) -> float:
@@ -392,7 +425,13 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
     with pytest.raises(urllib.error.HTTPError) as e:  # behind the key too: unauthenticated work is bounded
       urllib.request.urlopen(urllib.request.Request(tokenize, data=b'{"prompt": "hi"}'), timeout=60)
     assert e.value.code == 401
-    keyed = urllib.request.Request(tokenize, data=b'{"prompt": "hi"}', headers={"Authorization": "Bearer sekret"})
+    for wrong in ("Bearer sekreT", "Basic sekret", "Bearer", "sekret"):
+      with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(tokenize, data=b'{"prompt": "hi"}',
+                                                      headers={"Authorization": wrong}), timeout=60)
+      assert e.value.code == 401, wrong
+    # the scheme is case-insensitive (RFC 7235)
+    keyed = urllib.request.Request(tokenize, data=b'{"prompt": "hi"}', headers={"Authorization": "bearer sekret"})
     with urllib.request.urlopen(keyed, timeout=60) as r:
       assert json.loads(r.read())["count"] >= 1
     result = {}
