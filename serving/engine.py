@@ -312,14 +312,16 @@ class Engine:
     allocated; None makes a scratch state."""
     start, before = time.perf_counter(), self.num_compilations()
     state = self.init_state() if state is None else state
-    for T in self.token_buckets:
+    log = logging.getLogger("jaxllm.engine")
+    for k, T in enumerate(self.token_buckets):
+      log.info("warmup: bucket %d/%d (%d tokens), %d programs compiled so far, %.1f s", k + 1,
+               len(self.token_buckets), T, self.num_compilations() - before, time.perf_counter() - start)
       batch = self._padding_batch(T)
       state, h_SD = self.forward(state, batch)
       state, _ = self.pick(state, h_SD, batch.seqs)
       state, _ = self.pick(state, h_SD, batch.seqs, self.full_bitmask(h_SD.shape[0]))
     state = jax.block_until_ready(state)
-    logging.getLogger("jaxllm.engine").info("warmup: %d programs in %.1f s", self.num_compilations() - before,
-                                            time.perf_counter() - start)
+    log.info("warmup: %d programs in %.1f s", self.num_compilations() - before, time.perf_counter() - start)
     return state
 
   def full_bitmask(self, num_rows: int) -> np.ndarray:

@@ -183,7 +183,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
   except ValueError as e:
     raise APIError(400, str(e)) from None
   field = "tools" if constraint is not None else "structured_outputs" if req.structured_outputs is not None else "text"
-  (stream,) = _submit(server, [(ids, params)], None, await _grammar(server, params, field))
+  (stream,) = _submit(request, [(ids, params)], None, await _grammar(server, params, field))
   calls = _ToolCalls(fmt, specs, choice, 1)
   rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 

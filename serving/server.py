@@ -46,6 +46,7 @@ from jaxllm.serving.engine_loop import EngineLoop, RequestStream
 
 log = logging.getLogger("jaxllm.serve")
 SERVER = web.AppKey("server", object)
+STREAMS = "jaxllm.streams"  # request key: the RequestStreams a request submitted (cancelled if its client goes away)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,6 +60,8 @@ class ServerConfig:
   quantization: str | None = "auto"  # LLM's: "auto", None (float), "int8" / "q8_0" (weight-only int8)
   engine: EngineConfig = EngineConfig()
   max_waiting: int = 1024  # sequences (prompts x n) queued for a slot beyond which a request gets 503
+  max_stop_strings: int = 64  # stop strings per request (each is searched for after every token, on the engine thread)
+  max_stop_chars: int = 4096  # their total length
   api_key: str | None = None
   warmup: bool = True
   seed: int = 0
@@ -148,7 +151,8 @@ class Server:
     self.loop: EngineLoop | None = None
     self.tokenizer = None
     self.model_name = config.served_model_name or config.model
-    self.state = "loading"  # -> "ready" -> "draining"
+    self.state = "loading"  # -> "warming up" -> "ready" -> "draining"; "stopped" if signalled before ready
+    self.load_thread: threading.Thread | None = None
     self.load_error: str | None = None
     self.metrics = Metrics(self)
     self._rng = np.random.default_rng(config.seed)
@@ -187,6 +191,8 @@ class Server:
       if c.warmup:
         self.state = "warming up"
         llm.warmup()
+      if self.state == "stopped":  # SIGTERM arrived meanwhile: `serve` has returned
+        return
       # Everything loaded so far (jax, the model, compiled programs: ~10^6 objects) lives as long as the server: move
       # it out of the collector's sight, or every full collection walks it all with the GIL held (100-220 ms seen,
       # a stall of every stream and /health).
@@ -332,12 +338,17 @@ async def _grammar(server: Server, params: SamplingParams, field: str):
     raise APIError(400, str(e), param=field) from None
 
 
-def _submit(server: Server, items, seed, grammar=None) -> list[RequestStream]:
+def _submit(request: web.Request, items, seed, grammar=None) -> list[RequestStream]:
   """Queues the samples of every (prompt ids, params) item of a request, all or none: 503 when the queue cannot take
-  them now, 400 for a bad item or more samples than --max_waiting (nothing runs for a refused request)."""
+  them now, 400 for a bad item or more samples than --max_waiting (nothing runs for a refused request). The streams
+  live as long as the connection: if the client goes away at any point after this (even before a stream's headers
+  are written), `errors_and_auth` cancels them."""
+  server = request.app[SERVER]
   try:
-    return server.loop.submit_all(items, request_id=uuid.uuid4().hex, seeds=lambda n: server.seeds(seed, n),
-                                  grammar=grammar)
+    streams = server.loop.submit_all(items, request_id=uuid.uuid4().hex, seeds=lambda n: server.seeds(seed, n),
+                                     grammar=grammar)
+    request[STREAMS] = request.get(STREAMS, []) + streams
+    return streams
   except OverflowError as e:
     raise APIError(503, str(e), "service_unavailable") from None
   except ValueError as e:
@@ -361,9 +372,16 @@ def _max_tokens(server: Server, prompt_len: int, asked: int | None) -> int:
 
 def _sampling(server, req, prompt_len, max_tokens, logprobs):
   try:
-    return req.sampling_params(_max_tokens(server, prompt_len, max_tokens), logprobs)
+    params = req.sampling_params(_max_tokens(server, prompt_len, max_tokens), logprobs)
   except ValueError as e:
     raise APIError(400, str(e), param=getattr(e, "field", None)) from None
+  stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or ())
+  c = server.config
+  if len(stops) > c.max_stop_strings or sum(map(len, stops)) > c.max_stop_chars:
+    raise APIError(400, f"stop: {len(stops)} strings of {sum(map(len, stops))} characters; this server takes at most "
+                   f"{c.max_stop_strings} strings of {c.max_stop_chars} characters in all (--max_stop_strings, "
+                   "--max_stop_chars).", param="stop")
+  return params
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -464,7 +482,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                    param="max_tokens")
   params = [_sampling(server, req, len(i), None if score_only else req.max_tokens, req.logprobs) for i in ids]
   grammar = await _grammar(server, params[0], _constraint_field(req))  # one constraint for every prompt
-  streams = [] if score_only else _submit(server, list(zip(ids, params)), req.seed, grammar)
+  streams = [] if score_only else _submit(request, list(zip(ids, params)), req.seed, grammar)
   rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
   prompt_tokens = sum(len(row) for row in ids) * n
   texts = {}
@@ -572,7 +590,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
       raise APIError(400, f"tool_choice {choice!r} constrains the output itself; drop response_format / "
                      "structured_outputs.", param="tool_choice")
     params = dataclasses.replace(params, structured_outputs=constraint)
-  (stream,) = _submit(server, [(ids, params)], req.seed, await _grammar(server, params, _constraint_field(req)))
+  (stream,) = _submit(request, [(ids, params)], req.seed, await _grammar(server, params, _constraint_field(req)))
   calls = _ToolCalls(fmt, specs, choice, req.n)
   rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -789,7 +807,9 @@ async def errors_and_auth(request: web.Request, handler):
       raise
     server.metrics.requests.labels(_endpoint(request), str(e.status)).inc()
     return APIError(e.status, f"{e.reason}: {request.method} {request.path}", "invalid_request_error").response()
-  except (ConnectionResetError, asyncio.CancelledError):
+  except (ConnectionResetError, asyncio.CancelledError):  # the client went away: nothing it asked for runs on
+    for stream in request.get(STREAMS, ()):
+      server.loop.cancel(stream)
     raise
   except Exception as e:  # noqa: BLE001 - never let one request take the server down
     log.exception("internal error on %s", request.path)
@@ -831,7 +851,26 @@ async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event 
   port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else c.port
   server.port = port
   log.info("listening on http://%s:%d (loading %s)", c.host, port, c.model)
-  await asyncio.to_thread(server.load)
+  # The load runs on a daemon thread, so SIGTERM / SIGINT while loading or warming up (minutes on a first start)
+  # stops the server at once: nothing was admitted, nothing needs draining, and compilation cannot be interrupted.
+  loaded = loop.create_future()
+
+  def load():
+    try:
+      server.load()
+    finally:
+      loop.call_soon_threadsafe(lambda: loaded.done() or loaded.set_result(None))
+
+  server.load_thread = threading.Thread(target=load, name="jaxllm-load", daemon=True)
+  server.load_thread.start()
+  stopped = asyncio.ensure_future(stop.wait())
+  await asyncio.wait([loaded, stopped], return_when=asyncio.FIRST_COMPLETED)
+  if not loaded.done():
+    log.info("stopped while %s; exiting without waiting for it", server.state)
+    server.state = "stopped"
+    await runner.cleanup()
+    return
+  stopped.cancel()
   if server.state == "failed" and exit_on_load_failure:
     await runner.cleanup()
     return

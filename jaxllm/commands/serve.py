@@ -14,6 +14,9 @@ _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port)
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
 _MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Sequences (prompts x n) queued for a slot beyond which a "
                                      "request is answered 503 (queued whole or not at all; one asking for more is 400).")
+_MAX_STOP_STRINGS = flags.DEFINE_integer("max_stop_strings", 64, "Stop strings a request may send (each is searched "
+                                         "for after every token it generates).")
+_MAX_STOP_CHARS = flags.DEFINE_integer("max_stop_chars", 4096, "Total characters of a request's stop strings.")
 _API_KEY = flags.DEFINE_string("api_key", None, "If set, /v1/, /tokenize and /detokenize requests need "
                                  "'Authorization: Bearer KEY'.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape bucket before reporting ready.")
@@ -33,7 +36,8 @@ def main(argv):
     config = ServerConfig(model=_MODEL.value, served_model_name=_SERVED.value, tokenizer=_TOKENIZER.value,
                           host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
                           quantization=device_flags.quantization(), engine=engine_flags.engine_config(),
-                          max_waiting=_MAX_WAITING.value, api_key=_API_KEY.value, warmup=_WARMUP.value)
+                          max_waiting=_MAX_WAITING.value, max_stop_strings=_MAX_STOP_STRINGS.value,
+                          max_stop_chars=_MAX_STOP_CHARS.value, api_key=_API_KEY.value, warmup=_WARMUP.value)
     mesh, layout = device_flags.setup()
   except ValueError as e:
     fail(str(e))
@@ -41,3 +45,10 @@ def main(argv):
   asyncio.run(serve(server))
   if server.state == "failed":
     fail(server.load_error)
+  if server.state == "stopped":  # signalled while loading / warming up: the load thread may be inside XLA
+    import os
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)

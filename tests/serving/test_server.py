@@ -166,6 +166,9 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
      "messages.0.content: a string holds a lone UTF-16 surrogate"),
     ("/tokenize", b'{"prompt": "\\udc00"}', 400, "lone UTF-16 surrogate"),
+    # every stop string is searched for after every token: 330,000 of them would stall the engine for everyone
+    ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 330_000}, 400, "at most 64 strings of 4096 characters"),
+    ("/v1/chat/completions", {"messages": PARIS, "stop": ["ab" * 2049]}, 400, "--max_stop_chars"),
     ("/tokenize", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "image_url content parts"),
 ])
@@ -294,6 +297,10 @@ def test_admission_counts_every_sequence_and_queues_all_or_none(server, client):
   """A request is queued whole or not at all, its prompts x n samples counted against --max_waiting: more samples
   than that is a 400 at once (no seeds drawn for n=200,000), a prompt list with a bad last prompt is a 400 that queued
   nothing, a full queue is a 503 with Retry-After; the server is idle right after each and then serves."""
+  deadline = time.time() + 60  # earlier tests' requests may still be finishing
+  while (server.loop.queued or server.loop.num_running) and time.time() < deadline:
+    time.sleep(0.1)
+  assert server.loop.queued == 0 and server.loop.num_running == 0
   t0 = time.perf_counter()
   for body in ({"prompt": "Hi", "max_tokens": 2, "n": 200_000}, {"prompt": ["Hi"] * 600, "max_tokens": 2, "n": 2}):
     status, got = raw(server, "/v1/completions", body)
@@ -451,3 +458,41 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
     assert proc.wait(120) == 0
   finally:
     proc.kill()
+
+
+def test_sigterm_while_warming_up_exits_at_once(tmp_path):
+  """SIGTERM during a first start (nothing in the compilation cache: minutes of warmup on 2 cores) stops the process
+  within 10 s with exit code 0; warmup logs its progress."""
+  import os
+  import signal
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"))
+  proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serving.server", "--model=default", f"--port={port}",
+                           "--max_model_len=256", "--max_num_seqs=4"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+  try:
+    state, deadline = None, time.time() + 180
+    while state != "warming up" and time.time() < deadline and proc.poll() is None:
+      try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+      except urllib.error.HTTPError as e:
+        state = json.loads(e.read())["status"]
+      except OSError:
+        pass
+      time.sleep(0.1)
+    assert state == "warming up", state
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert time.time() - t0 < 10
+    _, err = proc.communicate(timeout=10)
+  finally:
+    proc.kill()
+  assert "warmup: bucket 1/" in err and "stopped while warming up" in err, err[-2000:]
+
