@@ -341,8 +341,8 @@ async def _grammar(server: Server, params: SamplingParams, field: str):
 def _submit(request: web.Request, items, seed, grammar=None) -> list[RequestStream]:
   """Queues the samples of every (prompt ids, params) item of a request, all or none: 503 when the queue cannot take
   them now, 400 for a bad item or more samples than --max_waiting (nothing runs for a refused request). The streams
-  live as long as the connection: if the client goes away at any point after this (even before a stream's headers
-  are written), `errors_and_auth` cancels them."""
+  live as long as the handler: however it ends (the client gone at any point, even before a stream's headers are
+  written, or an error), `errors_and_auth` cancels those not finished."""
   server = request.app[SERVER]
   try:
     streams = server.loop.submit_all(items, request_id=uuid.uuid4().hex, seeds=lambda n: server.seeds(seed, n),
@@ -432,8 +432,8 @@ class _SSE:
 
 
 async def _run(server: Server, streams: list[RequestStream], on_update) -> None:
-  """Feeds every update of `streams` to `on_update(stream_index, update)`; cancels them all if this task is cancelled
-  (client gone) or on_update raises (a write to a closed connection)."""
+  """Feeds every update of `streams` to `on_update(stream_index, update)`. If this task is cancelled (client gone) or
+  on_update raises (a write to a closed connection), `errors_and_auth` cancels the request's unfinished streams."""
   queue: asyncio.Queue = asyncio.Queue()
 
   async def pump(i, s):
@@ -447,10 +447,6 @@ async def _run(server: Server, streams: list[RequestStream], on_update) -> None:
       i, u = await queue.get()
       open_samples -= u.finished
       await on_update(i, u)
-  except BaseException:
-    for s in streams:
-      server.loop.cancel(s)
-    raise
   finally:
     for t in tasks:
       t.cancel()
@@ -807,14 +803,16 @@ async def errors_and_auth(request: web.Request, handler):
       raise
     server.metrics.requests.labels(_endpoint(request), str(e.status)).inc()
     return APIError(e.status, f"{e.reason}: {request.method} {request.path}", "invalid_request_error").response()
-  except (ConnectionResetError, asyncio.CancelledError):  # the client went away: nothing it asked for runs on
-    for stream in request.get(STREAMS, ()):
-      server.loop.cancel(stream)
+  except (ConnectionResetError, asyncio.CancelledError):
     raise
   except Exception as e:  # noqa: BLE001 - never let one request take the server down
     log.exception("internal error on %s", request.path)
     server.metrics.requests.labels(_endpoint(request), "500").inc()
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error").response()
+  finally:  # nothing a request submitted runs on once its handler has ended (the client gone, or an error)
+    for stream in request.get(STREAMS, ()):
+      if not stream.finished:
+        server.loop.cancel(stream)
 
 
 def create_app(server: Server, max_body_bytes: int = 4 << 20) -> web.Application:
