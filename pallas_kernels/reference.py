@@ -79,12 +79,13 @@ def attention_reference(
   G = N // K
   # Fold the query rows of one KV head into Q = G * T rows: [B, K, Q, H] contracts against [B, S, K, H] directly.
   q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-  s_BKQS = jnp.einsum("BKQH,BSKH->BKQS", q_BKQH, k_BSKH, preferred_element_type=jnp.float32) * sm_scale
+  hi = jax.lax.Precision.HIGHEST  # the oracle: exact float32 products on every backend (a GPU's default is TF32)
+  s_BKQS = jnp.einsum("BKQH,BSKH->BKQS", q_BKQH, k_BSKH, precision=hi, preferred_element_type=jnp.float32) * sm_scale
   s_BKQS = soft_cap_logits(s_BKQS, soft_cap)
   behind_BTS = q_pos_BT[:, :, None] - kv_pos_BS[:, None, :]
   visible_BTS = (behind_BTS >= 0) & (behind_BTS < window_or_none(window))
   visible_B1QS = jnp.broadcast_to(visible_BTS[:, None], (B, G, T, visible_BTS.shape[-1])).reshape(B, 1, G * T, -1)
   s_BKQS = jnp.where(visible_B1QS, s_BKQS, _MASKED)
   p_BKQS = jax.nn.softmax(s_BKQS, axis=-1).astype(v_BSKH.dtype)
-  o_BKQH = jnp.einsum("BKQS,BSKH->BKQH", p_BKQS, v_BSKH, preferred_element_type=jnp.float32)
+  o_BKQH = jnp.einsum("BKQS,BSKH->BKQH", p_BKQS, v_BSKH, precision=hi, preferred_element_type=jnp.float32)
   return o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)

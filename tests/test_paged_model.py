@@ -1,9 +1,10 @@
 """The model over a paged KV cache (ragged paged attention) equals a full forward pass, for every implementation."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.layers import Llama
@@ -14,6 +15,9 @@ from tests.oracle import Generator
 PAGE = 8
 NUM_PAGES = 40
 SCRATCH = 0  # padding tokens write here; never in a page table
+# The GPU kernels run compiled on a GPU (`JAX_PLATFORMS=cuda pytest tests/test_paged_model.py -k gpu`), interpreted
+# elsewhere.
+GPU = "gpu" if jax.default_backend() == "gpu" else "gpu-interpret"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def run_step(model, k, v, seqs, new_tokens, impl):
   return np.asarray(model.logits(h)[0]), *cache.stacked()
 
 
-@pytest.mark.parametrize("impl", ["xla", "gpu-interpret", "tpu-interpret"])
+@pytest.mark.parametrize("impl", ["xla", GPU, "tpu-interpret"])
 def test_ragged_paged_steps_equal_full_forward(model, impl, rng):
   gen = Generator(model)
   prompts = [rng.integers(0, 512, size=n).tolist() for n in (13, 5, 20)]
@@ -81,7 +85,28 @@ def test_ragged_paged_steps_equal_full_forward(model, impl, rng):
     np.testing.assert_allclose(logits[i], full[i][pos], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["gpu-interpret", "tpu-interpret"])
+def test_unrolled_layer_loop_equals_the_scan(model, rng):
+  """The layer loop is a scan on CPU and unrolled on an accelerator (`Llama._unroll`): both forms give the same logits
+  and K/V pages, over a paged cache and on whole prompts."""
+  prompts = [rng.integers(0, 512, size=n).tolist() for n in (9, 4)]
+  tokens = jnp.array(rng.integers(0, 512, size=(2, 12)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+  got = {}
+  try:
+    for unroll in (False, True):
+      model.unroll_layers = unroll
+      k, v = PagedKVCache.zero_pages(model.config, NUM_PAGES, PAGE, jnp.float32)
+      paged = run_step(model, k, v, [([1, 2], 0), ([3], 0)], prompts, "xla")
+      got[unroll] = paged + (np.asarray(model(tokens, positions, attention_impl="xla")[0]),)
+      jaxpr = str(jax.make_jaxpr(lambda t, p: model(t, p, attention_impl="xla")[0])(tokens, positions))
+      assert f"unroll={model.config.num_layers if unroll else 1}" in jaxpr  # the form asked for is the one traced
+  finally:
+    model.unroll_layers = None
+  for scanned, unrolled in zip(got[False], got[True]):
+    np.testing.assert_allclose(unrolled, scanned, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", [GPU, "tpu-interpret"])
 def test_flash_prefill_in_the_model_equals_reference(model, impl, rng):
   tokens = jnp.array(rng.integers(0, 512, size=(2, 24)), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))

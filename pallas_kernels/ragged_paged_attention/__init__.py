@@ -106,7 +106,7 @@ def ragged_paged_attention(
     concrete (not traced), on page ids outside [0, P), kv_len beyond M * C, q_len > kv_len, or cu_q_lens not starting
     at 0 / decreasing / past T.
   """
-  impl = implementation or default_implementation()
+  impl = implementation or _best_implementation(q_TNH, k_pages)
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"ragged_paged_attention implementation={impl!r} is not available; choose one of "
                      f"{IMPLEMENTATIONS}.")
@@ -257,12 +257,31 @@ def _check_tpu_tiling(q, k_pages, block_sizes):
     raise ValueError(f"pages_per_block={ppb} must be positive.")
 
 
+def _best_implementation(q, k_pages) -> str:
+  """The backend's kernel, except on a GPU where Triton's power-of-two blocks cannot hold this head dim or page size
+  (e.g. Phi-3's head_dim 96): there the XLA path, which takes any shape."""
+  impl = default_implementation()
+  if impl == "gpu" and _gpu_shape_error(q.shape[2], k_pages.shape[2]):
+    return "xla"
+  return impl
+
+
+def _gpu_shape_error(H: int, C: int) -> str | None:
+  if not (_pow2(C) and _pow2(H) and H >= 16):
+    return (f"implementation='gpu' needs page_size (C={C}) and head dim (H={H} >= 16) to be powers of two (Triton "
+            "block shapes); implementation=None picks the XLA path for such shapes.")
+  return None
+
+
+def _pow2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
 def _check_gpu_tiling(q, k_pages, block_sizes):
-  pow2 = lambda x: x > 0 and x & (x - 1) == 0
+  pow2 = _pow2
   H, C = q.shape[2], k_pages.shape[2]
-  if not (pow2(C) and pow2(H) and H >= 16):
-    raise ValueError(f"implementation='gpu' needs page_size (C={C}) and head dim (H={H} >= 16) to be powers of two "
-                     "(Triton block shapes).")
+  if error := _gpu_shape_error(H, C):
+    raise ValueError(error)
   for name in ("block_q", "pages_per_block"):
     x = block_sizes.get(name)
     if x is not None and not pow2(x):

@@ -131,6 +131,9 @@ def ragged_paged_attention_xla(
   q_pad_TNH = jnp.pad(q_TNH, ((0, num_blocks * b - T), (0, 0), (0, 0)))
   q_WbKGH = _take(q_pad_TNH.reshape(num_blocks, b, K, G, H), block_W)
   pos_pC = jnp.arange(p * C, dtype=jnp.int32).reshape(p, C)
+  # float32 queries get exact float32 products (a GPU's default would be TF32, as in the Triton kernel's IEEE dots);
+  # bfloat16 ones the backend's default, accumulated in float32.
+  precision = jax.lax.Precision.HIGHEST if q_TNH.dtype == jnp.float32 else None
 
   def gather(pages, scales, ids):
     """Pages [I, p, K, C, H] in q's dtype (dequantized when the cache is quantized)."""
@@ -153,7 +156,7 @@ def ragged_paged_attention_xla(
     key_pos_IpC = kv_block_I[:, None, None] * (p * C) + pos_pC
 
     s_IKGbpC = jnp.einsum("IbKGH,IpKCH->IKGbpC", _take(q_WbKGH, w_I), gather(k_PKCH, k_scales_PKC, pages_Ip),
-                          preferred_element_type=jnp.float32) * sm_scale
+                          precision=precision, preferred_element_type=jnp.float32) * sm_scale
     s_IKGbpC = soft_cap_logits(s_IKGbpC, soft_cap)
     behind_IbpC = q_pos_Wb[w_I][:, :, None, None] - key_pos_IpC[:, None]
     visible_IbpC = ((item_valid_I[:, None] & in_seq_Wb[w_I])[:, :, None, None]
@@ -163,7 +166,7 @@ def ragged_paged_attention_xla(
     e_IKGbpC = jnp.exp(s_IKGbpC - m_IKGb[..., None, None])
     key_used_IpC = (key_pos_IpC < kv_len_I[:, None, None]) & (key_pos_IpC >= lo_I[:, None, None])
     v_IpKCH = jnp.where(key_used_IpC[:, :, None, :, None], gather(v_PKCH, v_scales_PKC, pages_Ip), 0)
-    o_IKGbH = jnp.einsum("IKGbpC,IpKCH->IKGbH", e_IKGbpC, v_IpKCH.astype(jnp.float32))
+    o_IKGbH = jnp.einsum("IKGbpC,IpKCH->IKGbH", e_IKGbpC, v_IpKCH.astype(jnp.float32), precision=precision)
 
     # Log-sum-exp merge into the pairs' running softmax; items past the real count go out of range and are dropped.
     into_I = jnp.where(item_valid_I, w_I, W)

@@ -18,6 +18,7 @@ import pytest
 from jaxllm.pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from jaxllm.pallas_kernels.flash_attention.kernel_tpu import kv_block_index, q_block_index
 from jaxllm.pallas_kernels.reference import NO_WINDOW
+from tests.pallas_kernels import interpret
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 # Small blocks so a few dozen rows already span several blocks; bq != bkv in both directions.
@@ -116,7 +117,8 @@ def _kernel_case(rng, impl, case, dtype, causal=True, S=None, blocks="small"):
   ref = flash_attention_reference(q, k, v, lengths_B, causal=causal)
   block_kw = BLOCKS[impl] if blocks == "small" else {} if blocks == "default" else blocks
   o = flash_attention(
-    q, _poison(k, lengths), _poison(v, lengths), lengths_B, causal=causal, implementation=impl, interpret=True,
+    q, _poison(k, lengths), _poison(v, lengths), lengths_B, causal=causal, implementation=impl,
+    interpret=interpret(impl),
     **block_kw,
   )
   assert o.shape == q.shape and o.dtype == q.dtype
@@ -167,8 +169,8 @@ def test_kernel_sliding_window(rng, impl, window, soft_cap):
   ref = flash_attention_reference(q, k, v, lengths_B, window=window, soft_cap=soft_cap)
   _check(ref, want, lengths, jnp.float32)
   for blocks in (BLOCKS[impl], dict(block_q=16, block_kv=16)):
-    o = flash_attention(q, _poison(k, lengths), _poison(v, lengths), lengths_B, implementation=impl, interpret=True,
-                        window=window, soft_cap=soft_cap, **blocks)
+    o = flash_attention(q, _poison(k, lengths), _poison(v, lengths), lengths_B, implementation=impl,
+                        interpret=interpret(impl), window=window, soft_cap=soft_cap, **blocks)
     _check(o, want, lengths, jnp.float32)
 
 

@@ -8,6 +8,7 @@ shows up as NaN. Error criterion: max |out - ref| over real rows <= tol * max |r
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from jaxllm.pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items
 from jaxllm.pallas_kernels.reference import NO_WINDOW
+from tests.pallas_kernels import interpret
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -123,7 +125,7 @@ def run_kernel(impl, args, **kw):
     # "eager": a DMA lands as soon as it is started, so refilling a buffer that is still being read would show.
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(dma_execution_mode="eager")):
       return ragged_paged_attention(*args, implementation="tpu", interpret=True, **kw)
-  return ragged_paged_attention(*args, implementation=impl, interpret=True, **kw)
+  return ragged_paged_attention(*args, implementation=impl, interpret=interpret(impl), **kw)
 
 
 def test_reference_matches_naive_numpy(rng):
@@ -276,7 +278,7 @@ def test_no_sequences(rng, impl):
 def test_traced_metadata_under_jit(rng):
   """Under jit the value checks are skipped and the kernel still matches (metadata is traced)."""
   args = make_case(rng, [3, 1], [20, 9], N=4, K=2)
-  f = jax.jit(functools.partial(ragged_paged_attention, implementation="gpu", interpret=True))
+  f = jax.jit(functools.partial(ragged_paged_attention, implementation="gpu", interpret=interpret("gpu")))
   assert_close(f(*args), reference(args), args, jnp.float32)
 
 
@@ -369,6 +371,21 @@ def test_validation_errors(override, message):
 def test_valid_args_pass():
   out = ragged_paged_attention(**_valid_args())
   assert out.shape == (4, 4, 32) and np.isfinite(np.asarray(out)).all()
+
+
+def test_gpu_default_takes_xla_for_shapes_triton_cannot_tile(rng, monkeypatch):
+  """On a GPU backend, implementation=None runs the Triton kernel where it can and the XLA path for Phi-3's head_dim
+  96 (not a power of two), which an explicit implementation="gpu" refuses."""
+  rpa = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention")  # the module, not its function
+  monkeypatch.setattr(rpa, "default_implementation", lambda: "gpu")
+  picked, xla = [], rpa._xla_jit
+  monkeypatch.setattr(rpa, "_xla_jit", lambda *a, **kw: picked.append("xla") or xla(*a, **kw))
+  args = make_case(rng, [1, 5], [20, 9], N=4, K=2, H=96)
+  assert_close(ragged_paged_attention(*args), reference(args), args, jnp.float32)
+  assert picked == ["xla"]
+  with pytest.raises(ValueError, match=r"head dim \(H=96"):
+    ragged_paged_attention(*args, implementation="gpu")
+  assert rpa._best_implementation(args[0][..., :64], args[1][..., :64]) == "gpu"
 
 
 LOWERING_SHAPES = [  # (dtype, pages dtype, T, N, K, H, P, C, S, M)
