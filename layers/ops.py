@@ -1,7 +1,10 @@
 """Shared numerics: every weight matmul accumulates in float32 and returns the activation dtype.
 
-This states on every backend what TPU/GPU matrix units do anyway (bf16 inputs, f32 accumulation), so CPU runs of a
-bfloat16 model see the same numerics as accelerator runs.
+TPU/GPU matrix units do that for a plain bfloat16 dot; on CPU `dense` asks for it explicitly (a float32 result, then
+rounded), since XLA:CPU's own bfloat16 dot rounds differently, so CPU runs of a bfloat16 model see the accelerators'
+numerics. On an accelerator the dot stays plain: asking XLA:GPU for a float32 result made it upcast both operands of a
+one-row GEMM to float32, and with the layer loop unrolled it hoisted that convert over the whole stacked weights, a
+float32 copy of every weight per step (measured on an H200, benchmarks/RESULTS.md).
 
 Weight-only quantization keeps a matrix as int8 values q beside float scales (symmetric: w ~= q * scale, q in
 [-127, 127], scale = max |w| / 127 over what it covers), in one of two layouts (`quantization=`):
@@ -31,6 +34,8 @@ def dense(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = None)
   """einsum(spec, x, w) in f32, returned in x's dtype. A quantized w (int8) comes with its scales: per output channel
   (fewer dims than w, broadcast over the trailing output dims of the result) or per block (w's rank)."""
   if scale is None:
+    if jax.default_backend() != "cpu":
+      return jnp.einsum(spec, x, w)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
   if scale.ndim == w.ndim:
     return jnp.einsum(spec, x, dequantize_blocks(w, scale, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
