@@ -19,6 +19,7 @@ floor the step's FLOPs / measured matmul FLOP/s.
 """
 
 import argparse
+import dataclasses
 import datetime
 import os
 import time
@@ -62,8 +63,8 @@ def run_hf(model, prompts, outs, batch, pad_id):
     for s in range(0, len(prompts), batch):
       chunk, want = prompts[s:s + batch], outs[s:s + batch]
       width = max(len(p) for p in chunk)
-      ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
-      mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+      ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
+      mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
       n = max(want)
       with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -75,6 +76,29 @@ def run_hf(model, prompts, outs, batch, pad_id):
   start = time.perf_counter()
   got = once()
   return time.perf_counter() - start, got
+
+
+def hf_random_model(mc, dtype):
+  """transformers' LlamaForCausalLM with a preset's shape and random weights, in `dtype`, on the GPU when torch sees
+  one: the same-shape opponent for --preset (speed only: the weights differ from ours)."""
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  if mc.qkv_bias or mc.o_bias or mc.qk_norm or mc.sliding_window or mc.post_norms or mc.norm_plus_one:
+    raise ValueError(f"{mc.name}: the transformers opponent is built for plain Llama presets only")
+  config = LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.d_model, intermediate_size=mc.d_ff,
+                       num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
+                       num_key_value_heads=mc.num_kv_heads, head_dim=mc.head_dim, rms_norm_eps=mc.rms_norm_eps,
+                       max_position_embeddings=mc.max_position_embeddings, tie_word_embeddings=mc.tie_embeddings)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  previous = torch.get_default_dtype()
+  torch.set_default_dtype(getattr(torch, dtype))
+  try:
+    with torch.device(device):
+      model = LlamaForCausalLM(config)
+  finally:
+    torch.set_default_dtype(previous)
+  return model.eval()
 
 
 def decode_step_seconds(llm, slots, context):
@@ -113,6 +137,27 @@ def decode_step_seconds(llm, slots, context):
   return best, batch.tokens_T.shape[0]
 
 
+def dump_forward_hlo(llm, slots, context, path) -> None:
+  """Writes the optimized HLO of one decode step's forward program (`slots` sequences at `context`) to `path`: where
+  a step's time goes beyond the weights is read there (e.g. per-layer copies of the stacked weights out of a scan, a
+  convert of 8-bit weights materialized before the GEMM)."""
+  import jax
+
+  from jaxllm.sampling import SamplingArrays
+  from jaxllm.serving import engine as engine_lib
+  from jaxllm.serving.engine import Row
+
+  eng = llm.engine
+  C = eng.config.page_size
+  n = -(-(context + 1) // C)
+  rows = [Row(slot=i, start=context, tokens=[None], pages=list(range(1 + i * n, 1 + (i + 1) * n)),
+              sampling=SamplingArrays.create(1, temperature=0.0), sample=True) for i in range(slots)]
+  compiled = engine_lib._forward.lower(eng.graphdef, eng.params, jax.eval_shape(eng.init_state), eng.build(rows),
+                                       attention_impl=eng.config.attention_impl).compile()
+  with open(path, "w") as f:
+    f.write(compiled.as_text())
+
+
 def step_flops(mc, rows, context):
   """FLOPs of one decode step: 2 per weight per row (LM head on the sampled rows included) plus attention scores and
   values over `context` keys."""
@@ -136,9 +181,12 @@ class RandomModel:
 
     self.config = ModelConfig.from_preset(preset)
     model = Llama(self.config, dtype=jnp.dtype(dtype), quantization=quantization, rngs=nnx.Rngs(0))
-    self.engine = Engine(model, EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                             max_num_batched_tokens=max(512, max_num_seqs),
-                                             kv_cache_dtype=kv_cache_dtype))
+    config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max(512, max_num_seqs), kv_cache_dtype=kv_cache_dtype)
+    # Pages for every sequence at full length (and the scratch page), not a fraction of the device's memory: the
+    # transformers opponent shares the device.
+    pages = max_num_seqs * -(-max_model_len // config.page_size) + 1
+    self.engine = Engine(model, dataclasses.replace(config, num_pages=pages))
 
   def generate(self, prompt_token_ids, sampling_params, use_tqdm=False):
     from jaxllm.serving.scheduler import Scheduler
@@ -151,7 +199,9 @@ class RandomModel:
 
 VARIANTS = {"f32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"),
             "q8_0": dict(quantization="q8_0"),
-            "bf16+int8": dict(dtype="bfloat16", quantization="int8"), "kv-int8": dict(kv_cache_dtype="int8"),
+            "bf16+int8": dict(dtype="bfloat16", quantization="int8"),
+            "bf16+q8_0": dict(dtype="bfloat16", quantization="q8_0"),
+            "kv-int8": dict(kv_cache_dtype="int8"), "bf16+kv-int8": dict(dtype="bfloat16", kv_cache_dtype="int8"),
             "kv-fp8": dict(kv_cache_dtype="fp8"), "int8+kv-int8": dict(quantization="int8", kv_cache_dtype="int8")}
 
 
@@ -168,9 +218,13 @@ def main():
   ap.add_argument("--max_output", type=int, default=192)
   ap.add_argument("--step_context", type=int, default=256)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--skip_hf", action="store_true", help="jaxllm only (e.g. on an accelerator)")
+  ap.add_argument("--skip_hf", action="store_true", help="jaxllm only")
+  ap.add_argument("--steps_only", action="store_true", help="only the decode-step table (no workload, no transformers)")
+  ap.add_argument("--dump_hlo", default=None, help="a folder: write each variant's optimized HLO of the decode "
+                  "forward program (--max_num_seqs sequences) there, to see where a step's time goes")
   ap.add_argument("--preset", default=None, help="a configs/models.toml preset with random weights instead of the "
-                  "default model (implies --skip_hf), e.g. llama3-8b on a GPU")
+                  "default model, e.g. llama3-8b on a GPU; transformers then runs a random model of the same shape "
+                  "in the first variant's dtype, on the GPU when torch sees one")
   ap.add_argument("--variants", default="f32", help="comma-separated weight / KV-cache variants, each run on the "
                   f"same workload: {', '.join(VARIANTS)}")
   ap.add_argument("--results", default=common.RESULTS)
@@ -202,10 +256,15 @@ def main():
                     "block of 32)")
     if prompts is None:
       prompts, outs = workload(np.random.default_rng(args.seed), args.num_prompts, llm.config.vocab_size, args)
-    ours, reqs = run_ours(llm, prompts, outs)
+    if not args.steps_only:
+      ours, reqs = run_ours(llm, prompts, outs)
+      rows.append((f"jaxllm {name} (continuous batching, paged)", ours))
     pad_id = getattr(getattr(llm, "tokenizer", None), "pad_id", None) or 0
-    rows.append((f"jaxllm {name} (continuous batching, paged)", ours))
     eng, mc = llm.engine, llm.config
+    if args.dump_hlo:
+      os.makedirs(args.dump_hlo, exist_ok=True)
+      path = os.path.join(args.dump_hlo, f"forward_{name.replace('+', '_')}.txt")
+      dump_forward_hlo(llm, args.max_num_seqs, args.step_context, path)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(eng.params))  # the placed arrays a step streams
     kv_per_token = page_bytes(eng.config, mc, eng.kv_dtype) / eng.config.page_size  # values and scales
     floors[name] = (weight_bytes, kv_per_token, str(eng.kv_dtype))
@@ -216,10 +275,19 @@ def main():
       floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
       compute = step_flops(mc, slots, args.step_context) / (tflops * 1e12)
       steps.append((name, slots, T, t, floor, compute, times["forward"], times["pick"]))
+      print(f"{name}: {slots} sequences, step {t * 1e3:.2f} ms (model {times['forward'] * 1e3:.2f}, sampler "
+            f"{times['pick'] * 1e3:.2f}); floors: bandwidth {floor * 1e3:.2f} ms, compute {compute * 1e3:.2f} ms",
+            flush=True)
     del llm, eng
 
   agree = None
-  if not args.skip_hf and not args.preset:
+  first_dtype = VARIANTS[args.variants.split(",")[0]].get("dtype", "float32")
+  if args.preset and not (args.skip_hf or args.steps_only):
+    hf = hf_random_model(mc, first_dtype)
+    theirs, _ = run_hf(hf, prompts, outs, args.max_num_seqs, pad_id)
+    rows.append((f"transformers generate {first_dtype} on {hf.device.type} (static batches, left-padded)", theirs))
+    del hf
+  elif not (args.skip_hf or args.steps_only):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -234,9 +302,11 @@ def main():
 
   total_out = sum(outs)
   device = common.device_name()
-  lines = [
-      f"### throughput.py — {datetime.date.today()} — {device} — jax {jax.__version__}",
-      "",
+  lines = [f"### throughput.py — {datetime.date.today()} — {device} — jax {jax.__version__}", ""]
+  if not rows:
+    lines += [f"{model_name}: decode steps only (--steps_only)."]
+  else:
+    lines += [
       f"{model_name}, greedy, {args.num_prompts} requests: prompt lengths "
       f"{min(len(p) for p in prompts)}..{max(len(p) for p in prompts)} (mean {np.mean([len(p) for p in prompts]):.0f}), "
       f"output lengths {min(outs)}..{max(outs)} (mean {np.mean(outs):.0f}), {total_out} output tokens; "
@@ -244,7 +314,7 @@ def main():
       "",
       "| engine | seconds | output tok/s | ratio |",
       "|---|---:|---:|---:|",
-  ] + [f"| {name} | {t:.1f} | {total_out / t:.1f} | {rows[-1][1] / t:.2f}x |" for name, t in rows]
+    ] + [f"| {name} | {t:.1f} | {total_out / t:.1f} | {rows[-1][1] / t:.2f}x |" for name, t in rows]
   if agree is not None:
     lines += ["", f"First 8 greedy tokens identical on both sides ({args.variants.split(',')[-1]}) for "
               f"{agree}/{len(reqs)} requests."]
