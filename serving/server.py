@@ -33,9 +33,10 @@ import threading
 import time
 import types
 import uuid
+from http import HTTPStatus
 
 import numpy as np
-from aiohttp import web
+from aiohttp import web, web_protocol
 from pydantic import ValidationError
 
 from jaxllm import tool_calls
@@ -62,9 +63,24 @@ class ServerConfig:
   max_waiting: int = 1024  # sequences (prompts x n) queued for a slot beyond which a request gets 503
   max_stop_strings: int = 64  # stop strings per request (each is searched for after every token, on the engine thread)
   max_stop_chars: int = 4096  # their total length
+  # Connections: beyond max_connections a new one is answered 503 and closed (None: the open-file limit minus 256); a
+  # connection with no request in progress (idle, or still sending its request line and headers) is closed after
+  # timeout_keep_alive seconds; a request's body must arrive within body_timeout; SIGTERM waits drain_timeout for
+  # in-flight requests, then cancels what is left.
+  max_connections: int | None = None
+  timeout_keep_alive: float = 5.0
+  body_timeout: float = 30.0
+  drain_timeout: float = 60.0
   api_key: str | None = None
   warmup: bool = True
   seed: int = 0
+
+  def __post_init__(self):
+    if self.max_connections is not None and self.max_connections < 1:
+      raise ValueError(f"max_connections={self.max_connections} must be at least 1.")
+    for name in ("timeout_keep_alive", "body_timeout", "drain_timeout"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name}={getattr(self, name)} must be a positive number of seconds.")
 
 
 class APIError(Exception):
@@ -103,6 +119,7 @@ class Metrics:
     g("kv_pages_total", "KV-cache pages (scratch page excluded).", server.pages_total)
     g("kv_pages_cached", "KV-cache pages held by no request, kept for prefix-cache hits (evicted when needed).",
       lambda: server.loop.scheduler.allocator.num_cached if server.loop else 0)
+    g("open_connections", "Open HTTP connections (--max_connections bounds them).", lambda: len(server.connections()))
     g("num_preemptions", "Requests preempted so far (recomputed later).",
       lambda: server.loop.scheduler.num_preemptions if server.loop else 0)
     r.register(_SchedulerCounters(server, p))
@@ -153,6 +170,7 @@ class Server:
     self.model_name = config.served_model_name or config.model
     self.state = "loading"  # -> "warming up" -> "ready" -> "draining"; "stopped" if signalled before ready
     self.load_thread: threading.Thread | None = None
+    self.connections = lambda: []  # the open HTTP connections' handlers, once `serve` listens
     self.load_error: str | None = None
     self.metrics = Metrics(self)
     self._rng = np.random.default_rng(config.seed)
@@ -224,8 +242,13 @@ class Server:
 async def _body(request: web.Request, schema):
   """The request body parsed and validated against `schema` on the text workers (a multi-megabyte body is tens of
   milliseconds of GIL-holding work the event loop must not do); a bad body is a 400 naming what is wrong."""
-  raw_body = await request.read()
-  return await request.app[SERVER].off_loop(_parse_body, raw_body, schema)
+  server = request.app[SERVER]
+  try:
+    raw_body = await asyncio.wait_for(request.read(), server.config.body_timeout)
+  except asyncio.TimeoutError:
+    raise APIError(408, f"the request body did not arrive within {server.config.body_timeout:g} s "
+                        "(--body_timeout).") from None
+  return await server.off_loop(_parse_body, raw_body, schema)
 
 
 def _parse_body(raw_body: bytes, schema):
@@ -830,23 +853,85 @@ def create_app(server: Server, max_body_bytes: int = 4 << 20) -> web.Application
   return app
 
 
+class _Handler(web_protocol.RequestHandler):
+  """aiohttp's connection handler, with its own errors (a malformed request line, an over-long header: answered
+  before any handler runs) in the OpenAI error shape instead of plain text."""
+
+  __slots__ = ()
+
+  def handle_error(self, request, status=500, exc=None, message=None):
+    super().handle_error(request, status, exc, message)  # logs; raises if a response was already started
+    reason = HTTPStatus(status).phrase
+    detail = f"{reason}: {message}" if message and status < 500 else reason
+    response = APIError(status, detail, "invalid_request_error" if status < 500 else "internal_error").response()
+    response.force_close()
+    return response
+
+
+class _Refused(asyncio.Protocol):
+  """A connection past --max_connections: answered 503 before its request is read, then closed (after reading what the
+  client sends for up to a second, so the answer is not lost to a reset)."""
+
+  def __init__(self, answer: bytes):
+    self.answer = answer
+
+  def connection_made(self, transport):
+    transport.write(self.answer)
+    asyncio.get_running_loop().call_later(1.0, transport.close)
+    self.transport = transport
+
+  def data_received(self, data):
+    pass
+
+  def eof_received(self):
+    self.transport.close()
+
+
+def _refusal(limit: int) -> bytes:
+  body = json.dumps({"error": {"message": f"too many open connections (--max_connections {limit}); retry shortly.",
+                               "type": "server_error", "param": None, "code": 503}}).encode()
+  head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+          f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n")
+  return head.encode() + body
+
+
+def max_connections(config: ServerConfig) -> int:
+  """--max_connections, or the process's open-file limit minus 256 (the model's files, the compilation cache and
+  the runtime keep theirs), at least 16: past the fd limit the accept loop could not even refuse."""
+  if config.max_connections is not None:
+    return config.max_connections
+  import resource
+
+  soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+  return max(16, (soft if soft != resource.RLIM_INFINITY else 65536) - 256)
+
+
 async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event | None = None,
                 exit_on_load_failure: bool = True) -> None:
   """Opens the port, loads the model on a thread (health says 503 meanwhile), serves until `stop` is set or SIGTERM /
-  SIGINT, then drains: new requests get 503 while in-flight ones finish."""
+  SIGINT, then drains: new requests get 503 while in-flight ones finish (for up to --drain_timeout seconds)."""
   c = server.config
-  runner = web.AppRunner(create_app(server), handler_cancellation=True, access_log=None)
+  handler_args = dict(access_log=None, keepalive_timeout=c.timeout_keep_alive)
+  runner = web.AppRunner(create_app(server), handler_cancellation=True, **handler_args)
   await runner.setup()
-  site = web.TCPSite(runner, c.host, c.port)
-  await site.start()
-  stop = stop or asyncio.Event()
   loop = asyncio.get_running_loop()
+  limit, refusal = max_connections(c), _refusal(max_connections(c))
+
+  def connection():
+    if len(runner.server.connections) >= limit:
+      server.metrics.requests.labels("connection", "503").inc()
+      return _Refused(refusal)
+    return _Handler(runner.server, loop=loop, **handler_args)
+
+  listener = await loop.create_server(connection, c.host, c.port, backlog=1024, reuse_address=True)
+  server.connections = lambda: runner.server.connections
+  stop = stop or asyncio.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):
     try:
       loop.add_signal_handler(sig, stop.set)
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests): `stop` is the way out
       pass
-  port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else c.port
+  port = listener.sockets[0].getsockname()[1] if listener.sockets else c.port
   server.port = port
   log.info("listening on http://%s:%d (loading %s)", c.host, port, c.model)
   # The load runs on a daemon thread, so SIGTERM / SIGINT while loading or warming up (minutes on a first start)
@@ -866,11 +951,11 @@ async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event 
   if not loaded.done():
     log.info("stopped while %s; exiting without waiting for it", server.state)
     server.state = "stopped"
-    await runner.cleanup()
+    await _close(listener, runner)
     return
   stopped.cancel()
   if server.state == "failed" and exit_on_load_failure:
-    await runner.cleanup()
+    await _close(listener, runner)
     return
   if ready_line and server.state == "ready":
     print(f"jaxllm serve: ready on http://{c.host}:{port} — try:\n  curl http://{c.host}:{port}/v1/chat/completions "
@@ -878,9 +963,17 @@ async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event 
           "\"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}'", flush=True)
   await stop.wait()
   server.state = "draining"
-  log.info("draining: finishing in-flight requests")
+  log.info("draining: finishing in-flight requests (at most %g s)", c.drain_timeout)
   if server.loop is not None:
-    await asyncio.to_thread(server.loop.stop, True)
+    await asyncio.to_thread(server.loop.stop, True, c.drain_timeout)
+    if server.loop.alive:
+      log.warning("drain timeout: cancelling %d unfinished requests", server.loop.num_running + server.loop.queued)
+      await asyncio.to_thread(server.loop.stop, False)
+  await _close(listener, runner)
+
+
+async def _close(listener, runner) -> None:
+  listener.close()
   await runner.cleanup()
 
 

@@ -17,6 +17,13 @@ _MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Sequences (prompts x n
 _MAX_STOP_STRINGS = flags.DEFINE_integer("max_stop_strings", 64, "Stop strings a request may send (each is searched "
                                          "for after every token it generates).")
 _MAX_STOP_CHARS = flags.DEFINE_integer("max_stop_chars", 4096, "Total characters of a request's stop strings.")
+_MAX_CONNECTIONS = flags.DEFINE_integer("max_connections", None, "Open connections beyond which a new one is answered "
+                                        "503 and closed (default: the open-file limit minus 256).")
+_TIMEOUT_KEEP_ALIVE = flags.DEFINE_float("timeout_keep_alive", 5.0, "Seconds a connection with no request in progress "
+                                         "(idle, or still sending its request line and headers) stays open.")
+_BODY_TIMEOUT = flags.DEFINE_float("body_timeout", 30.0, "Seconds a request's body has to arrive (else 408).")
+_DRAIN_TIMEOUT = flags.DEFINE_float("drain_timeout", 60.0, "Seconds SIGTERM / SIGINT waits for in-flight requests "
+                                    "before cancelling them.")
 _API_KEY = flags.DEFINE_string("api_key", None, "If set, /v1/, /tokenize and /detokenize requests need "
                                  "'Authorization: Bearer KEY'.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape bucket before reporting ready.")
@@ -37,7 +44,9 @@ def main(argv):
                           host=_HOST.value, port=_PORT.value, dtype=_DTYPE.value,
                           quantization=device_flags.quantization(), engine=engine_flags.engine_config(),
                           max_waiting=_MAX_WAITING.value, max_stop_strings=_MAX_STOP_STRINGS.value,
-                          max_stop_chars=_MAX_STOP_CHARS.value, api_key=_API_KEY.value, warmup=_WARMUP.value)
+                          max_stop_chars=_MAX_STOP_CHARS.value, max_connections=_MAX_CONNECTIONS.value,
+                          timeout_keep_alive=_TIMEOUT_KEEP_ALIVE.value, body_timeout=_BODY_TIMEOUT.value,
+                          drain_timeout=_DRAIN_TIMEOUT.value, api_key=_API_KEY.value, warmup=_WARMUP.value)
     mesh, layout = device_flags.setup()
   except ValueError as e:
     fail(str(e))
