@@ -456,7 +456,8 @@ class _SSE:
 
 async def _run(server: Server, streams: list[RequestStream], on_update) -> None:
   """Feeds every update of `streams` to `on_update(stream_index, update)`. If this task is cancelled (client gone) or
-  on_update raises (a write to a closed connection), `errors_and_auth` cancels the request's unfinished streams."""
+  on_update raises (a write to a closed connection), `errors_and_auth` cancels the request's unfinished streams; it
+  also counts every stream's tokens in the metrics, once the handler has ended."""
   queue: asyncio.Queue = asyncio.Queue()
 
   async def pump(i, s):
@@ -473,9 +474,6 @@ async def _run(server: Server, streams: list[RequestStream], on_update) -> None:
   finally:
     for t in tasks:
       t.cancel()
-    for s in streams:
-      if s.finished:
-        _record(server, s)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -836,6 +834,7 @@ async def errors_and_auth(request: web.Request, handler):
     for stream in request.get(STREAMS, ()):
       if not stream.finished:
         server.loop.cancel(stream)
+      _record(server, stream)  # cancelled ones too: their prompts were read and their tokens made
 
 
 def create_app(server: Server, max_body_bytes: int = 4 << 20) -> web.Application:

@@ -348,6 +348,29 @@ def metric(server, name: str) -> float:
   return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
+def test_tokens_of_a_cancelled_stream_are_counted(server):
+  """A streaming client that hangs up mid-answer: the tokens made for it count in generation_tokens, and its prompt in
+  prompt_tokens (#19 finding 9)."""
+  import http.client
+  import socket
+
+  pages_all_free(server)
+  before = metric(server, "jaxllm_generation_tokens_total"), metric(server, "jaxllm_prompt_tokens_total")
+  conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+  conn.request("POST", "/v1/completions", json.dumps({"prompt": [5, 6, 7, 8], "max_tokens": 400, "stream": True,
+                                                      "ignore_eos": True, "temperature": 0}),
+               {"Content-Type": "application/json"})
+  resp, seen = conn.getresponse(), 0
+  while seen < 5:
+    seen += resp.readline().startswith(b"data: {")
+  conn.sock.shutdown(socket.SHUT_RDWR)  # gone mid-stream (the response still holds the socket: close() alone
+  resp.close()                          # would not close it)
+  conn.close()
+  assert pages_all_free(server)
+  made = metric(server, "jaxllm_generation_tokens_total") - before[0]
+  assert 5 <= made < 400 and metric(server, "jaxllm_prompt_tokens_total") - before[1] == 4, made
+
+
 def test_prefix_cache_hits_show_in_metrics(server, client):
   system = {"role": "system", "content": "You are a terse assistant. " * 12}  # ~70 tokens: 4 full pages
   before = (metric(server, "jaxllm_prefix_cache_queries_total"), metric(server, "jaxllm_prefix_cache_hits_total"))
