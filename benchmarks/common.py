@@ -53,6 +53,16 @@ def matmul_tflops(dtype: str = "float32") -> float:
   return 2 * n**3 / best / 1e12
 
 
+def decode_batch(eng, slots: int, context: int):
+  """An engine step batch of `slots` sequences each decoding one token at `context` (distinct pages each, greedy)."""
+  from jaxllm.sampling import SamplingArrays
+  from jaxllm.serving.engine import Row
+
+  n = -(-(context + 1) // eng.config.page_size)
+  return eng.build([Row(slot=i, start=context, tokens=[None], pages=list(range(1 + i * n, 1 + (i + 1) * n)),
+                        sampling=SamplingArrays.create(1, temperature=0.0), sample=True) for i in range(slots)])
+
+
 def device_name() -> str:
   import jax
 

@@ -23,14 +23,9 @@ def forward_ms(eng, slots, context, reps=8):
   """(best ms of the compiled forward program, compile seconds) for `slots` sequences decoding at `context`."""
   import jax
 
-  from jaxllm.sampling import SamplingArrays
   from jaxllm.serving import engine as engine_lib
-  from jaxllm.serving.engine import Row
 
-  n = -(-(context + 1) // eng.config.page_size)
-  rows = [Row(slot=i, start=context, tokens=[None], pages=list(range(1 + i * n, 1 + (i + 1) * n)),
-              sampling=SamplingArrays.create(1, temperature=0.0), sample=True) for i in range(slots)]
-  batch, state = eng.build(rows), eng.init_state()
+  batch, state = common.decode_batch(eng, slots, context), eng.init_state()
   start = time.perf_counter()
   compiled = engine_lib._forward.lower(eng.graphdef, eng.params, state, batch,
                                        attention_impl=eng.config.attention_impl).compile()

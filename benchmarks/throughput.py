@@ -106,16 +106,10 @@ def decode_step_seconds(llm, slots, context):
   the step's forward and sampler programs, warm, best of 5."""
   import jax
 
-  from jaxllm.sampling import SamplingArrays
   from jaxllm.serving import engine as engine_lib
-  from jaxllm.serving.engine import Row
 
   eng = llm.engine
-  C = eng.config.page_size
-  n = -(-(context + 1) // C)
-  rows = [Row(slot=i, start=context, tokens=[None], pages=list(range(1 + i * n, 1 + (i + 1) * n)),
-              sampling=SamplingArrays.create(1, temperature=0.0), sample=True) for i in range(slots)]
-  batch = eng.build(rows)
+  batch = common.decode_batch(eng, slots, context)
   st = eng.init_state()
   st, r = eng.step(st, batch)
   jax.block_until_ready(r)
@@ -143,16 +137,11 @@ def dump_forward_hlo(llm, slots, context, path) -> None:
   convert of 8-bit weights materialized before the GEMM)."""
   import jax
 
-  from jaxllm.sampling import SamplingArrays
   from jaxllm.serving import engine as engine_lib
-  from jaxllm.serving.engine import Row
 
   eng = llm.engine
-  C = eng.config.page_size
-  n = -(-(context + 1) // C)
-  rows = [Row(slot=i, start=context, tokens=[None], pages=list(range(1 + i * n, 1 + (i + 1) * n)),
-              sampling=SamplingArrays.create(1, temperature=0.0), sample=True) for i in range(slots)]
-  compiled = engine_lib._forward.lower(eng.graphdef, eng.params, jax.eval_shape(eng.init_state), eng.build(rows),
+  compiled = engine_lib._forward.lower(eng.graphdef, eng.params, jax.eval_shape(eng.init_state),
+                                       common.decode_batch(eng, slots, context),
                                        attention_impl=eng.config.attention_impl).compile()
   with open(path, "w") as f:
     f.write(compiled.as_text())

@@ -12,10 +12,8 @@ from jaxllm.serving.config import EngineConfig
 from jaxllm.serving.server import ServerConfig, run_in_thread
 
 
-@pytest.fixture(scope="session")
-def server():
-  config = ServerConfig(model="default", quantization=None, port=0, warmup=False, served_model_name="smollm2",
-                        engine=EngineConfig(max_model_len=512, max_num_seqs=8))
+def serving(config: ServerConfig):
+  """A server of `config` on its own thread, yielded once ready, stopped after."""
   srv, thread, loop, stop = run_in_thread(config)
   deadline = time.time() + 300
   while getattr(srv, "port", None) is None or srv.state != "ready":
@@ -25,6 +23,12 @@ def server():
   yield srv
   loop.call_soon_threadsafe(stop.set)
   thread.join(60)
+
+
+@pytest.fixture(scope="session")
+def server():
+  yield from serving(ServerConfig(model="default", quantization=None, port=0, warmup=False, served_model_name="smollm2",
+                                  engine=EngineConfig(max_model_len=512, max_num_seqs=8)))
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ import urllib.request
 import pytest
 
 from jaxllm.serving.config import EngineConfig
-from jaxllm.serving.server import ServerConfig, run_in_thread
-from tests.serving.conftest import raw
+from jaxllm.serving.server import ServerConfig
+from tests.serving.conftest import raw, serving
 
 KEEP_ALIVE = 1.0
 BODY_TIMEOUT = 2.0
@@ -30,18 +30,9 @@ LIMIT = IDLE + 30
 
 @pytest.fixture(scope="module")
 def server():
-  config = ServerConfig(model="default", quantization=None, port=0, warmup=False, max_connections=LIMIT,
-                        timeout_keep_alive=KEEP_ALIVE, body_timeout=BODY_TIMEOUT,
-                        engine=EngineConfig(max_model_len=256, max_num_seqs=2))
-  srv, thread, loop, stop = run_in_thread(config)
-  deadline = time.time() + 300
-  while getattr(srv, "port", None) is None or srv.state != "ready":
-    assert srv.state != "failed", srv.load_error
-    assert time.time() < deadline, srv.state
-    time.sleep(0.2)
-  yield srv
-  loop.call_soon_threadsafe(stop.set)
-  thread.join(60)
+  yield from serving(ServerConfig(model="default", quantization=None, port=0, warmup=False, max_connections=LIMIT,
+                                  timeout_keep_alive=KEEP_ALIVE, body_timeout=BODY_TIMEOUT,
+                                  engine=EngineConfig(max_model_len=256, max_num_seqs=2)))
 
 
 def _connect(server) -> socket.socket:
