@@ -122,9 +122,11 @@ class EngineLoop:
                 for _, params in checked]
     loop = loop or asyncio.get_running_loop()
     with self._wake:
-      if self.max_waiting is not None and self.queued + samples > self.max_waiting:
+      # The queue bound counts what will wait: a burst into an idle engine fills its free slots first.
+      free = max(0, self.scheduler.config.max_num_seqs - self.num_running)
+      if self.max_waiting is not None and self.queued + samples > self.max_waiting + free:
         raise OverflowError(f"the server is at capacity ({self.queued} sequences waiting for a slot, at most "
-                            f"{self.max_waiting}); retry later.")
+                            f"{self.max_waiting} beyond the {free} free slots); retry later.")
       self._pending += samples
     streams = []
     adds = []

@@ -12,7 +12,7 @@ _SERVED = flags.DEFINE_string("served_model_name", None, "The model name clients
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
-_MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Sequences (prompts x n) queued for a slot beyond which a "
+_MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Sequences (prompts x n) waiting for a slot beyond which a "
                                      "request is answered 503 (queued whole or not at all; one asking for more is 400).")
 _MAX_STOP_STRINGS = flags.DEFINE_integer("max_stop_strings", 64, "Stop strings a request may send (each is searched "
                                          "for after every token it generates).")

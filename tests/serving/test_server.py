@@ -309,7 +309,13 @@ def test_admission_counts_every_sequence_and_queues_all_or_none(server, client):
   status, got = raw(server, "/v1/completions", {"prompt": [[1, 2], [3, 4], [1, 2, 10**7]], "max_tokens": 64})
   assert status == 400 and "vocabulary" in got["error"]["message"], got
   assert server.loop.queued == 0 and server.loop.num_running == 0 and pages_all_free(server)
-  server.loop.num_waiting = server.loop.max_waiting  # as if --max_waiting sequences were queued (the engine is idle)
+  server.loop.num_waiting = server.loop.max_waiting  # as if --max_waiting sequences were queued: the idle engine's
+  try:                                               # 8 free slots still take a burst's first requests (finding 11)
+    status, got = raw(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+  finally:
+    server.loop.num_waiting = 0
+  assert status == 200, got
+  server.loop.num_waiting = server.loop.max_waiting + 8  # and with the free slots spoken for too: a 503
   try:
     req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/completions", data=b'{"prompt": "Hi"}')
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -319,7 +325,7 @@ def test_admission_counts_every_sequence_and_queues_all_or_none(server, client):
     server.loop.num_waiting = 0
   assert e.value.code == 503 and e.value.headers["Retry-After"] == "1"  # clients back off and retry
   assert "capacity" in json.loads(e.value.read())["error"]["message"]
-  assert "jaxllm_num_requests_waiting 1024.0" in gauges
+  assert "jaxllm_num_requests_waiting 1032.0" in gauges
   assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).choices[0].text is not None
   assert server.loop.queued == 0 and pages_all_free(server)
 
