@@ -58,7 +58,7 @@ EOF
 GGUF=$("$PY" -c "from jaxllm.default_model import gguf_path; print(gguf_path())")
 LM="$WORK/lmeval/bin/lm_eval --include_path $WORK/tasks --log_samples"
 export HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-"$ROOT/.venv/bin/jaxllm" serve --model default --port "$PORT" --max_model_len 1024 --max_num_seqs 16 \
+"$ROOT/.venv/bin/jaxllm" serve --model default --port "$PORT" --max_model_len 1024 --max_num_seqs 16 --quantization none \
   --compilation_cache_dir "$ROOT/.jit-cache" > "$WORK/serve.log" 2>&1 &
 SERVE=$!
 trap 'kill $SERVE 2>/dev/null || true' EXIT

@@ -123,7 +123,7 @@ def decode_step_seconds(llm, slots, context):
 
   for _ in range(5):  # the whole step, then its two programs on their own (the per-stage profile)
     st, r = timed("step", eng.step, st, batch)
-    st, h = timed("forward", engine_lib._forward, eng.graphdef, eng.params, st, batch,
+    st, h, _ = timed("forward", engine_lib._forward, eng.graphdef, eng.params, st, batch,
                   attention_impl=eng.config.attention_impl)
     st, r = timed("pick", engine_lib._pick, eng.graphdef, eng.params, st, h, batch.seqs,
                   num_top=eng.config.num_top_logprobs)

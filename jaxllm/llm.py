@@ -50,6 +50,9 @@ class RequestOutput:
   prompt: str | None
   prompt_token_ids: list[int]
   outputs: list[CompletionOutput]
+  # With SamplingParams.prompt_logprobs, vLLM's shape: per prompt token, None for the first, else {token id: logprob}
+  # holding the prompt token itself and the top-n tokens at that position (n or n + 1 entries).
+  prompt_logprobs: list[dict[int, float] | None] | None = None
 
   # The first sample's fields, for the common n == 1 case.
   @property
@@ -63,6 +66,14 @@ class RequestOutput:
   @property
   def finish_reason(self) -> str:
     return self.outputs[0].finish_reason
+
+
+def _prompt_logprobs(ids: list[int], req) -> list[dict[int, float] | None] | None:
+  """RequestOutput.prompt_logprobs from a finished request's per-position scores."""
+  if req.prompt_logprobs is None:
+    return None
+  return [None] + [{tok: lp, **tops} for tok, lp, tops in zip(ids[1:], req.prompt_logprobs[1:],
+                                                                 req.prompt_top_logprobs[1:])]
 
 
 @dataclasses.dataclass
@@ -268,8 +279,8 @@ class LLM:
     return [RequestOutput(prompts[i], ids[i], [
         # Special tokens (EOS) are skipped in the text; an ordinary stop token id keeps its text, as vLLM does.
         CompletionOutput(r.index, r.text, r.output_ids, r.logprobs, r.finish_reason, r.stop_reason,
-                         r.top_logprobs if r.params.logprobs is not None else None) for r in g])
-            for i, g in enumerate(groups)]
+                         r.top_logprobs if r.params.logprobs is not None else None) for r in g],
+                          _prompt_logprobs(ids[i], g[0])) for i, g in enumerate(groups)]
 
   # ------------------------------------------------------------------ stream
   def stream(self, prompt, sampling_params: SamplingParams | None = None, *,

@@ -57,6 +57,9 @@ class SamplingParams:
     ignore_eos: keep generating past EOS.
     min_tokens: EOS and stop_token_ids cannot be generated before this many tokens.
     logprobs: also return the top-n logprobs (0..MAX_LOGPROBS) of each generated position; None: off.
+    prompt_logprobs: also return each prompt token's logprob given the tokens before it, with the top-n
+      (0..MAX_LOGPROBS) tokens there (vLLM's `prompt_logprobs`; the first token has none); None: off. Computed in the
+      engine's steps, by the prefill chunks themselves; such a request computes its whole prompt (no cached prefix).
     structured_outputs: constrain the output to a JSON schema, regex, choice or grammar
       (`jaxllm.structured_outputs.StructuredOutputsParams`, or a dict of its fields); None: free text.
   """
@@ -77,6 +80,7 @@ class SamplingParams:
   ignore_eos: bool = False
   min_tokens: int = 0
   logprobs: int | None = None
+  prompt_logprobs: int | None = None
   structured_outputs: StructuredOutputsParams | None = None
 
   def __post_init__(self):
@@ -110,8 +114,10 @@ class SamplingParams:
     object.__setattr__(self, "logit_bias", {int(t): float(b) for t, b in bias.items()})
     if not _int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
       bad("min_tokens", self.min_tokens, f"must be an integer in [0, max_tokens={self.max_tokens}]")
-    if self.logprobs is not None and (not _int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-      bad("logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+    for name in ("logprobs", "prompt_logprobs"):
+      value = getattr(self, name)
+      if value is not None and (not _int(value) or not 0 <= value <= MAX_LOGPROBS):
+        bad(name, value, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
     if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
       bad("seed", self.seed, "must be a non-negative integer or None")
     stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())

@@ -9,9 +9,10 @@ The step. Every call runs one ragged batch of new tokens through the model once:
 sequence (its last sampled token, read from the device state, so the host never waits for it) and chunks of the
 prompts being prefilled (a whole short prompt, or the next `max_num_batched_tokens`-bounded piece of a long one, maybe
 after a prefix the cache already holds). Each token's K/V go into its sequence's pages and `ragged_paged_attention`
-reads every sequence's pages (`layers.paged.PagedKVCache`). Only the last row of each sequence reaches the LM head;
-a sequence whose chunk ends at its last known token samples its next token, which lands in `state.tokens[slot]` for
-the next step and in the result for the host. The JetStream names map onto it: `prefill` is a chunk in a step,
+reads every sequence's pages (`layers.paged.PagedKVCache`). Only the last row of each sequence reaches the LM head
+(every row does for a sequence that asked for its prompt's logprobs, in a third program run only then); a sequence
+whose chunk ends at its last known token samples its next token, which lands in `state.tokens[slot]` for the next
+step and in the result for the host. The JetStream names map onto it: `prefill` is a chunk in a step,
 `insert` is the host seating a sequence in a slot (no device work), `generate` is a step's decode rows.
 
 A step is two jitted programs dispatched back to back (no host sync between them): `forward` (the model, compiled
@@ -111,8 +112,9 @@ class StepResult:
 
 def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention_impl: str | None):
   """The model over one ragged batch: K/V into the pages, the penalties' history fed the step's prompt and replayed
-  tokens (only when a sequence in it uses penalties). Returns the state and the hidden state of each sequence's last
-  row [S, D]. Compiled per T; the state's pages and history are donated."""
+  tokens (only when a sequence in it uses penalties). Returns the state, the hidden state of each sequence's last
+  row [S, D] (for `pick`) and of every row [T, D] (for `prompt_logprobs`; dropped unread by steps that score no
+  prompt). Compiled per T; the state's pages and history are donated."""
   model = nnx.merge(graphdef, params)
   b, q = batch, batch.seqs
   Z = state.tokens.shape[0]
@@ -121,7 +123,8 @@ def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention
   cache = PagedKVCache.over(state.k, state.v, slot_page_T=b.page_T, slot_offset_T=b.offset_T, kv_lens=q.kv_lens_S,
                             page_indices=b.page_indices_SM, cu_q_lens=b.cu_q_lens_S1, num_seqs=q.num_seqs)
   h_1TD, cache = model(tokens_T[None], b.positions_T[None], cache, attention_impl)
-  h_SD = h_1TD[0, jnp.maximum(b.cu_q_lens_S1[1:] - 1, 0)]
+  h_TD = h_1TD[0]
+  h_SD = h_TD[jnp.maximum(b.cu_q_lens_S1[1:] - 1, 0)]
 
   def record_inputs(history: TokenHistory) -> TokenHistory:
     """Prompt tokens into in_prompt, replayed outputs into output_counts (after emptying newly seated slots)."""
@@ -135,7 +138,7 @@ def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention
 
   history = jax.lax.cond(jnp.any(q.sampling.uses_penalties() & valid_S), record_inputs, lambda h: h, state.history)
   k, v = cache.stacked()
-  return state.replace(k=k, v=v, history=history), h_SD
+  return state.replace(k=k, v=v, history=history), h_SD, h_TD
 
 
 def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW=None, *, num_top: int):
@@ -168,6 +171,33 @@ def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW
   return state, StepResult(tokens=tok_S, logprobs=lp_S, top_ids=top_ids, top_logprobs=top_lp)
 
 
+PROMPT_BLOCK = 256  # rows whose [rows, V] float32 logits prompt_logprobs holds at once
+
+
+def prompt_logprobs(graphdef, params, h_TD, targets_T, *, num_top: int):
+  """Every row's log-softmax read at a target: row t's hidden state predicts the token after it, so `targets_T[t]`
+  is the prompt token at the row's position + 1 (-1 where nothing is asked; its values are garbage). Returns the
+  targets' logprobs [T] and the num_top likeliest tokens [T, num_top] with their logprobs. The logits are made
+  PROMPT_BLOCK rows at a time, so a long step's [T, V] float32 logits never exist whole. Compiled per T; steps whose
+  sequences score no prompt never call it."""
+  model = nnx.merge(graphdef, params)
+  T, D = h_TD.shape
+  B = min(T, PROMPT_BLOCK)
+  pad = -T % B
+
+  def block(args):
+    h_BD, tgt_B = args
+    lp_BV = jax.nn.log_softmax(model.logits(h_BD[None])[0].astype(jnp.float32), axis=-1)
+    chosen_B = jnp.take_along_axis(lp_BV, jnp.maximum(tgt_B, 0)[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp_BV, num_top) if num_top else (jnp.zeros((B, 0)), jnp.zeros((B, 0), jnp.int32))
+    return chosen_B, top_ids.astype(jnp.int32), top_lp.astype(jnp.float32)
+
+  h = jnp.pad(h_TD, ((0, pad), (0, 0))).reshape(-1, B, D)
+  tgt = jnp.pad(targets_T, (0, pad), constant_values=-1).reshape(-1, B)
+  out = jax.lax.map(block, (h, tgt))
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:T], out)
+
+
 def full_logits(graphdef, params, tokens_RT, *, attention_impl: str | None):
   """Full forward over rows from position 0, no pages: float32 logits [R, T, V]."""
   model = nnx.merge(graphdef, params)
@@ -192,6 +222,7 @@ def score(graphdef, params, tokens_RT, *, attention_impl: str | None, num_top: i
 
 _forward = jax.jit(forward, static_argnums=0, static_argnames="attention_impl", donate_argnums=2)
 _pick = jax.jit(pick, static_argnums=0, static_argnames="num_top", donate_argnums=2)
+_prompt_logprobs = jax.jit(prompt_logprobs, static_argnums=0, static_argnames="num_top")
 _score = jax.jit(score, static_argnums=0, static_argnames=("attention_impl", "num_top"))
 _logits = jax.jit(full_logits, static_argnums=0, static_argnames="attention_impl")
 
@@ -271,11 +302,19 @@ class Engine:
 
   def step(self, state: EngineState, batch: StepBatch) -> tuple[EngineState, StepResult]:
     """Dispatches one step (asynchronous; the state is donated)."""
-    return self.pick(*self.forward(state, batch), batch.seqs)
+    state, h_SD, _ = self.forward(state, batch)
+    return self.pick(state, h_SD, batch.seqs)
 
-  def forward(self, state: EngineState, batch: StepBatch) -> tuple[EngineState, jax.Array]:
-    """The step's first half (the model), dispatched: -> (state, the sequences' last hidden rows for `pick`)."""
+  def forward(self, state: EngineState, batch: StepBatch) -> tuple[EngineState, jax.Array, jax.Array]:
+    """The step's first half (the model), dispatched: -> (state, the sequences' last hidden rows for `pick`, every
+    row's hidden state for `prompt_logprobs`)."""
     return _forward(self.graphdef, self.params, state, batch, **self._static)
+
+  def prompt_logprobs(self, h_TD: jax.Array, targets_T: np.ndarray):
+    """Dispatches the scoring of a step's prompt rows (`prompt_logprobs` above) -> device arrays (logprobs [T], top
+    ids [T, n], top logprobs [T, n]; n = num_top_logprobs)."""
+    return _prompt_logprobs(self.graphdef, self.params, h_TD, np.asarray(targets_T, np.int32),
+                            num_top=self.config.num_top_logprobs)
 
   def pick(self, state: EngineState, h_SD: jax.Array, seqs: SeqBatch,
            bitmask_SW: np.ndarray | None = None) -> tuple[EngineState, StepResult]:
@@ -307,7 +346,8 @@ class Engine:
 
   # ------------------------------------------------------------------ compilation
   def warmup(self, state: EngineState | None = None) -> EngineState:
-    """Compiles the step for every token bucket (pick twice: with and without a structured-output bitmask). Runs on
+    """Compiles the step for every token bucket (pick twice: with and without a structured-output bitmask; the prompt
+    scoring of `prompt_logprobs`, so an echo request never compiles on the engine's thread). Runs on
     `state` (an idle scheduler's: padding rows write only the scratch page) and returns it, so no second KV cache is
     allocated; None makes a scratch state."""
     start, before = time.perf_counter(), self.num_compilations()
@@ -317,9 +357,10 @@ class Engine:
       log.info("warmup: bucket %d/%d (%d tokens), %d programs compiled so far, %.1f s", k + 1,
                len(self.token_buckets), T, self.num_compilations() - before, time.perf_counter() - start)
       batch = self._padding_batch(T)
-      state, h_SD = self.forward(state, batch)
+      state, h_SD, h_TD = self.forward(state, batch)
       state, _ = self.pick(state, h_SD, batch.seqs)
       state, _ = self.pick(state, h_SD, batch.seqs, self.full_bitmask(h_SD.shape[0]))
+      self.prompt_logprobs(h_TD, np.full((T,), -1, np.int32))
     state = jax.block_until_ready(state)
     log.info("warmup: %d programs in %.1f s", self.num_compilations() - before, time.perf_counter() - start)
     return state
@@ -342,4 +383,4 @@ class Engine:
   def num_compilations() -> int:
     """Step programs (forward and pick) compiled so far in this process (engines of the same model and shapes share
     them); flat once warmup has run."""
-    return _forward._cache_size() + _pick._cache_size()
+    return _forward._cache_size() + _pick._cache_size() + _prompt_logprobs._cache_size()

@@ -185,6 +185,10 @@ class EngineLoop:
       self._wake.notify()
 
   # ------------------------------------------------------------------ engine thread
+  def _count(self) -> None:
+    self.num_waiting = len(self.scheduler.waiting)
+    self.num_running = sum(r is not None for r in self.scheduler.slots)
+
   def _run(self) -> None:
     sched = self.scheduler
     try:
@@ -200,10 +204,10 @@ class EngineLoop:
         if stopping and not drain:
           for req in list(sched.requests.values()):
             sched.cancel(req.request_id)
+        self._count()  # cancels show at once, not a step later
         if sched.has_work():
           sched.step()
-        self.num_waiting = len(sched.waiting)
-        self.num_running = sum(r is not None for r in sched.slots)
+        self._count()
         if stopping and not sched.has_work() and not self._ops:
           return
     except BaseException as e:  # noqa: BLE001 - reported to every caller instead of dying silently

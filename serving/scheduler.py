@@ -73,6 +73,11 @@ class Request:
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
   top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+  # With params.prompt_logprobs: each prompt token's logprob given those before it and the top-n there (position 0,
+  # and positions whose chunk has not been absorbed yet, None); `prompt_scored` counts the positions filled.
+  prompt_logprobs: list[float | None] | None = None
+  prompt_top_logprobs: list[dict[int, float] | None] | None = None
+  prompt_scored: int = 0
   finish_reason: str | None = None  # "stop" | "length" | "abort"
   slot: int | None = None
   num_preemptions: int = 0
@@ -99,6 +104,11 @@ class Request:
   @property
   def finished(self) -> bool:
     return self.status == FINISHED
+
+  @property
+  def scores_prompt(self) -> bool:
+    """Whether prompt positions are still to be scored (such a request computes its prompt from position 0)."""
+    return self.prompt_logprobs is not None and self.prompt_scored < len(self.prompt_ids) - 1
 
   @property
   def num_tokens(self) -> int:
@@ -158,9 +168,10 @@ class Scheduler:
     if self.allocator.pages_for(len(ids) + 1) > self.allocator.capacity:
       raise ValueError(f"the prompt needs more KV pages than the cache has ({self.allocator.capacity}).")
     params.check_vocab(self.vocab_size)
-    if params.logprobs and params.logprobs > self.config.num_top_logprobs:
-      raise ValueError(f"logprobs={params.logprobs} exceeds the engine's num_top_logprobs="
-                       f"{self.config.num_top_logprobs}.")
+    for name in ("logprobs", "prompt_logprobs"):
+      if (getattr(params, name) or 0) > self.config.num_top_logprobs:
+        raise ValueError(f"{name}={getattr(params, name)} exceeds the engine's num_top_logprobs="
+                         f"{self.config.num_top_logprobs}.")
     return ids
 
   def add(self, prompt_ids, params: SamplingParams, *, request_id: str | None = None,
@@ -208,6 +219,8 @@ class Scheduler:
                   detok=Detokenizer(self.tokenizer, frozenset(stop_ids), params.stop, stream=on_update is not None),
                   on_update=on_update, arrival=next(self._ids))
     req.max_new = min(params.max_tokens, self.config.max_model_len - len(ids))
+    if params.prompt_logprobs is not None:
+      req.prompt_logprobs, req.prompt_top_logprobs = [None] * len(ids), [None] * len(ids)
     self.requests[request_id] = req
     self.waiting.append(req)
     return req
@@ -232,20 +245,38 @@ class Scheduler:
     if rows:
       batch = self.engine.build([row for _, row in rows])
       guided = [(r, i) for i, (r, row) in enumerate(rows) if r.matcher is not None and row.sample]
-      if not guided:
-        self.state, result = self.engine.step(self.state, batch)
-      else:
+      self.state, h_SD, h_TD = self.engine.forward(self.state, batch)
+      targets, scored = self._prompt_targets(rows, h_TD.shape[0])
+      scores = (self.engine.prompt_logprobs(h_TD, targets), scored) if scored else None
+      del h_TD
+      mask = None
+      if guided:
         # A structured-output row's mask needs the token the previous step sampled for it: the model runs while
         # the host absorbs that step and computes the masks, then the sampler gets them.
-        self.state, h_SD = self.engine.forward(self.state, batch)
         while self._inflight:
           self._absorb(*self._inflight.popleft())
-        self.state, result = self.engine.pick(self.state, h_SD, batch.seqs, self._masks(guided, h_SD.shape[0]))
-      self._inflight.append((result, [(r, i, r.epoch, row.sample) for i, (r, row) in enumerate(rows)]))
+        mask = self._masks(guided, h_SD.shape[0])
+      self.state, result = self.engine.pick(self.state, h_SD, batch.seqs, mask)
+      self._inflight.append((result, [(r, i, r.epoch, row.sample) for i, (r, row) in enumerate(rows)], scores))
       self.num_steps += 1
       keep = 1  # the step just dispatched stays in flight while the host reads everything older
     while len(self._inflight) > keep:
       self._absorb(*self._inflight.popleft())
+
+  @staticmethod
+  def _prompt_targets(rows: list[tuple[Request, Row]], num_rows: int):
+    """For the step's rows of requests scoring their prompt: the token each row predicts (the prompt token after
+    the row's position; -1 elsewhere) and [(request, first step row, first position, count)]."""
+    targets, scored, t = None, [], 0
+    for req, row in rows:
+      lo, hi = row.start, min(row.start + len(row.tokens), len(req.prompt_ids) - 1)
+      if req.scores_prompt and hi > lo:
+        if targets is None:
+          targets = np.full((num_rows,), -1, np.int32)
+        targets[t:t + hi - lo] = req.prompt_ids[lo + 1:hi + 1]
+        scored.append((req, t, lo, hi - lo))
+      t += len(row.tokens)
+    return targets, scored
 
   def _masks(self, guided: list[tuple[Request, int]], num_rows: int) -> np.ndarray:
     """The step's structured-output bitmask (rows of requests that ended meanwhile allow everything). Should the
@@ -301,7 +332,7 @@ class Scheduler:
     while (self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs):
       req = self.waiting[0]
       tokens = req.prompt_ids + req.output_ids
-      hit = [] if req.params.uses_penalties else self.allocator.match(tokens)
+      hit = [] if req.params.uses_penalties or req.scores_prompt else self.allocator.match(tokens)
       start = len(hit) * self.config.page_size
       n = min(len(tokens) - start, budget)
       if not self.allocator.allocate(req.request_id, start + n, hit):
@@ -355,7 +386,9 @@ class Scheduler:
     self.waiting.appendleft(req)
 
   # ------------------------------------------------------------------ results
-  def _absorb(self, result, holders: list[tuple[Request, int, int, bool]]) -> None:
+  def _absorb(self, result, holders: list[tuple[Request, int, int, bool]], scores=None) -> None:
+    if scores is not None:  # before the tokens: a request's last token finds its prompt's logprobs complete
+      self._take_prompt_scores(*scores)
     if not any(sampled for *_, sampled in holders):
       return
     host = jax.tree.map(host_value, result)
@@ -365,6 +398,19 @@ class Scheduler:
       req.pending -= 1
       self._take(req, int(host.tokens[row]), float(host.logprobs[row]),
                  (host.top_ids[row], host.top_logprobs[row]))
+
+  @staticmethod
+  def _take_prompt_scores(result, scored) -> None:
+    chosen, top_ids, top_lp = (host_value(x) for x in result)
+    for req, t, start, count in scored:
+      if req.finished:
+        continue
+      n_top = req.params.prompt_logprobs
+      for k in range(count):  # position start + k predicts the prompt token at start + k + 1
+        p = start + k + 1
+        req.prompt_scored += req.prompt_logprobs[p] is None  # a recomputed chunk (after preemption) refills it
+        req.prompt_logprobs[p] = float(chosen[t + k])
+        req.prompt_top_logprobs[p] = {int(a): float(b) for a, b in zip(top_ids[t + k, :n_top], top_lp[t + k, :n_top])}
 
   def _take(self, req: Request, tok: int, lp: float, tops) -> None:
     req.output_ids.append(tok)

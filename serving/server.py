@@ -497,12 +497,30 @@ async def completions(request: web.Request) -> web.StreamResponse:
   if score_only and not req.echo:
     raise APIError(400, "max_tokens=0 generates nothing; it is only useful with echo=true (prompt scoring).",
                    param="max_tokens")
-  params = [_sampling(server, req, len(i), None if score_only else req.max_tokens, req.logprobs) for i in ids]
+  # Echo with logprobs scores the prompt in the engine's own steps (the prefill chunks' logprobs): scheduled, bounded
+  # and cancelled like any request. Prompt scoring alone (max_tokens 0) runs as one token whose output is dropped.
+  scores_prompt = req.echo and req.logprobs is not None
+  params = [_sampling(server, req, len(i), 1 if score_only else req.max_tokens, req.logprobs) for i in ids]
+  if scores_prompt:
+    params = [dataclasses.replace(p, prompt_logprobs=req.logprobs) for p in params]
   grammar = await _grammar(server, params[0], _constraint_field(req))  # one constraint for every prompt
-  streams = [] if score_only else _submit(request, list(zip(ids, params)), req.seed, grammar)
+  runs = scores_prompt or not score_only
+  streams = _submit(request, list(zip(ids, params)), req.seed, grammar) if runs else []
   rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
   prompt_tokens = sum(len(row) for row in ids) * n
   texts = {}
+  num_out = lambda r: 0 if score_only else len(r.output_ids)  # noqa: E731
+
+  def echo_text(i):
+    return prompts[i] if isinstance(prompts[i], str) else tok.decode(ids[i])
+
+  def echo_logprobs(i, r):
+    """The legacy logprobs object of prompt i's tokens: the first has no logprob (nothing precedes it), the others
+    their top-n dicts, as vLLM and the legacy API return them (lm-eval-harness reads them to decide is_greedy)."""
+    ptoks = [tok.decode([t]) for t in ids[i]]
+    return {"tokens": ptoks, "token_logprobs": [None] + r.prompt_logprobs[1:],
+            "top_logprobs": [None] + [{tok.decode([k]): v for k, v in d.items()} for d in r.prompt_top_logprobs[1:]],
+            "text_offset": [int(o) for o in np.cumsum([0] + [len(t) for t in ptoks[:-1]])]}
 
   def logprobs_of(r, start_offset=0, start=0, end=None):
     """The legacy logprobs object of output tokens [start, end) of sample r (None unless asked)."""
@@ -518,19 +536,29 @@ async def completions(request: web.Request) -> web.StreamResponse:
     sse = _SSE(request)
     await sse.open()
     continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
-    if req.echo:
-      for i, x in enumerate(prompts):
+
+    async def echo(i, k, r=None):
+      chunk = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
+               "choices": [{"index": i * n + k, "text": echo_text(i),
+                            "logprobs": echo_logprobs(i, r) if scores_prompt else None,
+                            "finish_reason": "length" if score_only else None}]}
+      if continuous:
+        chunk["usage"] = _usage(prompt_tokens, 0)
+      await sse.send(chunk)
+
+    if req.echo and not scores_prompt:  # nothing to wait for; with prompt logprobs, a sample's first update sends it
+      for i in range(len(prompts)):
         for k in range(n):
-          chunk = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                   "choices": [{"index": i * n + k, "text": x if isinstance(x, str) else tok.decode(ids[i]),
-                                "logprobs": None, "finish_reason": "length" if score_only else None}]}
-          if continuous:
-            chunk["usage"] = _usage(prompt_tokens, 0)
-          await sse.send(chunk)
+          await echo(i, k)
 
     sent = {}  # (prompt, sample) -> output tokens whose logprobs went out
 
     async def on_update(i, u):
+      if scores_prompt and (i, u.index) not in sent:  # the prompt is scored by the sample's first token
+        sent[(i, u.index)] = 0
+        await echo(i, u.index, u.request)
+      if score_only:
+        return
       if u.delta or u.finished:
         r, start = u.request, sent.get((i, u.index), 0)
         end = _tokens_ready(r)
@@ -545,8 +573,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     await _run(server, streams, on_update)
     if req.stream_options and req.stream_options.include_usage:
       await sse.send({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                      "choices": [], "usage": _usage(prompt_tokens,
-                                                     sum(len(r.output_ids) for s in streams for r in s.requests))})
+                      "choices": [],
+                      "usage": _usage(prompt_tokens, sum(num_out(r) for s in streams for r in s.requests))})
     server.metrics.requests.labels("completions", "200").inc()
     return await sse.close()
 
@@ -554,34 +582,21 @@ async def completions(request: web.Request) -> web.StreamResponse:
     texts[(i, u.index)] = texts.get((i, u.index), "") + u.delta
 
   await _run(server, streams, collect)
-  prompt_scores = None
-  if req.echo and req.logprobs is not None:  # scoring over HTTP: the prompt's own token logprobs
-    prompt_scores, prompt_tops = await asyncio.to_thread(_prompt_logprobs, server.llm, ids, req.logprobs)
   choices = []
-  samples = ([s.requests for s in streams] if not score_only else
-             [[types.SimpleNamespace(index=k, output_ids=[], logprobs=[], top_logprobs=[], finish_reason="length")
-               for k in range(n)] for _ in ids])
+  samples = ([s.requests for s in streams] if runs else
+             [[types.SimpleNamespace(index=k, output_ids=[], finish_reason="length") for k in range(n)] for _ in ids])
   for i, requests in enumerate(samples):
-    prefix = "" if not req.echo else prompts[i] if isinstance(prompts[i], str) else tok.decode(ids[i])
+    prefix = echo_text(i) if req.echo else ""
     for r in requests:
-      lp = logprobs_of(r, len(prefix))
-      if lp is not None and prompt_scores is not None:
-        ptoks = [tok.decode([t]) for t in ids[i]]
-        offsets = np.cumsum([0] + [len(t) for t in ptoks[:-1]])
-        # The first prompt token has no logprob (nothing precedes it); the others have their top-n dicts, as vLLM
-        # and the legacy API return them (lm-eval-harness reads them to decide is_greedy).
-        ptops = [{tok.decode([k]): v for k, v in d.items()} for d in prompt_tops[i]] if req.logprobs else \
-            [{} for _ in prompt_scores[i]]
-        lp = {"tokens": ptoks + lp["tokens"],
-              "token_logprobs": [None] + prompt_scores[i] + lp["token_logprobs"],
-              "top_logprobs": [None] + ptops + lp["top_logprobs"],
-              "text_offset": [int(o) for o in offsets] + lp["text_offset"]}
-      choices.append({"index": i * n + r.index, "text": prefix + texts.get((i, r.index), ""), "logprobs": lp,
-                      "finish_reason": _finish_reason(r)})
+      lp = logprobs_of(r, len(prefix), 0, num_out(r))
+      if scores_prompt:
+        lp = {key: values + lp[key] for key, values in echo_logprobs(i, r).items()}
+      choices.append({"index": i * n + r.index, "text": prefix + ("" if score_only else texts.get((i, r.index), "")),
+                      "logprobs": lp, "finish_reason": "length" if score_only else _finish_reason(r)})
   server.metrics.requests.labels("completions", "200").inc()
   return web.json_response({
       "id": rid, "object": "text_completion", "created": created, "model": server.model_name, "choices": choices,
-      "usage": _usage(prompt_tokens, sum(len(r.output_ids) for s in streams for r in s.requests))})
+      "usage": _usage(prompt_tokens, sum(num_out(r) for s in streams for r in s.requests))})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -1005,13 +1020,3 @@ if __name__ == "__main__":  # python -m jaxllm.serving.server --flags: the same 
   sys.argv.insert(1, "serve")
   run()
 
-
-def _prompt_logprobs(llm, ids: list[list[int]], num_top: int):
-  """Each prompt token's logprob given the tokens before it (the first has none) and the num_top likeliest tokens
-  there ({id: logprob}), by `LLM.score`'s path: ([[logprob, ...]], [[{id: logprob}, ...]]) per prompt."""
-  scored = [i for i, row in enumerate(ids) if len(row) >= 2]
-  logprobs, tops = [[] for _ in ids], [[] for _ in ids]
-  results = llm.score(token_texts=[ids[i] for i in scored], num_top_logprobs=num_top) if scored else []
-  for i, s in zip(scored, results):
-    logprobs[i], tops[i] = s.logprobs, s.top_logprobs
-  return logprobs, tops

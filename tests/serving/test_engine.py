@@ -292,6 +292,46 @@ def test_a_prompt_of_whole_pages_recomputes_only_its_last_page(engine, alone):
   assert_all_pages_back(sched)
 
 
+def test_prompt_logprobs_come_from_the_prefill_chunks_and_equal_a_full_forward(model, engine):
+  # Prompt scoring (vLLM's prompt_logprobs, the server's echo) runs in the engine's steps: prompts of up to 300
+  # tokens prefilled in <= 64-token chunks beside decodes and each other, one of them already in the prefix cache
+  # (a scoring request computes it anyway). The oracle is a full forward over each prompt alone (no pages).
+  rng = np.random.default_rng(8)
+  prompts = [rng.integers(0, 256, n).tolist() for n in (1, 2, 17, 64, 300)]
+  sched = Scheduler(engine)
+  sched.add(prompts[4], SamplingParams(max_tokens=1, temperature=0))
+  sched.run_until_done()
+  decoders = [sched.add(rng.integers(0, 256, 5).tolist(), SamplingParams(max_tokens=30, temperature=0))
+              for _ in range(3)]
+  sched.step()
+  scored = [sched.add(p, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=k))
+            for p, k in zip(prompts, (0, 1, 5, 0, 3))]
+  sched.run_until_done()
+  assert all(len(r.output_ids) == 30 for r in decoders)
+  assert scored[0].prompt_logprobs == [None] and scored[4].num_cached_tokens == 0
+  for p, r in zip(prompts[1:], scored[1:]):
+    lp, _, top_ids, top_lp = (np.asarray(x)[0] for x in engine.score_tokens(np.array([p]), num_top=5))
+    assert r.prompt_logprobs[0] is None and r.prompt_top_logprobs[0] is None
+    np.testing.assert_allclose(r.prompt_logprobs[1:], lp, rtol=0, atol=2e-5)
+    k = r.params.prompt_logprobs
+    for pos, d in enumerate(r.prompt_top_logprobs[1:]):
+      assert list(d) == top_ids[pos, :k].tolist()
+      np.testing.assert_allclose(list(d.values()), top_lp[pos, :k], rtol=0, atol=2e-5)
+  assert_all_pages_back(sched)
+  # Preempted and recomputed: the positions are scored again, to the same values.
+  eng = Engine(model, dataclasses.replace(ENGINE, max_model_len=128, max_num_seqs=4, page_size=8, num_pages=13))
+  prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(20, 40, 6)]
+  tight = Scheduler(eng)
+  reqs = [tight.add(p, SamplingParams(max_tokens=24, temperature=0, prompt_logprobs=0)) for p in prompts]
+  tight.run_until_done()
+  assert tight.num_preemptions > 0
+  for p, r in zip(prompts, reqs):
+    lp = np.asarray(engine.score_tokens(np.array([p]))[0])[0]
+    np.testing.assert_allclose(r.prompt_logprobs[1:], lp, rtol=0, atol=2e-5)
+    assert r.prompt_scored == len(p) - 1
+  assert_all_pages_back(tight)
+
+
 def test_penalized_requests_build_their_own_history(engine):
   # A repetition penalty reads the whole prompt: such a request takes no cached prefix and still equals itself alone.
   rng = np.random.default_rng(6)

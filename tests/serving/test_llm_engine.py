@@ -74,6 +74,28 @@ def test_n_samples_with_a_seed_are_reproducible_and_independent(llm):
     assert all(lp <= max(d.values()) + 1e-6 for lp, d in zip(o.logprobs, o.top_logprobs))
 
 
+def test_prompt_logprobs_equal_transformers(llm, saved):
+  """vLLM's SamplingParams.prompt_logprobs: each prompt token's logprob given those before it, plus the top-n, from
+  the engine's prefill chunks (prompts of 70 tokens in <= 32-token chunks), against transformers' log-softmax."""
+  import torch
+  from transformers import LlamaForCausalLM
+
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, 256, n).tolist() for n in (70, 9)]
+  outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=2, prompt_logprobs=3))
+  hf = LlamaForCausalLM.from_pretrained(saved, torch_dtype=torch.float32)
+  for p, out in zip(prompts, outs):
+    with torch.no_grad():
+      want = torch.log_softmax(hf(torch.tensor([p])).logits[0, :-1].double(), -1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    for pos, d in enumerate(out.prompt_logprobs[1:]):
+      top = np.argsort(-want[pos])[:3].tolist()
+      assert set(d) == {p[pos + 1], *top}  # the prompt token itself, and the top 3 (vLLM's shape)
+      np.testing.assert_allclose([d[t] for t in d], want[pos, list(d)], rtol=0, atol=1e-4)
+  plain = llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2))[0]
+  assert plain.prompt_logprobs is None
+
+
 def test_progress_bar_counts_every_sequence(llm, capsys):
   llm.generate(prompt_token_ids=[[1, 2], [3, 4], [5, 6]], sampling_params=SamplingParams(n=2, max_tokens=3),
                use_tqdm=True)

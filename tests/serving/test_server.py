@@ -131,6 +131,18 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
     assert list(d.values()) == pytest.approx(list(want_top.values()), abs=1e-4)
   status, body = raw(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0})
   assert status == 400 and body["error"]["param"] == "max_tokens" and "echo" in body["error"]["message"]
+  # Streamed, the prompt's chunk carries its logprobs (sent once the engine has scored it), then the tokens follow.
+  for max_tokens in (0, 3):
+    whole = client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=2,
+                                      temperature=0)
+    chunks = list(client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens, echo=True,
+                                            logprobs=2, temperature=0, stream=True))
+    assert chunks[0].choices[0].text == prompt and chunks[0].choices[0].logprobs.tokens == got.tokens
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [t for p in parts for t in p.tokens] == whole.choices[0].logprobs.tokens
+    assert [v for p in parts for v in p.token_logprobs] == whole.choices[0].logprobs.token_logprobs
+    assert [d for p in parts for d in p.top_logprobs] == whole.choices[0].logprobs.top_logprobs
 
 
 @pytest.mark.parametrize("path, body, status, needle", [
@@ -375,6 +387,42 @@ def test_tokens_of_a_cancelled_stream_are_counted(server):
   assert pages_all_free(server)
   made = metric(server, "jaxllm_generation_tokens_total") - before[0]
   assert 5 <= made < 400 and metric(server, "jaxllm_prompt_tokens_total") - before[1] == 4, made
+
+
+def test_echo_scoring_runs_in_the_engine_and_is_cancelled_on_disconnect(server):
+  """Prompt scoring (echo + logprobs, max_tokens 0: lm-eval's loglikelihood requests) goes through the scheduler like
+  any request: its sequences count in `running`, and a client that hangs up stops the work at once (#19 finding 8).
+  16 prompts of 480 tokens are ~16 engine steps of work; the client leaves once some of it runs. An engine step of
+  this size is timed first (one such prompt scored alone), as what the release is held to."""
+  import http.client
+  import socket
+
+  assert pages_all_free(server)
+  sched = server.loop.scheduler
+  prompts = [[(7 * i + j) % 5000 + 100 for j in range(480)] for i in range(17)]
+  alone = {"prompt": prompts.pop(), "max_tokens": 0, "echo": True, "logprobs": 1}
+  raw(server, "/v1/completions", alone)  # compiles what a step of this size needs, if no test did before
+  start = time.perf_counter()
+  status, one = raw(server, "/v1/completions", alone)
+  step = time.perf_counter() - start
+  assert status == 200 and len(one["choices"][0]["logprobs"]["token_logprobs"]) == 480
+  computed = sched.num_prompt_tokens_computed
+  conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+  conn.request("POST", "/v1/completions", json.dumps({"prompt": prompts, "max_tokens": 0, "echo": True,
+                                                      "logprobs": 1}), {"Content-Type": "application/json"})
+  deadline, running = time.time() + 60, 0.0
+  while running == 0 and time.time() < deadline:
+    running = metric(server, "jaxllm_num_requests_running")
+    time.sleep(0.05)
+  assert running > 0
+  conn.sock.shutdown(socket.SHUT_RDWR)
+  conn.close()
+  left = time.perf_counter()
+  assert pages_all_free(server, timeout=30)
+  # The cancel lands between two steps: a step or two (the one in flight, the one being absorbed) finish first.
+  assert time.perf_counter() - left < 2 * step + 1, (time.perf_counter() - left, step)
+  assert server.loop.num_running == 0 and server.loop.queued == 0
+  assert sched.num_prompt_tokens_computed - computed < 16 * 480 // 2  # most of the work never ran
 
 
 def test_prefix_cache_hits_show_in_metrics(server, client):
