@@ -148,7 +148,10 @@ class ModelConfig:
   # ---------------------------------------------------------------- HF config.json
   @classmethod
   def from_hf_dict(cls, cfg: Mapping[str, Any], name: str = "custom") -> "ModelConfig":
-    """Builds a config from an HF Llama `config.json`. Keys outside the allow-list are an error."""
+    """Builds a config from an HF Llama `config.json`. Keys outside the allow-list are an error. A multimodal
+    wrapper's config (`_MULTIMODAL`) gives its language model's: the text config, with the defaults published
+    configs leave out filled in; its vision settings are not read (jaxllm serves text)."""
+    cfg = _text_config(cfg)
     unknown = sorted(set(cfg) - _HF_HANDLED - _HF_IGNORED)
     if unknown:
       raise ValueError(
@@ -349,6 +352,36 @@ HF_FAMILIES = {
     "gemma3_text": _HFFamily("Gemma3ForCausalLM", gemma=True, qk_norm=True, refused=_QWEN_ONLY),
     "phi3": _HFFamily("Phi3ForCausalLM", refused=_QWEN_ONLY | _GEMMA_ONLY | {"attention_bias"}),
 }
+# Multimodal wrappers whose language model jaxllm loads: model type -> (architecture, the text model type, the text
+# config's defaults for keys that published configs omit (transformers fills them from its text config class), and
+# the RoPE defaults for a text config without `rope_parameters`).
+_MULTIMODAL = {
+    "gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text", dict(
+        vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+        rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+        tie_word_embeddings=True), dict(rope_theta=1_000_000.0, rope_local_base_freq=10000.0)),
+}
+
+
+def _text_config(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The language model's config of a multimodal wrapper's `cfg` (unchanged for a text model's config)."""
+  model_type = cfg.get("model_type")
+  if model_type not in _MULTIMODAL:
+    return cfg
+  arch, text_type, defaults, rope = _MULTIMODAL[model_type]
+  archs = cfg.get("architectures") or [arch]
+  if any(a != arch for a in archs):
+    raise ValueError(f"HF config architectures={archs!r} is not supported for model_type={model_type!r}; only "
+                     f"{arch} is.")
+  text = cfg.get("text_config") or {}
+  if not isinstance(text, Mapping) or text.get("model_type", text_type) != text_type:
+    raise ValueError(f"HF config text_config must be a {text_type!r} config for model_type={model_type!r}.")
+  out = {**defaults, **({} if "rope_parameters" in text else rope), **text}
+  out.update(model_type=text_type, architectures=[HF_FAMILIES[text_type].architecture])
+  return out
+
+
 _HF_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 

@@ -59,6 +59,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+PROCESSOR_TEMPLATE_FILE = "chat_template.json"  # multimodal repos (Gemma 3 4B+) keep the template with the processor
 
 # Keys of tokenizer_config.json that Tokenizer manages itself; others are carried through save().
 _MANAGED_CONFIG_KEYS = {
@@ -520,6 +521,11 @@ def _read_side_files(directory: Path) -> tuple[dict, dict, dict]:
     )
   if (directory / CHAT_TEMPLATE_FILE).is_file():
     templates["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+  elif "default" not in templates and (directory / PROCESSOR_TEMPLATE_FILE).is_file():
+    raw = _read_json(directory / PROCESSOR_TEMPLATE_FILE).get("chat_template")
+    if not isinstance(raw, str):
+      raise ValueError(f"{directory / PROCESSOR_TEMPLATE_FILE}: chat_template must be a string.")
+    templates["default"] = raw
   return config, generation, templates
 
 

@@ -179,3 +179,55 @@ def test_qwen_window_from_max_window_layers_matches_transformers(tmp_path, rng):
   got = Generator(checkpoint.build_model(c, checkpoint.load_checkpoint(str(tmp_path)).params, "float32")).logits(tokens)
   np.testing.assert_allclose(got, hf_logits(hf, tokens), atol=F32_TOL, rtol=0)
   assert np.abs(hf_logits(model, tokens) - hf_logits(hf, tokens)).max() > 100 * F32_TOL  # the window mattered
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path, rng):
+  """Gemma 3 4B-27B are published as `Gemma3ForConditionalGeneration`: model_type `gemma3`, the text model's config
+  under `text_config` with transformers' defaults left out, its tensors under `language_model.model.*` (or
+  `model.language_model.*` as transformers 4.52-4.5x wrote them) beside a vision tower. jaxllm loads the language
+  model (logits equal transformers' text-only forward) and the processor's `chat_template.json`."""
+  import json
+
+  from safetensors.numpy import load_file, save_file
+
+  text = {**COMMON, **FAMILIES["gemma3"][2]}
+  vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=28, patch_size=14)
+  torch.manual_seed(0)
+  model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+      text_config=transformers.Gemma3TextConfig(**text), vision_config=vision, mm_tokens_per_image=4)).float().eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "language_model" in name and "norm" in name:
+        p.copy_(0.1 * torch.randn_like(p))
+  model.save_pretrained(tmp_path)
+  tokens = rng.integers(0, V, size=(2, 30))
+  want = hf_logits(model, tokens)
+
+  def logits():
+    ckpt = checkpoint.load_checkpoint(str(tmp_path), "float32")
+    assert ckpt.config.qk_norm and ckpt.config.sliding_window == 7 and ckpt.config.num_layers == 4
+    return Generator(checkpoint.build_model(ckpt.config, ckpt.params, "float32")).logits(tokens)
+
+  np.testing.assert_allclose(logits(), want, atol=F32_TOL, rtol=0)
+  # As published: defaults omitted (query_pre_attn_scalar, rms_norm_eps, the activation, RoPE bases; the scaling as
+  # legacy `rope_scaling`), tensors of the transformers 4.52 layout.
+  config = json.loads((tmp_path / "config.json").read_text())
+  for key in ("query_pre_attn_scalar", "rms_norm_eps", "hidden_activation", "rope_parameters", "model_type"):
+    config["text_config"].pop(key)
+  config["text_config"]["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  tensors = load_file(tmp_path / "model.safetensors")
+  save_file({k.replace("language_model.model.", "model.language_model."): v for k, v in tensors.items()},
+            tmp_path / "model.safetensors", metadata={"format": "pt"})
+  np.testing.assert_allclose(logits(), want, atol=F32_TOL, rtol=0)
+  # The processor's template is the tokenizer's chat template when tokenizer_config.json has none.
+  from tests.test_tokenizer import _write_tokenizer_json_dir
+  _write_tokenizer_json_dir(tmp_path, {"chat_template": None})
+  (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{% for m in messages %}<{{ m.role }}>"
+                                                                            "{{ m.content }}{% endfor %}"}))
+  tok = checkpoint.load_checkpoint(str(tmp_path)).tokenizer
+  assert tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False) == "<user>hi"
+  edit_config(tmp_path, {"architectures": ["Gemma3ForCausalLM"]})
+  with pytest.raises(ValueError, match="Gemma3ForCausalLM"):
+    checkpoint.load_checkpoint(str(tmp_path))

@@ -72,6 +72,32 @@ class SplitFused:
     return t[start:start + sizes[i]]
 
 
+class LanguageModelOnly:
+  """A TensorSource that shows a multimodal checkpoint's language model under the text model's names and hides the
+  rest (vision tower, projector): transformers' `Gemma3ForConditionalGeneration` stores it as
+  `language_model.model.*` (the published checkpoints) or `model.language_model.*` (transformers >= 4.52), its head
+  as `language_model.lm_head.weight` or `lm_head.weight`. A text-only checkpoint passes through unchanged."""
+
+  _PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+               ("language_model.lm_head.", "lm_head."))
+
+  def __init__(self, source: TensorSource):
+    self._source = source
+    self._names = {}
+    for name in source.names():
+      for old, new in self._PREFIXES:
+        if name.startswith(old):
+          self._names[new + name[len(old):]] = name
+    if self._names:
+      self._names.update({n: n for n in source.names() if n.startswith("lm_head.")})
+
+  def names(self) -> Iterable[str]:
+    return list(self._names) if self._names else self._source.names()
+
+  def get(self, name: str) -> np.ndarray:
+    return self._source.get(self._names.get(name, name))
+
+
 def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32", quantization: str | None = None) -> dict:
   """Builds the pure-dict params of `jaxllm.layers.Llama` (as `nnx.State.to_pure_dict()` lays them out).
 
@@ -87,7 +113,7 @@ def params_from_hf(config: ModelConfig, source: TensorSource, dtype="float32", q
   D, F, N, K, H, V, L = c.d_model, c.d_ff, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.num_layers
   out_dtype = _np_dtype(dtype)
   check_quantization(quantization)
-  source = SplitFused(source, c)
+  source = SplitFused(LanguageModelOnly(source), c)
   available = set(source.names())
 
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
