@@ -39,7 +39,6 @@ imports ``transformers`` or ``torch``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 
 from jaxllm import tokenizer_gguf
 from jaxllm.chat_template import ChatTemplateError, render_chat_template
+from jaxllm.tokenizer_process import TokenizerProcess
 from jaxllm.tokenizer_gguf import read_gguf_metadata
 from jaxllm.tokenizer_spm import TOKENIZER_MODEL, SentencePieceEngine
 
@@ -79,8 +79,8 @@ class _HFEngine:
   """A ``tokenizers.Tokenizer``; its post-processor is never applied (Tokenizer adds BOS/EOS)."""
 
   kind = "tokenizers"
-  native: concurrent.futures.Executor | None = None  # where long texts are encoded (Tokenizer.run_native_on)
-  NATIVE_MIN = 1 << 16  # characters below which a text is encoded on the caller's thread: a short prompt never
+  process: TokenizerProcess | None = None  # where long texts are encoded (Tokenizer.run_in_process)
+  PROCESS_MIN = 1 << 16  # characters below which a text is encoded on the caller's thread: a short prompt never
   # queues behind a multi-megabyte one
 
   def __init__(self, tok):
@@ -94,20 +94,23 @@ class _HFEngine:
     self.special_ids = frozenset(i for i, t in added.items() if t.special)
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
-  def _native(self, size: int, fn, *args, **kwargs):
-    if self.native is None or size < self.NATIVE_MIN:
-      return fn(*args, **kwargs)
-    return self.native.submit(fn, *args, **kwargs).result()
-
   def encode(self, text: str) -> list[int]:
+    if self.process is not None and len(text) >= self.PROCESS_MIN:
+      return self.process.encode_batch([text])[0].tolist()
     # encode_batch_fast, not encode: the Rust batch calls release the GIL (encode holds it for the whole text, so a
     # 4 MB prompt tokenized on a server's worker thread would stall its event loop for seconds anyway), and the
     # fast one keeps no offsets or token strings, whose freeing (with the GIL held) took 230 ms for 2M tokens.
-    return self._native(len(text), self.tok.encode_batch_fast, [text], add_special_tokens=False)[0].ids
+    return self.tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+
+  def encode_array(self, text: str) -> np.ndarray:
+    if self.process is not None and len(text) >= self.PROCESS_MIN:
+      return self.process.encode_batch([text])[0]
+    return np.asarray(self.encode(text), np.int32)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    size = sum(map(len, texts))
-    return [e.ids for e in self._native(size, self.tok.encode_batch_fast, texts, add_special_tokens=False)]
+    if self.process is not None and sum(map(len, texts)) >= self.PROCESS_MIN:
+      return [a.tolist() for a in self.process.encode_batch(texts)]
+    return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
   def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
     # decode_batch releases the GIL, as above; on the caller's thread, which converts the id list with the GIL held
@@ -273,16 +276,36 @@ class Tokenizer:
     prefix, suffix = self._affixes(add_bos)
     return [[*prefix, *ids, *suffix] for ids in self._engine.encode_batch(list(texts))]
 
-  def run_native_on(self, executor: concurrent.futures.Executor | None) -> bool:
-    """Encode long texts (64K characters and more) on ``executor``'s threads, or back on the caller's with
-    ``None``; only the library's GIL-free work moves there, the caller turns its result into Python ids. A server
-    passes low-priority threads, so that tokenizing a multi-megabyte prompt yields the CPU to the engine and the
-    event loop. False (and nothing changes) for the sentencepiece engine, which builds its Python lists inside the
-    library (and encodes 1.6M tokens in 0.15 s)."""
+  def encode_array(self, text: str, add_bos: bool | None = None) -> np.ndarray:
+    """:meth:`encode` as an int32 array. With a tokenizer process running (:meth:`run_in_process`), a long text's
+    ids never become a Python list in this process: a server checks a multi-megabyte prompt's length, or writes its
+    ids out in slices, without holding the GIL for the ~100 ms that building and freeing 2M ints take."""
+    if not isinstance(text, str):
+      raise TypeError(f"encode_array() takes a str, got {type(text).__name__}.")
+    prefix, suffix = self._affixes(add_bos)
+    ids = self._engine.encode_array(text) if isinstance(self._engine, _HFEngine) else \
+        np.asarray(self._engine.encode(text), np.int32)
+    if prefix or suffix:
+      ids = np.concatenate([np.asarray(prefix, np.int32), ids, np.asarray(suffix, np.int32)])
+    return ids
+
+  def run_in_process(self, nice: int = 0) -> bool:
+    """Encode long texts (64K characters and more) in a child process at CPU priority `nice` from now on (see
+    `jaxllm.tokenizer_process`); shorter ones stay on the caller's thread. A server does this so that a
+    multi-megabyte prompt takes neither its GIL nor, at a low priority, the engine's CPU. False (and nothing changes)
+    for the sentencepiece engine, which encodes 1.6M tokens in 0.15 s in-process. `stop_process()` ends it."""
     if not isinstance(self._engine, _HFEngine):
       return False
-    self._engine.native = executor
+    self.stop_process()
+    self._engine.process = TokenizerProcess(self._engine.tok.to_str(), nice)
     return True
+
+  def stop_process(self) -> None:
+    """Ends the tokenizer process (if one runs); texts are encoded in this process again."""
+    engine = self._engine
+    if isinstance(engine, _HFEngine) and engine.process is not None:
+      engine.process.close()
+      engine.process = None
 
   def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
     """Text for ``ids`` (a list, tuple, numpy/jax array, or a single id)."""

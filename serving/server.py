@@ -148,15 +148,14 @@ class _SchedulerCounters:
       yield CounterMetricFamily(self.prefix + name, doc, value=getattr(sched, name, 0))
 
 
-NATIVE_NICE = 10  # the native workers' nice value: a tenth of a core's share beside a busy engine thread
+TOKENIZER_NICE = 10  # the tokenizer process's nice value: a tenth of a core's share beside a busy engine thread
+LIST_MAX = 1 << 18  # token ids beyond which a prompt stays an int32 array (it is over any max_model_len served here,
+# and building / freeing a list of millions of ints holds the GIL for ~100 ms): only its length is read, for the 400
 
 
-def _lower_priority(nice: int) -> None:
-  """Lower the calling thread's CPU priority (Linux schedules threads, so this thread alone) by `nice`."""
-  try:
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-  except (AttributeError, OSError) as e:  # not Linux, or not permitted: tokenization runs at normal priority
-    log.warning("could not lower the tokenizer threads' priority: %s", e)
+def _as_ids(ids: np.ndarray):
+  """`Tokenizer.encode_array`'s ids as the list the scheduler takes, unless there are too many to be a prompt."""
+  return ids.tolist() if len(ids) <= LIST_MAX else ids
 
 
 class Server:
@@ -175,15 +174,14 @@ class Server:
     self.metrics = Metrics(self)
     self._rng = np.random.default_rng(config.seed)
     # Text work (JSON parsing, chat templates, tokenization) runs on the text workers, never on the event loop: a
-    # 4 MB prompt must not stall every stream and /health while it is tokenized. The tokenizer library's own work
-    # (seconds of Rust, GIL released) runs on the native workers, at a lower CPU priority: on a machine whose cores
-    # the engine keeps busy, a huge prompt's tokenization takes the time the engine and the event loop leave, rather
-    # than slowing every engine step. The text workers keep the normal priority because they hold the GIL: a
-    # low-priority thread holding it would make everyone wait on its small share of the CPU.
+    # 4 MB prompt must not stall every stream and /health while it is tokenized. Long texts are encoded by the
+    # tokenizer's own process (`Tokenizer.run_in_process`), at a lower CPU priority: on a machine whose cores the
+    # engine keeps busy, a huge prompt's tokenization takes the time the engine and the event loop leave, and its
+    # millions of ids never become Python objects here (seen: a 60 ms GIL hold to build the list, 30 ms to free it).
+    # The text workers keep the normal priority because they hold the GIL: a low-priority thread holding it would
+    # make everyone wait on its small share of the CPU.
     workers = os.cpu_count() or 2
     self.text_workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxllm-text")
-    self.native_workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxllm-tok",
-                                                                initializer=_lower_priority, initargs=(NATIVE_NICE,))
 
   async def off_loop(self, fn, *args):
     """fn(*args) on the text workers; its exceptions propagate to the awaiting handler."""
@@ -199,10 +197,10 @@ class Server:
       if llm.tokenizer is None:
         raise ValueError(f"{c.model} has no tokenizer; pass --tokenizer.")
       self.llm, self.tokenizer, self.max_model_len = llm, llm.tokenizer, llm.max_model_len
-      # The tokenizers library would hand each text to its own thread pool (normal priority, shared by the
-      # process); with its parallelism off, the work stays on the native worker that asked for it.
+      # Short texts are encoded on the text worker that asks (the library's own thread pool is off: no threads
+      # beside those the server sizes); long ones in the tokenizer process.
       os.environ["TOKENIZERS_PARALLELISM"] = "false"
-      llm.tokenizer.run_native_on(self.native_workers)
+      llm.tokenizer.run_in_process(TOKENIZER_NICE)
       # The tool-call syntax of the template that renders requests with tools (a "tool_use" one if there is one).
       self.tool_format = tool_calls.tool_format(llm.tokenizer.chat_templates.get("tool_use",
                                                                                 llm.tokenizer.chat_template))
@@ -300,12 +298,12 @@ def _lone_surrogate_path(data) -> str | None:
   return None
 
 
-async def _tokens_response(server: "Server", ids: list[int], **fields) -> web.Response:
+async def _tokens_response(server: "Server", ids, **fields) -> web.Response:
   """`{"tokens": ids, **fields}` encoded on the text workers in slices: one json.dumps of a million ids holds the GIL
   for ~100 ms in a single call, which every stream and /health would wait out."""
   def encode() -> bytes:
     step = 1 << 15
-    parts = [json.dumps(ids[i:i + step])[1:-1] for i in range(0, len(ids), step)]
+    parts = [json.dumps(np.asarray(ids[i:i + step]).tolist())[1:-1] for i in range(0, len(ids), step)]
     rest = json.dumps(fields)[1:-1]
     return f'{{"tokens": [{", ".join(parts)}]{", " if rest else ""}{rest}}}'.encode()
 
@@ -324,7 +322,7 @@ def _chat_prompt_ids(tok, messages, add_generation_prompt: bool, tools=None, too
     raise APIError(400, str(e), param="messages") from None
   except Exception as e:  # noqa: BLE001 - a template that raises (e.g. roles out of order) is the request's fault
     raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
-  return tok.encode(text, add_bos=False)
+  return _as_ids(tok.encode_array(text, add_bos=False))
 
 
 def _server(request: web.Request) -> Server:
@@ -492,7 +490,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = list(p)
   if not prompts:
     raise APIError(400, "prompt must not be empty.", param="prompt")
-  ids = await server.off_loop(lambda: [tok.encode(x) if isinstance(x, str) else list(x) for x in prompts])
+  ids = await server.off_loop(lambda: [_as_ids(tok.encode_array(x)) if isinstance(x, str) else list(x)
+                                       for x in prompts])
   score_only = req.max_tokens == 0  # the legacy API's prompt scoring: echo the prompt (and its logprobs), no tokens
   if score_only and not req.echo:
     raise APIError(400, "max_tokens=0 generates nothing; it is only useful with echo=true (prompt scoring).",
@@ -795,7 +794,7 @@ async def tokenize(request: web.Request) -> web.Response:
   if req.messages is not None:
     ids = await server.off_loop(_chat_prompt_ids, tok, req.messages, True)
   else:
-    ids = await server.off_loop(lambda: tok.encode(req.prompt, add_bos=None if req.add_special_tokens else False))
+    ids = await server.off_loop(tok.encode_array, req.prompt, None if req.add_special_tokens else False)
   return await _tokens_response(server, ids, count=len(ids), max_model_len=server.max_model_len)
 
 
@@ -965,11 +964,11 @@ async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event 
   if not loaded.done():
     log.info("stopped while %s; exiting without waiting for it", server.state)
     server.state = "stopped"
-    await _close(listener, runner)
+    await _close(listener, runner, server)
     return
   stopped.cancel()
   if server.state == "failed" and exit_on_load_failure:
-    await _close(listener, runner)
+    await _close(listener, runner, server)
     return
   if ready_line and server.state == "ready":
     print(f"jaxllm serve: ready on http://{c.host}:{port} — try:\n  curl http://{c.host}:{port}/v1/chat/completions "
@@ -983,12 +982,14 @@ async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event 
     if server.loop.alive:
       log.warning("drain timeout: cancelling %d unfinished requests", server.loop.num_running + server.loop.queued)
       await asyncio.to_thread(server.loop.stop, False)
-  await _close(listener, runner)
+  await _close(listener, runner, server)
 
 
-async def _close(listener, runner) -> None:
+async def _close(listener, runner, server: Server | None = None) -> None:
   listener.close()
   await runner.cleanup()
+  if server is not None and server.tokenizer is not None:
+    server.tokenizer.stop_process()
 
 
 # ------------------------------------------------------------------------------------------------------------ main

@@ -148,32 +148,41 @@ def test_default_batch_and_array_inputs(default_ours, default_hf):
 
 
 @needs_default
-def test_long_texts_encode_on_the_native_executor_with_the_same_ids(default_ours, default_hf):
-  """run_native_on: texts of 64K characters and more are encoded on the given executor's threads (a server's
-  low-priority ones), shorter ones on the caller's; the ids are transformers' either way."""
-  import concurrent.futures
-  import threading
+def test_long_texts_encode_in_the_tokenizer_process_with_the_same_ids(default_ours, default_hf):
+  """run_in_process: texts of 64K characters and more are encoded by a child process (a server's, at a lower
+  priority), shorter ones on the caller's thread; the ids are transformers' either way, as lists (`encode`) or int32
+  arrays (`encode_array`, which never builds the list here). A child found dead is started again; an unencodable
+  text is a ValueError."""
+  import os
+  import signal
 
   long_text = " ".join(CORPUS) * (70_000 // len(" ".join(CORPUS)) + 1)
-  threads = []
-
-  class Recording(concurrent.futures.ThreadPoolExecutor):
-    def submit(self, fn, *args, **kwargs):
-      return super().submit(lambda: (threads.append(threading.current_thread().name), fn(*args, **kwargs))[1])
-
-  with Recording(max_workers=1, thread_name_prefix="native") as pool:
-    assert default_ours.run_native_on(pool)
-    try:
-      assert default_ours.encode(CORPUS[0]) == default_hf.encode(CORPUS[0])
-      assert threads == []
-      assert default_ours.encode(long_text) == default_hf.encode(long_text)
-      assert default_ours.encode_batch([long_text, CORPUS[1]]) == [default_hf.encode(long_text),
-                                                                   default_hf.encode(CORPUS[1])]
-      assert len(threads) == 2 and all(name.startswith("native") for name in threads)
-    finally:
-      default_ours.run_native_on(None)
-  assert default_ours.encode(long_text) == default_hf.encode(long_text) and len(threads) == 2
-
+  want = default_hf.encode(long_text)
+  assert default_ours.run_in_process(nice=5)
+  proc = default_ours._engine.process
+  try:
+    calls = []
+    encode_batch = proc.encode_batch
+    proc.encode_batch = lambda texts: (calls.append(len(texts)), encode_batch(texts))[1]
+    assert default_ours.encode(CORPUS[0]) == default_hf.encode(CORPUS[0]) and calls == []
+    assert default_ours.encode(long_text) == want
+    got = default_ours.encode_array(long_text)
+    assert got.dtype == np.int32 and got.tolist() == want
+    assert default_ours.encode_array(CORPUS[0], add_bos=True).tolist() == [default_ours.bos_id,
+                                                                          *default_ours.encode(CORPUS[0])]
+    assert default_ours.encode_batch([long_text, CORPUS[1]]) == [want, default_hf.encode(CORPUS[1])]
+    assert calls == [1, 1, 2]
+    with open(f"/proc/{proc.pid}/stat") as f:
+      assert int(f.read().rsplit(")", 1)[1].split()[16]) == 5  # the child's nice value
+    pid = proc.pid
+    os.kill(pid, signal.SIGKILL)
+    proc._proc.wait()
+    assert default_ours.encode(long_text) == want and proc.pid != pid  # started again
+    with pytest.raises(ValueError):
+      default_ours.encode("\ud800" + long_text)
+  finally:
+    default_ours.stop_process()
+  assert default_ours._engine.process is None and default_ours.encode(long_text) == want
 
 @needs_default
 def test_default_digit_split_follows_llamacpp(default_ours, smollm_reference):
