@@ -5,8 +5,10 @@ Launches `jaxllm serve` on the default model in its own process (the clients her
 each repetition: 8 greedy 96-token streams alone, whose longest gap between two tokens is the engine step to beat;
 the same 8 streams again with the big bodies sent once they all generate, polling /health every 20 ms meanwhile. The
 table gives, per repetition, the unloaded step (longest and median gap), the longest wait between two /health
-answers, the longest and median gap between two tokens of a stream while /tokenize runs, and how long /tokenize
-took. Prints the table and appends it to benchmarks/RESULTS.md.
+answers, the longest and median gap between two tokens of a stream while /tokenize runs, the engine's own steps over
+that window (the server's `jaxllm_engine_step_seconds` histogram: their mean, and the bucket holding the longest: a
+stream that never waits beyond one step has no gap longer than that bucket's bound), and how long /tokenize took.
+Prints the table and appends it to benchmarks/RESULTS.md.
 
     python benchmarks/stalls.py --reps 4
 """
@@ -38,6 +40,9 @@ class Client:
 
   def __init__(self, base: str):
     self.base = base
+
+  def get(self, path: str):
+    return self.post(path)
 
   def post(self, path: str, body: bytes | None = None):
     req = urllib.request.Request(self.base + path, data=body, headers={"Content-Type": "application/json"})
@@ -71,6 +76,30 @@ class Client:
     return threads, arrivals
 
 
+def step_histogram(client: Client) -> dict:
+  """The server's `jaxllm_engine_step_seconds` histogram: {"le": {upper bound: cumulative count}, "sum", "count"}."""
+  _, text = client.get("/metrics")
+  out = {"le": {}}
+  for line in text.decode().splitlines():
+    if line.startswith("jaxllm_engine_step_seconds_bucket{"):
+      le = line.split('le="')[1].split('"')[0]
+      out["le"][float(le)] = float(line.split()[-1])
+    elif line.startswith("jaxllm_engine_step_seconds_sum "):
+      out["sum"] = float(line.split()[-1])
+    elif line.startswith("jaxllm_engine_step_seconds_count "):
+      out["count"] = float(line.split()[-1])
+  return out
+
+
+def steps_between(before: dict, after: dict) -> tuple[float, float, float]:
+  """(mean, and the bucket (lower, upper] holding the longest) of the engine steps run between two scrapes."""
+  n = after["count"] - before["count"]
+  edges = sorted(after["le"])
+  upper = next(le for le in edges if after["le"][le] - before["le"][le] == n)
+  lower = max([le for le in edges if le < upper] or [0.0])
+  return (after["sum"] - before["sum"]) / max(n, 1), lower, upper
+
+
 def _gaps(arrivals, start=1, window=None):
   return [b - a for times in arrivals for a, b in zip(times[start:], times[start + 1:])
           if window is None or (b > window[0] and a < window[1])]
@@ -92,6 +121,7 @@ def measure(client: Client, bodies: dict) -> dict:
     done[path] = (status, t0, time.perf_counter())
 
   senders = [threading.Thread(target=big, args=(p,)) for p in bodies]
+  steps_before = step_histogram(client)
   for t in senders:
     t.start()
   worst, last = 0.0, time.perf_counter()
@@ -101,12 +131,14 @@ def measure(client: Client, bodies: dict) -> dict:
     now = time.perf_counter()
     worst, last = max(worst, now - last), now
     time.sleep(0.02)
+  step_mean, step_lo, step_hi = steps_between(steps_before, step_histogram(client))
   for t in threads:
     t.join()
   status, t0, t1 = done["/tokenize"]
   loaded = _gaps(arrivals, 0, (t0, t1))
   return {"step_max": max(alone), "step_median": statistics.median(alone), "health_worst": worst,
           "stream_max": max(loaded), "stream_median": statistics.median(loaded), "tokenize_s": t1 - t0,
+          "step_mean": step_mean, "step_longest": (step_lo, step_hi),
           "statuses": (status, done["/v1/chat/completions"][0])}
 
 
@@ -146,10 +178,12 @@ def main():
            f"`jaxllm serve --model default {args.serve_args}` in its own process; a {mb:.1f} MB /tokenize and a "
            "1 MB chat prompt sent while 8 greedy streams run, /health polled every 20 ms.", "",
            "| rep | step alone: longest / median (s) | /health longest wait (s) | stream gap under load: longest / "
-           "median (s) | /tokenize (s) | statuses (tokenize, chat) |", "|---|---|---|---|---|---|"]
+           "median (s) | engine steps under load (server): mean, longest in (s) | /tokenize (s) | "
+           "statuses (tokenize, chat) |", "|---|---|---|---|---|---|---|"]
   for i, r in enumerate(runs):
     lines.append(f"| {i} | {r['step_max']:.3f} / {r['step_median']:.3f} | {r['health_worst']:.3f} | "
-                 f"{r['stream_max']:.3f} / {r['stream_median']:.3f} | {r['tokenize_s']:.1f} | {r['statuses']} |")
+                 f"{r['stream_max']:.3f} / {r['stream_median']:.3f} | {r['step_mean']:.3f}, "
+                 f"({r['step_longest'][0]:g}, {r['step_longest'][1]:g}] | {r['tokenize_s']:.1f} | {r['statuses']} |")
   lines.append("")
   common.publish(lines, args.results)
 

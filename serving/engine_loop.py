@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import threading
 import time
+from typing import Callable
 
 from jaxllm.sampling import SamplingParams
 from jaxllm.serving.scheduler import FINISHED, Request, Scheduler
@@ -84,6 +85,9 @@ class EngineLoop:
     self.error: BaseException | None = None  # what killed the engine thread, if anything did
     self.num_waiting = 0  # samples waiting in the scheduler, as of the engine thread's last look
     self.num_running = 0
+    # Called on the engine thread with the seconds of each scheduler step (dispatching a step and absorbing the
+    # previous one: the period at which every running sequence gets a token); a server feeds its metrics with it.
+    self.on_step: Callable[[float], None] | None = None
     self._pending = 0  # samples submitted whose add has not run on the engine thread yet (guarded by _wake)
 
   # ------------------------------------------------------------------ caller side (any thread)
@@ -206,7 +210,10 @@ class EngineLoop:
             sched.cancel(req.request_id)
         self._count()  # cancels show at once, not a step later
         if sched.has_work():
+          start = time.perf_counter()
           sched.step()
+          if self.on_step is not None:
+            self.on_step(time.perf_counter() - start)
         self._count()
         if stopping and not sched.has_work() and not self._ops:
           return

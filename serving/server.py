@@ -111,6 +111,10 @@ class Metrics:
                           buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
     self.tpot = Histogram(p + "time_per_output_token_seconds", "Mean time per generated token after the first.",
                           registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+    self.step = Histogram(p + "engine_step_seconds", "Wall time of one engine step (the period at which every running "
+                          "sequence gets a token).", registry=r,
+                          buckets=(.005, .01, .025, .05, .075, .1, .125, .15, .2, .25, .3, .4, .5, .6, .8, 1, 1.5, 2,
+                                   5, 10))
     g = lambda name, doc, fn: Gauge(p + name, doc, registry=r).set_function(fn)  # noqa: E731
     g("num_requests_waiting", "Sequences (prompts x n) queued for a slot, counted from their admission.",
       lambda: server.loop.queued if server.loop else 0)
@@ -215,6 +219,7 @@ class Server:
       gc.collect()
       gc.freeze()
       self.loop = EngineLoop(llm.scheduler, max_waiting=c.max_waiting)
+      self.loop.on_step = self.metrics.step.observe
       self.loop.start()
       self.state = "ready"
       log.info("ready: %r", llm)
