@@ -347,9 +347,11 @@ def test_metrics_count_requests_and_tokens(server, client):
   status, text = raw(server, "/metrics")
   assert status == 200
   for name in ("jaxllm_requests_total", "jaxllm_generation_tokens_total", "jaxllm_time_to_first_token_seconds",
-               "jaxllm_kv_pages_used", "jaxllm_num_requests_waiting", "jaxllm_num_preemptions"):
+               "jaxllm_kv_pages_used", "jaxllm_num_requests_waiting", "jaxllm_num_preemptions",
+               "jaxllm_engine_step_seconds_count"):
     assert name in text, name
   assert 'jaxllm_requests_total{endpoint="completions",status="200"}' in text
+  assert metric(server, "jaxllm_engine_step_seconds_count") >= 3  # the 3 tokens above took a step each at least
   # labelled by route name: paths a client makes up all count as "unknown", so /metrics cannot grow with them
   for i in range(20):
     assert raw(server, f"/v1/made-up-{i}", {})[0] == 404
