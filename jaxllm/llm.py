@@ -122,7 +122,8 @@ class LLM:
       checkpoints, and what a `jaxllm convert` directory holds.
     tokenizer: a tokenizer path to use instead of the checkpoint's own.
     seed: seeds the draws of requests whose SamplingParams.seed is None.
-    mesh, layout: a device mesh ("model=8", "data=2,model=4", or a jax Mesh) and its sharding layout.
+    mesh, layout: a device mesh ("model=8", "data=2,model=4", or a jax Mesh) and its sharding layout ("tp", "2d",
+      "dp"; None: what the mesh's axes name, e.g. "data=8" alone is 8 replicas, "dp").
     compilation_cache_dir: a directory for jax's persistent compilation cache (programs compiled once are reused
       by later processes).
     engine_config: the engine's settings (`jaxllm.serving.config.EngineConfig`), or
@@ -133,7 +134,7 @@ class LLM:
 
   def __init__(self, model: str = "default", *, dtype: str = "float32", quantization: str | None = "auto",
                tokenizer: str | None = None, seed: int = 0,
-               mesh: str | None = None, layout: str = "tp", compilation_cache_dir: str | None = None,
+               mesh: str | None = None, layout: str | None = None, compilation_cache_dir: str | None = None,
                engine_config: EngineConfig | None = None, **engine_args):
     if engine_config is not None and engine_args:
       raise ValueError(f"pass engine_config or engine settings by name ({', '.join(engine_args)}), not both.")
@@ -142,10 +143,11 @@ class LLM:
       enable_compilation_cache(compilation_cache_dir)
     self.mesh = None
     if mesh is not None:
-      from jaxllm.sharding import make_mesh
+      from jaxllm.sharding import default_layout, make_mesh
 
       self.mesh = mesh if not isinstance(mesh, str) else make_mesh(mesh)
-    self.layout = layout
+      layout = layout or default_layout(self.mesh.shape)
+    self.layout = layout = layout or "tp"
     ckpt = checkpoint.load_checkpoint(model, dtype, self.mesh, layout, quantization)
     self.config = ckpt.config
     self.dtype = ckpt.dtype

@@ -6,8 +6,8 @@ Every parameter of `jaxllm.layers` carries logical axis names (`out_sharding` me
 """
 
 from jaxllm.sharding.mesh import make_mesh, parse_mesh
-from jaxllm.sharding.rules import (LAYOUTS, ActivationSharding, KVPlacement, kv_placement, param_shardings, resolve,
-                                   rules_for)
+from jaxllm.sharding.rules import (LAYOUTS, ActivationSharding, KVPlacement, default_layout, kv_placement,
+                                   param_shardings, resolve, rules_for)
 
-__all__ = ["LAYOUTS", "ActivationSharding", "KVPlacement", "kv_placement", "make_mesh", "param_shardings",
+__all__ = ["LAYOUTS", "ActivationSharding", "KVPlacement", "default_layout", "kv_placement", "make_mesh", "param_shardings",
            "parse_mesh", "resolve", "rules_for"]

@@ -41,6 +41,12 @@ LAYOUTS: dict[str, dict[str, str | tuple[str, ...] | None]] = {
 BATCH_AXIS = "data"
 
 
+def default_layout(mesh_axes) -> str:
+  """The layout a mesh's axis names ask for: 2d with `x` / `y`, tp with `model`, else dp (`data=8`: 8 replicas)."""
+  axes = set(mesh_axes)
+  return "2d" if {"x", "y"} & axes else "tp" if "model" in axes else "dp"
+
+
 def _layout(layout: str) -> dict[str, str | tuple[str, ...] | None]:
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r} is unknown; choose one of {sorted(LAYOUTS)}.")

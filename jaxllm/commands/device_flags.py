@@ -13,8 +13,9 @@ from absl import flags
 
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'model=8', 'data=2,model=4', 'x=2,y=4' or 'auto'; "
                             "default: one device.")
-_LAYOUT = flags.DEFINE_enum("layout", "tp", ["tp", "2d", "dp"], "Sharding layout over the mesh: tp (1D "
-                            "weight-stationary over 'model'), 2d (over 'x' and 'y'), dp (replicas over 'data').")
+_LAYOUT = flags.DEFINE_enum("layout", None, ["tp", "2d", "dp"], "Sharding layout over the mesh: tp (1D "
+                            "weight-stationary over 'model'), 2d (over 'x' and 'y'), dp (replicas over 'data'); "
+                            "default: what the mesh's axes name (x / y: 2d, model: tp, data alone: dp).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
@@ -50,10 +51,11 @@ def setup():
   if joined and not _MESH.value:
     raise ValueError("a multi-process start needs --mesh (e.g. --mesh model=8 over all processes' devices).")
   if not _MESH.value:
-    return None, _LAYOUT.value
-  from jaxllm.sharding import make_mesh
+    return None, _LAYOUT.value or "tp"
+  from jaxllm.sharding import default_layout, make_mesh
 
-  return make_mesh(_MESH.value), _LAYOUT.value
+  mesh = make_mesh(_MESH.value)
+  return mesh, _LAYOUT.value or default_layout(mesh.shape)
 
 
 def is_primary() -> bool:

@@ -40,12 +40,12 @@ def main(argv):
     fail(f"unexpected arguments {argv[1:]}; pass everything as --flags.")
   if not _MODEL.value:
     fail("--model is required (a preset name such as llama3-70b, or a path to an HF config.json).")
-  from jaxllm.sharding import planner
+  from jaxllm.sharding import default_layout, planner
 
   try:
     config = planner.load_model_config(_MODEL.value)
     mesh = planner.parse_mesh(_MESH.value)
-    layout = _LAYOUT.value or ("2d" if {"x", "y"} & set(mesh) else "tp" if "model" in mesh else "dp")
+    layout = _LAYOUT.value or default_layout(mesh)
     if not _HBM_GIB.value > 0:
       raise ValueError(f"--hbm_gib must be > 0, got {_HBM_GIB.value}.")
     max_len = config.max_position_embeddings if _MAX_MODEL_LEN.value is None else _MAX_MODEL_LEN.value

@@ -111,6 +111,13 @@ def test_a_bad_prompt_queues_nothing(llm):
   assert not llm.scheduler.has_work()
 
 
+def test_the_layout_defaults_to_what_the_mesh_names(saved):
+  assert LLM(saved, mesh="data=1").layout == "dp" and LLM(saved, mesh="model=1").layout == "tp"
+  assert LLM(saved).layout == "tp"
+  with pytest.raises(ValueError, match="mesh axis 'model'"):  # a layout asked for is taken as asked
+    LLM(saved, mesh="data=1", layout="tp")
+
+
 def test_engine_settings_have_one_carrier(saved):
   with pytest.raises(ValueError, match="unknown engine setting 'max_num_seq' \\(did you mean 'max_num_seqs'\\?\\)"):
     LLM(saved, max_num_seq=4)

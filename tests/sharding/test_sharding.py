@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from jaxllm.config import ModelConfig
-from jaxllm.sharding import make_mesh, parse_mesh, resolve
+from jaxllm.sharding import default_layout, make_mesh, parse_mesh, resolve
 from jax.sharding import PartitionSpec as P
 
 
@@ -149,6 +149,9 @@ def test_mesh_parsing_and_errors():
       parse_mesh(bad)
   with pytest.raises(ValueError, match="device"):
     make_mesh("model=3")  # one CPU device in this process
+  # the layout a mesh names when none is given: `--mesh data=8` alone is 8 replicas
+  assert [default_layout(parse_mesh(m)) for m in ("data=8", "model=8", "data=2,model=4", "x=2,y=4", "data=2,x=2,y=2")] \
+      == ["dp", "tp", "tp", "2d", "2d"]
 
 
 def test_resolver_drops_axes_that_do_not_divide():
