@@ -177,7 +177,8 @@ PROMPT_BLOCK = 256  # rows whose [rows, V] float32 logits prompt_logprobs holds 
 def prompt_logprobs(graphdef, params, h_TD, targets_T, *, num_top: int):
   """Every row's log-softmax read at a target: row t's hidden state predicts the token after it, so `targets_T[t]`
   is the prompt token at the row's position + 1 (-1 where nothing is asked; its values are garbage). Returns the
-  targets' logprobs [T] and the num_top likeliest tokens [T, num_top] with their logprobs. The logits are made
+  targets' logprobs [T] and ranks [T] (1 + the tokens more likely), and the num_top likeliest tokens [T, num_top]
+  with their logprobs. The logits are made
   PROMPT_BLOCK rows at a time, so a long step's [T, V] float32 logits never exist whole. Compiled per T; steps whose
   sequences score no prompt never call it."""
   model = nnx.merge(graphdef, params)
@@ -189,8 +190,9 @@ def prompt_logprobs(graphdef, params, h_TD, targets_T, *, num_top: int):
     h_BD, tgt_B = args
     lp_BV = jax.nn.log_softmax(model.logits(h_BD[None])[0].astype(jnp.float32), axis=-1)
     chosen_B = jnp.take_along_axis(lp_BV, jnp.maximum(tgt_B, 0)[:, None], axis=-1)[:, 0]
+    rank_B = 1 + jnp.sum(lp_BV > chosen_B[:, None], axis=-1, dtype=jnp.int32)
     top_lp, top_ids = jax.lax.top_k(lp_BV, num_top) if num_top else (jnp.zeros((B, 0)), jnp.zeros((B, 0), jnp.int32))
-    return chosen_B, top_ids.astype(jnp.int32), top_lp.astype(jnp.float32)
+    return chosen_B, rank_B, top_ids.astype(jnp.int32), top_lp.astype(jnp.float32)
 
   h = jnp.pad(h_TD, ((0, pad), (0, 0))).reshape(-1, B, D)
   tgt = jnp.pad(targets_T, (0, pad), constant_values=-1).reshape(-1, B)
@@ -311,8 +313,8 @@ class Engine:
     return _forward(self.graphdef, self.params, state, batch, **self._static)
 
   def prompt_logprobs(self, h_TD: jax.Array, targets_T: np.ndarray):
-    """Dispatches the scoring of a step's prompt rows (`prompt_logprobs` above) -> device arrays (logprobs [T], top
-    ids [T, n], top logprobs [T, n]; n = num_top_logprobs)."""
+    """Dispatches the scoring of a step's prompt rows (`prompt_logprobs` above) -> device arrays (logprobs [T], ranks
+    [T], top ids [T, n], top logprobs [T, n]; n = num_top_logprobs)."""
     return _prompt_logprobs(self.graphdef, self.params, h_TD, np.asarray(targets_T, np.int32),
                             num_top=self.config.num_top_logprobs)
 

@@ -7,8 +7,8 @@ Every field of OpenAI's chat / completions request schema (as the `openai` packa
   unsupported     accepted only when null or empty; any other value is a 400 that names the field and says why
                   (audio output, predicted outputs, web search, ...): UNSUPPORTED.
 Names outside OpenAI's schema (and vLLM's extensions: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`min_tokens`, `stop_token_ids`, `stream_options.continuous_usage_stats`, ...) stay errors, so a typo such as
-`max_token` is never silently ignored; types are strict enough that `"max_tokens": "5"` is refused.
+`min_tokens`, `stop_token_ids`, `prompt_logprobs`, `stream_options.continuous_usage_stats`, ...) stay errors, so a
+typo such as `max_token` is never silently ignored; types are strict enough that `"max_tokens": "5"` is refused.
 `tests/serving/test_protocol.py` walks the `openai` package's own request types so a new OpenAI field fails a test.
 
 Messages follow the reference: text content or text parts (image / audio / file parts are a 400), `name`, assistant
@@ -128,6 +128,7 @@ class _Sampling(_Refusing):
   stop_token_ids: list[StrictInt] | None = None
   ignore_eos: StrictBool = False
   min_tokens: StrictInt = 0
+  prompt_logprobs: StrictInt | None = None  # vLLM's: each prompt token's logprob, rank and top-n (not streamed)
   stream: StrictBool = False
   stream_options: StreamOptions | None = None
   metadata: Any = None
@@ -156,7 +157,8 @@ class _Sampling(_Refusing):
         min_p=self.min_p, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
         repetition_penalty=self.repetition_penalty, logit_bias=bias, seed=self.seed, stop=self.stop,
         stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-        logprobs=logprobs, structured_outputs=self.structured_output_params())
+        logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
+        structured_outputs=self.structured_output_params())
 
 
   def structured_output_params(self) -> StructuredOutputsParams | None:

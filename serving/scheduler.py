@@ -73,9 +73,11 @@ class Request:
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
   top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
-  # With params.prompt_logprobs: each prompt token's logprob given those before it and the top-n there (position 0,
-  # and positions whose chunk has not been absorbed yet, None); `prompt_scored` counts the positions filled.
+  # With params.prompt_logprobs: each prompt token's logprob given those before it, its rank (1: the likeliest) and
+  # the top-n there (position 0, and positions whose chunk has not been absorbed yet, None); `prompt_scored` counts
+  # the positions filled.
   prompt_logprobs: list[float | None] | None = None
+  prompt_ranks: list[int | None] | None = None
   prompt_top_logprobs: list[dict[int, float] | None] | None = None
   prompt_scored: int = 0
   finish_reason: str | None = None  # "stop" | "length" | "abort"
@@ -220,7 +222,8 @@ class Scheduler:
                   on_update=on_update, arrival=next(self._ids))
     req.max_new = min(params.max_tokens, self.config.max_model_len - len(ids))
     if params.prompt_logprobs is not None:
-      req.prompt_logprobs, req.prompt_top_logprobs = [None] * len(ids), [None] * len(ids)
+      req.prompt_logprobs, req.prompt_ranks, req.prompt_top_logprobs = [None] * len(ids), [None] * len(ids), \
+          [None] * len(ids)
     self.requests[request_id] = req
     self.waiting.append(req)
     return req
@@ -401,7 +404,7 @@ class Scheduler:
 
   @staticmethod
   def _take_prompt_scores(result, scored) -> None:
-    chosen, top_ids, top_lp = (host_value(x) for x in result)
+    chosen, ranks, top_ids, top_lp = (host_value(x) for x in result)
     for req, t, start, count in scored:
       if req.finished:
         continue
@@ -409,7 +412,7 @@ class Scheduler:
       for k in range(count):  # position start + k predicts the prompt token at start + k + 1
         p = start + k + 1
         req.prompt_scored += req.prompt_logprobs[p] is None  # a recomputed chunk (after preemption) refills it
-        req.prompt_logprobs[p] = float(chosen[t + k])
+        req.prompt_logprobs[p], req.prompt_ranks[p] = float(chosen[t + k]), int(ranks[t + k])
         req.prompt_top_logprobs[p] = {int(a): float(b) for a, b in zip(top_ids[t + k, :n_top], top_lp[t + k, :n_top])}
 
   def _take(self, req: Request, tok: int, lp: float, tops) -> None:

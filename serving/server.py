@@ -401,6 +401,8 @@ def _sampling(server, req, prompt_len, max_tokens, logprobs):
     params = req.sampling_params(_max_tokens(server, prompt_len, max_tokens), logprobs)
   except ValueError as e:
     raise APIError(400, str(e), param=getattr(e, "field", None)) from None
+  if params.prompt_logprobs is not None and req.stream:
+    raise APIError(400, "prompt_logprobs is not supported with stream: true.", param="prompt_logprobs")
   stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or ())
   c = server.config
   if len(stops) > c.max_stop_strings or sum(map(len, stops)) > c.max_stop_chars:
@@ -408,6 +410,19 @@ def _sampling(server, req, prompt_len, max_tokens, logprobs):
                    f"{c.max_stop_strings} strings of {c.max_stop_chars} characters in all (--max_stop_strings, "
                    "--max_stop_chars).", param="stop")
   return params
+
+
+def _prompt_logprobs(tok, ids: list[int], r, num_top: int) -> list:
+  """vLLM's `prompt_logprobs` of a finished sample: None for the first prompt token, then {token id: {"logprob",
+  "rank", "decoded_token"}} holding the prompt token itself and the num_top likeliest tokens there."""
+  out = [None]
+  for p in range(1, len(ids)):
+    entry = {str(ids[p]): {"logprob": r.prompt_logprobs[p], "rank": r.prompt_ranks[p],
+                           "decoded_token": tok.decode([ids[p]])}}
+    for rank, (t, lp) in enumerate(list(r.prompt_top_logprobs[p].items())[:num_top], 1):
+      entry.setdefault(str(t), {"logprob": lp, "rank": rank, "decoded_token": tok.decode([t])})
+    out.append(entry)
+  return out
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -506,9 +521,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
   scores_prompt = req.echo and req.logprobs is not None
   params = [_sampling(server, req, len(i), 1 if score_only else req.max_tokens, req.logprobs) for i in ids]
   if scores_prompt:
-    params = [dataclasses.replace(p, prompt_logprobs=req.logprobs) for p in params]
+    params = [dataclasses.replace(p, prompt_logprobs=max(req.logprobs, req.prompt_logprobs or 0)) for p in params]
   grammar = await _grammar(server, params[0], _constraint_field(req))  # one constraint for every prompt
-  runs = scores_prompt or not score_only
+  runs = scores_prompt or req.prompt_logprobs is not None or not score_only
   streams = _submit(request, list(zip(ids, params)), req.seed, grammar) if runs else []
   rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
   prompt_tokens = sum(len(row) for row in ids) * n
@@ -523,7 +538,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     their top-n dicts, as vLLM and the legacy API return them (lm-eval-harness reads them to decide is_greedy)."""
     ptoks = [tok.decode([t]) for t in ids[i]]
     return {"tokens": ptoks, "token_logprobs": [None] + r.prompt_logprobs[1:],
-            "top_logprobs": [None] + [{tok.decode([k]): v for k, v in d.items()} for d in r.prompt_top_logprobs[1:]],
+            "top_logprobs": [None] + [{tok.decode([k]): v for k, v in list(d.items())[:req.logprobs]}
+                                      for d in r.prompt_top_logprobs[1:]],
             "text_offset": [int(o) for o in np.cumsum([0] + [len(t) for t in ptoks[:-1]])]}
 
   def logprobs_of(r, start_offset=0, start=0, end=None):
@@ -597,6 +613,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         lp = {key: values + lp[key] for key, values in echo_logprobs(i, r).items()}
       choices.append({"index": i * n + r.index, "text": prefix + ("" if score_only else texts.get((i, r.index), "")),
                       "logprobs": lp, "finish_reason": "length" if score_only else _finish_reason(r)})
+      if req.prompt_logprobs is not None:
+        choices[-1]["prompt_logprobs"] = _prompt_logprobs(tok, ids[i], r, req.prompt_logprobs)
   server.metrics.requests.labels("completions", "200").inc()
   return web.json_response({
       "id": rid, "object": "text_completion", "created": created, "model": server.model_name, "choices": choices,
@@ -683,12 +701,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
   await _run(server, [stream], collect)
   server.metrics.requests.labels("chat", "200").inc()
-  return web.json_response({
+  body = {
       "id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
       "choices": [{"index": r.index, "message": calls.message(r.index, texts.get(r.index, "")),
                    "logprobs": logprobs_of(r), "finish_reason": calls.finish_reason(r.index, r)}
                   for r in stream.requests],
-      "usage": _usage(len(ids) * req.n, sum(len(r.output_ids) for r in stream.requests))})
+      "usage": _usage(len(ids) * req.n, sum(len(r.output_ids) for r in stream.requests))}
+  if req.prompt_logprobs is not None:  # vLLM puts the prompt's logprobs beside the choices
+    body["prompt_logprobs"] = _prompt_logprobs(tok, ids, stream.requests[0], req.prompt_logprobs)
+  return web.json_response(body)
 
 
 class _ToolCalls:

@@ -316,6 +316,7 @@ def test_prompt_logprobs_come_from_the_prefill_chunks_and_equal_a_full_forward(m
     k = r.params.prompt_logprobs
     for pos, d in enumerate(r.prompt_top_logprobs[1:]):
       assert list(d) == top_ids[pos, :k].tolist()
+      assert (r.prompt_ranks[pos + 1] == 1) == (top_ids[pos, 0] == p[pos + 1])
       np.testing.assert_allclose(list(d.values()), top_lp[pos, :k], rtol=0, atol=2e-5)
   assert_all_pages_back(sched)
   # Preempted and recomputed: the positions are scored again, to the same values.

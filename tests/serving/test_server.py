@@ -145,6 +145,31 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, default_llm):
     assert [d for p in parts for d in p.top_logprobs] == whole.choices[0].logprobs.top_logprobs
 
 
+def test_vllm_prompt_logprobs(server, default_llm):
+  """vLLM's `prompt_logprobs` extension: per prompt token (None for the first) {id: {logprob, rank, decoded_token}}
+  for the token itself and the top-n; on each completion choice, and beside the choices of a chat answer."""
+  prompt = "The capital of France is Paris"
+  ids = default_llm.tokenizer.encode(prompt)
+  want = default_llm.score(token_pairs=[(ids[:1], ids[1:])], num_top_logprobs=2)[0]
+  status, body = raw(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2,
+                                                 "temperature": 0})
+  assert status == 200, body
+  got = body["choices"][0]["prompt_logprobs"]
+  assert got[0] is None and len(got) == len(ids)
+  for p, (entry, lp, top) in enumerate(zip(got[1:], want.logprobs, want.top_logprobs), 1):
+    mine = entry[str(ids[p])]
+    assert mine["logprob"] == pytest.approx(lp, abs=1e-4) and mine["decoded_token"] == default_llm.tokenizer.decode(
+        [ids[p]])
+    assert (mine["rank"] == 1) == (ids[p] == next(iter(top)))
+    assert [entry[str(t)]["rank"] for t in top] == [1, 2] and set(entry) == {str(ids[p]), *map(str, top)}
+  status, body = raw(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                      "max_tokens": 1, "prompt_logprobs": 0})
+  assert status == 200 and len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"], body
+  assert all(len(e) == 1 for e in body["prompt_logprobs"][1:])
+  status, body = raw(server, "/v1/completions", {"prompt": prompt, "prompt_logprobs": 1, "stream": True})
+  assert status == 400 and body["error"]["param"] == "prompt_logprobs"
+
+
 @pytest.mark.parametrize("path, body, status, needle", [
     ("/v1/completions", b"{not json", 400, "not valid JSON"),
     ("/v1/completions", b"\xff\xfe{}", 400, "not valid JSON"),
