@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import gc
 import hmac
@@ -47,6 +48,8 @@ from jaxllm.serving.engine_loop import EngineLoop, RequestStream
 
 log = logging.getLogger("jaxllm.serve")
 SERVER = web.AppKey("server", object)
+BULK_BODY = 1 << 20  # bodies of this many bytes and more are a bulk request: their text work runs on the bulk workers
+_BULK = contextvars.ContextVar("jaxllm_bulk", default=False)  # set by `_body` for the handler's task
 STREAMS = "jaxllm.streams"  # request key: the RequestStreams a request submitted (cancelled if its client goes away)
 
 
@@ -184,12 +187,17 @@ class Server:
     # millions of ids never become Python objects here (seen: a 60 ms GIL hold to build the list, 30 ms to free it).
     # The text workers keep the normal priority because they hold the GIL: a low-priority thread holding it would
     # make everyone wait on its small share of the CPU.
+    # A request whose body is a megabyte or more (`BULK_BODY`) does its text work on the bulk workers instead, so a few
+    # multi-megabyte bodies (seconds each) never take every text worker from the ordinary requests behind them.
     workers = os.cpu_count() or 2
     self.text_workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxllm-text")
+    self.bulk_workers = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxllm-bulk")
 
   async def off_loop(self, fn, *args):
-    """fn(*args) on the text workers; its exceptions propagate to the awaiting handler."""
-    return await asyncio.get_running_loop().run_in_executor(self.text_workers, fn, *args)
+    """fn(*args) on the text workers (the bulk workers for a request with a bulk body); its exceptions propagate to
+    the awaiting handler."""
+    workers = self.bulk_workers if _BULK.get() else self.text_workers
+    return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
 
   def load(self) -> None:
     from jaxllm import LLM
@@ -251,6 +259,7 @@ async def _body(request: web.Request, schema):
   except asyncio.TimeoutError:
     raise APIError(408, f"the request body did not arrive within {server.config.body_timeout:g} s "
                         "(--body_timeout).") from None
+  _BULK.set(len(raw_body) >= BULK_BODY)  # for this handler's task only
   return await server.off_loop(_parse_body, raw_body, schema)
 
 

@@ -4,6 +4,7 @@ keeps serving; concurrent streaming clients, some disconnecting mid-stream, all 
 page comes back."""
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -246,11 +247,7 @@ def test_huge_bodies_stall_neither_health_nor_running_streams(server):
   engine step and 8 running streams keep their pace meanwhile. An engine step is measured here, as the longest gap
   between two tokens of the same 8 streams run alone first (which also compiles every program they need, so that
   no compilation lands in the measurement)."""
-  import random
-
-  rng = random.Random(0)
-  words = ("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(500_000))
-  text = " ".join(words)
+  text = _huge_text()
   chat = {"messages": [{"role": "user", "content": text[:1 << 20]}]}
   big_bodies = {"/tokenize": json.dumps({"prompt": text}).encode(), "/v1/chat/completions": json.dumps(chat).encode()}
   streams, arrivals = _eight_streams(server)
@@ -265,6 +262,41 @@ def test_huge_bodies_stall_neither_health_nor_running_streams(server):
   # Measured on 2 cores (the test client shares the server's GIL): /health 0.07-0.15 s, streams 0.17-0.21 s, against
   # a step of 0.14-0.16 s; with the tokenizer on the event loop's cores at full priority, 0.5-0.7 s both.
   assert worst < 2 * step and max(gaps) < 2.5 * step, (worst, max(gaps), step, took)
+
+
+@functools.lru_cache(maxsize=1)
+def _huge_text() -> str:
+  """~3.5 MB of 500,000 distinct made-up words (seconds of tokenizing: no word repeats enough to be cached)."""
+  import random
+
+  rng = random.Random(0)
+  return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+                  for _ in range(500_000))
+
+
+def test_bulk_bodies_do_not_hold_up_ordinary_requests(server):
+  """Two 3.5 MB /tokenize bodies (seconds of tokenizing each, one at a time in the tokenizer process) take the bulk
+  workers, never every text worker: a small /tokenize and a one-token completion sent meanwhile answer at once."""
+  big = json.dumps({"prompt": _huge_text()}).encode()
+  assert raw(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200  # compiled before timing
+  done = []
+
+  def send():
+    done.append((raw(server, "/tokenize", big)[0], time.perf_counter()))
+
+  senders = [threading.Thread(target=send) for _ in range(2)]
+  for t in senders:
+    t.start()
+  time.sleep(1.0)  # both bodies read and at work
+  start = time.perf_counter()
+  assert raw(server, "/tokenize", {"prompt": "hi"})[0] == 200
+  status, body = raw(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})
+  small = time.perf_counter() - start
+  for t in senders:
+    t.join()
+  assert status == 200 and [s for s, _ in done] == [200, 200], body
+  assert all(finished > start + small for _, finished in done), (done, start, small)  # still at work meanwhile
+  assert small < 2.0, small
 
 
 def _stalls_under_huge_bodies(server, big_bodies):
