@@ -124,6 +124,10 @@ class Plan:
   comm_model: str  # the paper's per-layer formula, with this model's numbers
   notes: tuple[str, ...] = ()
   quantization: str | None = None  # weight quantization planned for
+  # hosts (with devices_per_host): each process holds its devices' shards, and reads the checkpoint itself
+  devices_per_host: int | None = None
+  num_hosts: int | None = None
+  host_load_bytes: int = 0  # host memory an HF / GGUF load takes per process: the model once, as placed
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -192,12 +196,18 @@ def _kv_entry_bytes(p: "Plan") -> str:
 
 def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len: int, hbm_bytes: int, layout: str,
          kv_cache_dtype: str = "auto", reserve: float = 0.1, kv_placement: str = "runtime",
-         quantization: str | None = None) -> Plan:
+         quantization: str | None = None, devices_per_host: int | None = None) -> Plan:
   """Plans `config` on `mesh` (axis -> size); see the module docstring for the layouts and the cost model.
   quantization="int8": the attention projections and MLP take 1 byte per weight plus a `dtype` scale per output channel
   ("q8_0": plus a float16 scale per 32 weights); embedding, LM head, norms and biases stay in `dtype` (as
-  `jaxllm.layers.Llama` holds them)."""
+  `jaxllm.layers.Llama` holds them). devices_per_host: the devices each host (process) has, for the per-host
+  figures of a multi-host mesh."""
   c = config
+  num_devices = math.prod(mesh.values())
+  if devices_per_host is not None and (not isinstance(devices_per_host, int) or devices_per_host < 1
+                                       or num_devices % devices_per_host):
+    raise ValueError(f"devices_per_host={devices_per_host!r} must be a positive integer dividing the mesh's "
+                     f"{num_devices} devices.")
   if quantization not in QUANTIZATIONS:
     raise ValueError(f"quantization {quantization!r} is not supported; choose int8, q8_0 or none.")
   if dtype not in WEIGHT_DTYPES:
@@ -347,7 +357,7 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
 
   return Plan(
       model=c.name, num_params=c.num_params, shape=dict(V=V, D=D, F=F, L=L, N=N, K=K, H=H), layout=layout, mesh=mesh,
-      num_devices=math.prod(mesh.values()), dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
+      num_devices=num_devices, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
       hbm_bytes=int(hbm_bytes), reserve=float(reserve),
       weight_bytes_per_device=weight_bytes, weight_bytes_total=total_bytes, vocab_rows_per_device=vocab_rows,
       kv_placement=placement, kv_heads_per_device=kvh, kv_note=kv_note, kv_bytes_per_token_total=kv_total,
@@ -355,7 +365,8 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
       reserve_bytes=reserve_bytes, kv_free_bytes_per_device=free, fits=fits, tokens_per_device=tokens_dev,
       max_tokens=max_tokens, max_batch=max_batch, max_context_batch1=max_ctx1, collectives=tuple(coll),
       comm_bytes_per_token_per_layer=sum(x.bytes_per_token for x in coll), comm_model=comm_model, notes=tuple(notes),
-      quantization=quantization)
+      quantization=quantization, devices_per_host=devices_per_host,
+      num_hosts=None if devices_per_host is None else num_devices // devices_per_host, host_load_bytes=total_bytes)
 
 
 # ------------------------------------------------------------------------------------------------ text output
@@ -393,6 +404,17 @@ def format_plan(p: Plan) -> str:
       ("batch split over", f"{p.batch_shards} groups ({p.batch_split}); the batch is a multiple of {p.batch_shards}"
        if p.batch_shards > 1 else "not split: every device holds every sequence"),
   ])
+  if p.devices_per_host is not None:
+    n = p.devices_per_host
+    out += ["", f"Per host ({n} device{'s' * (n > 1)} each, {p.num_hosts} host{'s' * (p.num_hosts > 1)})"]
+    out += _table([
+        ("accelerator memory", f"{n} x {_gib(p.hbm_bytes)}: weights {_gib(n * p.weight_bytes_per_device)}, "
+                               f"KV cache up to {_gib(n * max(p.kv_free_bytes_per_device, 0))}"),
+        ("host memory to load", f"{_gib(p.host_load_bytes)}: each process reads an HF or GGUF checkpoint whole into "
+                                "host memory, then places its devices' shards"),
+        ("", f"{_gib(n * p.weight_bytes_per_device)}: from a `jaxllm convert` (orbax) checkpoint, restored shard by "
+             "shard onto its devices"),
+    ])
   out += ["", "Capacity" + ("" if p.fits else " -- DOES NOT FIT: no room for KV cache after weights and reserve")]
   at_len = p.tokens_per_device >= p.max_model_len
   out += _table([

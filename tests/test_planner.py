@@ -34,6 +34,23 @@ def test_weight_bytes_llama3_70b_bf16_on_model_8():
   assert p.kv_placement == "split" and p.kv_heads_per_device == 1
 
 
+def test_per_host_memory_of_a_multi_host_mesh():
+  """llama3-70b over 16 devices, 8 per host: each host's devices hold 8 devices' shards; an HF / GGUF load holds the
+  whole model in each process's host memory before placing its shards."""
+  split = L70 * (2 * D70 * N70 * H70 + 2 * D70 * K70 * H70 + 3 * D70 * F70) + 2 * V70 * D70
+  replicated = L70 * 2 * D70 + D70
+  p = plan(llama("llama3-70b"), {"model": 16}, "bfloat16", 8192, 80 * GiB, "tp", devices_per_host=8)
+  assert (p.num_hosts, p.devices_per_host) == (2, 8)
+  assert p.host_load_bytes == (split + replicated) * 2 == p.weight_bytes_total
+  text = planner.format_plan(p)
+  assert "Per host (8 devices each, 2 hosts)" in text and f"weights {8 * p.weight_bytes_per_device / GiB:,.2f} GiB" \
+      in text and f"{(split + replicated) * 2 / GiB:,.2f} GiB: each process reads" in text
+  assert "Per host" not in planner.format_plan(plan(llama("llama3-70b"), {"model": 16}, "bfloat16", 8192, 80 * GiB,
+                                                     "tp"))
+  with pytest.raises(ValueError, match="devices_per_host=3"):
+    plan(llama("llama3-70b"), {"model": 16}, "bfloat16", 8192, 80 * GiB, "tp", devices_per_host=3)
+
+
 def test_kv_bytes_per_token_llama3_8b():
   L, K, H = 32, 8, 128
   for m, heads_per_device in ((1, 8), (2, 4), (8, 1)):
@@ -244,7 +261,7 @@ def test_cli():
       "json": _cli("--model=llama3-70b", "--mesh=model=8", "--max_model_len=8192", "--hbm_gib=80", "--json"),
       "bad_mesh": _cli("--model=llama3-70b", "--mesh=model=3"),
       "bad_flag": _cli("--model=llama3-70b", "--meshes=model=8"),
-      "qwen": _cli("--model=qwen2.5-72b", "--mesh=model=8"),
+      "qwen": _cli("--model=qwen2.5-72b", "--mesh=model=8", "--devices_per_host=4"),
       "qwen7": _cli("--model=qwen2.5-7b", "--mesh=model=8"),
   }
   out = {k: (*p.communicate(timeout=60), p.returncode) for k, p in runs.items()}
@@ -260,7 +277,7 @@ def test_cli():
   assert rc == 1 and "Traceback" not in stderr
   assert stderr.strip().count("\n") == 0 and "'model' has size 3" in stderr
   stdout, stderr, rc = out["qwen"]
-  assert rc == 0 and "qwen2.5-72b (72.71B params" in stdout, stderr
+  assert rc == 0 and "qwen2.5-72b (72.71B params" in stdout and "Per host (4 devices each, 2 hosts)" in stdout, stderr
   stdout, stderr, rc = out["qwen7"]  # 28 query heads over 4 KV heads: padded to 32 to split over model=8
   assert rc == 0 and "28 query heads do not split over model=8" in stdout and "32 in all" in stdout, stderr
   stdout, stderr, rc = out["bad_flag"]

@@ -32,6 +32,8 @@ _KV_PLACEMENT = flags.DEFINE_enum("kv_placement", "runtime", ["runtime", "batch"
 _QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int8", "q8_0"], "Weight quantization to plan for: int8 "
                                    "or q8_0 (attention projections and MLP; embedding, LM head, norms stay in "
                                    "--dtype).")
+_DEVICES_PER_HOST = flags.DEFINE_integer("devices_per_host", None, "For a multi-host mesh: the devices each host "
+                                         "has (e.g. 8 GPUs, 4 TPU v5e chips); adds the per-host memory.")
 _JSON = flags.DEFINE_bool("json", False, "Print the plan as JSON instead of a table.")
 
 
@@ -51,7 +53,7 @@ def main(argv):
     max_len = config.max_position_embeddings if _MAX_MODEL_LEN.value is None else _MAX_MODEL_LEN.value
     p = planner.plan(config, mesh, _DTYPE.value, max_len, int(_HBM_GIB.value * planner.GiB), layout,
                      kv_cache_dtype=_KV_CACHE_DTYPE.value, reserve=_RESERVE.value, kv_placement=_KV_PLACEMENT.value,
-                     quantization=_QUANTIZATION.value)
+                     quantization=_QUANTIZATION.value, devices_per_host=_DEVICES_PER_HOST.value)
   except (ValueError, OSError) as e:
     fail(str(e))
   print(json.dumps(p.to_dict(), indent=2) if _JSON.value else planner.format_plan(p))
