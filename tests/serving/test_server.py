@@ -362,6 +362,16 @@ def test_200_abandoned_requests_free_their_pages_within_seconds(server):
   assert freed < 5.0, freed  # measured: 0.7-0.8 s on 2 cores
 
 
+def engine_idle(server, timeout=30):
+  """Waits until the engine thread has nothing to do and has published its gauges (it owns `num_waiting`: a test
+  that sets it while the thread is still finishing a request would be overwritten)."""
+  deadline = time.time() + timeout
+  while server.loop.scheduler.has_work() and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.2)  # its last iteration's gauge refresh
+  assert not server.loop.scheduler.has_work()
+
+
 def test_admission_counts_every_sequence_and_queues_all_or_none(server, client):
   """A request is queued whole or not at all, its prompts x n samples counted against --max_waiting: more samples
   than that is a 400 at once (no seeds drawn for n=200,000), a prompt list with a bad last prompt is a 400 that queued
@@ -378,12 +388,14 @@ def test_admission_counts_every_sequence_and_queues_all_or_none(server, client):
   status, got = raw(server, "/v1/completions", {"prompt": [[1, 2], [3, 4], [1, 2, 10**7]], "max_tokens": 64})
   assert status == 400 and "vocabulary" in got["error"]["message"], got
   assert server.loop.queued == 0 and server.loop.num_running == 0 and pages_all_free(server)
+  engine_idle(server)
   server.loop.num_waiting = server.loop.max_waiting  # as if --max_waiting sequences were queued: the idle engine's
   try:                                               # 8 free slots still take a burst's first requests (finding 11)
     status, got = raw(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
   finally:
     server.loop.num_waiting = 0
   assert status == 200, got
+  engine_idle(server)
   server.loop.num_waiting = server.loop.max_waiting + 8  # and with the free slots spoken for too: a 503
   try:
     req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/completions", data=b'{"prompt": "Hi"}')
