@@ -94,22 +94,22 @@ class _HFEngine:
     self.special_ids = frozenset(i for i, t in added.items() if t.special)
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
+  def _in_process(self, size: int) -> bool:
+    return self.process is not None and size >= self.PROCESS_MIN
+
   def encode(self, text: str) -> list[int]:
-    if self.process is not None and len(text) >= self.PROCESS_MIN:
-      return self.process.encode_batch([text])[0].tolist()
+    return self.encode_batch([text])[0]
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return self.process.encode_batch([text])[0] if self._in_process(len(text)) else \
+        np.asarray(self.encode(text), np.int32)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    if self._in_process(sum(map(len, texts))):
+      return [a.tolist() for a in self.process.encode_batch(texts)]
     # encode_batch_fast, not encode: the Rust batch calls release the GIL (encode holds it for the whole text, so a
     # 4 MB prompt tokenized on a server's worker thread would stall its event loop for seconds anyway), and the
     # fast one keeps no offsets or token strings, whose freeing (with the GIL held) took 230 ms for 2M tokens.
-    return self.tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
-
-  def encode_array(self, text: str) -> np.ndarray:
-    if self.process is not None and len(text) >= self.PROCESS_MIN:
-      return self.process.encode_batch([text])[0]
-    return np.asarray(self.encode(text), np.int32)
-
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    if self.process is not None and sum(map(len, texts)) >= self.PROCESS_MIN:
-      return [a.tolist() for a in self.process.encode_batch(texts)]
     return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
   def decode(self, ids: list[int], skip_special_tokens: bool) -> str:

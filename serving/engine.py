@@ -178,9 +178,8 @@ def prompt_logprobs(graphdef, params, h_TD, targets_T, *, num_top: int):
   """Every row's log-softmax read at a target: row t's hidden state predicts the token after it, so `targets_T[t]`
   is the prompt token at the row's position + 1 (-1 where nothing is asked; its values are garbage). Returns the
   targets' logprobs [T] and ranks [T] (1 + the tokens more likely), and the num_top likeliest tokens [T, num_top]
-  with their logprobs. The logits are made
-  PROMPT_BLOCK rows at a time, so a long step's [T, V] float32 logits never exist whole. Compiled per T; steps whose
-  sequences score no prompt never call it."""
+  with their logprobs. The logits are made PROMPT_BLOCK rows at a time, so a long step's [T, V] float32 logits
+  never exist whole. Compiled per T; steps whose sequences score no prompt never call it."""
   model = nnx.merge(graphdef, params)
   T, D = h_TD.shape
   B = min(T, PROMPT_BLOCK)
