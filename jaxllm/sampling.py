@@ -219,13 +219,20 @@ class TokenHistory:
   in_prompt: jax.Array  # [B, V] bool
 
 
+def apply_if(pred, fn, x):
+  """fn(x) where `pred`, else x, for a cheap fn (masked scatters) whose result is as good as x when pred is False.
+  A conditional on CPU and TPU; on GPU fn always: XLA:GPU reads a conditional's predicate back to the host and
+  waits for it (~0.1 ms apiece on an H200, benchmarks/RESULTS.md), and the host cannot queue the next step meanwhile."""
+  return jax.lax.platform_dependent(x, default=lambda y: jax.lax.cond(pred, fn, lambda z: z, y), cuda=fn, rocm=fn)
+
+
 def process_logits(logits_BV, s: SamplingArrays, positions_B, history: TokenHistory | None = None,
                    history_rows_B: jax.Array | None = None):
   """Bias, penalties and the min_tokens mask applied to float32 logits (the distribution the token is drawn from).
 
-  Each stage runs under a `lax.cond` on whether any row uses it, so a batch without biases, penalties or a pending
-  min_tokens pays nothing for them; a skipped stage is the identity (a zero bias, a penalty of 1 / 0 and an empty
-  mask change no logit). With `history_rows_B`, row b reads history row history_rows_B[b] of a larger table (e.g.
+  Each stage runs under a `lax.cond` on whether any row uses it (`apply_if`: always on GPU), so a batch without
+  biases, penalties or a pending min_tokens pays nothing for them; a skipped stage is the identity (a zero bias, a
+  penalty of 1 / 0 and an empty mask change no logit). With `history_rows_B`, row b reads history row history_rows_B[b] of a larger table (e.g.
   the engine's [max_num_seqs, V] state); the gather happens inside the penalty branch only.
   """
   B, V = logits_BV.shape
@@ -253,11 +260,10 @@ def process_logits(logits_BV, s: SamplingArrays, positions_B, history: TokenHist
   def mask_stops(z_BV):
     return z_BV.at[rows_B1, jnp.where(hold, s.stop_ids, V)].set(-jnp.inf, mode="drop")
 
-  keep = lambda z_BV: z_BV  # noqa: E731
-  logits_BV = jax.lax.cond(jnp.any(s.bias_ids >= 0), add_bias, keep, logits_BV)
+  logits_BV = apply_if(jnp.any(s.bias_ids >= 0), add_bias, logits_BV)
   if history is not None:
-    logits_BV = jax.lax.cond(jnp.any(s.uses_penalties()), penalize, keep, logits_BV)
-  return jax.lax.cond(jnp.any(hold), mask_stops, keep, logits_BV)
+    logits_BV = apply_if(jnp.any(s.uses_penalties()), penalize, logits_BV)
+  return apply_if(jnp.any(hold), mask_stops, logits_BV)
 
 
 def _min_p_threshold(s: SamplingArrays, max_B1):
@@ -363,31 +369,49 @@ def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, hist
   `history_rows_B` (optional) maps batch rows to rows of a larger `history` table (see process_logits).
 
   Every optional stage (bias, penalties, min_tokens mask, the draw, the filter thresholds, the top-n logprobs) is a
-  `lax.cond` / `lax.switch` on the rows' settings: one compiled program serves every mix, and each stage costs
-  nothing in a batch that does not use it. The tokens are those of the straightforward sampler (every stage always
+  `lax.cond` / `lax.switch` on the rows' settings, under one that sends a batch using none of them to a bare argmax:
+  one compiled program serves every mix, and each stage costs nothing in a batch that does not use it. The tokens are those of the straightforward sampler (every stage always
   applied, a full sort for the filters) for the same seeds, the logprobs equal to float32 rounding.
   """
   logits_BV = logits_BV.astype(jnp.float32)
-  z_BV = process_logits(logits_BV, s, positions_B, history, history_rows_B)
-  greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
-  sampling_B = s.temperature > 0
-
-  def filtered_sample(z_BV):
-    scaled = z_BV / jnp.maximum(s.temperature, 1e-6)[:, None]
-    masked = jnp.where(scaled >= _threshold_B1(scaled, s), scaled, -jnp.inf)
-    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions_B)
-    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-
-  sampled_B = jax.lax.cond(jnp.any(sampling_B), filtered_sample, lambda _: greedy_B, z_BV)
-  tokens_B = jnp.where(sampling_B, sampled_B, greedy_B)
-  # log_softmax at the chosen token only: (x_t - max) - log(sum(exp(x - max))), log_softmax's own arithmetic.
-  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-  log_norm_B1 = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
-  chosen_B = (jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1) - max_B1 - log_norm_B1)[:, 0]
-  if not num_top:
-    return tokens_B, chosen_B
   B = logits_BV.shape[0]
-  top_lp, top_ids = jax.lax.cond(
-      jnp.any(s.num_logprobs > 0), lambda x: tuple(jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), num_top)),
-      lambda x: (jnp.zeros((B, num_top), x.dtype), jnp.zeros((B, num_top), jnp.int32)), logits_BV)
-  return tokens_B, chosen_B, top_ids.astype(jnp.int32), top_lp
+
+  def chosen_logprob(tokens_B):
+    # log_softmax at the chosen token only: (x_t - max) - log(sum(exp(x - max))), log_softmax's own arithmetic.
+    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    log_norm_B1 = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
+    return (jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1) - max_B1 - log_norm_B1)[:, 0]
+
+  def plain(_):
+    tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return tokens_B, chosen_logprob(tokens_B), jnp.zeros((B, num_top), jnp.int32), jnp.zeros((B, num_top), jnp.float32)
+
+  def general(_):
+    z_BV = process_logits(logits_BV, s, positions_B, history, history_rows_B)
+    greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
+    sampling_B = s.temperature > 0
+
+    def filtered_sample(z_BV):
+      scaled = z_BV / jnp.maximum(s.temperature, 1e-6)[:, None]
+      masked = jnp.where(scaled >= _threshold_B1(scaled, s), scaled, -jnp.inf)
+      keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions_B)
+      return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+
+    sampled_B = jax.lax.cond(jnp.any(sampling_B), filtered_sample, lambda _: greedy_B, z_BV)
+    tokens_B = jnp.where(sampling_B, sampled_B, greedy_B)
+    if not num_top:
+      return tokens_B, chosen_logprob(tokens_B), jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
+    top_lp, top_ids = jax.lax.cond(
+        jnp.any(s.num_logprobs > 0), lambda x: tuple(jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), num_top)),
+        lambda x: (jnp.zeros((B, num_top), x.dtype), jnp.zeros((B, num_top), jnp.int32)), logits_BV)
+    return tokens_B, chosen_logprob(tokens_B), top_ids.astype(jnp.int32), top_lp.astype(jnp.float32)
+
+  # A batch of greedy rows with nothing to apply (no bias, penalty, pending min_tokens or logprobs) takes the argmax
+  # of the logits: one conditional instead of one per stage (on XLA:GPU each conditional reads its predicate back to
+  # the host and waits for it, ~0.1 ms apiece on an H200; measured in benchmarks/RESULTS.md).
+  bare = (s.temperature <= 0) & jnp.all(s.bias_ids < 0, axis=-1) & (s.num_logprobs == 0)
+  bare &= ~jnp.any((positions_B < s.min_len)[:, None] & (s.stop_ids >= 0), axis=-1)
+  if history is not None:
+    bare &= ~s.uses_penalties()
+  tokens_B, chosen_B, top_ids, top_lp = jax.lax.cond(jnp.all(bare), plain, general, None)
+  return (tokens_B, chosen_B) if not num_top else (tokens_B, chosen_B, top_ids, top_lp)

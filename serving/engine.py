@@ -39,7 +39,7 @@ from flax import nnx, struct
 from jaxllm.layers.llama import Llama
 from jaxllm.layers.paged import PagedKVCache
 from jaxllm.pallas_kernels.kv_quant import QuantizedPages, kv_cache_dtype
-from jaxllm.sampling import SamplingArrays, TokenHistory, sample
+from jaxllm.sampling import SamplingArrays, TokenHistory, apply_if, sample
 from jaxllm.serving.config import EngineConfig, bucket, cdiv
 from jaxllm.serving.kv_cache import size_kv_cache
 from jaxllm.sharding.distributed import host_value
@@ -136,7 +136,8 @@ def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention
     counts = counts.at[b.slot_T, jnp.where(b.history_T == 2, tokens_T, V)].add(1, mode="drop")
     return TokenHistory(output_counts=counts, in_prompt=in_prompt)
 
-  history = jax.lax.cond(jnp.any(q.sampling.uses_penalties() & valid_S), record_inputs, lambda h: h, state.history)
+  # On GPU recorded for every sequence (apply_if): rows without penalties never read it, and a seated slot starts empty.
+  history = apply_if(jnp.any(q.sampling.uses_penalties() & valid_S), record_inputs, state.history)
   k, v = cache.stacked()
   return state.replace(k=k, v=v, history=history), h_SD, h_TD
 
@@ -163,10 +164,9 @@ def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW
   else:
     (tok_S, lp_S), top_ids, top_lp = drawn, jnp.zeros((S, 0), jnp.int32), jnp.zeros((S, 0), jnp.float32)
   into = jnp.where(b.sample_S & valid_S, b.slot_S, Z)
-  history = jax.lax.cond(
-      jnp.any(b.sampling.uses_penalties() & valid_S),
-      lambda h: h.replace(output_counts=h.output_counts.at[into, tok_S].add(1, mode="drop")), lambda h: h,
-      state.history)
+  history = apply_if(jnp.any(b.sampling.uses_penalties() & valid_S),
+                     lambda h: h.replace(output_counts=h.output_counts.at[into, tok_S].add(1, mode="drop")),
+                     state.history)
   state = state.replace(tokens=state.tokens.at[into].set(tok_S, mode="drop"), history=history)
   return state, StepResult(tokens=tok_S, logprobs=lp_S, top_ids=top_ids, top_logprobs=top_lp)
 
