@@ -232,8 +232,9 @@ def process_logits(logits_BV, s: SamplingArrays, positions_B, history: TokenHist
 
   Each stage runs under a `lax.cond` on whether any row uses it (`apply_if`: always on GPU), so a batch without
   biases, penalties or a pending min_tokens pays nothing for them; a skipped stage is the identity (a zero bias, a
-  penalty of 1 / 0 and an empty mask change no logit). With `history_rows_B`, row b reads history row history_rows_B[b] of a larger table (e.g.
-  the engine's [max_num_seqs, V] state); the gather happens inside the penalty branch only.
+  penalty of 1 / 0 and an empty mask change no logit). With `history_rows_B`, row b reads history row
+  history_rows_B[b] of a larger table (e.g. the engine's [max_num_seqs, V] state); the gather happens inside the
+  penalty branch only.
   """
   B, V = logits_BV.shape
   rows_B1 = jnp.arange(B)[:, None]
@@ -370,8 +371,9 @@ def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, hist
 
   Every optional stage (bias, penalties, min_tokens mask, the draw, the filter thresholds, the top-n logprobs) is a
   `lax.cond` / `lax.switch` on the rows' settings, under one that sends a batch using none of them to a bare argmax:
-  one compiled program serves every mix, and each stage costs nothing in a batch that does not use it. The tokens are those of the straightforward sampler (every stage always
-  applied, a full sort for the filters) for the same seeds, the logprobs equal to float32 rounding.
+  one compiled program serves every mix, and each stage costs nothing in a batch that does not use it. The tokens
+  are those of the straightforward sampler (every stage always applied, a full sort for the filters) for the same
+  seeds, the logprobs equal to float32 rounding.
   """
   logits_BV = logits_BV.astype(jnp.float32)
   B = logits_BV.shape[0]

@@ -14,6 +14,11 @@ the thread runs before its next step, and the scheduler's streaming callback han
 loop with `call_soon_threadsafe`. Requests are validated on the caller's thread first (the checks read only the
 engine's fixed configuration), so a bad request is an exception at `submit` and never reaches the engine thread.
 
+A multi-process server (`jaxllm.serving.multihost`) gives the loop a channel: each iteration's operations are also
+recorded as data (an add's request id, prompt, params and the seeds its samples got; a cancel's request ids) and
+published with whether the iteration steps, before the step is dispatched, so every process's scheduler replica
+applies the same operations and enters the same step.
+
 Admission counts samples (sequences: prompts x n), the unit that waits for a slot: a request is queued whole or not at
 all, against `max_waiting` samples waiting in the scheduler or submitted and not yet added. A request that could never
 fit (more samples than `max_waiting`) is a ValueError; one that does not fit now is an OverflowError.
@@ -26,9 +31,13 @@ import collections
 import dataclasses
 import threading
 import time
+import types
 from typing import Callable
 
+import numpy as np
+
 from jaxllm.sampling import SamplingParams
+from jaxllm.serving import multihost
 from jaxllm.serving.scheduler import FINISHED, Request, Scheduler
 
 
@@ -74,8 +83,11 @@ class RequestStream:
 
 class EngineLoop:
 
-  def __init__(self, scheduler: Scheduler, max_waiting: int | None = None):
+  def __init__(self, scheduler: Scheduler, max_waiting: int | None = None, channel: multihost.Channel | None = None):
     self.scheduler = scheduler
+    # Multi-process serving: each iteration's operations and step go to the other processes' scheduler replicas
+    # first (`jaxllm.serving.multihost`).
+    self.channel = channel
     self.max_waiting = max_waiting  # samples queued for a slot beyond which `submit_all` refuses (None: no cap)
     self._ops: collections.deque = collections.deque()
     self._wake = threading.Condition()
@@ -147,7 +159,11 @@ class EngineLoop:
       with self._wake:
         self._pending -= samples
         self.num_waiting = len(self.scheduler.waiting)
+      if self.channel is not None:  # what the other processes replay
+        return "add", [(stream.request_id, np.asarray(ids, np.int32), params, [r.seed for r in stream.requests])
+                       for stream, ids, params, _, _ in adds]
 
+    add.streams = [(stream, loop) for stream, *_ in adds]  # answered by `fail` if the engine dies before adding
     self._call(add)
     return streams
 
@@ -171,8 +187,10 @@ class EngineLoop:
     """Ends every unfinished sample of the request (queued, running or in flight); its pages are freed."""
 
     def cancel():
-      for r in stream.requests:
-        self.scheduler.cancel(r.request_id)
+      ids = [r.request_id for r in stream.requests]
+      for request_id in ids:
+        self.scheduler.cancel(request_id)
+      return "cancel", ids
 
     self._call(cancel)
 
@@ -203,25 +221,45 @@ class EngineLoop:
           ops = list(self._ops)
           self._ops.clear()
           stopping, drain = self._stopping, self._drain
-        for op in ops:
-          op()
+        records = [r for r in (op() for op in ops) if r is not None]
         if stopping and not drain:
-          for req in list(sched.requests.values()):
-            sched.cancel(req.request_id)
+          ids = list(sched.requests)
+          for request_id in ids:
+            sched.cancel(request_id)
+          records.append(("cancel", ids))
         self._count()  # cancels show at once, not a step later
-        if sched.has_work():
+        step = sched.has_work()
+        with self._wake:
+          done = stopping and not step and not self._ops
+        if self.channel is not None and (records or step or done):  # first: the others enter the step too
+          self.channel.publish({"ops": records, "step": step, "exit": done})
+        if step:
           start = time.perf_counter()
           sched.step()
           if self.on_step is not None:
             self.on_step(time.perf_counter() - start)
         self._count()
-        if stopping and not sched.has_work() and not self._ops:
+        if done:
           return
     except BaseException as e:  # noqa: BLE001 - reported to every caller instead of dying silently
-      self.error = e
-      for req in list(sched.requests.values()):
-        if req.on_update is not None and not req.finished:
-          req.finish_reason = "abort"
-          req.status = FINISHED
-          req.on_update(req, "")
+      self.fail(e)
       raise
+
+  def fail(self, error: BaseException) -> None:
+    """The engine is gone (its thread raised, or another process of a multi-process server died while this thread
+    may be blocked in a collective): every unfinished request ends "abort" and no new one is taken."""
+    if self.error is None:
+      self.error = error
+    with self._wake:
+      ops = list(self._ops)
+      self._ops.clear()
+    for op in ops:  # requests submitted but not added yet: each sample ends the same way
+      for stream, loop in getattr(op, "streams", ()):
+        for k in range(stream.n):
+          gone = types.SimpleNamespace(index=k, finish_reason="abort", finished=True, output_ids=[])
+          loop.call_soon_threadsafe(stream._push, Update(k, "", True, gone))
+    for req in list(self.scheduler.requests.values()):
+      if req.on_update is not None and not req.finished:
+        req.finish_reason = "abort"
+        req.status = FINISHED
+        req.on_update(req, "")

@@ -26,8 +26,8 @@ from aiohttp import web
 from jaxllm import tool_calls
 from jaxllm.sampling import SamplingParams
 from jaxllm.serving import protocol
-from jaxllm.serving.server import (APIError, _body, _chat_prompt_ids, _check_model, _finish_reason, _grammar,
-                                   _max_tokens, _run, _server, _submit, _ToolCalls)
+from jaxllm.serving.server import (OPEN_SSE, APIError, _body, _chat_prompt_ids, _check_model, _finish_reason,
+                                   _grammar, _max_tokens, _run, _server, _submit, _ToolCalls)
 from jaxllm.structured_outputs import StructuredOutputsParams
 
 RESPONSES_KEPT = 1000  # stored responses (for previous_response_id and GET), oldest dropped first ...
@@ -229,6 +229,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
   http = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
   await http.prepare(request)
   events = _Events(http)
+  request[OPEN_SSE] = events  # an error from here on (the engine stopped) is this stream's last event
   await events.send("response.created", response=response("in_progress", []))
   await events.send("response.in_progress", response=response("in_progress", []))
   full: list[str] = []
@@ -262,6 +263,13 @@ class _Events:
     self.items: list[dict] = []  # the output, in order, as the client has rebuilt it
     self.open: dict | None = None
     self.calls: dict[int, dict] = {}  # a call's index in the sample -> its item
+
+  async def error(self, body: dict) -> web.StreamResponse:
+    """The Responses API's `error` event (an `APIError`'s body) closes the stream."""
+    e = body["error"]
+    await self.send("error", code=str(e["code"]), message=e["message"], param=e["param"])
+    await self.http.write_eof()
+    return self.http
 
   async def send(self, kind: str, **fields):
     data = json.dumps({"type": kind, "sequence_number": self.seq, **fields}, ensure_ascii=False)

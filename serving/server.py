@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from jaxllm import tool_calls
 from jaxllm.sampling import SamplingParams
-from jaxllm.serving import protocol
+from jaxllm.serving import multihost, protocol
 from jaxllm.serving.config import EngineConfig
 from jaxllm.serving.engine_loop import EngineLoop, RequestStream
 
@@ -50,7 +50,10 @@ log = logging.getLogger("jaxllm.serve")
 SERVER = web.AppKey("server", object)
 BULK_BODY = 1 << 20  # bodies of this many bytes and more are a bulk request: their text work runs on the bulk workers
 _BULK = contextvars.ContextVar("jaxllm_bulk", default=False)  # set by `_body` for the handler's task
-STREAMS = "jaxllm.streams"  # request key: the RequestStreams a request submitted (cancelled if its client goes away)
+_request_key = getattr(web, "RequestKey", lambda name, _: name)  # typed keys from aiohttp 3.12 (plain str before)
+OPEN_SSE = _request_key("jaxllm.sse", object)  # request key: its event stream, once the response has started
+# request key: the RequestStreams a request submitted (cancelled if its client goes away)
+STREAMS = _request_key("jaxllm.streams", list)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,8 +95,11 @@ class APIError(Exception):
     super().__init__(message)
     self.status, self.message, self.type, self.param = status, message, type_, param
 
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
   def response(self) -> web.Response:
-    body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+    body = self.body()
     headers = {"Retry-After": "1"} if self.status == 503 else None  # overloaded or starting: clients back off, retry
     return web.json_response(body, status=self.status, headers=headers)
 
@@ -165,6 +171,17 @@ def _as_ids(ids: np.ndarray):
   return ids.tolist() if len(ids) <= LIST_MAX else ids
 
 
+def load_llm(c: ServerConfig, mesh=None, layout: str = "tp"):
+  """The server's `LLM` (every process of a multi-process server loads the same one)."""
+  from jaxllm import LLM
+
+  llm = LLM(c.model, dtype=c.dtype, quantization=c.quantization, tokenizer=c.tokenizer, seed=c.seed, mesh=mesh,
+            layout=layout, engine_config=c.engine)
+  if llm.tokenizer is None:
+    raise ValueError(f"{c.model} has no tokenizer; pass --tokenizer.")
+  return llm
+
+
 class Server:
   """The model, tokenizer and engine loop behind the HTTP handlers. `load()` runs off the event loop."""
 
@@ -178,6 +195,8 @@ class Server:
     self.load_thread: threading.Thread | None = None
     self.connections = lambda: []  # the open HTTP connections' handlers, once `serve` listens
     self.load_error: str | None = None
+    self.channel = None  # a multi-process server's channel to the other processes (`multihost.Channel`)
+    self._lost_error: BaseException | None = None
     self.metrics = Metrics(self)
     self._rng = np.random.default_rng(config.seed)
     # Text work (JSON parsing, chat templates, tokenization) runs on the text workers, never on the event loop: a
@@ -200,14 +219,9 @@ class Server:
     return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
 
   def load(self) -> None:
-    from jaxllm import LLM
-
     c = self.config
     try:
-      llm = LLM(c.model, dtype=c.dtype, quantization=c.quantization, tokenizer=c.tokenizer, seed=c.seed,
-                mesh=self.mesh, layout=self.layout, engine_config=c.engine)
-      if llm.tokenizer is None:
-        raise ValueError(f"{c.model} has no tokenizer; pass --tokenizer.")
+      llm = load_llm(c, self.mesh, self.layout)
       self.llm, self.tokenizer, self.max_model_len = llm, llm.tokenizer, llm.max_model_len
       # Short texts are encoded on the text worker that asks (the library's own thread pool is off: no threads
       # beside those the server sizes); long ones in the tokenizer process.
@@ -221,19 +235,31 @@ class Server:
         llm.warmup()
       if self.state == "stopped":  # SIGTERM arrived meanwhile: `serve` has returned
         return
+      # Several processes: ready once every one is (they load and warm up the same programs), then each iteration
+      # of the engine loop goes to the others first (`multihost`).
+      multihost.ready_barrier("jaxllm serve: every process loaded")
+      self.channel = multihost.Channel(on_lost=self._lost) if multihost.process_count() > 1 else None
       # Everything loaded so far (jax, the model, compiled programs: ~10^6 objects) lives as long as the server: move
       # it out of the collector's sight, or every full collection walks it all with the GIL held (100-220 ms seen,
       # a stall of every stream and /health).
       gc.collect()
       gc.freeze()
-      self.loop = EngineLoop(llm.scheduler, max_waiting=c.max_waiting)
+      self.loop = EngineLoop(llm.scheduler, max_waiting=c.max_waiting, channel=self.channel)
       self.loop.on_step = self.metrics.step.observe
       self.loop.start()
+      if self._lost_error is not None:  # a process died before the loop existed
+        self.loop.fail(self._lost_error)
       self.state = "ready"
       log.info("ready: %r", llm)
     except Exception as e:  # noqa: BLE001 - reported by /health and the log, the process stays up to say so
       self.state, self.load_error = "failed", f"{type(e).__name__}: {e}"
       log.error("loading %s failed: %s", c.model, self.load_error)
+
+  def _lost(self, process_id: int) -> None:
+    """A multi-process server's process `process_id` died: the engine cannot step any more (on a watcher thread)."""
+    self._lost_error = RuntimeError(f"process {process_id} of this multi-process server is gone")
+    if self.loop is not None:
+      self.loop.fail(self._lost_error)
 
   def pages_used(self) -> float:
     if self.loop is None:
@@ -469,6 +495,7 @@ class _SSE:
     self.response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
   async def open(self):
+    self.request[OPEN_SSE] = self
     await self.response.prepare(self.request)
 
   async def send(self, payload) -> None:
@@ -479,6 +506,11 @@ class _SSE:
     await self.send("[DONE]")
     await self.response.write_eof()
     return self.response
+
+  async def error(self, body: dict) -> web.StreamResponse:
+    """An `APIError`'s body as the stream's last event, then [DONE]."""
+    await self.send(body)
+    return await self.close()
 
 
 async def _run(server: Server, streams: list[RequestStream], on_update) -> None:
@@ -496,6 +528,9 @@ async def _run(server: Server, streams: list[RequestStream], on_update) -> None:
   try:
     while open_samples:
       i, u = await queue.get()
+      if u.finished and u.request.finish_reason == "abort" and server.loop.error is not None:
+        # The engine stopped under the request (e.g. another process of a multi-process server died): no answer.
+        raise APIError(503, f"the engine stopped: {server.loop.error!r}", "service_unavailable")
       open_samples -= u.finished
       await on_update(i, u)
   finally:
@@ -867,7 +902,11 @@ async def errors_and_auth(request: web.Request, handler):
     return await handler(request)
   except APIError as e:
     server.metrics.requests.labels(_endpoint(request), str(e.status)).inc()
-    return e.response()
+    sse = request.get(OPEN_SSE)
+    if sse is None:
+      return e.response()
+    # A stream whose 200 is sent already: the error as its last event (vLLM's way), then the end of the stream.
+    return await sse.error(e.body())
   except web.HTTPException as e:  # aiohttp's own 404 / 405 / 413, in OpenAI's error shape
     if e.status < 400:
       raise
@@ -1009,7 +1048,15 @@ async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event 
     print(f"jaxllm serve: ready on http://{c.host}:{port} — try:\n  curl http://{c.host}:{port}/v1/chat/completions "
           "-H 'Content-Type: application/json' -d '{\"messages\": [{\"role\": \"user\", \"content\": "
           "\"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}'", flush=True)
+  watch = asyncio.ensure_future(_stop_when_engine_dies(server, stop)) if server.channel is not None else None
   await stop.wait()
+  if watch is not None:
+    watch.cancel()
+  if server.loop is not None and server.loop.error is not None and server.channel is not None:
+    server.state, server.load_error = "failed", f"the engine stopped: {server.loop.error!r}"
+    log.error("%s; exiting", server.load_error)
+    await _close(listener, runner, server)
+    return
   server.state = "draining"
   log.info("draining: finishing in-flight requests (at most %g s)", c.drain_timeout)
   if server.loop is not None:
@@ -1017,7 +1064,18 @@ async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event 
     if server.loop.alive:
       log.warning("drain timeout: cancelling %d unfinished requests", server.loop.num_running + server.loop.queued)
       await asyncio.to_thread(server.loop.stop, False)
+    if server.loop.error is not None and server.channel is not None:  # another process died while draining
+      server.state, server.load_error = "failed", f"the engine stopped: {server.loop.error!r}"
   await _close(listener, runner, server)
+
+
+async def _stop_when_engine_dies(server: Server, stop: asyncio.Event, poll: float = 0.2, grace: float = 1.0) -> None:
+  """A multi-process server cannot go on without its engine (another process died, say): once the engine thread
+  has stopped, give the handlers it woke `grace` seconds to send their 503s, then stop the server."""
+  while server.loop.alive:
+    await asyncio.sleep(poll)
+  await asyncio.sleep(grace)
+  stop.set()
 
 
 async def _close(listener, runner, server: Server | None = None) -> None:

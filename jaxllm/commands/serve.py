@@ -13,7 +13,8 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0:
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
 _MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Sequences (prompts x n) waiting for a slot beyond which a "
-                                     "request is answered 503 (queued whole or not at all; one asking for more is 400).")
+                                     "request is answered 503 (queued whole or not at all; one asking for more is "
+                                     "400).")
 _MAX_STOP_STRINGS = flags.DEFINE_integer("max_stop_strings", 64, "Stop strings a request may send (each is searched "
                                          "for after every token it generates).")
 _MAX_STOP_CHARS = flags.DEFINE_integer("max_stop_chars", 4096, "Total characters of a request's stop strings.")
@@ -50,14 +51,28 @@ def main(argv):
     mesh, layout = device_flags.setup()
   except ValueError as e:
     fail(str(e))
+  import os
+  import sys
+
+  from jaxllm.serving import multihost
+
+  if not device_flags.is_primary():  # a multi-process server: process 0 serves HTTP, this one follows its steps
+    status = multihost.serve_follower(config, mesh, layout)
+    if status:  # process 0 (or another) is gone: no orderly distributed shutdown to wait for
+      logging.shutdown()
+      os._exit(status)
+    return
   server = Server(config, mesh, layout)
   asyncio.run(serve(server))
+  if server.state == "failed" and multihost.process_count() > 1:
+    # Another process died, or this one failed to load: no orderly distributed shutdown to wait for (its barrier
+    # would wait minutes for the missing process), and the others exit when this one's channel closes.
+    print(f"error: {server.load_error}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
   if server.state == "failed":
     fail(server.load_error)
   if server.state == "stopped":  # signalled while loading / warming up: the load thread may be inside XLA
-    import os
-    import sys
-
     logging.shutdown()
     sys.stdout.flush()
     os._exit(0)
