@@ -53,6 +53,25 @@ def matmul_tflops(dtype: str = "float32") -> float:
   return 2 * n**3 / best / 1e12
 
 
+def median_ms(fn, *args, reps: int) -> float:
+  """Milliseconds per call of a jitted fn: the median over `reps` rounds, after a compile + warm-up call. A round is
+  as many back-to-back calls as fill ~20 ms, so sub-millisecond calls are not one timer read each."""
+  import jax
+
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  calls = max(1, int(0.02 / max(time.perf_counter() - start, 1e-6)))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / calls)
+  return float(np.median(times)) * 1e3
+
+
 def decode_batch(eng, slots: int, context: int):
   """An engine step batch of `slots` sequences each decoding one token at `context` (distinct pages each, greedy)."""
   from jaxllm.sampling import SamplingArrays

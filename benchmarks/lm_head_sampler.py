@@ -27,21 +27,6 @@ import numpy as np
 import common
 
 
-def median_ms(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  calls = max(1, int(0.02 / max(time.perf_counter() - start, 1e-6)))
-  rounds = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    rounds.append((time.perf_counter() - start) / calls)
-  return float(np.median(rounds)) * 1e3
-
-
 def hlo_facts(compiled_text: str, V: int, D: int, dtype) -> str:
   """Whether the optimized HLO of a model in a narrower dtype makes a float32 [V, D] / [D, V] weight outside a GEMM
   fusion (an upcast materialized before the GEMM; inside one the convert happens as the tiles load), and how many
@@ -117,7 +102,7 @@ def main():
     ]
     for name, fn, a in stages:
       print(f"{name}, {rows} rows: {time.strftime('%T')}", flush=True)
-      ms = median_ms(fn, *a, reps=args.reps)
+      ms = common.median_ms(fn, *a, reps=args.reps)
       facts = hlo_facts(fn.lower(*a).compile().as_text(), V, D, dtype) if name.startswith("LM head") else ""
       lines.append(f"| {name} | {rows} | {ms:.3f} | {facts} |")
       print(lines[-1], flush=True)
@@ -126,7 +111,7 @@ def main():
     st, hs, _ = eng.forward(st, batch)
     pick = jax.jit(engine_lib.pick, static_argnums=0, static_argnames="num_top")  # not donating: rerun on st
     compiled = pick.lower(eng.graphdef, eng.params, st, hs, batch.seqs, num_top=num_top).compile()
-    ms = median_ms(lambda: compiled(eng.params, st, hs, batch.seqs)[1].tokens, reps=args.reps)
+    ms = common.median_ms(lambda: compiled(eng.params, st, hs, batch.seqs)[1].tokens, reps=args.reps)
     text = compiled.as_text()
     if args.hlo_dir:
       os.makedirs(args.hlo_dir, exist_ok=True)

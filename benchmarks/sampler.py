@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,23 +38,6 @@ CASES = {
     "logprobs=5": (dict(temperature=1.0), 5, 5),
 }
 PATHS = ("max", "top_k", "sort")
-
-
-def median_ms(fn, *args, reps: int) -> float:
-  """Milliseconds per call of a jitted fn: the median over `reps` rounds, after a compile + warm-up call. A round is
-  as many back-to-back calls as fill ~20 ms, so sub-millisecond calls are not one timer read each."""
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  calls = max(1, int(0.02 / (time.perf_counter() - start)))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / calls)
-  return float(np.median(times)) * 1e3
 
 
 def inputs(B: int, V: int, settings: dict, num_logprobs: int):
@@ -83,8 +65,10 @@ def main():
     for case, (settings, num_logprobs, num_top) in CASES.items():
       logits, s, positions, history = inputs(B, V, settings, num_logprobs)
       path = "greedy" if not np.any(np.asarray(s.temperature) > 0) else PATHS[int(filter_path(s, V))]
-      t_fast = median_ms(lambda *a: fast(*a, num_top=num_top), logits, s, positions, history, reps=args.reps)
-      t_ref = median_ms(lambda *a: reference(*a, num_top=num_top), logits, s, positions, history, reps=args.reps)
+      t_fast = common.median_ms(lambda *a: fast(*a, num_top=num_top), logits, s, positions, history,
+                                reps=args.reps)
+      t_ref = common.median_ms(lambda *a: reference(*a, num_top=num_top), logits, s, positions, history,
+                               reps=args.reps)
       rows.append((case, B, path, t_fast, t_ref))
       print(f"{case} B={B}: {t_fast:.2f} ms vs {t_ref:.2f} ms", file=sys.stderr)
   device = jax.devices()[0].device_kind
