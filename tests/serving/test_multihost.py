@@ -1,7 +1,8 @@
 """`jaxllm serve` over two processes x 4 CPU devices (`jax.distributed` on loopback), driven by the official `openai`
 client against process 0: the same greedy text as a one-process server, streamed and not; 64 concurrent streams,
 half of them hung up on, leave every KV page free on both processes; SIGTERM to process 0 drains and both exit 0;
-SIGKILL of the follower turns in-flight requests into 503s at once and process 0 exits non-zero.
+SIGKILL of the follower turns in-flight requests into 503s at once and process 0 exits non-zero; SIGKILL of
+process 0 makes the follower exit non-zero.
 
 A tiny random Llama (transformers' save_pretrained) with SmolLM2's tokenizer keeps it short; programs compile on
 first use (--nowarmup), in both processes alike."""
@@ -158,6 +159,18 @@ def test_a_killed_follower_turns_in_flight_requests_into_503s_and_process_0_exit
     assert answered < 5
     assert cluster.procs[0].wait(timeout=60) != 0
     assert "the engine stopped" in cluster.log(0)
+  finally:
+    cluster.kill()
+
+
+def test_a_lost_process_0_makes_the_follower_exit(tmp_path, tiny_model):  # noqa: F811
+  cluster = Cluster(tiny_model, "model=8", tmp_path)
+  try:
+    cluster.procs[0].kill()
+    killed = time.time()
+    assert cluster.procs[1].wait(timeout=60) != 0
+    assert time.time() - killed < 30
+    assert "process 0 is gone" in cluster.log(1), cluster.log(1)[-3000:]
   finally:
     cluster.kill()
 
