@@ -23,7 +23,7 @@ import pytest
 from jaxllm.serving.config import EngineConfig
 from jaxllm.serving.server import ServerConfig
 from tests.serving.conftest import serving
-from tests.serving.test_score_job import _free_port, tiny_model  # noqa: F401  (a fixture)
+from tests.serving.test_score_job import _free_port
 
 ENGINE = ["--max_model_len", "256", "--max_num_seqs", "8", "--max_num_batched_tokens", "64"]
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,"]
@@ -91,7 +91,7 @@ def answers(client) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_process_answers(tiny_model):  # noqa: F811
+def one_process_answers(tiny_model):
   from openai import OpenAI
 
   config = ServerConfig(model=tiny_model, port=0, warmup=False, served_model_name="tiny",
@@ -100,7 +100,7 @@ def one_process_answers(tiny_model):  # noqa: F811
     return answers(OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="unused", max_retries=0))
 
 
-def test_two_processes_serve_the_one_process_answers_and_drain_on_sigterm(tmp_path, tiny_model,  # noqa: F811
+def test_two_processes_serve_the_one_process_answers_and_drain_on_sigterm(tmp_path, tiny_model,
                                                                           one_process_answers):
   cluster = Cluster(tiny_model, "model=8", tmp_path)
   try:
@@ -138,7 +138,7 @@ def test_two_processes_serve_the_one_process_answers_and_drain_on_sigterm(tmp_pa
 
 
 def test_a_killed_follower_turns_in_flight_requests_into_503s_and_process_0_exits_non_zero(
-    tmp_path, tiny_model, one_process_answers):  # noqa: F811
+    tmp_path, tiny_model, one_process_answers):
   cluster = Cluster(tiny_model, "data=2,model=4", tmp_path)
   try:
     client = cluster.client()
@@ -163,7 +163,7 @@ def test_a_killed_follower_turns_in_flight_requests_into_503s_and_process_0_exit
     cluster.kill()
 
 
-def test_a_lost_process_0_makes_the_follower_exit(tmp_path, tiny_model):  # noqa: F811
+def test_a_lost_process_0_makes_the_follower_exit(tmp_path, tiny_model):
   cluster = Cluster(tiny_model, "model=8", tmp_path)
   try:
     cluster.procs[0].kill()

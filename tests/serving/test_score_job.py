@@ -20,25 +20,6 @@ from tests.serving.test_scoring import varied_records
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-  import torch
-  import transformers
-
-  from jaxllm import default_model
-  from jaxllm.tokenizer import load_tokenizer
-
-  path = tmp_path_factory.mktemp("tiny-smollm-vocab")
-  torch.manual_seed(0)
-  config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
-                                    max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-                                    bos_token_id=1, eos_token_id=2)
-  transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
-  load_tokenizer(default_model.gguf_path()).save(path)
-  return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_llm(tiny_model):
   from jaxllm import LLM
 
