@@ -73,12 +73,14 @@ def median_ms(fn, *args, reps: int) -> float:
 
 
 def decode_batch(eng, slots: int, context: int):
-  """An engine step batch of `slots` sequences each decoding one token at `context` (distinct pages each, greedy)."""
+  """An engine step batch of `slots` sequences each decoding one token at `context` (distinct pages each, greedy),
+  dealt round-robin over the engine's data-parallel replicas."""
   from jaxllm.sampling import SamplingArrays
   from jaxllm.serving.engine import Row
 
-  n = -(-(context + 1) // eng.config.page_size)
-  return eng.build([Row(slot=i, start=context, tokens=[None], pages=list(range(1 + i * n, 1 + (i + 1) * n)),
+  n, D = -(-(context + 1) // eng.config.page_size), eng.num_replicas
+  return eng.build([Row(slot=i // D, replica=i % D, start=context, tokens=[None],
+                        pages=list(range(1 + (i // D) * n, 1 + (i // D + 1) * n)),
                         sampling=SamplingArrays.create(1, temperature=0.0), sample=True) for i in range(slots)])
 
 

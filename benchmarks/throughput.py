@@ -16,6 +16,7 @@ floor the step's FLOPs / measured matmul FLOP/s.
 
     python benchmarks/throughput.py [--num_prompts 64] [--max_num_seqs 32] [--variants f32,int8,kv-int8]
     python benchmarks/throughput.py --preset llama3-8b --variants bf16,bf16+int8 --max_num_seqs 64 --num_prompts 256
+    python benchmarks/throughput.py --replicas data=2,model=4 --max_num_seqs 16   # data-parallel replicas vs one
 """
 
 import argparse
@@ -106,8 +107,6 @@ def decode_step_seconds(llm, slots, context):
   the step's forward and sampler programs, warm, best of 5."""
   import jax
 
-  from jaxllm.serving import engine as engine_lib
-
   eng = llm.engine
   batch = common.decode_batch(eng, slots, context)
   st = eng.init_state()
@@ -123,28 +122,82 @@ def decode_step_seconds(llm, slots, context):
 
   for _ in range(5):  # the whole step, then its two programs on their own (the per-stage profile)
     st, r = timed("step", eng.step, st, batch)
-    st, h, _ = timed("forward", engine_lib._forward, eng.graphdef, eng.params, st, batch,
-                  attention_impl=eng.config.attention_impl)
-    st, r = timed("pick", engine_lib._pick, eng.graphdef, eng.params, st, h, batch.seqs,
-                  num_top=eng.config.num_top_logprobs)
+    st, h, _ = timed("forward", eng.forward, st, batch)
+    st, r = timed("pick", eng.pick, st, h, batch.seqs)
   del st
-  return best, batch.tokens_T.shape[0]
+  return best, batch.tokens_T.shape[0] // eng.num_replicas
 
 
 def dump_forward_hlo(llm, slots, context, path) -> None:
   """Writes the optimized HLO of one decode step's forward program (`slots` sequences at `context`) to `path`: where
   a step's time goes beyond the weights is read there (e.g. per-layer copies of the stacked weights out of a scan, a
   convert of 8-bit weights materialized before the GEMM)."""
+  eng = llm.engine
+  with open(path, "w") as f:
+    f.write(forward_program(eng, slots, context).as_text())
+
+
+def forward_program(eng, slots, context):
+  """The compiled forward program of a decode step of `slots` sequences at `context` (per device, under SPMD)."""
   import jax
 
   from jaxllm.serving import engine as engine_lib
 
-  eng = llm.engine
-  compiled = engine_lib._forward.lower(eng.graphdef, eng.params, jax.eval_shape(eng.init_state),
-                                       common.decode_batch(eng, slots, context),
-                                       attention_impl=eng.config.attention_impl).compile()
-  with open(path, "w") as f:
-    f.write(compiled.as_text())
+  return engine_lib._forward.lower(eng.graphdef, eng.params, jax.eval_shape(eng.init_state),
+                                   common.decode_batch(eng, slots, context), mesh=eng.mesh,
+                                   attention_impl=eng.config.attention_impl).compile()
+
+
+def program_flops(compiled) -> float:
+  """FLOPs of one device's program, from XLA's cost analysis (a dict, or a list of one in older jax)."""
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))
+
+
+def replica_table(args) -> list[str]:
+  """Data-parallel replicas: the same load (--max_num_seqs sequences decoding at --step_context, then the workload)
+  on one replica of the model's sharding (`--replicas`' mesh with data=1, on the first devices) and on `--replicas`.
+  Each replica steps only its own sequences: the rows a device's program computes, and its FLOPs, divide by D."""
+  import jax
+
+  from jaxllm import LLM
+  from jaxllm.sharding import make_mesh, parse_mesh
+
+  axes = parse_mesh(args.replicas)
+  D = axes.get("data", 1)
+  one = dict(axes, data=1)
+  size = int(np.prod(list(one.values())))
+  max_len = args.max_input + args.max_output + 16
+  rows, prompts = [], None
+  for label, mesh in ((",".join(f"{k}={v}" for k, v in one.items()), make_mesh(one, jax.devices()[:size])),
+                      (args.replicas, make_mesh(axes))):
+    llm = LLM("default", mesh=mesh, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    eng = llm.engine
+    if prompts is None:
+      prompts, outs = workload(np.random.default_rng(args.seed), args.num_prompts, llm.config.vocab_size, args)
+    times, T = decode_step_seconds(llm, args.max_num_seqs, args.step_context)
+    flops = program_flops(forward_program(eng, args.max_num_seqs, args.step_context))
+    seconds, _ = run_ours(llm, prompts, outs)
+    steps = llm.scheduler.num_steps // 2  # run_ours ran the workload twice (the first compiles)
+    rows.append((label, eng.num_replicas, eng.num_replicas * eng.config.max_num_seqs, T, flops, times["step"],
+                 eng.num_pages - 1, steps, seconds))
+    print(rows[-1], flush=True)
+    del llm, eng
+  device = common.device_name()
+  return [f"### throughput.py --replicas — {datetime.date.today()} — {device} x {len(jax.devices())} — "
+          f"jax {jax.__version__}", "",
+          f"SmolLM2-135M-Instruct (q8_0) on one replica vs {D} data-parallel replicas. Decode step: "
+          f"{args.max_num_seqs} sequences decoding at context {args.step_context}, dealt round-robin over the "
+          f"replicas. Workload: {args.num_prompts} requests as in the main table (greedy), all queued at once. "
+          "'rows / replica' is the step's token bucket per replica; 'forward GFLOP / device' is XLA's cost "
+          "analysis of one device's forward program. Step and workload times are wall time on this machine "
+          "(on a CPU the devices share its cores: only the ratios of rows, FLOPs and steps carry over).", "",
+          "| mesh | replicas | slots | rows / replica | forward GFLOP / device | step ms | KV pages / replica | "
+          "workload steps | workload s |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"] + [
+          f"| {m} | {d} | {z} | {t} | {f / 1e9:.3f} | {s * 1e3:.1f} | {p} | {n} | {w:.1f} |"
+          for m, d, z, t, f, s, p, n, w in rows] + [""]
 
 
 def step_flops(mc, rows, context):
@@ -216,8 +269,20 @@ def main():
                   "in the first variant's dtype, on the GPU when torch sees one")
   ap.add_argument("--variants", default="f32", help="comma-separated weight / KV-cache variants, each run on the "
                   f"same workload: {', '.join(VARIANTS)}")
+  ap.add_argument("--replicas", default=None, help="a mesh with a data axis, e.g. data=2,model=4: compare its "
+                  "data-parallel replicas with one replica of the same sharding on the same load (only this table; "
+                  "on CPU the devices are simulated: XLA_FLAGS gets their count)")
   ap.add_argument("--results", default=common.RESULTS)
   args = ap.parse_args()
+  if args.replicas:
+    from jaxllm.sharding import parse_mesh
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+      count = int(np.prod(list(parse_mesh(args.replicas).values())))
+      os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    common.publish(replica_table(args), args.results)
+    return
   unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
   if unknown:
     ap.error(f"unknown --variants {unknown}; choose from {', '.join(VARIANTS)}")

@@ -175,8 +175,9 @@ class LLM:
             f"{self.quantization + ' weights, ' if self.quantization else ''}layers={c.num_layers}, "
             f"heads={c.num_heads}/{c.num_kv_heads}, max_model_len={self.max_model_len}, "
             f"KV cache: {self.engine.num_pages - 1} pages x {e.page_size} tokens of {self.engine.kv_dtype}, "
-            f"max_num_seqs={e.max_num_seqs}, "
-            f"max_num_batched_tokens={e.max_num_batched_tokens}, prefix caching {'on' if e.enable_prefix_caching else 'off'}"
+            f"max_num_seqs={e.max_num_seqs}, max_num_batched_tokens={e.max_num_batched_tokens}, "
+            + (f"each of {self.engine.num_replicas} data-parallel replicas, " if self.engine.num_replicas > 1 else "")
+            + f"prefix caching {'on' if e.enable_prefix_caching else 'off'}"
             + (f", mesh={dict(self.mesh.shape)}, layout={self.layout}, KV: {self.kv_placement.note}"
                if self.mesh is not None else "") + ")")
 

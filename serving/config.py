@@ -29,12 +29,14 @@ def _field(default, help_: str):
 class EngineConfig:
   max_model_len: int | None = _field(None, "Prompt + generated tokens per sequence (default: the model's context "
                                      "length).")
-  max_num_seqs: int = _field(32, "Sequences running together (decoding or being prefilled).")
-  max_num_batched_tokens: int = _field(512, "Tokens one engine step computes: a decode token per running sequence "
-                                       "plus prefill chunks; longer prompts are prefilled in chunks across steps.")
+  max_num_seqs: int = _field(32, "Sequences running together (decoding or being prefilled), per data-parallel "
+                             "replica.")
+  max_num_batched_tokens: int = _field(512, "Tokens one engine step computes per data-parallel replica: a decode "
+                                       "token per running sequence plus prefill chunks; longer prompts are "
+                                       "prefilled in chunks across steps.")
   page_size: int = _field(16, "Tokens per KV-cache page.")
-  num_pages: int | None = _field(None, "KV-cache pages, one of them scratch (default: from "
-                                 "kv_cache_memory_fraction).")
+  num_pages: int | None = _field(None, "KV-cache pages per data-parallel replica, one of them scratch (default: "
+                                 "from kv_cache_memory_fraction).")
   kv_cache_memory_fraction: float | None = _field(None, "Fraction of free device memory for the KV cache (default "
                                                   "0.9 on GPU/TPU; on CPU min(4 GiB, half the free RAM)).")
   kv_cache_dtype: str = _field("auto", "KV-cache storage: auto (the model's dtype), int8 or fp8 (float8_e4m3fn), "

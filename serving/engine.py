@@ -23,6 +23,14 @@ while the device runs `forward`); other steps pass none and pay nothing for it. 
 [S] rows, so a new request never recompiles; the only per-slot device state is the last sampled
 token and the penalties' token history, which a step touches only when a sequence in it uses penalties. The state is
 donated: the KV pages are updated in place.
+
+Data-parallel replicas. On a mesh with a `data` axis of size D, the engine is D replicas of everything above, each on
+its own devices: replica r owns slots [r * Z, (r + 1) * Z) of the state (Z = max_num_seqs each), pages
+[r * P, (r + 1) * P) of the pool (P = `num_pages` each; page and slot ids in a row are the replica's own) and its own
+token budget. A step's batch is the D replicas' batches concatenated on their leading axis (each padded to the same
+bucket T, S), and `forward` / `pick` / `prompt_logprobs` run every replica's block in a `shard_map` that is manual over
+`data` only (the model's own axes stay automatic), so a replica reads and writes only its pages and slots and D
+replicas step D times the sequences. One replica (no `data` axis) runs the same per-replica code on the whole arrays.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.layers.llama import Llama
 from jaxllm.layers.paged import PagedKVCache
@@ -43,25 +52,31 @@ from jaxllm.sampling import SamplingArrays, TokenHistory, apply_if, sample
 from jaxllm.serving.config import EngineConfig, bucket, cdiv
 from jaxllm.serving.kv_cache import size_kv_cache
 from jaxllm.sharding.distributed import host_value
+from jaxllm.sharding.rules import BATCH_AXIS
 
-SCRATCH_PAGE = 0  # padding rows write here; the allocator never hands it out
+SCRATCH_PAGE = 0  # padding rows write here (each replica's own page 0); the allocator never hands it out
+REPLICA = P(BATCH_AXIS)  # an array concatenated over the replicas on its leading axis: each gets its block
 
 
 @struct.dataclass
 class EngineState:
-  """What persists across steps (Z = max_num_seqs slots, V = vocab)."""
+  """What persists across steps (Z = max_num_seqs slots, V = vocab; D replicas, each with a block of every array)."""
 
-  k: jax.Array | QuantizedPages  # [L, P, K, C, H] KV pages (int8 / fp8 cache: values and [L, P, K, C] scales)
+  k: jax.Array | QuantizedPages  # [L, D * P, K, C, H] KV pages (int8 / fp8 cache: values and [L, D * P, K, C] scales)
   v: jax.Array | QuantizedPages
-  tokens: jax.Array  # [Z] int32: each slot's last sampled token (fed by its next decode row)
-  history: TokenHistory  # [Z, V]: what the penalties read; kept only for slots whose request uses penalties
+  tokens: jax.Array  # [D * Z] int32: each slot's last sampled token (fed by its next decode row)
+  history: TokenHistory  # [D * Z, V]: what the penalties read; kept only for slots whose request uses penalties
+
+
+STATE_SPECS = EngineState(k=P(None, BATCH_AXIS), v=P(None, BATCH_AXIS), tokens=REPLICA, history=REPLICA)
 
 
 @struct.dataclass
 class SeqBatch:
-  """A step's per-sequence inputs (S rows; rows >= num_seqs are padding)."""
+  """A step's per-sequence inputs (S rows per replica; rows >= num_seqs are padding; every field is the D replicas'
+  blocks concatenated)."""
 
-  num_seqs: jax.Array  # int32 scalar
+  num_seqs: jax.Array  # int32 [1] per replica
   kv_lens_S: jax.Array  # int32 tokens cached after this step (the position of the token it samples)
   slot_S: jax.Array  # int32
   sample_S: jax.Array  # bool: the chunk ends at the sequence's last token, sample the next one
@@ -71,7 +86,8 @@ class SeqBatch:
 
 @struct.dataclass
 class StepBatch:
-  """One step's ragged batch (host-built numpy; T rows, S sequences, M pages per sequence)."""
+  """One step's ragged batch (host-built numpy; T rows, S sequences, M pages per sequence, per replica: every field
+  is the D replicas' blocks concatenated on its leading axis)."""
 
   tokens_T: jax.Array  # int32 token ids known on the host (ignored where use_last_T)
   use_last_T: jax.Array  # bool: feed state.tokens[slot_T] (the token the previous step sampled)
@@ -98,11 +114,13 @@ class Row:
   prompt_len: int = 0  # positions below this are prompt (for the penalties' history)
   replay_end: int = 0  # positions in [prompt_len, replay_end) are earlier outputs being recomputed
   reset: bool = False
+  replica: int = 0  # the data-parallel replica whose slot, pages and token budget the row uses
 
 
 @struct.dataclass
 class StepResult:
-  """A step's sampled tokens, per sequence S (rows whose sample_S was False hold garbage)."""
+  """A step's sampled tokens, per sequence S of each replica, concatenated (rows whose sample_S was False hold
+  garbage; `row_places` says which row is whose)."""
 
   tokens: jax.Array  # [S] int32
   logprobs: jax.Array  # [S] float32
@@ -110,13 +128,34 @@ class StepResult:
   top_logprobs: jax.Array  # [S, n] float32
 
 
-def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention_impl: str | None):
+def per_replica(fn, mesh, in_specs, out_specs):
+  """`fn` run by every data-parallel replica on its own block of each argument and result (`shard_map`, manual over
+  `data`; the model's other mesh axes stay automatic). Without replicas (mesh None: no `data` axis), `fn` itself: the
+  one replica's blocks are the whole arrays."""
+  if mesh is None:
+    return fn
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={BATCH_AXIS},
+                       check_vma=False)
+
+
+def _scalar_count(seqs: SeqBatch) -> SeqBatch:
+  """A replica's SeqBatch with its num_seqs block [1] as the scalar the kernels take."""
+  return seqs.replace(num_seqs=seqs.num_seqs[0])
+
+
+def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention_impl: str | None, mesh=None):
   """The model over one ragged batch: K/V into the pages, the penalties' history fed the step's prompt and replayed
   tokens (only when a sequence in it uses penalties). Returns the state, the hidden state of each sequence's last
   row [S, D] (for `pick`) and of every row [T, D] (for `prompt_logprobs`; dropped unread by steps that score no
-  prompt). Compiled per T; the state's pages and history are donated."""
+  prompt), per replica. Compiled per T; the state's pages and history are donated."""
+  one = lambda p, st, b: _forward_replica(graphdef, p, st, b, attention_impl)  # noqa: E731
+  return per_replica(one, mesh, (P(), STATE_SPECS, REPLICA), (STATE_SPECS, REPLICA, REPLICA))(params, state, batch)
+
+
+def _forward_replica(graphdef, params, state: EngineState, batch: StepBatch, attention_impl):
   model = nnx.merge(graphdef, params)
-  b, q = batch, batch.seqs
+  b = batch.replace(seqs=_scalar_count(batch.seqs))
+  q = b.seqs
   Z = state.tokens.shape[0]
   valid_S = jnp.arange(q.slot_S.shape[0]) < q.num_seqs
   tokens_T = jnp.where(b.use_last_T, state.tokens[b.slot_T], b.tokens_T)
@@ -142,14 +181,24 @@ def forward(graphdef, params, state: EngineState, batch: StepBatch, *, attention
   return state.replace(k=k, v=v, history=history), h_SD, h_TD
 
 
-def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW=None, *, num_top: int):
-  """LM head and sampler over the step's S last rows: each sequence whose chunk ends at its last token draws its
-  next token into state.tokens[slot] (and the history, if it uses penalties). With `bitmask_SW` ([S, ceil(V / 32)]
-  int32, structured outputs), token v of row s stays only where bit v % 32 of word v // 32 is set: the sampler (and
-  the logprobs it reports, as vLLM's) sees the constrained distribution. Compiled per S, and again with a bitmask;
-  tokens and history are donated."""
+def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW=None, *, num_top: int, mesh=None):
+  """LM head and sampler over the step's S last rows (per replica): each sequence whose chunk ends at its last token
+  draws its next token into state.tokens[slot] (and the history, if it uses penalties). With `bitmask_SW`
+  ([S, ceil(V / 32)] int32, structured outputs), token v of row s stays only where bit v % 32 of word v // 32 is set:
+  the sampler (and the logprobs it reports, as vLLM's) sees the constrained distribution. Compiled per S, and again
+  with a bitmask; tokens and history are donated."""
+  if bitmask_SW is None:
+    one = lambda p, st, h, b: _pick_replica(graphdef, p, st, h, b, None, num_top)  # noqa: E731
+    return per_replica(one, mesh, (P(), STATE_SPECS, REPLICA, REPLICA), (STATE_SPECS, REPLICA))(
+        params, state, h_SD, batch)
+  one = lambda p, st, h, b, m: _pick_replica(graphdef, p, st, h, b, m, num_top)  # noqa: E731
+  return per_replica(one, mesh, (P(), STATE_SPECS, REPLICA, REPLICA, REPLICA), (STATE_SPECS, REPLICA))(
+      params, state, h_SD, batch, bitmask_SW)
+
+
+def _pick_replica(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW, num_top: int):
   model = nnx.merge(graphdef, params)
-  b = batch
+  b = _scalar_count(batch)
   Z = state.tokens.shape[0]
   S = b.slot_S.shape[0]
   valid_S = jnp.arange(S) < b.num_seqs
@@ -174,12 +223,17 @@ def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW
 PROMPT_BLOCK = 256  # rows whose [rows, V] float32 logits prompt_logprobs holds at once
 
 
-def prompt_logprobs(graphdef, params, h_TD, targets_T, *, num_top: int):
+def prompt_logprobs(graphdef, params, h_TD, targets_T, *, num_top: int, mesh=None):
   """Every row's log-softmax read at a target: row t's hidden state predicts the token after it, so `targets_T[t]`
   is the prompt token at the row's position + 1 (-1 where nothing is asked; its values are garbage). Returns the
   targets' logprobs [T] and ranks [T] (1 + the tokens more likely), and the num_top likeliest tokens [T, num_top]
-  with their logprobs. The logits are made PROMPT_BLOCK rows at a time, so a long step's [T, V] float32 logits
-  never exist whole. Compiled per T; steps whose sequences score no prompt never call it."""
+  with their logprobs (per replica). The logits are made PROMPT_BLOCK rows at a time, so a long step's [T, V]
+  float32 logits never exist whole. Compiled per T; steps whose sequences score no prompt never call it."""
+  one = lambda p, h, t: _prompt_logprobs_replica(graphdef, p, h, t, num_top)  # noqa: E731
+  return per_replica(one, mesh, (P(), REPLICA, REPLICA), REPLICA)(params, h_TD, targets_T)
+
+
+def _prompt_logprobs_replica(graphdef, params, h_TD, targets_T, num_top: int):
   model = nnx.merge(graphdef, params)
   T, D = h_TD.shape
   B = min(T, PROMPT_BLOCK)
@@ -221,9 +275,9 @@ def score(graphdef, params, tokens_RT, *, attention_impl: str | None, num_top: i
   return chosen_RT, greedy_RT, top_ids.astype(jnp.int32), top_lp
 
 
-_forward = jax.jit(forward, static_argnums=0, static_argnames="attention_impl", donate_argnums=2)
-_pick = jax.jit(pick, static_argnums=0, static_argnames="num_top", donate_argnums=2)
-_prompt_logprobs = jax.jit(prompt_logprobs, static_argnums=0, static_argnames="num_top")
+_forward = jax.jit(forward, static_argnums=0, static_argnames=("attention_impl", "mesh"), donate_argnums=2)
+_pick = jax.jit(pick, static_argnums=0, static_argnames=("num_top", "mesh"), donate_argnums=2)
+_prompt_logprobs = jax.jit(prompt_logprobs, static_argnums=0, static_argnames=("num_top", "mesh"))
 _score = jax.jit(score, static_argnums=0, static_argnames=("attention_impl", "num_top"))
 _logits = jax.jit(full_logits, static_argnums=0, static_argnames="attention_impl")
 
@@ -235,41 +289,72 @@ class Engine:
     self.config = config = config.resolve(model.config.max_position_embeddings)
     self.model_config = model.config
     self.dtype = model.dtype
-    self.activation_sharding = model.activation_sharding
+    self.activation_sharding = sharding = model.activation_sharding
+    # The mesh the replicas split (None without a `data` axis: one replica, nothing to split).
+    self.mesh = sharding.mesh if sharding is not None and BATCH_AXIS in sharding.mesh.shape else None
+    self.num_replicas = self.mesh.shape[BATCH_AXIS] if self.mesh is not None else 1
     self.graphdef, self.params = nnx.split(model)
     self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, model.dtype)
-    self.num_pages = size_kv_cache(config, model.config, self.kv_dtype, self.activation_sharding)
+    self.num_pages = size_kv_cache(config, model.config, self.kv_dtype, self.activation_sharding)  # per replica
     self.token_buckets = config.token_buckets
     self._static = dict(attention_impl=config.attention_impl)
 
   # ------------------------------------------------------------------ state
   def init_state(self) -> EngineState:
-    c, mc = self.config, self.model_config
-    pages = lambda: PagedKVCache.zero_pages(mc, self.num_pages, c.page_size, self.kv_dtype)  # noqa: E731
-    sharding = None
-    if self.activation_sharding is not None:  # KV heads over the layout's head axis, as the K/V projections
-      axes = ("layers", None, "kv_heads", None, "head_dim")
-      sharding = jax.tree.map(lambda x: self.activation_sharding.named(axes[:x.ndim], x.shape), jax.eval_shape(pages))
-    k, v = jax.jit(pages, out_shardings=sharding)()
+    c, mc, D = self.config, self.model_config, self.num_replicas
     Z, V = c.max_num_seqs, mc.vocab_size
-    return EngineState(k=k, v=v, tokens=jnp.zeros((Z,), jnp.int32),
-                       history=TokenHistory(output_counts=jnp.zeros((Z, V), jnp.int32),
-                                            in_prompt=jnp.zeros((Z, V), bool)))
+
+    def zeros():
+      k, v = PagedKVCache.zero_pages(mc, D * self.num_pages, c.page_size, self.kv_dtype)
+      return EngineState(k=k, v=v, tokens=jnp.zeros((D * Z,), jnp.int32),
+                         history=TokenHistory(output_counts=jnp.zeros((D * Z, V), jnp.int32),
+                                              in_prompt=jnp.zeros((D * Z, V), bool)))
+
+    sharding = None
+    if self.activation_sharding is not None:  # pages, slots over the replicas; KV heads as the K/V projections
+      pages = ("layers", "batch", "kv_heads", None, "head_dim")
+      axes = EngineState(k=pages, v=pages, tokens=("batch",), history=("batch", None))
+      shapes = jax.eval_shape(zeros)
+      sharding = jax.tree.map(lambda a, x: jax.tree.map(lambda y: self.activation_sharding.named(a[:y.ndim], y.shape),
+                                                        x), axes, shapes, is_leaf=lambda a: isinstance(a, tuple))
+    return jax.jit(zeros, out_shardings=sharding)()
 
   # ------------------------------------------------------------------ the step
   def step_shape(self, num_tokens: int) -> tuple[int, int]:
-    """The (T, S) bucket a step of `num_tokens` rows runs with."""
+    """The (T, S) bucket, per replica, a step whose busiest replica has `num_tokens` rows runs with."""
     T = bucket(max(num_tokens, 1), self.token_buckets)
     return T, min(T, self.config.max_num_seqs)
 
+  def row_places(self, rows: list[Row]) -> tuple[int, int, list[tuple[int, int]]]:
+    """(T, S, per row: (its sequence's index in the step's [D * S] per-sequence arrays, its first row in the [D * T]
+    token arrays)); every replica's rows keep their order."""
+    c, D = self.config, self.num_replicas
+    counts, tokens = [0] * D, [0] * D
+    for r in rows:
+      if not 0 <= r.replica < D:
+        raise ValueError(f"row of slot {r.slot} is for replica {r.replica}; the engine has {D}.")
+      counts[r.replica] += 1
+      tokens[r.replica] += len(r.tokens)
+    if max(counts) > c.max_num_seqs or max(tokens) > c.max_num_batched_tokens:
+      raise ValueError(f"a step takes at most {c.max_num_seqs} sequences and {c.max_num_batched_tokens} tokens per "
+                       f"replica; got {max(counts)} and {max(tokens)}.")
+    T, S = self.step_shape(max(tokens))
+    seen, used, places = [0] * D, [0] * D, []
+    for r in rows:
+      places.append((r.replica * S + seen[r.replica], r.replica * T + used[r.replica]))
+      seen[r.replica] += 1
+      used[r.replica] += len(r.tokens)
+    return T, S, places
+
   def build(self, rows: list[Row]) -> StepBatch:
-    """A StepBatch from the step's rows (at most max_num_seqs of them, at most max_num_batched_tokens tokens)."""
+    """A StepBatch from the step's rows (per replica at most max_num_seqs of them and max_num_batched_tokens
+    tokens)."""
+    T, S, _ = self.row_places(rows)
+    per = [[r for r in rows if r.replica == k] for k in range(self.num_replicas)]
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *[self._build_replica(rs, T, S) for rs in per])
+
+  def _build_replica(self, rows: list[Row], T: int, S: int) -> StepBatch:
     c = self.config
-    n_tok = sum(len(r.tokens) for r in rows)
-    if len(rows) > c.max_num_seqs or n_tok > c.max_num_batched_tokens:
-      raise ValueError(f"a step takes at most {c.max_num_seqs} sequences and {c.max_num_batched_tokens} tokens; got "
-                       f"{len(rows)} and {n_tok}.")
-    T, S = self.step_shape(n_tok)
     C, M = c.page_size, c.pages_per_seq
     i32 = lambda n, fill=0: np.full((n,), fill, np.int32)  # noqa: E731
     tokens, positions, slot_T, page_T, offset_T = i32(T), i32(T), i32(T), i32(T, SCRATCH_PAGE), i32(T)
@@ -296,7 +381,7 @@ class Engine:
     cu[len(rows) + 1:] = t
     pad = SamplingArrays.create(S - len(rows), temperature=0.0)
     sampling = jax.tree.map(lambda *xs: np.concatenate(xs), *[r.sampling for r in rows], pad)
-    seqs = SeqBatch(num_seqs=np.int32(len(rows)), kv_lens_S=kv_lens, slot_S=slot_S, sample_S=sample_S,
+    seqs = SeqBatch(num_seqs=np.array([len(rows)], np.int32), kv_lens_S=kv_lens, slot_S=slot_S, sample_S=sample_S,
                     reset_S=reset_S, sampling=sampling)
     return StepBatch(tokens_T=tokens, use_last_T=use_last, positions_T=positions, slot_T=slot_T, page_T=page_T,
                      offset_T=offset_T, history_T=hist_T, page_indices_SM=table, cu_q_lens_S1=cu, seqs=seqs)
@@ -309,19 +394,20 @@ class Engine:
   def forward(self, state: EngineState, batch: StepBatch) -> tuple[EngineState, jax.Array, jax.Array]:
     """The step's first half (the model), dispatched: -> (state, the sequences' last hidden rows for `pick`, every
     row's hidden state for `prompt_logprobs`)."""
-    return _forward(self.graphdef, self.params, state, batch, **self._static)
+    return _forward(self.graphdef, self.params, state, batch, mesh=self.mesh, **self._static)
 
   def prompt_logprobs(self, h_TD: jax.Array, targets_T: np.ndarray):
     """Dispatches the scoring of a step's prompt rows (`prompt_logprobs` above) -> device arrays (logprobs [T], ranks
     [T], top ids [T, n], top logprobs [T, n]; n = num_top_logprobs)."""
     return _prompt_logprobs(self.graphdef, self.params, h_TD, np.asarray(targets_T, np.int32),
-                            num_top=self.config.num_top_logprobs)
+                            num_top=self.config.num_top_logprobs, mesh=self.mesh)
 
   def pick(self, state: EngineState, h_SD: jax.Array, seqs: SeqBatch,
            bitmask_SW: np.ndarray | None = None) -> tuple[EngineState, StepResult]:
     """The step's second half (LM head and sampler), dispatched; `bitmask_SW` constrains rows (structured outputs).
     A caller may run host work between the halves: the device is busy with the model meanwhile."""
-    return _pick(self.graphdef, self.params, state, h_SD, seqs, bitmask_SW, num_top=self.config.num_top_logprobs)
+    return _pick(self.graphdef, self.params, state, h_SD, seqs, bitmask_SW, num_top=self.config.num_top_logprobs,
+                 mesh=self.mesh)
 
   # JetStream's contract, thin over the step: a prompt (or its next chunk) is prefilled, a sequence is inserted into
   # the decode set by the host (`serving.scheduler` seats it in a slot), and generate is a step of decode rows.
@@ -361,7 +447,7 @@ class Engine:
       state, h_SD, h_TD = self.forward(state, batch)
       state, _ = self.pick(state, h_SD, batch.seqs)
       state, _ = self.pick(state, h_SD, batch.seqs, self.full_bitmask(h_SD.shape[0]))
-      self.prompt_logprobs(h_TD, np.full((T,), -1, np.int32))
+      self.prompt_logprobs(h_TD, np.full((h_TD.shape[0],), -1, np.int32))
     state = jax.block_until_ready(state)
     log.info("warmup: %d programs in %.1f s", self.num_compilations() - before, time.perf_counter() - start)
     return state
@@ -371,14 +457,9 @@ class Engine:
     return np.full((num_rows, cdiv(self.model_config.vocab_size, 32)), -1, np.int32)
 
   def _padding_batch(self, T: int) -> StepBatch:
-    """A step of bucket T with no sequences (every row padding)."""
-    S = min(T, self.config.max_num_seqs)
-    z = lambda n, dt=np.int32: np.zeros((n,), dt)  # noqa: E731
-    seqs = SeqBatch(num_seqs=np.int32(0), kv_lens_S=z(S), slot_S=z(S), sample_S=z(S, bool), reset_S=z(S, bool),
-                    sampling=SamplingArrays.create(S, temperature=0.0))
-    return StepBatch(tokens_T=z(T), use_last_T=z(T, bool), positions_T=z(T), slot_T=z(T), page_T=z(T), offset_T=z(T),
-                     history_T=z(T, np.int8), page_indices_SM=np.zeros((S, self.config.pages_per_seq), np.int32),
-                     cu_q_lens_S1=z(S + 1), seqs=seqs)
+    """A step of bucket T with no sequences (every replica's rows padding)."""
+    empty = self._build_replica([], T, min(T, self.config.max_num_seqs))
+    return jax.tree.map(lambda x: np.concatenate([x] * self.num_replicas), empty)
 
   @staticmethod
   def num_compilations() -> int:

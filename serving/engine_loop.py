@@ -139,7 +139,7 @@ class EngineLoop:
     loop = loop or asyncio.get_running_loop()
     with self._wake:
       # The queue bound counts what will wait: a burst into an idle engine fills its free slots first.
-      free = max(0, self.scheduler.config.max_num_seqs - self.num_running)
+      free = max(0, self.scheduler.num_slots - self.num_running)
       if self.max_waiting is not None and self.queued + samples > self.max_waiting + free:
         raise OverflowError(f"the server is at capacity ({self.queued} sequences waiting for a slot, at most "
                             f"{self.max_waiting} beyond the {free} free slots); retry later.")
@@ -209,7 +209,7 @@ class EngineLoop:
   # ------------------------------------------------------------------ engine thread
   def _count(self) -> None:
     self.num_waiting = len(self.scheduler.waiting)
-    self.num_running = sum(r is not None for r in self.scheduler.slots)
+    self.num_running = self.scheduler.num_running
 
   def _run(self) -> None:
     sched = self.scheduler

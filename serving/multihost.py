@@ -269,10 +269,10 @@ def serve_follower(config, mesh, layout: str) -> int:
     log.error("process %d: stopping: %s: %s", me, type(e).__name__, e)
     return 1
   sched = llm.scheduler
-  sched.allocator.check()
-  a = sched.allocator
-  log.info("process %d: process 0 is done; %d requests unfinished, KV pages: %d held by requests, %d cached, %d free",
-           me, sum(not r.finished for r in sched.requests.values()), a.capacity - a.num_free, a.num_cached,
-           a.num_free - a.num_cached)
+  sched.check_pages()
+  log.info("process %d: process 0 is done; %d requests unfinished, KV pages per replica (held by requests, cached, "
+           "free): %s", me, sum(not r.finished for r in sched.requests.values()),
+           [(a.capacity - a.num_free, a.num_cached, a.num_free - a.num_cached)
+            for a in (rep.allocator for rep in sched.replicas)])
   channel.close()
   return 0

@@ -24,6 +24,13 @@ Absorbing applies EOS / stop ids / stop strings / max_tokens, streams each token
 finished request's slot and pages. Tokens computed for a request that has since ended, been preempted or cancelled
 are dropped: each in-flight result remembers which admission (epoch) of each request it belongs to.
 
+Data-parallel replicas (an engine on a mesh with a `data` axis of size D): each replica has its own slots, page pool
+and prefix cache (`Replica`), and steps 1-3 run for each replica within its own token budget; the replicas' rows go
+to the engine as one step. The queue is shared: its head goes to the replica already holding the longest cached
+prefix of it (SGLang's cache-aware routing), unless that replica runs more than half a replica's slots beyond the
+least loaded one, and otherwise to the least loaded replica (fewest running sequences, then most free pages); a
+preempted request may come back on another replica. Followers of a multi-host server replay the same decisions.
+
 n > 1 samples of a prompt are separate requests: the first one's prompt pages are in the prefix cache by the time the
 others are admitted (in the same step or later), so each of them computes only the prompt's last partial page.
 Requests with repetition / presence / frequency penalties do not take cached prefixes: their token history is built
@@ -82,6 +89,7 @@ class Request:
   prompt_scored: int = 0
   finish_reason: str | None = None  # "stop" | "length" | "abort"
   slot: int | None = None
+  replica: int | None = None  # the data-parallel replica whose slot and pages it holds while running
   num_preemptions: int = 0
   arrival: int = 0
   max_new: int = 0  # max_tokens capped by max_model_len - prompt length
@@ -124,6 +132,21 @@ class Request:
     return head + self.output_ids[max(start - n, 0):max(stop - n, 0)]
 
 
+@dataclasses.dataclass(eq=False)
+class Replica:
+  """One data-parallel replica's share of the engine: its slots, the sequences running in them (in admission order)
+  and its pages with their prefix cache."""
+
+  index: int
+  allocator: PageAllocator
+  slots: list[Request | None]
+  running: list[Request] = dataclasses.field(default_factory=list)
+
+  def load(self) -> tuple[int, int]:
+    """Least loaded first: fewer running sequences, then more free pages."""
+    return len(self.running), -self.allocator.num_free
+
+
 class Scheduler:
 
   def __init__(self, engine: Engine, tokenizer=None, eos_ids: tuple[int, ...] = (), seed: int = 0):
@@ -132,12 +155,12 @@ class Scheduler:
     self.tokenizer = tokenizer
     self.eos_ids = tuple(eos_ids)
     self.vocab_size = engine.model_config.vocab_size
-    self.allocator = PageAllocator(engine.num_pages, self.config.page_size,
-                                   enable_prefix_caching=self.config.enable_prefix_caching)
+    self.replicas = [Replica(index=k, slots=[None] * self.config.max_num_seqs,
+                             allocator=PageAllocator(engine.num_pages, self.config.page_size,
+                                                     enable_prefix_caching=self.config.enable_prefix_caching))
+                     for k in range(engine.num_replicas)]
     self.state = engine.init_state()
     self.waiting: collections.deque[Request] = collections.deque()
-    self.running: list[Request] = []  # in admission order
-    self.slots: list[Request | None] = [None] * self.config.max_num_seqs
     self.requests: dict[str, Request] = {}
     self._inflight: collections.deque = collections.deque()  # (device result, [(request, row, epoch, sampled)])
     self._rng = np.random.default_rng(seed)
@@ -151,6 +174,29 @@ class Scheduler:
     self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
     self.num_guided_steps = 0  # steps that sampled a structured-output row (model and sampler dispatched apart)
     self.mask_seconds = 0.0  # host time spent computing their masks
+
+  @property
+  def running(self) -> list[Request]:
+    """Every replica's running sequences."""
+    return [r for rep in self.replicas for r in rep.running]
+
+  @property
+  def num_running(self) -> int:
+    return sum(len(rep.running) for rep in self.replicas)
+
+  @property
+  def num_slots(self) -> int:
+    """Sequences that can run at once: max_num_seqs per replica."""
+    return self.config.max_num_seqs * len(self.replicas)
+
+  def num_pages_held(self) -> int:
+    """KV pages held by sequences, over every replica (cached pages held by nobody are not)."""
+    return sum(rep.allocator.capacity - rep.allocator.num_free for rep in self.replicas)
+
+  def check_pages(self) -> None:
+    """Asserts every replica's page accounting (`PageAllocator.check`)."""
+    for rep in self.replicas:
+      rep.allocator.check()
 
   # ------------------------------------------------------------------ requests
   def validate(self, prompt_ids, params: SamplingParams) -> list[int]:
@@ -167,8 +213,9 @@ class Scheduler:
     if len(ids) + 1 > limit:
       raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {limit}, which must leave room for at "
                        "least one generated token.")
-    if self.allocator.pages_for(len(ids) + 1) > self.allocator.capacity:
-      raise ValueError(f"the prompt needs more KV pages than the cache has ({self.allocator.capacity}).")
+    alloc = self.replicas[0].allocator
+    if alloc.pages_for(len(ids) + 1) > alloc.capacity:
+      raise ValueError(f"the prompt needs more KV pages than the cache has ({alloc.capacity}).")
     params.check_vocab(self.vocab_size)
     for name in ("logprobs", "prompt_logprobs"):
       if (getattr(params, name) or 0) > self.config.num_top_logprobs:
@@ -239,17 +286,18 @@ class Scheduler:
     return True
 
   def has_work(self) -> bool:
-    return bool(self.waiting) or bool(self.running) or bool(self._inflight)
+    return bool(self.waiting) or self.num_running > 0 or bool(self._inflight)
 
   # ------------------------------------------------------------------ the loop
   def step(self) -> None:
     rows = self._schedule()
     keep = 0
     if rows:
+      _, _, places = self.engine.row_places([row for _, row in rows])
       batch = self.engine.build([row for _, row in rows])
-      guided = [(r, i) for i, (r, row) in enumerate(rows) if r.matcher is not None and row.sample]
+      guided = [(r, i) for (r, row), (i, _) in zip(rows, places) if r.matcher is not None and row.sample]
       self.state, h_SD, h_TD = self.engine.forward(self.state, batch)
-      targets, scored = self._prompt_targets(rows, h_TD.shape[0])
+      targets, scored = self._prompt_targets(rows, places, h_TD.shape[0])
       scores = (self.engine.prompt_logprobs(h_TD, targets), scored) if scored else None
       del h_TD
       mask = None
@@ -260,25 +308,24 @@ class Scheduler:
           self._absorb(*self._inflight.popleft())
         mask = self._masks(guided, h_SD.shape[0])
       self.state, result = self.engine.pick(self.state, h_SD, batch.seqs, mask)
-      self._inflight.append((result, [(r, i, r.epoch, row.sample) for i, (r, row) in enumerate(rows)], scores))
+      self._inflight.append((result, [(r, i, r.epoch, row.sample) for (r, row), (i, _) in zip(rows, places)], scores))
       self.num_steps += 1
       keep = 1  # the step just dispatched stays in flight while the host reads everything older
     while len(self._inflight) > keep:
       self._absorb(*self._inflight.popleft())
 
   @staticmethod
-  def _prompt_targets(rows: list[tuple[Request, Row]], num_rows: int):
+  def _prompt_targets(rows: list[tuple[Request, Row]], places, num_rows: int):
     """For the step's rows of requests scoring their prompt: the token each row predicts (the prompt token after
     the row's position; -1 elsewhere) and [(request, first step row, first position, count)]."""
-    targets, scored, t = None, [], 0
-    for req, row in rows:
+    targets, scored = None, []
+    for (req, row), (_, t) in zip(rows, places):
       lo, hi = row.start, min(row.start + len(row.tokens), len(req.prompt_ids) - 1)
       if req.scores_prompt and hi > lo:
         if targets is None:
           targets = np.full((num_rows,), -1, np.int32)
         targets[t:t + hi - lo] = req.prompt_ids[lo + 1:hi + 1]
         scored.append((req, t, lo, hi - lo))
-      t += len(row.tokens)
     return targets, scored
 
   def _masks(self, guided: list[tuple[Request, int]], num_rows: int) -> np.ndarray:
@@ -304,14 +351,55 @@ class Scheduler:
 
   # ------------------------------------------------------------------ scheduling
   def _schedule(self) -> list[tuple[Request, Row]]:
-    budget = self.config.max_num_batched_tokens
     # request -> its row, built (and its full pages offered to the prefix cache) as soon as it is scheduled, so a
     # request admitted after it in this step can reuse those pages (insertion order: decodes first).
     scheduled: dict[Request, Row] = {}
+    budgets = [self._schedule_running(rep, scheduled) for rep in self.replicas]
+    # 3. admissions, in arrival order, to the replicas with a slot and budget left (none to one that had to preempt
+    # in this step: its pool is short); nothing overtakes the head of the queue.
+    C = self.config.page_size
+    while self.waiting:
+      open_ = [rep for rep, budget in zip(self.replicas, budgets)
+               if budget > 0 and len(rep.running) < self.config.max_num_seqs]
+      if not open_:
+        break
+      req = self.waiting[0]
+      tokens = req.prompt_ids + req.output_ids
+      cacheable = not (req.params.uses_penalties or req.scores_prompt)
+      hits = {rep: rep.allocator.match(tokens) if cacheable else [] for rep in open_}
+      for rep in self._placements(open_, hits):
+        hit, budget = hits[rep], budgets[rep.index]
+        n = min(len(tokens) - len(hit) * C, budget)
+        if rep.allocator.allocate(req.request_id, len(hit) * C + n, hit):
+          break
+      else:
+        break
+      self.waiting.popleft()
+      self._seat(req, rep, len(hit) * C, len(tokens))
+      if rep.allocator.enable_prefix_caching:
+        self.prefix_cache_queries += len(tokens)
+        self.prefix_cache_hits += len(hit) * C
+      scheduled[req] = self._row(req, n)
+      budgets[rep.index] -= n
+    return list(scheduled.items())
+
+  def _placements(self, open_: list[Replica], hits: dict[Replica, list[int]]) -> list[Replica]:
+    """The replicas to try for the head of the queue, best first: the one with the longest cached prefix of it unless
+    it runs more than half a replica's slots beyond the least loaded, then the least loaded."""
+    by_load = sorted(open_, key=lambda rep: (rep.load(), rep.index))
+    best = max(by_load, key=lambda rep: len(hits[rep]))  # the least loaded among the longest hits
+    if hits[best] and len(best.running) - len(by_load[0].running) <= self.config.max_num_seqs // 2:
+      by_load.remove(best)
+      by_load.insert(0, best)
+    return by_load
+
+  def _schedule_running(self, rep: Replica, scheduled: dict[Request, Row]) -> int:
+    """Steps 1 and 2 for one replica: its decodes, then its running prefills, preempting its latest-admitted running
+    request while its pool is short. Returns the token budget left for admissions (0 after a preemption)."""
+    budget = self.config.max_num_batched_tokens
     preempted = False
-    # 1. decodes, then 2. running prefills (a decode never waits behind a prompt chunk).
-    for decoding in (True, False):
-      for req in list(self.running):
+    for decoding in (True, False):  # a decode never waits behind a prompt chunk
+      for req in list(rep.running):
         if req.status != RUNNING or req in scheduled:
           continue
         remaining = req.num_tokens - req.num_computed
@@ -320,8 +408,8 @@ class Scheduler:
         n = min(remaining, budget)
         if n == 0:
           break
-        while not self.allocator.ensure(req.request_id, req.num_computed + n):
-          victim = self.running[-1]  # never one whose prefill chunk is already scheduled: those are older
+        while not rep.allocator.ensure(req.request_id, req.num_computed + n):
+          victim = rep.running[-1]  # never one whose prefill chunk is already scheduled: those are older
           dropped = scheduled.pop(victim, None)
           budget += len(dropped.tokens) if dropped else 0
           self._preempt(victim)
@@ -331,23 +419,7 @@ class Scheduler:
         if req.status == RUNNING:
           scheduled[req] = self._row(req, n)
           budget -= n
-    # 3. admissions (none in a step that had to preempt: the pool is short).
-    while (self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs):
-      req = self.waiting[0]
-      tokens = req.prompt_ids + req.output_ids
-      hit = [] if req.params.uses_penalties or req.scores_prompt else self.allocator.match(tokens)
-      start = len(hit) * self.config.page_size
-      n = min(len(tokens) - start, budget)
-      if not self.allocator.allocate(req.request_id, start + n, hit):
-        break
-      self.waiting.popleft()
-      self._seat(req, start, len(tokens))
-      if self.allocator.enable_prefix_caching:
-        self.prefix_cache_queries += len(tokens)
-        self.prefix_cache_hits += start
-      scheduled[req] = self._row(req, n)
-      budget -= n
-    return list(scheduled.items())
+    return 0 if preempted else budget
 
   def _row(self, req: Request, n: int) -> Row:
     """req's next n positions as a step row; advances its bookkeeping as if the step had run (it will have, before
@@ -357,9 +429,10 @@ class Scheduler:
     assert n - len(tokens) <= 1, "only the latest sampled token can be unknown to the host"
     tokens += [None] * (n - len(tokens))  # the last sampled token, still on the device
     sample = stop == req.num_tokens
-    row = Row(slot=req.slot, start=start, tokens=tokens, pages=self.allocator.pages(req.request_id),
-              sampling=req.sampling, sample=sample, prompt_len=len(req.prompt_ids), replay_end=req.replay_end,
-              reset=req.fresh)
+    alloc = self.replicas[req.replica].allocator
+    row = Row(slot=req.slot, start=start, tokens=tokens, pages=alloc.pages(req.request_id), sampling=req.sampling,
+              sample=sample, prompt_len=len(req.prompt_ids), replay_end=req.replay_end, reset=req.fresh,
+              replica=req.replica)
     req.fresh = False
     req.num_computed = stop
     req.pending += sample
@@ -367,19 +440,19 @@ class Scheduler:
       self.num_prompt_tokens_computed += min(stop, req.replay_end) - start
     full = min(len(req.prompt_ids) + len(req.output_ids), stop) // self.config.page_size
     if full > req.pages_committed:  # full pages whose tokens the host knows: into the prefix cache
-      self.allocator.commit(req.request_id, req.known(0, full * self.config.page_size), stop)
+      alloc.commit(req.request_id, req.known(0, full * self.config.page_size), stop)
       req.pages_committed = full
     return row
 
-  def _seat(self, req: Request, num_cached: int, num_tokens: int) -> None:
-    slot = self.slots.index(None)
-    req.status, req.slot = RUNNING, slot
+  def _seat(self, req: Request, rep: Replica, num_cached: int, num_tokens: int) -> None:
+    slot = rep.slots.index(None)
+    req.status, req.slot, req.replica = RUNNING, slot, rep.index
     req.epoch += 1
     req.num_computed, req.pending, req.replay_end = num_cached, 0, num_tokens
     req.num_cached_tokens, req.fresh = num_cached, True
     req.pages_committed = num_cached // self.config.page_size
-    self.slots[slot] = req
-    self.running.append(req)
+    rep.slots[slot] = req
+    rep.running.append(req)
 
   def _preempt(self, req: Request) -> None:
     self._free_slot(req)
@@ -451,8 +524,9 @@ class Scheduler:
       req.on_update(req, delta)
 
   def _free_slot(self, req: Request) -> None:
-    self.slots[req.slot] = None
-    self.running.remove(req)
-    req.slot = None
+    rep = self.replicas[req.replica]
+    rep.slots[req.slot] = None
+    rep.running.remove(req)
+    req.slot = req.replica = None
     req.pending = 0
-    self.allocator.free(req.request_id)
+    rep.allocator.free(req.request_id)

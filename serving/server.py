@@ -128,14 +128,11 @@ class Metrics:
     g("num_requests_waiting", "Sequences (prompts x n) queued for a slot, counted from their admission.",
       lambda: server.loop.queued if server.loop else 0)
     g("num_requests_running", "Requests holding a slot.", lambda: server.loop.num_running if server.loop else 0)
-    g("kv_pages_used", "KV-cache pages held by sequences.", server.pages_used)
-    g("kv_pages_total", "KV-cache pages (scratch page excluded).", server.pages_total)
-    g("kv_pages_cached", "KV-cache pages held by no request, kept for prefix-cache hits (evicted when needed).",
-      lambda: server.loop.scheduler.allocator.num_cached if server.loop else 0)
     g("open_connections", "Open HTTP connections (--max_connections bounds them).", lambda: len(server.connections()))
     g("num_preemptions", "Requests preempted so far (recomputed later).",
       lambda: server.loop.scheduler.num_preemptions if server.loop else 0)
     r.register(_SchedulerCounters(server, p))
+    r.register(_PageGauges(server, p))
 
   def render(self) -> bytes:
     from prometheus_client import generate_latest
@@ -159,6 +156,28 @@ class _SchedulerCounters:
     sched = self.server.loop.scheduler if self.server.loop is not None else None
     for name, doc in self.COUNTERS:
       yield CounterMetricFamily(self.prefix + name, doc, value=getattr(sched, name, 0))
+
+
+class _PageGauges:
+  """The KV pages of each data-parallel replica (label `replica`; one series without replicas), read at scrape time."""
+
+  GAUGES = (("kv_pages_used", "KV-cache pages held by sequences.", lambda a: a.capacity - a.num_free),
+            ("kv_pages_total", "KV-cache pages (scratch page excluded).", lambda a: a.capacity),
+            ("kv_pages_cached", "KV-cache pages held by no request, kept for prefix-cache hits (evicted when needed).",
+             lambda a: a.num_cached))
+
+  def __init__(self, server: "Server", prefix: str):
+    self.server, self.prefix = server, prefix
+
+  def collect(self):
+    from prometheus_client.core import GaugeMetricFamily
+
+    replicas = self.server.loop.scheduler.replicas if self.server.loop is not None else []
+    for name, doc, value in self.GAUGES:
+      family = GaugeMetricFamily(self.prefix + name, doc, labels=["replica"])
+      for rep in replicas:
+        family.add_metric([str(rep.index)], value(rep.allocator))
+      yield family
 
 
 TOKENIZER_NICE = 10  # the tokenizer process's nice value: a tenth of a core's share beside a busy engine thread
@@ -260,15 +279,6 @@ class Server:
     self._lost_error = RuntimeError(f"process {process_id} of this multi-process server is gone")
     if self.loop is not None:
       self.loop.fail(self._lost_error)
-
-  def pages_used(self) -> float:
-    if self.loop is None:
-      return 0
-    a = self.loop.scheduler.allocator
-    return a.capacity - a.num_free
-
-  def pages_total(self) -> float:
-    return self.loop.scheduler.allocator.capacity if self.loop is not None else 0
 
   def seeds(self, seed: int | None, n: int) -> list[int]:
     base = seed if seed is not None else int(self._rng.integers(0, 2**63 - 1))

@@ -21,6 +21,8 @@ runtime does not implement it.)
 
 `ActivationSharding` is the one place layers get a layout from: the model constrains its [B, T, D] residual stream at
 block boundaries (after the embedding and after every decoder layer) to the layout's ("batch", "length", "embed").
+Inside a `shard_map` that is manual over some mesh axes (the serving engine runs each data-parallel replica's step
+that way, manual over `data`), the constraint names only the other axes, on the context's abstract mesh.
 """
 
 from __future__ import annotations
@@ -218,4 +220,18 @@ class ActivationSharding:
     return NamedSharding(self.mesh, resolve(logical_axes, shape, dict(self.rules), self.mesh))
 
   def __call__(self, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
-    return jax.lax.with_sharding_constraint(x, self.named(logical_axes, x.shape))
+    sharding = self.named(logical_axes, x.shape)
+    context = jax.sharding.get_abstract_mesh()
+    manual = set(getattr(context, "manual_axes", ()))
+    if manual:  # inside a shard_map over some axes (the engine's replicas over `data`): constrain over the others
+      if manual >= set(self.mesh.axis_names):
+        return x
+      spec = [_without(axes, manual) for axes in sharding.spec]
+      sharding = NamedSharding(context, P(*spec))
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _without(axes, dropped: set):
+  """A PartitionSpec entry without the mesh axes in `dropped`."""
+  kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in dropped)
+  return None if not kept else kept[0] if len(kept) == 1 else kept

@@ -181,8 +181,8 @@ def test_int8_engine_outputs_do_not_depend_on_the_batch(tiny, rng):
   together = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
   alone = [llm.generate(prompt_token_ids=[p], sampling_params=sp)[0].outputs[0].token_ids for p in prompts]
   assert together == alone
-  llm.scheduler.allocator.check()
-  assert llm.scheduler.allocator.num_free == llm.scheduler.allocator.capacity  # every page back
+  llm.scheduler.check_pages()
+  assert llm.scheduler.num_pages_held() == 0  # every page back
 
 
 @pytest.mark.parametrize("quantization", ["int8", "q8_0"])

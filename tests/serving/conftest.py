@@ -56,11 +56,11 @@ def raw(server, path, body=None, method=None, headers=None):
 
 
 def pages_all_free(server, timeout=30):
-  alloc = server.loop.scheduler.allocator
+  sched = server.loop.scheduler
   deadline = time.time() + timeout
-  while alloc.num_free != alloc.capacity and time.time() < deadline:
+  while sched.num_pages_held() and time.time() < deadline:
     time.sleep(0.1)
-  return alloc.num_free == alloc.capacity
+  return sched.num_pages_held() == 0
 
 
 @pytest.fixture(scope="module")

@@ -74,9 +74,9 @@ def run_with_arrivals(sched, prompts, params, rng, seeds=None):
 
 
 def assert_all_pages_back(sched):
-  sched.allocator.check()
-  assert sched.allocator.num_free == sched.allocator.capacity  # free, or cached and held by nobody
-  assert all(s is None for s in sched.slots) and not sched.running and not sched.requests
+  sched.check_pages()
+  assert sched.num_pages_held() == 0  # free, or cached and held by nobody
+  assert all(s is None for rep in sched.replicas for s in rep.slots) and not sched.running and not sched.requests
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
@@ -211,7 +211,7 @@ def test_2000_mixed_requests_with_cancellations_preemptions_and_prefix_hits_free
       live.append(sched.add(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=len(live))))
     if rng.random() < 0.6:
       sched.step()
-      sched.allocator.check()
+      sched.check_pages()
     if rng.random() < 0.08:  # cancel a random unfinished request
       pending = [r for r in live if not r.finished and r not in [c[0] for c in checked]]
       if pending:

@@ -58,7 +58,7 @@ def test_offline_batch_larger_than_the_slots_comes_back_in_input_order(llm):
   assert [o.token_ids for o in each] == [o.token_ids for o in outs]
   with pytest.raises(ValueError, match="one per prompt"):
     llm.generate(prompt_token_ids=prompts, sampling_params=[SamplingParams()] * 3)
-  assert llm.scheduler.allocator.num_free == llm.scheduler.allocator.capacity
+  assert llm.scheduler.num_pages_held() == 0
   assert not llm.scheduler.requests  # finished requests are not kept
 
 
@@ -185,11 +185,10 @@ def test_stream_yields_what_generate_returns_and_frees_pages_when_left_early(llm
     assert [t for c in chunks for t in c.token_ids] == want.token_ids
     assert len(chunks) == 19  # token by token: one chunk per engine step
     assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
-  alloc = llm.scheduler.allocator
-  free = alloc.num_free
+  held = llm.scheduler.num_pages_held()
   for chunk in llm.stream(prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)):
     break  # a notebook user interrupting: the request is cancelled and its pages come back
-  assert alloc.num_free == free and not llm.scheduler.requests
+  assert llm.scheduler.num_pages_held() == held and not llm.scheduler.requests
   with pytest.raises(ValueError, match="n > 1"):
     next(llm.stream(prompt, SamplingParams(n=2)))
   with pytest.raises(ValueError, match="takes a text, a conversation"):

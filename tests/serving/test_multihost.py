@@ -1,6 +1,7 @@
 """`jaxllm serve` over two processes x 4 CPU devices (`jax.distributed` on loopback), driven by the official `openai`
-client against process 0: the same greedy text as a one-process server, streamed and not; 64 concurrent streams,
-half of them hung up on, leave every KV page free on both processes; SIGTERM to process 0 drains and both exit 0;
+client against process 0 (`--mesh model=8`, and `data=2,model=4`: a data-parallel replica on each process): the same
+greedy text as a one-process server, streamed and not; 64 concurrent streams, half of them hung up on, leave every KV
+page free on both processes and every replica; SIGTERM to process 0 drains and both exit 0;
 SIGKILL of the follower turns in-flight requests into 503s at once and process 0 exits non-zero; SIGKILL of
 process 0 makes the follower exit non-zero.
 
@@ -100,9 +101,12 @@ def one_process_answers(tiny_model):
     return answers(OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="unused", max_retries=0))
 
 
-def test_two_processes_serve_the_one_process_answers_and_drain_on_sigterm(tmp_path, tiny_model,
-                                                                          one_process_answers):
-  cluster = Cluster(tiny_model, "model=8", tmp_path)
+@pytest.mark.parametrize("mesh", ["model=8", "data=2,model=4"])
+def test_two_processes_serve_the_one_process_answers_and_drain_on_sigterm(tmp_path, tiny_model, one_process_answers,
+                                                                          mesh):
+  """model=8: one replica over both processes; data=2,model=4: a replica on each process's 4 devices, each running
+  its own sequences."""
+  cluster = Cluster(tiny_model, mesh, tmp_path)
   try:
     client = cluster.client()
     assert answers(client) == one_process_answers
@@ -127,12 +131,20 @@ def test_two_processes_serve_the_one_process_answers_and_drain_on_sigterm(tmp_pa
     while (held := _metric(cluster, "jaxllm_kv_pages_used")) != 0 and time.time() < deadline:
       time.sleep(0.2)
     assert held == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.http}/metrics", timeout=10) as r:
+      metrics = r.read().decode()
 
     cluster.procs[0].send_signal(signal.SIGTERM)
     assert [p.wait(timeout=120) for p in cluster.procs] == [0, 0], cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
-    # The follower's replica of the scheduler ends where process 0's did: nothing running, no page held.
-    assert re.search(r"process 1: process 0 is done; 0 requests unfinished, KV pages: 0 held by requests",
-                     cluster.log(1)), cluster.log(1)[-3000:]
+    # The follower's replica of the scheduler ends where process 0's did: nothing running, no page held, on every
+    # data-parallel replica; each of them served some of the streams (their full pages stay cached).
+    done = re.search(r"process 1: process 0 is done; 0 requests unfinished, KV pages per replica \(held by requests, "
+                     r"cached, free\): (\[.*\])", cluster.log(1))
+    assert done, cluster.log(1)[-3000:]
+    pages = json.loads(done.group(1).replace("(", "[").replace(")", "]"))
+    assert len(pages) == (2 if mesh.startswith("data=2") else 1)
+    assert all(held == 0 and cached > 0 for held, cached, _ in pages), pages
+    assert re.search(r'jaxllm_kv_pages_total\{replica="%d"\}' % (len(pages) - 1), metrics), metrics
   finally:
     cluster.kill()
 
@@ -178,7 +190,7 @@ def test_a_lost_process_0_makes_the_follower_exit(tmp_path, tiny_model):
 def _metric(cluster, name: str) -> float:
   with urllib.request.urlopen(f"http://127.0.0.1:{cluster.http}/metrics", timeout=10) as r:
     text = r.read().decode()
-  return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+  return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))  # over the replicas
 
 
 def _channel(is_source: bool, count: int = 2):

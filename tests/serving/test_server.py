@@ -432,6 +432,7 @@ def test_metrics_count_requests_and_tokens(server, client):
                "jaxllm_engine_step_seconds_count"):
     assert name in text, name
   assert 'jaxllm_requests_total{endpoint="completions",status="200"}' in text
+  assert 'jaxllm_kv_pages_total{replica="0"}' in text and 'replica="1"' not in text  # one replica: one series
   assert metric(server, "jaxllm_engine_step_seconds_count") >= 3  # the 3 tokens above took a step each at least
   # labelled by route name: paths a client makes up all count as "unknown", so /metrics cannot grow with them
   for i in range(20):
