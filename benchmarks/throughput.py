@@ -16,7 +16,7 @@ floor the step's FLOPs / measured matmul FLOP/s.
 
     python benchmarks/throughput.py [--num_prompts 64] [--max_num_seqs 32] [--variants f32,int8,kv-int8]
     python benchmarks/throughput.py --preset llama3-8b --variants bf16,bf16+int8 --max_num_seqs 64 --num_prompts 256
-    python benchmarks/throughput.py --replicas data=2,model=4 --max_num_seqs 16   # data-parallel replicas vs one
+    python benchmarks/throughput.py --replicas data=2,model=4 --max_num_seqs 32   # data-parallel replicas vs one
 """
 
 import argparse
@@ -190,13 +190,14 @@ def replica_table(args) -> list[str]:
           f"SmolLM2-135M-Instruct (q8_0) on one replica vs {D} data-parallel replicas. Decode step: "
           f"{args.max_num_seqs} sequences decoding at context {args.step_context}, dealt round-robin over the "
           f"replicas. Workload: {args.num_prompts} requests as in the main table (greedy), all queued at once. "
-          "'rows / replica' is the step's token bucket per replica; 'forward GFLOP / device' is XLA's cost "
-          "analysis of one device's forward program. Step and workload times are wall time on this machine "
-          "(on a CPU the devices share its cores: only the ratios of rows, FLOPs and steps carry over).", "",
-          "| mesh | replicas | slots | rows / replica | forward GFLOP / device | step ms | KV pages / replica | "
-          "workload steps | workload s |",
+          "'rows / replica' is the step's token bucket per replica; 'forward MFLOP / device / layer' is XLA's "
+          "cost analysis of one device's forward program (which counts the layer loop's body once). Step and "
+          "workload times are wall time on this machine (on a CPU the devices share its cores: only the ratios of "
+          "rows, FLOPs and steps carry over).", "",
+          "| mesh | replicas | slots | rows / replica | forward MFLOP / device / layer | step ms | "
+          "KV pages / replica | workload steps | workload s |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"] + [
-          f"| {m} | {d} | {z} | {t} | {f / 1e9:.3f} | {s * 1e3:.1f} | {p} | {n} | {w:.1f} |"
+          f"| {m} | {d} | {z} | {t} | {f / 1e6:.1f} | {s * 1e3:.1f} | {p} | {n} | {w:.1f} |"
           for m, d, z, t, f, s, p, n, w in rows] + [""]
 
 
