@@ -34,13 +34,21 @@ class NoCache:
   Right-padded rows need no lengths: pads sit after every real token, so causality alone keeps them out.
   """
 
-  def __init__(self, impl: str | None = None):
+  def __init__(self, impl: str | None = None, sharding=None):
     self.impl, self.interpret = pallas_kernels.split_impl(impl)
+    self.sharding = sharding  # on a mesh whose layout splits the heads: the kernel runs on each device's own
 
   def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale, window, soft_cap):
     del positions_BT  # arange(T) by contract
-    return pallas_kernels.flash_attention(q_BTNH, k_BTKH, v_BTKH, sm_scale=sm_scale, causal=True, window=window,
-                                          soft_cap=soft_cap, implementation=self.impl, interpret=self.interpret)
+
+    def local(q, k, v, window):
+      return pallas_kernels.flash_attention(q, k, v, sm_scale=sm_scale, causal=True, window=window,
+                                            soft_cap=soft_cap, implementation=self.impl, interpret=self.interpret)
+
+    if self.sharding is None:
+      return local(q_BTNH, k_BTKH, v_BTKH, window)
+    return self.sharding.over_heads(local, (q_BTNH, k_BTKH, v_BTKH, window), (2, 2, 2, None), 2,
+                                    (q_BTNH.shape[2], k_BTKH.shape[2]))
 
 
 class Attention(nnx.Module):

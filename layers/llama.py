@@ -62,7 +62,8 @@ class LayerCache(Protocol):
   k: jax.Array
   v: jax.Array
 
-  def view(self, k, v, layer, attention_impl) -> CacheView:
+  def view(self, k, v, layer, attention_impl, sharding=None) -> CacheView:
+    """`sharding`: the model's `ActivationSharding` (None on one device), for kernels that run per head shard."""
     ...
 
   def replace(self, **updates) -> "LayerCache":
@@ -120,14 +121,15 @@ class Llama(nnx.Module):
       def body(x, xs):
         layer_state, (inv_freq_h, window) = xs
         layer = nnx.merge(graphdef, layer_state)
-        return self._constrain(layer(x, positions_BT, NoCache(attention_impl), inv_freq_h, window)), None
+        view = NoCache(attention_impl, self.activation_sharding)
+        return self._constrain(layer(x, positions_BT, view, inv_freq_h, window)), None
 
       x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, per_layer), unroll=self._unroll())
     else:
       def body(carry, xs):
         x, k, v = carry
         layer_state, index, (inv_freq_h, window) = xs
-        view = cache.view(k, v, index, attention_impl)
+        view = cache.view(k, v, index, attention_impl, self.activation_sharding)
         x = self._constrain(nnx.merge(graphdef, layer_state)(x, positions_BT, view, inv_freq_h, window))
         return (x, view.k, view.v), None
 

@@ -71,15 +71,16 @@ class PagedKVCache:
 
     return zeros(), zeros()
 
-  def view(self, k, v, layer, attention_impl):
-    return PagedCacheView(self, k, v, layer, attention_impl)
+  def view(self, k, v, layer, attention_impl, sharding=None):
+    return PagedCacheView(self, k, v, layer, attention_impl, sharding)
 
 
 class PagedCacheView:
-  """One layer's view of the [L * P, K, C, H] pool inside the layer scan, with the step's metadata."""
+  """One layer's view of the [L * P, K, C, H] pool inside the layer scan, with the step's metadata. On a mesh whose
+  layout splits the heads (`sharding`), the K/V write and the kernel run on each device's own heads."""
 
-  def __init__(self, meta: PagedKVCache, k, v, layer, attention_impl):
-    self.meta, self.k, self.v, self.layer = meta, k, v, layer
+  def __init__(self, meta: PagedKVCache, k, v, layer, attention_impl, sharding=None):
+    self.meta, self.k, self.v, self.layer, self.sharding = meta, k, v, layer, sharding
     self.impl, self.interpret = pallas_kernels.split_impl(attention_impl)
 
   def attend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, sm_scale, window, soft_cap):
@@ -87,18 +88,29 @@ class PagedCacheView:
       raise ValueError(f"a paged step takes the ragged tokens as B=1, T=tokens; got B={q_BTNH.shape[0]}.")
     m = self.meta
     offset = self.layer * (jax.tree.leaves(self.k)[0].shape[0] // m.num_layers)  # this layer's first pool page
-    page_T = m.slot_page_T + offset
-    # Advanced indices on axes 0 and 2 with a slice between: the update is laid out [T, K, H] ([T, K] for scales).
-    write = lambda pages, x: pages.at[page_T, :, m.slot_offset_T].set(x)  # noqa: E731
-    if isinstance(self.k, QuantizedPages):  # each new token's K/V quantized once, with a scale per KV head
-      self.k = jax.tree.map(write, self.k, QuantizedPages(*quantize_kv(k_BTKH[0], self.k.values.dtype)))
-      self.v = jax.tree.map(write, self.v, QuantizedPages(*quantize_kv(v_BTKH[0], self.v.values.dtype)))
-      pages = dict(k_pages=self.k.values, v_pages=self.v.values, k_scales=self.k.scales, v_scales=self.v.scales)
-    else:
-      self.k, self.v = write(self.k, k_BTKH[0]), write(self.v, v_BTKH[0])
-      pages = dict(k_pages=self.k, v_pages=self.v)
-    o_TNH = pallas_kernels.ragged_paged_attention(
-        q_BTNH[0], kv_lens=m.kv_lens, page_indices=m.page_indices + offset, cu_q_lens=m.cu_q_lens,
-        num_seqs=m.num_seqs, sm_scale=sm_scale, window=window, soft_cap=soft_cap, implementation=self.impl,
-        interpret=self.interpret, **pages)
+
+    def local(k_pages, v_pages, q_TNH, k_TKH, v_TKH, page_T, offset_T, kv_lens, page_indices, cu_q_lens, num_seqs,
+              window):
+      # Advanced indices on axes 0 and 2 with a slice between: the update is laid out [T, K, H] ([T, K] for scales).
+      write = lambda pages, x: pages.at[page_T, :, offset_T].set(x)  # noqa: E731
+      if isinstance(k_pages, QuantizedPages):  # each new token's K/V quantized once, with a scale per KV head
+        k_pages = jax.tree.map(write, k_pages, QuantizedPages(*quantize_kv(k_TKH, k_pages.values.dtype)))
+        v_pages = jax.tree.map(write, v_pages, QuantizedPages(*quantize_kv(v_TKH, v_pages.values.dtype)))
+        pages = dict(k_pages=k_pages.values, v_pages=v_pages.values, k_scales=k_pages.scales, v_scales=v_pages.scales)
+      else:
+        k_pages, v_pages = write(k_pages, k_TKH), write(v_pages, v_TKH)
+        pages = dict(k_pages=k_pages, v_pages=v_pages)
+      o_TNH = pallas_kernels.ragged_paged_attention(
+          q_TNH, kv_lens=kv_lens, page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=num_seqs,
+          sm_scale=sm_scale, window=window, soft_cap=soft_cap, implementation=self.impl, interpret=self.interpret,
+          **pages)
+      return o_TNH, k_pages, v_pages
+
+    args = (self.k, self.v, q_BTNH[0], k_BTKH[0], v_BTKH[0], m.slot_page_T + offset, m.slot_offset_T, m.kv_lens,
+            m.page_indices + offset, m.cu_q_lens, m.num_seqs, window)
+    if self.sharding is None:
+      o_TNH, self.k, self.v = local(*args)
+    else:  # pages [LP, K, C, H], q [T, N, H], new k / v [T, K, H]: split on their head axis; the metadata whole
+      o_TNH, self.k, self.v = self.sharding.over_heads(local, args, (1, 1, 1, 1, 1) + (None,) * 7, (1, 1, 1),
+                                                       (q_BTNH.shape[2], k_BTKH.shape[2]))
     return o_TNH[None]

@@ -6,6 +6,7 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import dataclasses
 import json
 import sys
 
@@ -112,6 +113,50 @@ def placement(params):
   return out
 
 
+def pallas_operands(jaxpr) -> list[list[list[int]]]:
+  """The operand shapes of every Pallas kernel call in a jaxpr, nested ones (scan, shard_map, cond) included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      found.append([list(v.aval.shape) for v in eqn.invars])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += pallas_operands(inner)
+  return found
+
+
+def kernels(params):
+  """The Pallas kernels (interpreted on CPU) on model=8, x=2,y=4 and data=2,model=4 make one device's tokens, and
+  each kernel call sees only its device's heads: the shapes inside the traced step (on an accelerator a kernel call
+  is opaque to XLA's partitioner, which would otherwise gather the whole KV cache onto every device)."""
+  from jaxllm.serving import engine as engine_lib
+
+  ec = EngineConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64, num_pages=20)
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(3, 512, n).tolist() for n in (5, 19, 11)]
+  greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+  out = {}
+  # (The TPU kernel's interpreter cannot run under the replicas' shard_map on CPU: its callbacks need every mesh axis
+  # manual, and XLA:CPU fails on the nested one; on a TPU the kernel is a Mosaic call like any other.)
+  for spec, layout, impl in ((None, "tp", "xla"), ("model=8", "tp", "gpu-interpret"),
+                             ("x=2,y=4", "2d", "gpu-interpret"), ("data=2,model=4", "tp", "gpu-interpret"),
+                             ("model=8", "tp", "tpu-interpret")):
+    mesh = make_mesh(spec) if spec else None
+    engine = Engine(checkpoint.build_model(TINY_8_2, params, "float32", mesh, layout),
+                    dataclasses.replace(ec, attention_impl=impl))
+    sched = Scheduler(engine)
+    reqs = [sched.add(p, greedy) for p in prompts]
+    sched.run_until_done()
+    batch = engine._padding_batch(4)
+    traced = engine_lib._forward.trace(engine.graphdef, engine.params, jax.eval_shape(engine.init_state), batch,
+                                       attention_impl=impl, mesh=engine.mesh)
+    out[f"{spec or 'one'} {impl}"] = {"tokens": [r.output_ids for r in reqs],
+                                      "kernel_operands": pallas_operands(traced.jaxpr.jaxpr)}
+  return out
+
+
 def main():
   params = jax.tree.map(np.asarray, nnx.state(Llama(TINY_8_2, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict())
   out = {"devices": len(jax.devices()), "runs": {}, "tight": {}}
@@ -124,6 +169,7 @@ def main():
   for spec, layout in MESHES[:2]:
     out["tight"][spec or "one"] = run(spec, layout, params, tight)[1]
   out["placement"] = placement(params)
+  out["kernels"] = kernels(params)
   print(json.dumps(out))
 
 

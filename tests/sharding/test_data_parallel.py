@@ -55,3 +55,20 @@ def test_requests_go_where_their_prefix_is_unless_that_replica_is_much_busier(re
   # Three running beyond the other replica (more than half of 4 slots): the prefix no longer outweighs the load.
   assert p["loads"] == [3, 0] and (p["far_on"], p["far_cached"]) == (1, 0)
   assert p["prefix_cached_on"] == [3, 3] and p["pages_held"] == 0
+
+
+def test_attention_kernels_run_on_each_devices_own_heads(results):
+  """The GPU (and TPU) Pallas kernels, interpreted, on meshes that split the heads: one device's tokens, and every
+  kernel call reads a [L * P, 1, C, H] block of the pages (the one KV head its device holds: 2 KV heads copied to 8
+  on model=8, to 4 on y=4 and on model=4), not the whole cache."""
+  runs = results["kernels"]
+  want = runs["one xla"]["tokens"]
+  assert runs["one xla"]["kernel_operands"] == []  # one device runs the XLA reference: no kernel call
+  for name in ("model=8 gpu-interpret", "x=2,y=4 gpu-interpret", "data=2,model=4 gpu-interpret",
+               "model=8 tpu-interpret"):
+    assert runs[name]["tokens"] == want, name
+    calls = runs[name]["kernel_operands"]
+    assert calls, name
+    for operands in calls:
+      pages = [s for s in operands if len(s) == 4 and s[0] == 40]  # K and V pages: 2 layers x 20 pages
+      assert pages == [[40, 1, 16, 16]] * 2, (name, operands)
