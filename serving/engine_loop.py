@@ -242,6 +242,11 @@ class EngineLoop:
         if done:
           return
     except BaseException as e:  # noqa: BLE001 - reported to every caller instead of dying silently
+      if self.channel is not None:
+        # A collective failing in a multi-process server is most often another process dying (gloo notices the
+        # closed connection as soon as the channel does): a moment for the channel to say which, which `fail` keeps
+        # as the first error, over the collective's.
+        self.channel.lost.wait(2.0)
       self.fail(e)
       raise
 

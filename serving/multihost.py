@@ -23,9 +23,11 @@ the kernel closes it when a process dies, however it dies. Only the connection's
 random token and the port, broadcast from process 0, so a connection that cannot show the token is refused (the
 messages hold clients' prompts).
 
-**Failures.** A follower whose connection closes makes process 0 call `on_lost(process id)`: the server fails its
-requests with 503s and exits non-zero (`jaxllm serve`), even while its engine thread is blocked in a collective with
-the dead process. A follower whose connection to process 0 closes exits non-zero at once. A follower ignores SIGTERM /
+**Failures.** Every process opens the channel before it loads the model, so a follower that fails to load (or dies
+at any later point) closes its connection, and process 0 calls `on_lost(process id)`: while loading, the server
+gives up at once (instead of waiting in the ready barrier for the coordination service's timeout); once serving, it
+fails its requests with 503s; either way `jaxllm serve` exits non-zero, even while its engine thread is blocked in a
+collective with the dead process. A follower whose connection to process 0 closes exits non-zero at once. A follower ignores SIGTERM /
 SIGINT once connected (a pod's shutdown signals every process at once): it stops when process 0 says so, after
 process 0 has drained its requests.
 """
@@ -61,6 +63,7 @@ class Channel:
     self.is_source = self.me == 0
     self.on_lost = on_lost  # process 0: called (on a watcher thread) with the id of a follower that is gone
     self.closing = False  # set once process 0 has said it is done: connections closing then are expected
+    self.lost = threading.Event()  # process 0: set once a follower's loss has been reported to `on_lost`
     self._peers: dict[int, socket.socket] = {}
     self._inbox: queue.Queue = queue.Queue()
     if self.count > 1:
@@ -132,6 +135,7 @@ class Channel:
             log.error("process %d is gone (its connection to process 0 closed)", socks[conn])
             if self.on_lost is not None:
               self.on_lost(socks[conn])
+            self.lost.set()
           return
 
   def _read_leader(self, conn: socket.socket) -> None:
@@ -255,11 +259,11 @@ def serve_follower(config, mesh, layout: str) -> int:
 
   me = jax.process_index()
   try:
+    channel = Channel()  # first: a failure to load here closes it, and process 0 stops at once
     llm = load_llm(config, mesh, layout)
     if config.warmup:
       llm.warmup()
     ready_barrier("jaxllm serve: every process loaded")
-    channel = Channel()
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, lambda signum, _: log.info("process %d: signal %d ignored; process 0 decides when to "
                                                     "stop (after draining its requests)", me, signum))

@@ -35,6 +35,7 @@ import time
 import types
 import uuid
 from http import HTTPStatus
+from typing import Callable
 
 import numpy as np
 from aiohttp import web, web_protocol
@@ -216,6 +217,7 @@ class Server:
     self.load_error: str | None = None
     self.channel = None  # a multi-process server's channel to the other processes (`multihost.Channel`)
     self._lost_error: BaseException | None = None
+    self._abort_load: Callable[[], None] | None = None  # set by `serve`: ends its wait for `load`
     self.metrics = Metrics(self)
     self._rng = np.random.default_rng(config.seed)
     # Text work (JSON parsing, chat templates, tokenization) runs on the text workers, never on the event loop: a
@@ -240,6 +242,9 @@ class Server:
   def load(self) -> None:
     c = self.config
     try:
+      # Several processes: connected to the others before anything slow, so one that fails to load (or dies) is
+      # noticed at once rather than at a collective's timeout; each iteration of the engine loop goes to them first.
+      self.channel = multihost.Channel(on_lost=self._lost) if multihost.process_count() > 1 else None
       llm = load_llm(c, self.mesh, self.layout)
       self.llm, self.tokenizer, self.max_model_len = llm, llm.tokenizer, llm.max_model_len
       # Short texts are encoded on the text worker that asks (the library's own thread pool is off: no threads
@@ -254,10 +259,10 @@ class Server:
         llm.warmup()
       if self.state == "stopped":  # SIGTERM arrived meanwhile: `serve` has returned
         return
-      # Several processes: ready once every one is (they load and warm up the same programs), then each iteration
-      # of the engine loop goes to the others first (`multihost`).
+      # Several processes: ready once every one is (they load and warm up the same programs).
       multihost.ready_barrier("jaxllm serve: every process loaded")
-      self.channel = multihost.Channel(on_lost=self._lost) if multihost.process_count() > 1 else None
+      if self.state == "failed":  # another process died meanwhile (`_lost`)
+        return
       # Everything loaded so far (jax, the model, compiled programs: ~10^6 objects) lives as long as the server: move
       # it out of the collector's sight, or every full collection walks it all with the GIL held (100-220 ms seen,
       # a stall of every stream and /health).
@@ -275,10 +280,17 @@ class Server:
       log.error("loading %s failed: %s", c.model, self.load_error)
 
   def _lost(self, process_id: int) -> None:
-    """A multi-process server's process `process_id` died: the engine cannot step any more (on a watcher thread)."""
+    """A multi-process server's process `process_id` died: the engine cannot step any more (on a watcher thread).
+    Before the engine loop exists (the others are still loading, or this one waits for them), the load has failed:
+    `serve` stops waiting for it."""
     self._lost_error = RuntimeError(f"process {process_id} of this multi-process server is gone")
     if self.loop is not None:
       self.loop.fail(self._lost_error)
+    elif self.state in ("loading", "warming up"):
+      self.state, self.load_error = "failed", f"{self._lost_error} (while loading)"
+      log.error("%s", self.load_error)
+      if self._abort_load is not None:
+        self._abort_load()
 
   def seeds(self, seed: int | None, n: int) -> list[int]:
     base = seed if seed is not None else int(self._rng.integers(0, 2**63 - 1))
@@ -1034,6 +1046,7 @@ async def serve(server: Server, *, ready_line: bool = True, stop: asyncio.Event 
   # The load runs on a daemon thread, so SIGTERM / SIGINT while loading or warming up (minutes on a first start)
   # stops the server at once: nothing was admitted, nothing needs draining, and compilation cannot be interrupted.
   loaded = loop.create_future()
+  server._abort_load = lambda: loop.call_soon_threadsafe(lambda: loaded.done() or loaded.set_result(None))
 
   def load():
     try:

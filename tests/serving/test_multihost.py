@@ -34,15 +34,17 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 class Cluster:
   """`jaxllm serve` as process 0 and process 1 of a two-process job, each with 4 CPU devices."""
 
-  def __init__(self, model: str, mesh: str, tmp_path):
+  def __init__(self, model: str, mesh: str, tmp_path, follower_model: str | None = None):
     self.http, coordinator = _free_port(), _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     self.logs = [tmp_path / f"process{i}.log" for i in (0, 1)]
     self.procs = [subprocess.Popen(
-        [sys.executable, "-m", "jaxllm.cli", "serve", "--model", model, "--served_model_name", "tiny", *ENGINE,
-         "--nowarmup", "--port", str(self.http), "--mesh", mesh, "--coordinator_address", f"127.0.0.1:{coordinator}",
-         "--num_processes", "2", "--process_id", str(i)], stdout=open(self.logs[i], "w"), stderr=subprocess.STDOUT,
-        env=env) for i in (0, 1)]
+        [sys.executable, "-m", "jaxllm.cli", "serve", "--model", follower_model if i and follower_model else model,
+         "--served_model_name", "tiny", *ENGINE, "--nowarmup", "--port", str(self.http), "--mesh", mesh,
+         "--coordinator_address", f"127.0.0.1:{coordinator}", "--num_processes", "2", "--process_id", str(i)],
+        stdout=open(self.logs[i], "w"), stderr=subprocess.STDOUT, env=env) for i in (0, 1)]
+    if follower_model is not None:
+      return
     deadline = time.time() + 300
     while not self.ready():
       assert all(p.poll() is None for p in self.procs), self.log(0)[-3000:] + self.log(1)[-3000:]
@@ -187,6 +189,20 @@ def test_a_lost_process_0_makes_the_follower_exit(tmp_path, tiny_model):
     cluster.kill()
 
 
+def test_a_follower_that_cannot_load_stops_process_0_at_once(tmp_path, tiny_model):
+  """Process 1 fails to load (its checkpoint path is wrong on its host): its channel to process 0, opened before
+  loading, closes, and process 0 exits non-zero without waiting for the ready barrier's timeout (~100 s)."""
+  cluster = Cluster(tiny_model, "model=8", tmp_path, follower_model=str(tmp_path / "missing"))
+  try:
+    assert cluster.procs[1].wait(timeout=120) != 0
+    failed = time.time()
+    assert cluster.procs[0].wait(timeout=60) != 0
+    assert time.time() - failed < 20, cluster.log(0)[-3000:]
+    assert "process 1 of this multi-process server is gone (while loading)" in cluster.log(0), cluster.log(0)[-3000:]
+  finally:
+    cluster.kill()
+
+
 def _metric(cluster, name: str) -> float:
   with urllib.request.urlopen(f"http://127.0.0.1:{cluster.http}/metrics", timeout=10) as r:
     text = r.read().decode()
@@ -198,7 +214,7 @@ def _channel(is_source: bool, count: int = 2):
 
   c = multihost.Channel.__new__(multihost.Channel)
   c.me, c.count, c.is_source, c.on_lost, c.closing = (0 if is_source else 1), count, is_source, None, False
-  c._peers, c._inbox = {}, __import__("queue").Queue()
+  c._peers, c._inbox, c.lost = {}, __import__("queue").Queue(), __import__("threading").Event()
   return c
 
 
