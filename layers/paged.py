@@ -2,8 +2,10 @@
 
     k, v: [L * P, K, C, H]   the L layers' pages of C tokens as one pool: layer l's page p is pool page l * P + p
                              (KV head before token: one contiguous [C, H] tile per head and page, see
-                             jaxllm.pallas_kernels.ragged_paged_attention). The engine keeps them stacked
-                             [L, P, K, C, H]; `PagedKVCache.over` and `stacked` reshape (free) in and out.
+                             jaxllm.pallas_kernels.ragged_paged_attention). The engine's state holds the pools
+                             themselves, never a stacked [L, P, K, C, H] view: with one KV head per device (Llama-3-70B
+                             on 8 devices, any MQA model) XLA lays the size-1 axis out differently on either side of
+                             that reshape and copies the whole pool in and out of every step (seen on XLA:CPU).
 
 Why one pool rather than a per-layer slice: the K/V write and attention read inside the layer scan must both work in
 place on the scan's carry. Slicing out k[layer] copies the layer's whole pool whenever its reader is a loop or a
@@ -46,23 +48,11 @@ class PagedKVCache:
   num_seqs: jax.Array  # int32 scalar
   num_layers: int = struct.field(pytree_node=False)  # L: the pool holds L * P pages
 
-  @classmethod
-  def over(cls, k_LPKCH, v_LPKCH, **metadata) -> "PagedKVCache":
-    """The cache over stacked pages [L, P, K, C, H] (reshaped, not copied, into the pool)."""
-    L = jax.tree.leaves(k_LPKCH)[0].shape[0]
-    pool = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
-    return cls(k=jax.tree.map(pool, k_LPKCH), v=jax.tree.map(pool, v_LPKCH), num_layers=L, **metadata)
-
-  def stacked(self):
-    """k, v as [L, P, K, C, H] (and scales [L, P, K, C])."""
-    stack = lambda x: x.reshape(self.num_layers, -1, *x.shape[1:])  # noqa: E731
-    return jax.tree.map(stack, self.k), jax.tree.map(stack, self.v)
-
   @staticmethod
   def zero_pages(config: ModelConfig, num_pages: int, page_size: int, dtype):
-    """Stacked [L, P, K, C, H] zero pages; for a quantized dtype (int8, float8_e4m3fn) `QuantizedPages` with
-    [L, P, K, C] float32 scales."""
-    shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
+    """Zero pools of `num_pages` pages per layer, [L * num_pages, K, C, H]; for a quantized dtype (int8,
+    float8_e4m3fn) `QuantizedPages` with [L * num_pages, K, C] float32 scales."""
+    shape = (config.num_layers * num_pages, config.num_kv_heads, page_size, config.head_dim)
 
     def zeros():
       if is_quantized(dtype):

@@ -25,8 +25,8 @@ token and the penalties' token history, which a step touches only when a sequenc
 donated: the KV pages are updated in place.
 
 Data-parallel replicas. On a mesh with a `data` axis of size D, the engine is D replicas of everything above, each on
-its own devices: replica r owns slots [r * Z, (r + 1) * Z) of the state (Z = max_num_seqs each), pages
-[r * P, (r + 1) * P) of the pool (P = `num_pages` each; page and slot ids in a row are the replica's own) and its own
+its own devices: replica r owns slots [r * Z, (r + 1) * Z) of the state (Z = max_num_seqs each), the r-th block of
+L * P pages of the pools (P = `num_pages` a layer; page and slot ids in a row are the replica's own) and its own
 token budget. A step's batch is the D replicas' batches concatenated on their leading axis (each padded to the same
 bucket T, S), and `forward` / `pick` / `prompt_logprobs` run every replica's block in a `shard_map` that is manual over
 `data` only (the model's own axes stay automatic), so a replica reads and writes only its pages and slots and D
@@ -62,13 +62,13 @@ REPLICA = P(BATCH_AXIS)  # an array concatenated over the replicas on its leadin
 class EngineState:
   """What persists across steps (Z = max_num_seqs slots, V = vocab; D replicas, each with a block of every array)."""
 
-  k: jax.Array | QuantizedPages  # [L, D * P, K, C, H] KV pages (int8 / fp8 cache: values and [L, D * P, K, C] scales)
-  v: jax.Array | QuantizedPages
+  k: jax.Array | QuantizedPages  # [D * L * P, K, C, H] each replica's pool of KV pages (`layers.paged`; an int8 / fp8
+  v: jax.Array | QuantizedPages  # cache: values and [D * L * P, K, C] scales)
   tokens: jax.Array  # [D * Z] int32: each slot's last sampled token (fed by its next decode row)
   history: TokenHistory  # [D * Z, V]: what the penalties read; kept only for slots whose request uses penalties
 
 
-STATE_SPECS = EngineState(k=P(None, BATCH_AXIS), v=P(None, BATCH_AXIS), tokens=REPLICA, history=REPLICA)
+STATE_SPECS = EngineState(k=REPLICA, v=REPLICA, tokens=REPLICA, history=REPLICA)
 
 
 @struct.dataclass
@@ -159,8 +159,9 @@ def _forward_replica(graphdef, params, state: EngineState, batch: StepBatch, att
   Z = state.tokens.shape[0]
   valid_S = jnp.arange(q.slot_S.shape[0]) < q.num_seqs
   tokens_T = jnp.where(b.use_last_T, state.tokens[b.slot_T], b.tokens_T)
-  cache = PagedKVCache.over(state.k, state.v, slot_page_T=b.page_T, slot_offset_T=b.offset_T, kv_lens=q.kv_lens_S,
-                            page_indices=b.page_indices_SM, cu_q_lens=b.cu_q_lens_S1, num_seqs=q.num_seqs)
+  cache = PagedKVCache(k=state.k, v=state.v, slot_page_T=b.page_T, slot_offset_T=b.offset_T, kv_lens=q.kv_lens_S,
+                       page_indices=b.page_indices_SM, cu_q_lens=b.cu_q_lens_S1, num_seqs=q.num_seqs,
+                       num_layers=model.config.num_layers)
   h_1TD, cache = model(tokens_T[None], b.positions_T[None], cache, attention_impl)
   h_TD = h_1TD[0]
   h_SD = h_TD[jnp.maximum(b.cu_q_lens_S1[1:] - 1, 0)]
@@ -177,8 +178,7 @@ def _forward_replica(graphdef, params, state: EngineState, batch: StepBatch, att
 
   # On GPU recorded for every sequence (apply_if): rows without penalties never read it, and a seated slot starts empty.
   history = apply_if(jnp.any(q.sampling.uses_penalties() & valid_S), record_inputs, state.history)
-  k, v = cache.stacked()
-  return state.replace(k=k, v=v, history=history), h_SD, h_TD
+  return state.replace(k=cache.k, v=cache.v, history=history), h_SD, h_TD
 
 
 def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW=None, *, num_top: int, mesh=None):
@@ -312,7 +312,7 @@ class Engine:
 
     sharding = None
     if self.activation_sharding is not None:  # pages, slots over the replicas; KV heads as the K/V projections
-      pages = ("layers", "batch", "kv_heads", None, "head_dim")
+      pages = ("batch", "kv_heads", None, "head_dim")
       axes = EngineState(k=pages, v=pages, tokens=("batch",), history=("batch", None))
       shapes = jax.eval_shape(zeros)
       sharding = jax.tree.map(lambda a, x: jax.tree.map(lambda y: self.activation_sharding.named(a[:y.ndim], y.shape),

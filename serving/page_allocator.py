@@ -10,7 +10,7 @@ instead of computing it again.
     alloc.pages("req-1")                                    # the page ids in order: the sequence's page-table row
     alloc.free("req-1")                                     # unregistered pages free; registered ones evictable
 
-The device holds the pages themselves ([L, P, K, C, H] in `jaxllm.layers.paged`); this class only hands out ids.
+The device holds the pages themselves (pools [L * P, K, C, H] in `jaxllm.layers.paged`); this class only hands out ids.
 Every page but the scratch page is in exactly one of three places:
   held       by one or more sequences, each counting once in its reference count (a shared prefix is only read);
   evictable  registered, held by nobody, in an LRU (an OrderedDict, oldest first); `allocate(prefix=...)` takes it

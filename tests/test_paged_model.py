@@ -25,8 +25,18 @@ def model():
   return Llama(ModelConfig.from_preset("tiny-gqa"), rngs=nnx.Rngs(3))
 
 
+def zero_pages(config, num_pages, page, dtype):
+  """Zero K and V pages stacked [L, P, K, C, H] (the pools `PagedKVCache` takes, one layer a row: easier to index)."""
+  return [stacked(pool, config.num_layers) for pool in PagedKVCache.zero_pages(config, num_pages, page, dtype)]
+
+
+def stacked(pool, num_layers):
+  return jax.tree.map(lambda x: x.reshape(num_layers, -1, *x.shape[1:]), pool)
+
+
 def run_step(model, k, v, seqs, new_tokens, impl):
-  """One ragged step. seqs: list of (page table, tokens already cached); new_tokens: list of token lists."""
+  """One ragged step over stacked pages. seqs: list of (page table, tokens already cached); new_tokens: list of token
+  lists."""
   tokens, positions, pages, offsets, kv_lens, cu = [], [], [], [], [], [0]
   for (table, cached), toks in zip(seqs, new_tokens):
     for r, t in enumerate(toks):
@@ -46,12 +56,14 @@ def run_step(model, k, v, seqs, new_tokens, impl):
   table = np.full((len(seqs), M), -1, np.int32)
   for i, (t, _) in enumerate(seqs):
     table[i, :len(t)] = t
-  cache = PagedKVCache.over(k, v, slot_page_T=jnp.array(pages, jnp.int32),
-                            slot_offset_T=jnp.array(offsets, jnp.int32), kv_lens=jnp.array(kv_lens, jnp.int32),
-                            page_indices=jnp.array(table), cu_q_lens=jnp.array(cu, jnp.int32),
-                            num_seqs=jnp.int32(len(seqs)))
+  L = model.config.num_layers
+  pool = lambda x: jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), x)  # noqa: E731
+  cache = PagedKVCache(k=pool(k), v=pool(v), slot_page_T=jnp.array(pages, jnp.int32),
+                       slot_offset_T=jnp.array(offsets, jnp.int32), kv_lens=jnp.array(kv_lens, jnp.int32),
+                       page_indices=jnp.array(table), cu_q_lens=jnp.array(cu, jnp.int32),
+                       num_seqs=jnp.int32(len(seqs)), num_layers=L)
   h, cache = model(jnp.array([tokens], jnp.int32), jnp.array([positions], jnp.int32), cache, attention_impl=impl)
-  return np.asarray(model.logits(h)[0]), *cache.stacked()
+  return np.asarray(model.logits(h)[0]), stacked(cache.k, L), stacked(cache.v, L)
 
 
 @pytest.mark.parametrize("impl", ["xla", GPU, "tpu-interpret"])
@@ -61,7 +73,7 @@ def test_ragged_paged_steps_equal_full_forward(model, impl, rng):
   conts = [rng.integers(0, 512, size=3).tolist() for _ in prompts]
   perm = rng.permutation(np.arange(1, NUM_PAGES))  # pages handed out in random order
   tables = [perm[0:5].tolist(), perm[5:10].tolist(), perm[10:15].tolist()]
-  k, v = PagedKVCache.zero_pages(model.config, NUM_PAGES, PAGE, jnp.float32)
+  k, v = zero_pages(model.config, NUM_PAGES, PAGE, jnp.float32)
   k = k.at[:, perm[15:]].set(jnp.nan)  # pages no sequence owns: a stray read turns the output NaN
   v = v.at[:, perm[15:]].set(jnp.nan)
 
@@ -95,7 +107,7 @@ def test_unrolled_layer_loop_equals_the_scan(model, rng):
   try:
     for unroll in (False, True):
       model.unroll_layers = unroll
-      k, v = PagedKVCache.zero_pages(model.config, NUM_PAGES, PAGE, jnp.float32)
+      k, v = zero_pages(model.config, NUM_PAGES, PAGE, jnp.float32)
       paged = run_step(model, k, v, [([1, 2], 0), ([3], 0)], prompts, "xla")
       got[unroll] = paged + (np.asarray(model(tokens, positions, attention_impl="xla")[0]),)
       jaxpr = str(jax.make_jaxpr(lambda t, p: model(t, p, attention_impl="xla")[0])(tokens, positions))
@@ -125,7 +137,7 @@ def test_quantized_cache_stores_each_token_quantized_once(model, kv_dtype, rng):
   seqs = lambda done: [(tables[0], done[0]), (tables[1], done[1])]  # noqa: E731
   out = {}
   for dtype in (jnp.float32, kv_dtype):
-    k, v = PagedKVCache.zero_pages(model.config, NUM_PAGES, PAGE, dtype)
+    k, v = zero_pages(model.config, NUM_PAGES, PAGE, dtype)
     logits1, k, v = run_step(model, k, v, seqs((0, 0)), [prompts[0], prompts[1][:12]], "xla")
     k1 = k
     logits2, k, v = run_step(model, k, v, seqs((13, 12)), [[5], prompts[1][12:]], "xla")

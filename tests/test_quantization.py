@@ -253,12 +253,12 @@ def _paged_chunk(graphdef, params, k, v, toks_T, start, n, *, window, chunk):
   model = nnx.merge(graphdef, params)
   pos_T = start + jnp.arange(chunk, dtype=jnp.int32)
   real_T = jnp.arange(chunk) < n
-  cache = PagedKVCache.over(
-      k, v, slot_page_T=jnp.where(real_T, 1 + pos_T // PAGE, 0), slot_offset_T=jnp.where(real_T, pos_T % PAGE, 0),
+  cache = PagedKVCache(
+      k=k, v=v, slot_page_T=jnp.where(real_T, 1 + pos_T // PAGE, 0), slot_offset_T=jnp.where(real_T, pos_T % PAGE, 0),
       kv_lens=(start + n)[None], page_indices=1 + jnp.arange(window // PAGE, dtype=jnp.int32)[None],
-      cu_q_lens=jnp.stack([0, n]), num_seqs=jnp.int32(1))
+      cu_q_lens=jnp.stack([0, n]), num_seqs=jnp.int32(1), num_layers=model.config.num_layers)
   h, cache = model(toks_T[None], pos_T[None], cache, "xla")
-  return jax.nn.log_softmax(model.logits(h)[0], axis=-1), *cache.stacked()
+  return jax.nn.log_softmax(model.logits(h)[0], axis=-1), cache.k, cache.v
 
 
 def paged_logprobs(llm, tokens: list[int], kv_dtype, window: int = 1024, chunk: int = 256):

@@ -40,10 +40,10 @@ def test_each_replica_runs_its_own_sequences(results):
   for spec, run in runs.items():
     assert run["replicas_used"] == list(range(run["replicas"])), spec
     assert run["pages_held"] == 0, spec  # every replica's pages back (its accounting checked after every step)
-  # Each device holds its replica's 40 pages (of 80 on data=2: [L, P, K, C, H] with 4 KV heads on model=4 -> 1 each)
-  # and its 4 slots; on data=8, 40 of 320 with both KV heads.
-  assert runs["data=2,model=4"]["state_shards"] == [[2, 40, 1, 16, 16], [4]]
-  assert runs["data=8"]["state_shards"] == [[2, 40, 2, 16, 16], [4]]
+  # Each device holds its replica's pool of 2 layers x 40 pages (of 160 on data=2: [D * L * P, K, C, H] with 4 KV
+  # heads on model=4 -> 1 each) and its 4 slots; on data=8, 80 of 640 with both KV heads.
+  assert runs["data=2,model=4"]["state_shards"] == [[80, 1, 16, 16], [4]]
+  assert runs["data=8"]["state_shards"] == [[80, 2, 16, 16], [4]]
 
 
 def test_requests_go_where_their_prefix_is_unless_that_replica_is_much_busier(results):
