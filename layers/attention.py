@@ -21,6 +21,7 @@ from jaxllm import pallas_kernels
 from jaxllm.layers.norm import RMSNorm
 from jaxllm.layers.ops import dense, value, weight
 from jaxllm.layers.rope import apply_rope
+from jaxllm.sharding.rules import over_heads
 
 class CacheView(Protocol):
 
@@ -45,10 +46,8 @@ class NoCache:
       return pallas_kernels.flash_attention(q, k, v, sm_scale=sm_scale, causal=True, window=window,
                                             soft_cap=soft_cap, implementation=self.impl, interpret=self.interpret)
 
-    if self.sharding is None:
-      return local(q_BTNH, k_BTKH, v_BTKH, window)
-    return self.sharding.over_heads(local, (q_BTNH, k_BTKH, v_BTKH, window), (2, 2, 2, None), 2,
-                                    (q_BTNH.shape[2], k_BTKH.shape[2]))
+    return over_heads(self.sharding, local, (q_BTNH, k_BTKH, v_BTKH, window), (2, 2, 2, None), 2,
+                      (q_BTNH.shape[2], k_BTKH.shape[2]))
 
 
 class Attention(nnx.Module):

@@ -32,6 +32,7 @@ from flax import struct
 from jaxllm import pallas_kernels
 from jaxllm.config import ModelConfig
 from jaxllm.pallas_kernels.kv_quant import SCALE_DTYPE, QuantizedPages, is_quantized, quantize_kv
+from jaxllm.sharding.rules import over_heads
 
 
 @struct.dataclass
@@ -98,9 +99,7 @@ class PagedCacheView:
 
     args = (self.k, self.v, q_BTNH[0], k_BTKH[0], v_BTKH[0], m.slot_page_T + offset, m.slot_offset_T, m.kv_lens,
             m.page_indices + offset, m.cu_q_lens, m.num_seqs, window)
-    if self.sharding is None:
-      o_TNH, self.k, self.v = local(*args)
-    else:  # pages [LP, K, C, H], q [T, N, H], new k / v [T, K, H]: split on their head axis; the metadata whole
-      o_TNH, self.k, self.v = self.sharding.over_heads(local, args, (1, 1, 1, 1, 1) + (None,) * 7, (1, 1, 1),
-                                                       (q_BTNH.shape[2], k_BTKH.shape[2]))
+    # pages [LP, K, C, H], q [T, N, H], new k / v [T, K, H]: split on their head axis; the metadata whole
+    o_TNH, self.k, self.v = over_heads(self.sharding, local, args, (1, 1, 1, 1, 1) + (None,) * 7, (1, 1, 1),
+                                       (q_BTNH.shape[2], k_BTKH.shape[2]))
     return o_TNH[None]

@@ -187,10 +187,6 @@ def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW
   ([S, ceil(V / 32)] int32, structured outputs), token v of row s stays only where bit v % 32 of word v // 32 is set:
   the sampler (and the logprobs it reports, as vLLM's) sees the constrained distribution. Compiled per S, and again
   with a bitmask; tokens and history are donated."""
-  if bitmask_SW is None:
-    one = lambda p, st, h, b: _pick_replica(graphdef, p, st, h, b, None, num_top)  # noqa: E731
-    return per_replica(one, mesh, (P(), STATE_SPECS, REPLICA, REPLICA), (STATE_SPECS, REPLICA))(
-        params, state, h_SD, batch)
   one = lambda p, st, h, b, m: _pick_replica(graphdef, p, st, h, b, m, num_top)  # noqa: E731
   return per_replica(one, mesh, (P(), STATE_SPECS, REPLICA, REPLICA, REPLICA), (STATE_SPECS, REPLICA))(
       params, state, h_SD, batch, bitmask_SW)
@@ -312,11 +308,11 @@ class Engine:
 
     sharding = None
     if self.activation_sharding is not None:  # pages, slots over the replicas; KV heads as the K/V projections
-      pages = ("batch", "kv_heads", None, "head_dim")
-      axes = EngineState(k=pages, v=pages, tokens=("batch",), history=("batch", None))
+      named = lambda axes: lambda x: self.activation_sharding.named(axes[:x.ndim], x.shape)  # noqa: E731
+      pages, slots = named(("batch", "kv_heads", None, "head_dim")), named(("batch", None))
       shapes = jax.eval_shape(zeros)
-      sharding = jax.tree.map(lambda a, x: jax.tree.map(lambda y: self.activation_sharding.named(a[:y.ndim], y.shape),
-                                                        x), axes, shapes, is_leaf=lambda a: isinstance(a, tuple))
+      sharding = EngineState(k=jax.tree.map(pages, shapes.k), v=jax.tree.map(pages, shapes.v),
+                             tokens=slots(shapes.tokens), history=jax.tree.map(slots, shapes.history))
     return jax.jit(zeros, out_shardings=sharding)()
 
   # ------------------------------------------------------------------ the step
@@ -346,10 +342,10 @@ class Engine:
       used[r.replica] += len(r.tokens)
     return T, S, places
 
-  def build(self, rows: list[Row]) -> StepBatch:
+  def build(self, rows: list[Row], places=None) -> StepBatch:
     """A StepBatch from the step's rows (per replica at most max_num_seqs of them and max_num_batched_tokens
-    tokens)."""
-    T, S, _ = self.row_places(rows)
+    tokens); `places`: what `row_places(rows)` answered, if the caller has it already."""
+    T, S, _ = places or self.row_places(rows)
     per = [[r for r in rows if r.replica == k] for k in range(self.num_replicas)]
     return jax.tree.map(lambda *xs: np.concatenate(xs), *[self._build_replica(rs, T, S) for rs in per])
 

@@ -70,6 +70,26 @@ def page_hashes(token_ids: Sequence[int], page_size: int, num_pages: int | None 
   return keys
 
 
+class PrefixKeys:
+  """The chained keys of the full pages `match` may return for `token_ids` (all but its last token), computed only as
+  far as they are read and kept: the data-parallel replicas' allocators all match one prompt and hash it once."""
+
+  def __init__(self, token_ids: Sequence[int], page_size: int):
+    self._pages = _pages_bytes(token_ids, page_size, 0, max(len(token_ids) - 1, 0) // page_size)
+    self._keys: list[bytes] = []
+
+  def __iter__(self):
+    i = 0
+    while True:
+      if i == len(self._keys):
+        page_bytes = next(self._pages, None)
+        if page_bytes is None:
+          return
+        self._keys.append(_page_key(self._keys[-1] if self._keys else _ROOT_KEY, page_bytes))
+      yield self._keys[i]
+      i += 1
+
+
 class PageAllocator:
 
   def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
@@ -119,16 +139,15 @@ class PageAllocator:
     return self._num_shared
 
   # ------------------------------------------------------------------ prefix cache
-  def match(self, token_ids: Sequence[int]) -> list[int]:
-    """The longest run of cached full pages that starts `token_ids`, at most (len(token_ids) - 1) // page_size of
-    them (the last token is always left to compute). Takes no references: pass the answer to `allocate(prefix=...)`
-    before any other allocate or ensure can evict it. [] when caching is off."""
+  def match(self, token_ids: Sequence[int] | PrefixKeys) -> list[int]:
+    """The longest run of cached full pages that starts `token_ids` (or whose `PrefixKeys` are given), at most
+    (len(token_ids) - 1) // page_size of them (the last token is always left to compute). Takes no references: pass
+    the answer to `allocate(prefix=...)` before any other allocate or ensure can evict it. [] when caching is off."""
     if not self.enable_prefix_caching:
       return []
-    C = self.page_size
-    found, key = [], _ROOT_KEY
-    for page_bytes in _pages_bytes(token_ids, C, 0, max(len(token_ids) - 1, 0) // C):
-      key = _page_key(key, page_bytes)
+    keys = token_ids if isinstance(token_ids, PrefixKeys) else PrefixKeys(token_ids, self.page_size)
+    found = []
+    for key in keys:
       page = self._page_of.get(key)
       if page is None:
         break

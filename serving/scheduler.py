@@ -58,7 +58,7 @@ import numpy as np
 from jaxllm.sampling import SamplingArrays, SamplingParams
 from jaxllm.serving.detokenizer import Detokenizer
 from jaxllm.serving.engine import Engine, Row
-from jaxllm.serving.page_allocator import PageAllocator
+from jaxllm.serving.page_allocator import PageAllocator, PrefixKeys
 from jaxllm.sharding.distributed import host_value
 from jaxllm.structured_outputs import GrammarCompiler
 
@@ -293,8 +293,8 @@ class Scheduler:
     rows = self._schedule()
     keep = 0
     if rows:
-      _, _, places = self.engine.row_places([row for _, row in rows])
-      batch = self.engine.build([row for _, row in rows])
+      layout = self.engine.row_places([row for _, row in rows])
+      batch, places = self.engine.build([row for _, row in rows], layout), layout[2]
       guided = [(r, i) for (r, row), (i, _) in zip(rows, places) if r.matcher is not None and row.sample]
       self.state, h_SD, h_TD = self.engine.forward(self.state, batch)
       targets, scored = self._prompt_targets(rows, places, h_TD.shape[0])
@@ -366,7 +366,8 @@ class Scheduler:
       req = self.waiting[0]
       tokens = req.prompt_ids + req.output_ids
       cacheable = not (req.params.uses_penalties or req.scores_prompt)
-      hits = {rep: rep.allocator.match(tokens) if cacheable else [] for rep in open_}
+      keys = PrefixKeys(tokens, C)  # hashed once, as far as the replicas' caches read
+      hits = {rep: rep.allocator.match(keys) if cacheable else [] for rep in open_}
       for rep in self._placements(open_, hits):
         hit, budget = hits[rep], budgets[rep.index]
         n = min(len(tokens) - len(hit) * C, budget)

@@ -227,22 +227,6 @@ class ActivationSharding:
       return None
     return None if any(n % self.mesh.shape[axis] for n in head_counts) else axis
 
-  def over_heads(self, fn, args: tuple, head_dims: tuple, out_head_dims, head_counts: tuple[int, ...]):
-    """`fn(*args)` run on each device's own heads: a `shard_map` manual over the layout's head axis, each argument
-    (a pytree: every leaf alike) split on its head dimension in `head_dims` (None: whole on every device), each
-    result on its dimension in `out_head_dims`. Attention kernels run this way: a Pallas call is opaque to XLA's
-    partitioner, which would gather its operands (the whole KV cache) onto every device. Without a head axis that
-    splits `head_counts`, fn(*args) as it is."""
-    axis = self.head_axis(*head_counts)
-    if axis is None:
-      return fn(*args)
-    split = lambda d: P() if d is None else P(*([None] * d), axis)  # noqa: E731
-    context = jax.sharding.get_abstract_mesh()
-    mesh = context if getattr(context, "manual_axes", ()) else self.mesh  # nested in the engine's replicas' shard_map
-    out_specs = jax.tree.map(split, out_head_dims, is_leaf=lambda d: d is None or isinstance(d, int))
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(split(d) for d in head_dims), out_specs=out_specs,
-                         axis_names={axis}, check_vma=False)(*args)
-
   def __call__(self, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     sharding = self.named(logical_axes, x.shape)
     context = jax.sharding.get_abstract_mesh()
@@ -259,3 +243,21 @@ def _without(axes, dropped: set):
   """A PartitionSpec entry without the mesh axes in `dropped`."""
   kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in dropped)
   return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+def over_heads(sharding: ActivationSharding | None, fn, args: tuple, head_dims: tuple, out_head_dims,
+               head_counts: tuple[int, ...]):
+  """`fn(*args)` run on each device's own heads: a `shard_map` manual over the layout's head axis, each argument
+  (a pytree: every leaf alike) split on its head dimension in `head_dims` (None: whole on every device), each
+  result on its dimension in `out_head_dims`. Attention kernels run this way: a Pallas call is opaque to XLA's
+  partitioner, which would gather its operands (the whole KV cache) onto every device. On one device (sharding None)
+  or without a head axis that splits `head_counts`, fn(*args) as it is."""
+  axis = None if sharding is None else sharding.head_axis(*head_counts)
+  if axis is None:
+    return fn(*args)
+  split = lambda d: P() if d is None else P(*([None] * d), axis)  # noqa: E731
+  context = jax.sharding.get_abstract_mesh()
+  mesh = context if getattr(context, "manual_axes", ()) else sharding.mesh  # nested in the engine replicas' shard_map
+  out_specs = jax.tree.map(split, out_head_dims, is_leaf=lambda d: d is None or isinstance(d, int))
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(split(d) for d in head_dims), out_specs=out_specs,
+                       axis_names={axis}, check_vma=False)(*args)
