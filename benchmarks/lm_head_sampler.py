@@ -2,8 +2,9 @@
 
 Times, for 1 and --rows sequences, each stage of the engine's `pick` program on its own and the program whole: the
 LM head as the model computes it (float32 accumulation and result) and as a plain dot in the weights' dtype upcast
-after, the argmax alone, the sampler (`jaxllm.sampling.sample`) greedy / with top-n logprobs / drawing with top_p,
-and `pick` as the engine compiles it (greedy rows). The model is the preset's shape cut to --layers layers with random
+after, the argmax alone, `jaxllm.sampling.greedy` (argmax + its logprob: what a batch of bare greedy rows runs), the
+sampler (`jaxllm.sampling.sample`) on greedy rows / with top-n logprobs / drawing with top_p, and `pick` as the engine
+compiles it: the argmax program (greedy rows) and the sampler program (under an all-ones bitmask). The model is the preset's shape cut to --layers layers with random
 weights (the LM head and the sampler do not depend on the layers). Also reads the optimized HLO of each LM head and of
 `pick`: whether a float32 copy of the [V, D] weight is materialized before the GEMM, and how many conditionals the
 program has (on XLA:GPU each one reads its predicate back to the host). Times are medians of rounds of back-to-back
@@ -53,7 +54,7 @@ def main():
 
   from jaxllm.config import ModelConfig
   from jaxllm.layers import Llama
-  from jaxllm.sampling import SamplingArrays, sample
+  from jaxllm.sampling import SamplingArrays, greedy, sample
   from jaxllm.serving import engine as engine_lib
   from jaxllm.serving.config import EngineConfig
 
@@ -87,15 +88,16 @@ def main():
   for rows in sorted({1, args.rows}):
     h = jnp.asarray(rng.standard_normal((rows, D)), dtype)
     logits = jax.block_until_ready(jax.jit(head_model)(params, h))
-    greedy = SamplingArrays.create(rows, temperature=0.0)
-    top = dataclasses.replace(greedy, num_logprobs=np.full((rows,), 5, np.int32))
+    greedy_rows = SamplingArrays.create(rows, temperature=0.0)
+    top = dataclasses.replace(greedy_rows, num_logprobs=np.full((rows,), 5, np.int32))
     draw = SamplingArrays.create(rows, temperature=1.0, top_p=0.9)
     pos = jnp.zeros((rows,), jnp.int32)
     stages = [
         ("LM head as the model (float32 accumulation and result)", jax.jit(head_model), (params, h)),
         ("LM head, plain dot in the weights' dtype, then upcast", jax.jit(head_plain), (w, h)),
         ("argmax alone", jax.jit(lambda x: jnp.argmax(x, axis=-1)), (logits,)),
-        ("sample, greedy", jax.jit(lambda x, s: sample(x, s, pos)), (logits, greedy)),
+        ("greedy() (argmax and its logprob)", jax.jit(greedy), (logits,)),
+        ("sample, greedy rows", jax.jit(lambda x, s: sample(x, s, pos)), (logits, greedy_rows)),
         (f"sample, greedy, num_top={num_top} compiled in, 5 asked",
          jax.jit(lambda x, s: sample(x, s, pos, num_top=num_top)), (logits, top)),
         ("sample, temperature 1, top_p 0.9", jax.jit(lambda x, s: sample(x, s, pos)), (logits, draw)),
@@ -110,16 +112,17 @@ def main():
     st = eng.init_state()
     st, hs, _ = eng.forward(st, batch)
     pick = jax.jit(engine_lib.pick, static_argnums=0, static_argnames="num_top")  # not donating: rerun on st
-    compiled = pick.lower(eng.graphdef, eng.params, st, hs, batch.seqs, num_top=num_top).compile()
-    ms = common.median_ms(lambda: compiled(eng.params, st, hs, batch.seqs)[1].tokens, reps=args.reps)
-    text = compiled.as_text()
-    if args.hlo_dir:
-      os.makedirs(args.hlo_dir, exist_ok=True)
-      with open(os.path.join(args.hlo_dir, f"pick_{rows}.txt"), "w") as f:
-        f.write(text)
-    lines.append(f"| pick (the engine's program: LM head + sampler + state updates), greedy | {rows} | {ms:.3f} | "
-                 f"{hlo_facts(text, V, D, dtype)} |")
-    print(lines[-1], flush=True)
+    for kind, mask in [("argmax program, greedy rows", None), ("sampler program, greedy rows", eng.full_bitmask(rows))]:
+      compiled = pick.lower(eng.graphdef, eng.params, st, hs, batch.seqs, mask, num_top=num_top).compile()
+      ms = common.median_ms(lambda: compiled(eng.params, st, hs, batch.seqs, mask)[1].tokens, reps=args.reps)
+      text = compiled.as_text()
+      if args.hlo_dir:
+        os.makedirs(args.hlo_dir, exist_ok=True)
+        with open(os.path.join(args.hlo_dir, f"pick_{kind.split()[0]}_{rows}.txt"), "w") as f:
+          f.write(text)
+      lines.append(f"| pick (the engine's {kind}: LM head + sampler + state updates) | {rows} | {ms:.3f} | "
+                   f"{hlo_facts(text, V, D, dtype)} |")
+      print(lines[-1], flush=True)
   lines += ["", f"LM head floor: {w.nbytes / 1e6:.0f} MB at {bandwidth:.0f} GB/s = {head_floor_ms:.3f} ms.", ""]
   common.publish(lines, args.results)
 

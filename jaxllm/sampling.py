@@ -10,7 +10,10 @@ Each row's PRNG key is fold_in(key(seed), position): a seeded request gives the 
 batch. The logprob reported for a token (and the top-n alternatives) is that of the unmodified model distribution, as
 vLLM reports by default.
 
-A stage no row of the batch uses is skipped at run time (`lax.cond`), so a plain greedy or temperature-only batch
+A batch whose rows are all greedy with nothing to apply (`SamplingArrays.bare`: no bias, penalty, pending min_tokens
+or logprobs) is just the logits' argmax (`greedy()`); the host knows that from the rows' settings and compiles it as
+its own program, with no conditional (XLA:GPU reads every conditional's predicate back to the host and waits).
+In `sample()`, a stage no row of the batch uses is skipped at run time (`lax.cond`), so a temperature-only batch
 does one pass of the [B, V] logits plus the draw: no [B, V] log_softmax unless top-n logprobs are asked for, no
 history read without penalties, and the filter thresholds come from the row maximum (min-p only), `lax.top_k` (every
 top_k <= 64) or a full sort, whichever is the least the batch needs. Each path picks exactly the tokens of the
@@ -210,6 +213,14 @@ class SamplingArrays:
     """[B] bool: the rows that read the token history (a repetition, presence or frequency penalty is on)."""
     return (self.repetition_penalty != 1) | (self.presence_penalty != 0) | (self.frequency_penalty != 0)
 
+  def bare(self, positions_B) -> jax.Array:
+    """[B] bool: the rows whose token is the argmax of the model's logits with nothing else to compute (greedy; no
+    bias, penalty, logprobs, or stop ids held back by min_tokens at `positions_B`, the positions being sampled).
+    numpy in, numpy out: the host decides with it which program a step runs (see `greedy`)."""
+    holding = ((positions_B < self.min_len)[:, None] & (self.stop_ids >= 0)).any(axis=-1)
+    return ((self.temperature <= 0) & (self.bias_ids < 0).all(axis=-1) & (self.num_logprobs == 0) & ~holding
+            & ~self.uses_penalties())
+
 
 @struct.dataclass
 class TokenHistory:
@@ -362,6 +373,28 @@ def _threshold_B1(scaled_BV, s: SamplingArrays):
   return jax.lax.switch(filter_path(s, V), [by_max, short, by_sort], None)
 
 
+def _chosen_logprob(logits_BV, tokens_B):
+  """log_softmax at the chosen token only: (x_t - max) - log(sum(exp(x - max))), log_softmax's own arithmetic."""
+  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  log_norm_B1 = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
+  return (jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1) - max_B1 - log_norm_B1)[:, 0]
+
+
+def _result(tokens_B, chosen_B, top_ids, top_lp, num_top: int):
+  return (tokens_B, chosen_B) if not num_top else (tokens_B, chosen_B, top_ids, top_lp)
+
+
+def greedy(logits_BV: jax.Array, num_top: int = 0):
+  """`sample()` for a batch whose rows are all `SamplingArrays.bare`: the argmax and its logprob (and empty top-n
+  arrays, as sample returns when no row asks for logprobs). The same tokens and logprobs as `sample` gives such rows;
+  no conditional and one pass over the logits."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  B = logits_BV.shape[0]
+  tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return _result(tokens_B, _chosen_logprob(logits_BV, tokens_B), jnp.zeros((B, num_top), jnp.int32),
+                 jnp.zeros((B, num_top), jnp.float32), num_top)
+
+
 def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, history: TokenHistory | None = None,
            num_top: int = 0, history_rows_B: jax.Array | None = None):
   """-> (token ids [B] int32, their logprobs [B] float32) and, with num_top > 0, (top ids [B, num_top], top logprobs
@@ -370,50 +403,29 @@ def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, hist
   `history_rows_B` (optional) maps batch rows to rows of a larger `history` table (see process_logits).
 
   Every optional stage (bias, penalties, min_tokens mask, the draw, the filter thresholds, the top-n logprobs) is a
-  `lax.cond` / `lax.switch` on the rows' settings, under one that sends a batch using none of them to a bare argmax:
-  one compiled program serves every mix, and each stage costs nothing in a batch that does not use it. The tokens
-  are those of the straightforward sampler (every stage always applied, a full sort for the filters) for the same
-  seeds, the logprobs equal to float32 rounding.
+  `lax.cond` / `lax.switch` on the rows' settings: one compiled program serves every mix, and each stage costs
+  nothing in a batch that does not use it (a batch of bare greedy rows is cheaper still through `greedy()`). The
+  tokens are those of the straightforward sampler (every stage always applied, a full sort for the filters) for the
+  same seeds, the logprobs equal to float32 rounding.
   """
   logits_BV = logits_BV.astype(jnp.float32)
   B = logits_BV.shape[0]
+  z_BV = process_logits(logits_BV, s, positions_B, history, history_rows_B)
+  greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
+  sampling_B = s.temperature > 0
 
-  def chosen_logprob(tokens_B):
-    # log_softmax at the chosen token only: (x_t - max) - log(sum(exp(x - max))), log_softmax's own arithmetic.
-    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-    log_norm_B1 = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
-    return (jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1) - max_B1 - log_norm_B1)[:, 0]
+  def filtered_sample(z_BV):
+    scaled = z_BV / jnp.maximum(s.temperature, 1e-6)[:, None]
+    masked = jnp.where(scaled >= _threshold_B1(scaled, s), scaled, -jnp.inf)
+    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions_B)
+    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
-  def plain(_):
-    tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    return tokens_B, chosen_logprob(tokens_B), jnp.zeros((B, num_top), jnp.int32), jnp.zeros((B, num_top), jnp.float32)
-
-  def general(_):
-    z_BV = process_logits(logits_BV, s, positions_B, history, history_rows_B)
-    greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
-    sampling_B = s.temperature > 0
-
-    def filtered_sample(z_BV):
-      scaled = z_BV / jnp.maximum(s.temperature, 1e-6)[:, None]
-      masked = jnp.where(scaled >= _threshold_B1(scaled, s), scaled, -jnp.inf)
-      keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions_B)
-      return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-
-    sampled_B = jax.lax.cond(jnp.any(sampling_B), filtered_sample, lambda _: greedy_B, z_BV)
-    tokens_B = jnp.where(sampling_B, sampled_B, greedy_B)
-    if not num_top:
-      return tokens_B, chosen_logprob(tokens_B), jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
+  sampled_B = jax.lax.cond(jnp.any(sampling_B), filtered_sample, lambda _: greedy_B, z_BV)
+  tokens_B = jnp.where(sampling_B, sampled_B, greedy_B)
+  top_ids, top_lp = jnp.zeros((B, num_top), jnp.int32), jnp.zeros((B, num_top), jnp.float32)
+  if num_top:
     top_lp, top_ids = jax.lax.cond(
         jnp.any(s.num_logprobs > 0), lambda x: tuple(jax.lax.top_k(jax.nn.log_softmax(x, axis=-1), num_top)),
         lambda x: (jnp.zeros((B, num_top), x.dtype), jnp.zeros((B, num_top), jnp.int32)), logits_BV)
-    return tokens_B, chosen_logprob(tokens_B), top_ids.astype(jnp.int32), top_lp.astype(jnp.float32)
-
-  # A batch of greedy rows with nothing to apply (no bias, penalty, pending min_tokens or logprobs) takes the argmax
-  # of the logits: one conditional instead of one per stage (on XLA:GPU each conditional reads its predicate back to
-  # the host and waits for it, ~0.1 ms apiece on an H200; measured in benchmarks/RESULTS.md).
-  bare = (s.temperature <= 0) & jnp.all(s.bias_ids < 0, axis=-1) & (s.num_logprobs == 0)
-  bare &= ~jnp.any((positions_B < s.min_len)[:, None] & (s.stop_ids >= 0), axis=-1)
-  if history is not None:
-    bare &= ~s.uses_penalties()
-  tokens_B, chosen_B, top_ids, top_lp = jax.lax.cond(jnp.all(bare), plain, general, None)
-  return (tokens_B, chosen_B) if not num_top else (tokens_B, chosen_B, top_ids, top_lp)
+  return _result(tokens_B, _chosen_logprob(logits_BV, tokens_B), top_ids.astype(jnp.int32),
+                 top_lp.astype(jnp.float32), num_top)

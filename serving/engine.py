@@ -17,9 +17,11 @@ step and in the result for the host. The JetStream names map onto it: `prefill` 
 
 A step is two jitted programs dispatched back to back (no host sync between them): `forward` (the model, compiled
 per token bucket T) and `pick` (LM head and sampler over the S = min(T, max_num_seqs) last rows, compiled per S), so
-the sampler's many branches compile a few times rather than once per T. A step with structured-output rows passes
-`pick` a bitmask of the tokens each row may take (a second `pick` program per S; the scheduler computes the masks
-while the device runs `forward`); other steps pass none and pay nothing for it. Sampling settings arrive per step as
+the sampler's many branches compile a few times rather than once per T. `pick` is two programs per S, chosen by the
+host from the rows' settings: a step whose sampling rows are all greedy with nothing to apply runs the argmax alone
+(no conditional: XLA:GPU reads each one's predicate back to the host), any other the sampler under a bitmask of the
+tokens each row may take (structured outputs: the scheduler computes the masks while the device runs `forward`; all
+ones, kept on the device, where nothing is constrained). Sampling settings arrive per step as
 [S] rows, so a new request never recompiles; the only per-slot device state is the last sampled
 token and the penalties' token history, which a step touches only when a sequence in it uses penalties. The state is
 donated: the KV pages are updated in place.
@@ -43,12 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.layers.llama import Llama
 from jaxllm.layers.paged import PagedKVCache
 from jaxllm.pallas_kernels.kv_quant import QuantizedPages, kv_cache_dtype
-from jaxllm.sampling import SamplingArrays, TokenHistory, apply_if, sample
+from jaxllm.sampling import SamplingArrays, TokenHistory, apply_if, greedy, sample
 from jaxllm.serving.config import EngineConfig, bucket, cdiv
 from jaxllm.serving.kv_cache import size_kv_cache
 from jaxllm.sharding.distributed import host_value
@@ -183,10 +185,11 @@ def _forward_replica(graphdef, params, state: EngineState, batch: StepBatch, att
 
 def pick(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, bitmask_SW=None, *, num_top: int, mesh=None):
   """LM head and sampler over the step's S last rows (per replica): each sequence whose chunk ends at its last token
-  draws its next token into state.tokens[slot] (and the history, if it uses penalties). With `bitmask_SW`
-  ([S, ceil(V / 32)] int32, structured outputs), token v of row s stays only where bit v % 32 of word v // 32 is set:
-  the sampler (and the logprobs it reports, as vLLM's) sees the constrained distribution. Compiled per S, and again
-  with a bitmask; tokens and history are donated."""
+  draws its next token into state.tokens[slot] (and the history, if it uses penalties). Two programs per S:
+  `bitmask_SW=None` when every sampling row is `SamplingArrays.bare` (greedy, nothing to apply): the argmax, no
+  conditional and no sampler; else the sampler, with token v of row s allowed only where bit v % 32 of word v // 32
+  of `bitmask_SW` ([S, ceil(V / 32)] int32) is set (structured outputs; all ones where nothing is constrained): it
+  and the logprobs it reports (as vLLM's) see the constrained distribution. Tokens and history are donated."""
   one = lambda p, st, h, b, m: _pick_replica(graphdef, p, st, h, b, m, num_top)  # noqa: E731
   return per_replica(one, mesh, (P(), STATE_SPECS, REPLICA, REPLICA, REPLICA), (STATE_SPECS, REPLICA))(
       params, state, h_SD, batch, bitmask_SW)
@@ -199,16 +202,20 @@ def _pick_replica(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, b
   S = b.slot_S.shape[0]
   valid_S = jnp.arange(S) < b.num_seqs
   logits_SV = model.logits(h_SD[None])[0].astype(jnp.float32)
-  if bitmask_SW is not None:
-    V = logits_SV.shape[-1]
-    bits_SW32 = (bitmask_SW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
-    logits_SV = jnp.where(bits_SW32.reshape(S, -1)[:, :V] != 0, logits_SV, -jnp.inf)
+  into = jnp.where(b.sample_S & valid_S, b.slot_S, Z)
+  if bitmask_SW is None:
+    tok_S, lp_S = greedy(logits_SV)
+    top_ids, top_lp = jnp.zeros((S, num_top), jnp.int32), jnp.zeros((S, num_top), jnp.float32)
+    return (state.replace(tokens=state.tokens.at[into].set(tok_S, mode="drop")),
+            StepResult(tokens=tok_S, logprobs=lp_S, top_ids=top_ids, top_logprobs=top_lp))
+  V = logits_SV.shape[-1]
+  bits_SW32 = (bitmask_SW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+  logits_SV = jnp.where(bits_SW32.reshape(S, -1)[:, :V] != 0, logits_SV, -jnp.inf)
   drawn = sample(logits_SV, b.sampling, b.kv_lens_S, state.history, history_rows_B=b.slot_S, num_top=num_top)
   if num_top:
     tok_S, lp_S, top_ids, top_lp = drawn
   else:
     (tok_S, lp_S), top_ids, top_lp = drawn, jnp.zeros((S, 0), jnp.int32), jnp.zeros((S, 0), jnp.float32)
-  into = jnp.where(b.sample_S & valid_S, b.slot_S, Z)
   history = apply_if(jnp.any(b.sampling.uses_penalties() & valid_S),
                      lambda h: h.replace(output_counts=h.output_counts.at[into, tok_S].add(1, mode="drop")),
                      state.history)
@@ -294,6 +301,7 @@ class Engine:
     self.num_pages = size_kv_cache(config, model.config, self.kv_dtype, self.activation_sharding)  # per replica
     self.token_buckets = config.token_buckets
     self._static = dict(attention_impl=config.attention_impl)
+    self._allow_all_cache: dict[int, jax.Array] = {}
 
   # ------------------------------------------------------------------ state
   def init_state(self) -> EngineState:
@@ -401,7 +409,11 @@ class Engine:
   def pick(self, state: EngineState, h_SD: jax.Array, seqs: SeqBatch,
            bitmask_SW: np.ndarray | None = None) -> tuple[EngineState, StepResult]:
     """The step's second half (LM head and sampler), dispatched; `bitmask_SW` constrains rows (structured outputs).
-    A caller may run host work between the halves: the device is busy with the model meanwhile."""
+    A caller may run host work between the halves: the device is busy with the model meanwhile. A step whose
+    sampling rows are all bare greedy runs the argmax program, any other the sampler (under an all-ones bitmask
+    where none constrains it): the host knows which from the rows' settings, so neither program branches on it."""
+    if bitmask_SW is None and not seqs.sampling.bare(seqs.kv_lens_S)[seqs.sample_S].all():
+      bitmask_SW = self._allow_all(h_SD.shape[0])
     return _pick(self.graphdef, self.params, state, h_SD, seqs, bitmask_SW, num_top=self.config.num_top_logprobs,
                  mesh=self.mesh)
 
@@ -429,7 +441,7 @@ class Engine:
 
   # ------------------------------------------------------------------ compilation
   def warmup(self, state: EngineState | None = None) -> EngineState:
-    """Compiles the step for every token bucket (pick twice: with and without a structured-output bitmask; the prompt
+    """Compiles the step for every token bucket (pick twice: the greedy argmax and the sampler; the prompt
     scoring of `prompt_logprobs`, so an echo request never compiles on the engine's thread). Runs on
     `state` (an idle scheduler's: padding rows write only the scratch page) and returns it, so no second KV cache is
     allocated; None makes a scratch state."""
@@ -447,6 +459,17 @@ class Engine:
     state = jax.block_until_ready(state)
     log.info("warmup: %d programs in %.1f s", self.num_compilations() - before, time.perf_counter() - start)
     return state
+
+  def _allow_all(self, num_rows: int) -> jax.Array:
+    """full_bitmask(num_rows) kept on the devices (placed as the step's rows are), made once per S bucket."""
+    if num_rows not in self._allow_all_cache:
+      mask = self.full_bitmask(num_rows)
+      if self.activation_sharding is None:
+        self._allow_all_cache[num_rows] = jnp.asarray(mask)
+      else:
+        where = NamedSharding(self.activation_sharding.mesh, REPLICA if self.mesh is not None else P())
+        self._allow_all_cache[num_rows] = jax.make_array_from_callback(mask.shape, where, lambda i: mask[i])
+    return self._allow_all_cache[num_rows]
 
   def full_bitmask(self, num_rows: int) -> np.ndarray:
     """A structured-output bitmask that allows every token ([num_rows, ceil(V / 32)] int32 of all ones)."""

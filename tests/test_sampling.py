@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.sampling import SamplingArrays, sample
+from jaxllm.sampling import SamplingArrays, greedy, sample
 
 LOGITS = np.array([2.0, 1.5, 1.2, 1.0, 0.3, 0.0, -0.5, -1.0, -3.0, 0.9], np.float32)
 DRAWS = 20000
@@ -225,6 +225,33 @@ def test_uniform_batches_take_their_fast_path_and_match(settings, path):
   s = SamplingArrays.create(B, seed=np.arange(B), **settings)
   assert int(filter_path(s, V)) == path
   assert_same_as_reference(logits, s, positions, history, NUM_TOP)
+
+
+def test_bare_rows_are_exactly_those_greedy_picks_for_sample():
+  """`SamplingArrays.bare` (computed on the host, numpy) names the rows with nothing but an argmax to do, and
+  `greedy()` (the engine's program for a batch of them) gives such rows sample's tokens and logprobs, bit for bit;
+  each stage's setting alone makes a greedy row not bare."""
+  B, V = 32, 1000
+  rng = np.random.default_rng(7)
+  logits, _, positions, history = random_batch(rng, B, V, ("greedy",))
+  s = SamplingArrays.create(B, temperature=0.0, seed=np.arange(B))
+  s.top_k[:], s.top_p[:] = 7, 0.5  # filters do not matter to a greedy row
+  assert s.bare(positions).all() and isinstance(s.bare(positions), np.ndarray)
+  want = FAST(logits, s, positions, history, num_top=NUM_TOP)
+  got = jax.jit(greedy, static_argnames="num_top")(logits, num_top=NUM_TOP)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  np.testing.assert_array_equal(np.asarray(got[0]), np.argmax(logits, axis=-1))
+  s.temperature[0] = 0.5
+  s.bias_ids[1, 0] = 3
+  s.num_logprobs[2] = 1
+  s.repetition_penalty[3] = 1.1
+  s.presence_penalty[4] = 0.5
+  s.frequency_penalty[5] = -0.5
+  s.stop_ids[6, 0], s.min_len[6] = 9, positions[6] + 1  # min_tokens holds token 9 back at this position
+  s.stop_ids[7, 0], s.min_len[7] = 9, positions[7]  # ... and no longer here
+  s.min_len[8] = positions[8] + 1  # a min_tokens with no stop ids holds nothing back
+  np.testing.assert_array_equal(s.bare(positions), np.arange(B) >= 7)
 
 
 def test_top_p_close_calls_fall_back_to_the_sort():

@@ -350,3 +350,42 @@ def test_penalized_requests_build_their_own_history(engine):
   assert warm.finished and pen.num_cached_tokens == 0 and plain.num_cached_tokens == 48
   assert pen.output_ids == ref.output_ids
   assert pen.output_ids != plain.output_ids  # the penalties did something
+
+
+def test_a_step_of_bare_greedy_rows_runs_the_argmax_program_and_any_other_the_sampler(model, engine, monkeypatch):
+  """The host picks the pick program from the sampling rows' settings, so neither branches on them: greedy rows with
+  nothing to apply take the argmax program, which holds no conditional (XLA:GPU reads each one's predicate back to
+  the host and waits); a row that draws, asks for logprobs or is held back by min_tokens takes the sampler."""
+  from jaxllm.serving import engine as engine_lib
+
+  seen = []
+  real = engine_lib._pick
+
+  def spy(graphdef, params, state, h_SD, seqs, bitmask_SW, **kw):
+    seen.append(bitmask_SW is None)
+    return real(graphdef, params, state, h_SD, seqs, bitmask_SW, **kw)
+
+  monkeypatch.setattr(engine_lib, "_pick", spy)
+  prompt = list(range(10, 30))
+
+  def picks(params):
+    seen.clear()
+    sched = Scheduler(engine)
+    req = sched.add(prompt, params)
+    while sched.has_work():
+      sched.step()
+    assert req.finish_reason == "length"
+    return list(seen)
+
+  assert picks(SamplingParams(max_tokens=3, temperature=0)) == [True] * 3
+  assert picks(SamplingParams(max_tokens=3, temperature=0.7, seed=1)) == [False] * 3
+  assert picks(SamplingParams(max_tokens=3, temperature=0, logprobs=2)) == [False] * 3
+  # Token 7 is held back for the first 2 outputs (min_tokens), then nothing is left to apply.
+  assert picks(SamplingParams(max_tokens=4, temperature=0, min_tokens=2, stop_token_ids=[7])) == [False] * 2 + [True] * 2
+  batch = engine._padding_batch(ENGINE.max_num_seqs)
+  state = engine.init_state()
+  h_SD = np.zeros((ENGINE.max_num_seqs, CONFIG.d_model), np.float32)
+  hlo = {name: real.lower(engine.graphdef, engine.params, state, h_SD, batch.seqs, mask,
+                          num_top=ENGINE.num_top_logprobs).compile().as_text()
+         for name, mask in [("argmax", None), ("sampler", engine.full_bitmask(ENGINE.max_num_seqs))]}
+  assert hlo["argmax"].count("conditional(") == 0 and hlo["sampler"].count("conditional(") > 0
