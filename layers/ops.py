@@ -2,9 +2,10 @@
 
 TPU/GPU matrix units do that for a plain bfloat16 dot; on CPU `dense` asks for it explicitly (a float32 result, then
 rounded), since XLA:CPU's own bfloat16 dot rounds differently, so CPU runs of a bfloat16 model see the accelerators'
-numerics. On an accelerator the dot stays plain: asking XLA:GPU for a float32 result made it upcast both operands of a
-one-row GEMM to float32, and with the layer loop unrolled it hoisted that convert over the whole stacked weights, a
-float32 copy of every weight per step (measured on an H200, benchmarks/RESULTS.md).
+numerics. On an accelerator the dot stays plain (`_dot`), quantized weights' too: asking XLA:GPU for a float32 result
+made it upcast both operands of a one-row GEMM to float32, and with the layer loop unrolled it hoisted that convert
+over the whole stacked weights, a float32 copy of every weight per step (measured on an H200 for bfloat16 weights,
+benchmarks/RESULTS.md; int8 weights showed the same float32 copy of the int8 stack).
 
 Weight-only quantization keeps a matrix as int8 values q beside float scales (symmetric: w ~= q * scale, q in
 [-127, 127], scale = max |w| / 127 over what it covers), in one of two layouts (`quantization=`):
@@ -31,16 +32,22 @@ _init = nnx.initializers.normal(0.02)
 
 
 def dense(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-  """einsum(spec, x, w) in f32, returned in x's dtype. A quantized w (int8) comes with its scales: per output channel
-  (fewer dims than w, broadcast over the trailing output dims of the result) or per block (w's rank)."""
+  """einsum(spec, x, w) accumulated in f32, returned in x's dtype. A quantized w (int8) comes with its scales: per
+  output channel (fewer dims than w, broadcast over the trailing output dims of the result) or per block (w's rank)."""
   if scale is None:
-    if jax.default_backend() != "cpu":
-      return jnp.einsum(spec, x, w)
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return _dot(spec, x, w).astype(x.dtype)
   if scale.ndim == w.ndim:
-    return jnp.einsum(spec, x, dequantize_blocks(w, scale, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-  y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return _dot(spec, x, dequantize_blocks(w, scale, x.dtype)).astype(x.dtype)
+  y = _dot(spec, x, w.astype(x.dtype)).astype(jnp.float32)
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _dot(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """The einsum with float32 accumulation: asked for explicitly on CPU (a float32 result), the matrix units' own on an
+  accelerator (a plain dot, in the operands' dtype; see the module's docstring)."""
+  if jax.default_backend() != "cpu":
+    return jnp.einsum(spec, x, w)
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
 
 
 def _block_axis(w_shape, scale_shape) -> int:

@@ -92,6 +92,31 @@ def tiny_h32(tmp_path_factory):
   return make_hf_model(path, 2, 1, False, None), path
 
 
+@pytest.mark.parametrize("quantization", [None, "int8", "q8_0"])
+def test_accelerator_dots_are_plain_in_the_activation_dtype(rng, monkeypatch, quantization):
+  """On an accelerator `dense` never asks for a float32 dot result (XLA:GPU answered that by upcasting a one-row GEMM's
+  operands to float32: a float32 copy of the weights per step), quantized weights included; CPU asks for it. Both
+  agree to bfloat16 rounding."""
+  from jaxllm.layers import ops
+
+  w = rng.standard_normal((64, 4, 32)).astype(np.float32) * 0.05
+  x = jnp.asarray(rng.standard_normal((3, 64)), jnp.bfloat16)
+  q, scale = (w, None) if quantization is None else ops.quantize(w, quantization, (0,), jnp.bfloat16)
+  q = jnp.asarray(q, jnp.bfloat16 if quantization is None else q.dtype)
+  scale = None if scale is None else jnp.asarray(scale)
+
+  def dots(backend):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    jaxpr = jax.make_jaxpr(lambda a: ops.dense("BD,DNH->BNH", a, q, scale))(x)
+    return ([e.outvars[0].aval.dtype for e in jaxpr.eqns if e.primitive.name == "dot_general"],
+            np.asarray(ops.dense("BD,DNH->BNH", x, q, scale), np.float32))
+
+  cpu_dtypes, on_cpu = dots("cpu")
+  gpu_dtypes, on_gpu = dots("gpu")
+  assert cpu_dtypes == [jnp.float32] and gpu_dtypes == [jnp.bfloat16]
+  np.testing.assert_allclose(on_gpu, on_cpu, rtol=2e-2, atol=2e-2 * np.abs(on_cpu).max())
+
+
 def test_block_quantizer_rounds_like_llama_cpp(rng):
   w = rng.standard_normal((64, 3, 8)).astype(np.float32) * rng.uniform(0.01, 10, (1, 3, 8)).astype(np.float32)
   w[32:, 0, 0] = 0.0  # an all-zero block
