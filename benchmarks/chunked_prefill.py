@@ -20,6 +20,8 @@ is the wall time of the `Scheduler.step()` call that absorbs it (the call after 
     python benchmarks/chunked_prefill.py [--prompt_len 4000] [--num_decoding 8] [--max_num_batched_tokens 256]
     python benchmarks/chunked_prefill.py --prompt_len 300 --num_decoding 2 --max_num_batched_tokens 64 \\
         --decode_tokens 40 --results /tmp/scratch.md            # a smoke run
+    python benchmarks/chunked_prefill.py --preset llama3-8b --num_layers 8 --dtype bfloat16 --max_num_batched_tokens 512
+                                                                # on a GPU: a random model of a real shape
 """
 
 import argparse
@@ -126,6 +128,9 @@ def main():
                   help="tokens each decoder generates (default: enough to outlast the chunked prefill)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+  ap.add_argument("--preset", default=None, help="a configs/models.toml preset with random weights instead of the "
+                  "default model, e.g. llama3-8b on a GPU")
+  ap.add_argument("--num_layers", type=int, default=None, help="with --preset: layers kept (compile time on a GPU)")
   ap.add_argument("--results", default=common.RESULTS)
   args = ap.parse_args()
   chunk = args.max_num_batched_tokens - args.num_decoding
@@ -144,8 +149,12 @@ def main():
   budgets = {"chunked": args.max_num_batched_tokens, "one chunk": args.prompt_len + args.num_decoding}
   runs, vocab = {}, None
   for name, budget in budgets.items():
-    llm = LLM("default", dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.num_decoding + 1,
-              max_num_batched_tokens=budget, page_size=page)
+    if args.preset:
+      llm = common.RandomModel(args.preset, args.dtype, max_len, args.num_decoding + 1, page_size=page,
+                               max_num_batched_tokens=budget, num_layers=args.num_layers)
+    else:
+      llm = LLM("default", dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.num_decoding + 1,
+                max_num_batched_tokens=budget, page_size=page)
     if vocab is None:
       vocab = llm.config.vocab_size
       rng = np.random.default_rng(args.seed)
@@ -167,7 +176,8 @@ def main():
   lines = [
       f"### chunked_prefill.py — {datetime.date.today()} — {common.device_name()} — jax {jax.__version__}",
       "",
-      f"SmolLM2-135M-Instruct ({args.dtype}), greedy: {args.num_decoding} sequences ({args.short_len}-token random "
+      (f"{args.preset} shape{f' cut to {args.num_layers} layers' if args.num_layers else ''}, random weights"
+       if args.preset else "SmolLM2-135M-Instruct") + f" ({args.dtype}), greedy: {args.num_decoding} sequences ({args.short_len}-token random "
       f"prompts) decode, then a {args.prompt_len}-token random prompt arrives ({args.long_tokens} output tokens); "
       f"max_num_seqs {args.num_decoding + 1}, every bucket compiled before timing; ITL over the decoders' tokens, "
       f"'alone' over {args.alone_steps} steps before the long prompt, 'during the prefill' until its first token; "

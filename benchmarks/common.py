@@ -84,6 +84,49 @@ def decode_batch(eng, slots: int, context: int):
                         sampling=SamplingArrays.create(1, temperature=0.0), sample=True) for i in range(slots)])
 
 
+class RandomModel:
+  """A preset's shape with random weights (no checkpoint, no tokenizer), e.g. Llama-3-8B in bfloat16 on a GPU, with
+  the parts of `LLM` the benchmarks drive: `engine`, `scheduler`, `warmup()`, `generate(prompt_token_ids, params)`.
+  `num_layers` cuts the stack (compile time on an accelerator grows with it: the layers are unrolled there)."""
+
+  def __init__(self, preset, dtype, max_model_len, max_num_seqs, *, max_num_batched_tokens, page_size=16,
+               num_layers=None, quantization=None, kv_cache_dtype="auto"):
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxllm.config import ModelConfig
+    from jaxllm.layers import Llama
+    from jaxllm.serving.config import EngineConfig
+    from jaxllm.serving.engine import Engine
+    from jaxllm.serving.scheduler import Scheduler
+
+    self.config = ModelConfig.from_preset(preset)
+    if num_layers is not None:
+      windows = self.config.sliding_layers
+      self.config = dataclasses.replace(self.config, num_layers=num_layers,
+                                        sliding_layers=None if windows is None else windows[:num_layers])
+    model = Llama(self.config, dtype=jnp.dtype(dtype), quantization=quantization, rngs=nnx.Rngs(0))
+    config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, page_size=page_size,
+                          max_num_batched_tokens=max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype)
+    # Pages for every sequence at full length (and the scratch page), not a fraction of the device's memory: a
+    # transformers opponent may share the device.
+    pages = max_num_seqs * -(-max_model_len // page_size) + 1
+    self.engine = Engine(model, dataclasses.replace(config, num_pages=pages))
+    self.scheduler = Scheduler(self.engine)
+
+  def warmup(self) -> None:
+    self.scheduler.state = self.engine.warmup(self.scheduler.state)
+
+  def generate(self, prompt_token_ids, sampling_params, use_tqdm=False):
+    import types
+
+    reqs = [self.scheduler.add(p, sp) for p, sp in zip(prompt_token_ids, sampling_params)]
+    self.scheduler.run_until_done()
+    return [types.SimpleNamespace(token_ids=r.output_ids) for r in reqs]
+
+
 def device_name() -> str:
   import jax
 

@@ -20,11 +20,9 @@ floor the step's FLOPs / measured matmul FLOP/s.
 """
 
 import argparse
-import dataclasses
 import datetime
 import os
 import time
-import types
 
 import numpy as np
 
@@ -209,37 +207,6 @@ def step_flops(mc, rows, context):
   return rows * (2 * weights + attention)
 
 
-class RandomModel:
-  """A preset's shape with random weights (no checkpoint, no tokenizer), e.g. Llama-3-8B in bfloat16 on a GPU: the
-  engine and scheduler are driven directly, with the same requests as the LLM path."""
-
-  def __init__(self, preset, dtype, max_model_len, max_num_seqs, quantization=None, kv_cache_dtype="auto"):
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxllm.config import ModelConfig
-    from jaxllm.layers import Llama
-    from jaxllm.serving.config import EngineConfig
-    from jaxllm.serving.engine import Engine
-
-    self.config = ModelConfig.from_preset(preset)
-    model = Llama(self.config, dtype=jnp.dtype(dtype), quantization=quantization, rngs=nnx.Rngs(0))
-    config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=max(512, max_num_seqs), kv_cache_dtype=kv_cache_dtype)
-    # Pages for every sequence at full length (and the scratch page), not a fraction of the device's memory: the
-    # transformers opponent shares the device.
-    pages = max_num_seqs * -(-max_model_len // config.page_size) + 1
-    self.engine = Engine(model, dataclasses.replace(config, num_pages=pages))
-
-  def generate(self, prompt_token_ids, sampling_params, use_tqdm=False):
-    from jaxllm.serving.scheduler import Scheduler
-
-    sched = Scheduler(self.engine)
-    reqs = [sched.add(p, sp) for p, sp in zip(prompt_token_ids, sampling_params)]
-    sched.run_until_done()
-    return [types.SimpleNamespace(token_ids=r.output_ids) for r in reqs]
-
-
 VARIANTS = {"f32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"),
             "q8_0": dict(quantization="q8_0"),
             "bf16+int8": dict(dtype="bfloat16", quantization="int8"),
@@ -302,7 +269,8 @@ def main():
     v = dict(VARIANTS[name])
     dtype = v.pop("dtype", "float32")
     if args.preset:
-      llm = RandomModel(args.preset, dtype, max_len, args.max_num_seqs, **v)
+      llm = common.RandomModel(args.preset, dtype, max_len, args.max_num_seqs, max_num_batched_tokens=max(
+          512, args.max_num_seqs), **v)
       model_name = f"{args.preset} shape, random weights"
     else:
       llm = LLM("default", dtype=dtype, quantization=v.pop("quantization", None), max_model_len=max_len,
