@@ -65,6 +65,10 @@ while True:
 """
 
 
+class TokenizerProcessDied(RuntimeError):
+  """The child ended in the middle of a request (killed, out of memory); the next request starts a new one."""
+
+
 class TokenizerProcess:
   """A `tokenizers.Tokenizer` (given as its JSON, `to_str()`) encoding texts in a child process at `nice`."""
 
@@ -109,7 +113,7 @@ class TokenizerProcess:
       except (BrokenPipeError, EOFError) as e:
         proc.kill()
         self._proc = None
-        raise RuntimeError(f"the tokenizer process (pid {proc.pid}) died: {e}") from None
+        raise TokenizerProcessDied(f"the tokenizer process (pid {proc.pid}) died: {e}") from None
     return np.split(flat, np.cumsum(counts)[:-1])
 
   def _read(self, n: int) -> bytes:

@@ -43,6 +43,7 @@ from pydantic import ValidationError
 
 from jaxllm import tool_calls
 from jaxllm.sampling import SamplingParams
+from jaxllm.tokenizer_process import TokenizerProcessDied
 from jaxllm.serving import multihost, protocol
 from jaxllm.serving.config import EngineConfig
 from jaxllm.serving.engine_loop import EngineLoop, RequestStream
@@ -936,6 +937,11 @@ async def errors_and_auth(request: web.Request, handler):
     return APIError(e.status, f"{e.reason}: {request.method} {request.path}", "invalid_request_error").response()
   except (ConnectionResetError, asyncio.CancelledError):
     raise
+  except TokenizerProcessDied as e:  # the next request starts a new one: this one may be sent again
+    log.warning("%s on %s", e, request.path)
+    server.metrics.requests.labels(_endpoint(request), "503").inc()
+    return APIError(503, f"{e}; it is restarted with the next request: retry this one.",
+                    "service_unavailable").response()
   except Exception as e:  # noqa: BLE001 - never let one request take the server down
     log.exception("internal error on %s", request.path)
     server.metrics.requests.labels(_endpoint(request), "500").inc()

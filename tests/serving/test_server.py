@@ -299,6 +299,39 @@ def test_bulk_bodies_do_not_hold_up_ordinary_requests(server):
   assert small < 2.0, small
 
 
+def test_a_tokenizer_process_killed_mid_request_is_a_503_and_the_next_request_restarts_it(server):
+  """The tokenizer child dying under a request (killed, out of memory) is not the client's fault nor the server's
+  end: that request gets a 503 to retry, and the next one starts a new child."""
+  import os
+  import signal
+
+  proc = server.tokenizer._engine.process
+  status, before = raw(server, "/tokenize", {"prompt": "hello " * 12_000})  # long: the child encodes it
+  assert status == 200
+  pid, idle = proc.pid, _cpu_ticks(proc.pid)
+  done = []
+  sender = threading.Thread(target=lambda: done.append(raw(server, "/tokenize", {"prompt": _huge_text()})))
+  sender.start()
+  deadline = time.time() + 30
+  while _cpu_ticks(pid) < idle + 20:  # the child is at work on the huge text (0.2 s of CPU)
+    assert time.time() < deadline and sender.is_alive()
+    time.sleep(0.05)
+  os.kill(pid, signal.SIGKILL)
+  sender.join(60)
+  (status, body), = done
+  assert status == 503 and body["error"]["type"] == "service_unavailable", body
+  assert "died" in body["error"]["message"] and "retry" in body["error"]["message"]
+  status, body = raw(server, "/tokenize", {"prompt": "hello " * 12_000})
+  assert status == 200 and body == before and proc.pid != pid
+  assert raw(server, "/health")[0] == 200
+
+
+def _cpu_ticks(pid: int) -> int:
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return int(fields[11]) + int(fields[12])  # utime + stime
+
+
 def _stalls_under_huge_bodies(server, big_bodies):
   """(the longest wait between two /health answers, every gap between two tokens of 8 running streams, the
   /tokenize time) while the big bodies are in flight."""
