@@ -113,7 +113,8 @@ class LLM:
 
   Args:
     model: "default", a preset-free checkpoint path (.gguf file, HF dir, `jaxllm convert` dir).
-    dtype: parameter dtype, "float32" or "bfloat16".
+    dtype: parameter dtype, "float32" or "bfloat16"; "auto" (the default): bfloat16 on a GPU / TPU, float32 on CPU
+      (where XLA emulates bfloat16 matmuls, 10-15x slower).
     quantization: "auto", None, "int8" or "q8_0": weight-only int8 for the attention projections and the MLP
       (embedding, LM head, norms and biases stay in `dtype`), quantized as the checkpoint is read: "int8" with a
       scale per output channel, "q8_0" with a float16 scale per 32 weights (llama.cpp's Q8_0; a Q8_0 GGUF loads
@@ -132,7 +133,7 @@ class LLM:
       kv_cache_memory_fraction.
   """
 
-  def __init__(self, model: str = "default", *, dtype: str = "float32", quantization: str | None = "auto",
+  def __init__(self, model: str = "default", *, dtype: str = "auto", quantization: str | None = "auto",
                tokenizer: str | None = None, seed: int = 0,
                mesh: str | None = None, layout: str | None = None, compilation_cache_dir: str | None = None,
                engine_config: EngineConfig | None = None, **engine_args):

@@ -65,7 +65,7 @@ class ServerConfig:
   tokenizer: str | None = None
   host: str = "127.0.0.1"
   port: int = 8000
-  dtype: str = "float32"
+  dtype: str = "auto"
   quantization: str | None = "auto"  # LLM's: "auto", None (float), "int8" / "q8_0" (weight-only int8)
   engine: EngineConfig = EngineConfig()
   max_waiting: int = 1024  # sequences (prompts x n) queued for a slot beyond which a request gets 503

@@ -55,3 +55,23 @@ def test_corrupt_config_json(tmp_path):
 def test_bad_dtype():
   with pytest.raises(ValueError, match="float16"):
     LLM("default", dtype="float16")
+
+
+def test_auto_dtype_follows_the_backend_and_bfloat16_on_cpu_is_flagged(monkeypatch, caplog):
+  """dtype='auto' (every entry point's default) is bfloat16 on an accelerator and float32 on CPU, where XLA emulates
+  bfloat16 matmuls; asking bfloat16 on CPU is kept but logged, with what to use instead."""
+  import jax
+
+  assert checkpoint.resolve_dtype("auto") == "float32"
+  with caplog.at_level("WARNING", logger="jaxllm"):
+    assert checkpoint.resolve_dtype("bfloat16") == "bfloat16"
+    assert checkpoint.resolve_dtype("float32") == "float32"
+  assert [r.message for r in caplog.records if "dtype=bfloat16 on CPU" in r.message and "float32" in r.message]
+  assert len(caplog.records) == 1
+  with pytest.raises(ValueError, match="'auto' or one of"):
+    checkpoint.resolve_dtype("float16")
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    caplog.clear()
+    assert checkpoint.resolve_dtype("auto") == "bfloat16" and checkpoint.resolve_dtype("bfloat16") == "bfloat16"
+    assert not caplog.records

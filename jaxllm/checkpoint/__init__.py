@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 from typing import Any
 
@@ -46,6 +47,20 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat": "bfloat16", "fp32": "float32", "
                   "fp16": "float16", "half": "float16", "f16": "float16"}
 
 
+def resolve_dtype(dtype) -> str:
+  """"auto" -> the parameter dtype for the backend jax runs on: bfloat16 on a GPU / TPU (the matrix units' dtype, half
+  float32's bytes), float32 on CPU, where XLA emulates bfloat16 matmuls (10-15x slower than float32 here,
+  benchmarks/RESULTS.md). An explicit dtype is checked and kept; bfloat16 on CPU is logged as the trap it is."""
+  if dtype == "auto":
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  name = check_dtype(dtype)
+  if name == "bfloat16" and jax.default_backend() == "cpu":
+    logging.getLogger("jaxllm").warning(
+        "dtype=bfloat16 on CPU: XLA:CPU emulates bfloat16 matmuls, 10-15x slower than float32; dtype='auto' "
+        "(float32 here) or quantization='q8_0' (fewer weight bytes, as fast) serve better on a CPU.")
+  return name
+
+
 def check_dtype(dtype) -> str:
   try:
     name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
@@ -57,7 +72,7 @@ def check_dtype(dtype) -> str:
       close = difflib.get_close_matches(name, DTYPES, n=1)
       guess = close[0] if close else None
     hint = f" Did you mean {guess!r}?" if guess in DTYPES else ""
-    raise ValueError(f"dtype={dtype!r} is not supported; choose one of {DTYPES}.{hint}")
+    raise ValueError(f"dtype={dtype!r} is not supported; choose 'auto' or one of {DTYPES}.{hint}")
   return name
 
 
@@ -95,7 +110,7 @@ def _close_paths(path: str) -> str:
   return f" Did you mean {' or '.join(repr(f) for f in found)}?" if found else ""
 
 
-def load_checkpoint(model: str, dtype="float32", mesh=None, layout: str = "tp",
+def load_checkpoint(model: str, dtype="auto", mesh=None, layout: str = "tp",
                     quantization: str | None = "auto") -> LoadedCheckpoint:
   """Reads `model` (see the module docstring). With `mesh`, an orbax checkpoint is restored straight onto the
   layout's shardings (each process reads only its devices' shards); other formats come back as host arrays, which
@@ -104,7 +119,7 @@ def load_checkpoint(model: str, dtype="float32", mesh=None, layout: str = "tp",
   quantized GGUF quantized as q8_0 and loads an orbax checkpoint as it was saved."""
   from jaxllm import tokenizer as tok
 
-  dtype = check_dtype(dtype)
+  dtype = resolve_dtype(dtype)
   if quantization != "auto":
     check_quantization(quantization)
   path = resolve_path(model)

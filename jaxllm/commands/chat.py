@@ -10,7 +10,8 @@ _MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, an HF
 _PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "First user message.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Maximum tokens per reply.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
+_DTYPE = flags.DEFINE_string("dtype", "auto", "Parameter dtype: float32, bfloat16 or auto (bfloat16 on a GPU / TPU, "
+                              "float32 on CPU).")
 
 
 def main(argv):

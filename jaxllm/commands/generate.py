@@ -15,7 +15,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 i
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k filter (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p (nucleus) filter.")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
+_DTYPE = flags.DEFINE_string("dtype", "auto", "Parameter dtype: float32, bfloat16 or auto (bfloat16 on a GPU / TPU, "
+                              "float32 on CPU).")
 
 
 def main(argv):

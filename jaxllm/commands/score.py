@@ -15,7 +15,8 @@ from jaxllm.commands import device_flags, fail
 
 _MODEL = flags.DEFINE_string("model", "default", "'default', a .gguf file, an HF checkpoint dir or a convert dir.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "A tokenizer path to use instead of the checkpoint's own.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
+_DTYPE = flags.DEFINE_string("dtype", "auto", "Parameter dtype: float32, bfloat16 or auto (bfloat16 on a GPU / TPU, "
+                              "float32 on CPU).")
 _INPUT = flags.DEFINE_string("input", None, "A JSONL file, or ArrayRecord files (*.array_record: a path, a glob or a "
                              "comma-separated list) of JSON records.")
 _OUTPUT = flags.DEFINE_string("output", None, "The JSONL output: one line per input record, in input order.")

@@ -11,7 +11,8 @@ _SERVED = flags.DEFINE_string("served_model_name", None, "The model name clients
                               "(default: --model).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
+_DTYPE = flags.DEFINE_string("dtype", "auto", "Parameter dtype: float32, bfloat16 or auto (bfloat16 on a GPU / TPU, "
+                              "float32 on CPU).")
 _MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Sequences (prompts x n) waiting for a slot beyond which a "
                                      "request is answered 503 (queued whole or not at all; one asking for more is "
                                      "400).")
