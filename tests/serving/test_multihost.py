@@ -83,14 +83,18 @@ class Cluster:
 
 
 def answers(client) -> list[str]:
-  """Greedy completions (non-streamed and streamed) and a chat answer."""
+  """Greedy completions (non-streamed and streamed), a chat answer and a seeded sampled completion with logprobs (the
+  sampler's program: every process places its all-ones bitmask)."""
   out = []
   for prompt in PROMPTS:
     out.append(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0).choices[0].text)
     chunks = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True)
     out.append("".join(c.choices[0].text for c in chunks))
   chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0)
-  return out + [chat.choices[0].message.content]
+  sampled = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0.9, seed=7,
+                                      logprobs=2).choices[0]
+  assert len(sampled.logprobs.top_logprobs) == 12
+  return out + [chat.choices[0].message.content, sampled.text]
 
 
 @pytest.fixture(scope="module")
