@@ -210,8 +210,10 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str, max_model_len
                      f"{num_devices} devices.")
   if quantization not in QUANTIZATIONS:
     raise ValueError(f"quantization {quantization!r} is not supported; choose int8, q8_0 or none.")
+  if dtype == "auto":  # what `--dtype auto` loads on the accelerators a plan is for
+    dtype = "bfloat16"
   if dtype not in WEIGHT_DTYPES:
-    raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(WEIGHT_DTYPES)}.")
+    raise ValueError(f"dtype {dtype!r} is not supported; choose auto or one of {sorted(WEIGHT_DTYPES)}.")
   if not isinstance(max_model_len, int) or max_model_len <= 0:
     raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}.")
   if max_model_len > c.max_position_embeddings:

@@ -64,6 +64,13 @@ def test_kv_bytes_per_token_llama3_8b():
     assert "H=128 x 1 B + 4 B scale" in planner.format_plan(p)
 
 
+def test_auto_dtype_plans_what_an_accelerator_loads():
+  auto = plan(llama("llama3-8b"), {"model": 2}, "auto", 8192, 80 * GiB, "tp")
+  assert auto == plan(llama("llama3-8b"), {"model": 2}, "bfloat16", 8192, 80 * GiB, "tp")
+  with pytest.raises(ValueError, match="choose auto or one of"):
+    plan(llama("llama3-8b"), {"model": 2}, "float16", 8192, 80 * GiB, "tp")
+
+
 def test_gqa_kv_heads_replicated_when_model_axis_exceeds_them():
   # 8 KV heads on model=16: each head on 2 devices, one per device (vLLM's way).
   p = plan(llama("llama3-70b"), {"model": 16}, "bfloat16", 8192, 80 * GiB, "tp")

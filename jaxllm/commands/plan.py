@@ -15,7 +15,8 @@ _MODEL = flags.DEFINE_string("model", None, "A preset name (configs/models.toml,
                              "config.json.")
 _MESH = flags.DEFINE_string("mesh", "model=1", "Mesh axes AXIS=SIZE, comma separated: 'model=8', 'data=2,model=4' "
                             "(layout tp), 'x=2,y=4' (layout 2d) or 'data=8' (layout dp).")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter (and activation) dtype: float32 or bfloat16.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter (and activation) dtype: float32 or bfloat16 (auto: "
+                             "bfloat16, what the model commands load on a GPU / TPU).")
 _KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8", "fp8"], "KV-cache storage, as the "
                                     "engine's flag: auto (--dtype), int8 or fp8 (1 B per element plus a float32 scale "
                                     "per token and KV head).")
