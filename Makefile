@@ -36,7 +36,7 @@ demo: setup
 	$(VENV)/bin/jaxllm chat --model default
 
 bench: setup
-	JAX_PLATFORMS=cpu $(PY) benchmarks/throughput.py
+	JAX_PLATFORMS=cpu $(PY) benchmarks/throughput.py --variants q8_0,f32
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .jit-cache
