@@ -202,23 +202,20 @@ def _pick_replica(graphdef, params, state: EngineState, h_SD, batch: SeqBatch, b
   S = b.slot_S.shape[0]
   valid_S = jnp.arange(S) < b.num_seqs
   logits_SV = model.logits(h_SD[None])[0].astype(jnp.float32)
-  into = jnp.where(b.sample_S & valid_S, b.slot_S, Z)
   if bitmask_SW is None:
-    tok_S, lp_S = greedy(logits_SV)
-    top_ids, top_lp = jnp.zeros((S, num_top), jnp.int32), jnp.zeros((S, num_top), jnp.float32)
-    return (state.replace(tokens=state.tokens.at[into].set(tok_S, mode="drop")),
-            StepResult(tokens=tok_S, logprobs=lp_S, top_ids=top_ids, top_logprobs=top_lp))
-  V = logits_SV.shape[-1]
-  bits_SW32 = (bitmask_SW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
-  logits_SV = jnp.where(bits_SW32.reshape(S, -1)[:, :V] != 0, logits_SV, -jnp.inf)
-  drawn = sample(logits_SV, b.sampling, b.kv_lens_S, state.history, history_rows_B=b.slot_S, num_top=num_top)
-  if num_top:
-    tok_S, lp_S, top_ids, top_lp = drawn
+    drawn = greedy(logits_SV, num_top)
   else:
-    (tok_S, lp_S), top_ids, top_lp = drawn, jnp.zeros((S, 0), jnp.int32), jnp.zeros((S, 0), jnp.float32)
-  history = apply_if(jnp.any(b.sampling.uses_penalties() & valid_S),
-                     lambda h: h.replace(output_counts=h.output_counts.at[into, tok_S].add(1, mode="drop")),
-                     state.history)
+    V = logits_SV.shape[-1]
+    bits_SW32 = (bitmask_SW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    logits_SV = jnp.where(bits_SW32.reshape(S, -1)[:, :V] != 0, logits_SV, -jnp.inf)
+    drawn = sample(logits_SV, b.sampling, b.kv_lens_S, state.history, history_rows_B=b.slot_S, num_top=num_top)
+  tok_S, lp_S, top_ids, top_lp = drawn if num_top else (*drawn, jnp.zeros((S, 0), jnp.int32),
+                                                         jnp.zeros((S, 0), jnp.float32))
+  into = jnp.where(b.sample_S & valid_S, b.slot_S, Z)
+  history = state.history  # the argmax program's sampling rows use no penalties: nothing to count
+  if bitmask_SW is not None:
+    history = apply_if(jnp.any(b.sampling.uses_penalties() & valid_S),
+                       lambda h: h.replace(output_counts=h.output_counts.at[into, tok_S].add(1, mode="drop")), history)
   state = state.replace(tokens=state.tokens.at[into].set(tok_S, mode="drop"), history=history)
   return state, StepResult(tokens=tok_S, logprobs=lp_S, top_ids=top_ids, top_logprobs=top_lp)
 
