@@ -35,15 +35,20 @@ def copy_bandwidth_gbs() -> float:
   return 2 * src.nbytes / best / 1e9
 
 
-def matmul_tflops(dtype: str = "float32") -> float:
-  """Achievable matmul throughput of the device jax runs on: best of 5 jitted [n, n] x [n, n] products (n = 1024 on
-  CPU, 8192 on an accelerator), 2 n^3 FLOPs each."""
+def matmul_tflops(dtype: str = "float32", shape: tuple[int, int, int] | None = None) -> float:
+  """Achievable matmul throughput of the device jax runs on, 2 m k n FLOPs per [m, k] x [k, n] product. Default: the
+  device's peak, best of 5 square products (n = 1024 on CPU, 8192 on an accelerator). shape=(m, k, n): that product,
+  median of rounds of back-to-back calls (`median_ms`), e.g. (32 rows, d_model, d_ff) for what the matmul library
+  reaches on a 32-sequence decode step's GEMMs."""
   import jax
   import jax.numpy as jnp
 
+  mm = jax.jit(lambda x, y: x @ y)
+  if shape is not None:
+    m, k, n = shape
+    return 2 * m * k * n / median_ms(mm, jnp.ones((m, k), dtype), jnp.ones((k, n), dtype), reps=7) / 1e9
   n = 1024 if jax.default_backend() == "cpu" else 8192
   a = jnp.ones((n, n), dtype)
-  mm = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(mm(a, a))
   best = float("inf")
   for _ in range(5):

@@ -12,7 +12,9 @@ per second of wall time, prefill included.
 
 Decode step: one engine step (forward + sampler programs) with every sequence decoding one token at context
 --step_context; the bandwidth floor is (weight bytes + KV bytes read per step) / measured copy bandwidth, the compute
-floor the step's FLOPs / measured matmul FLOP/s.
+floor the step's FLOPs / measured matmul FLOP/s. Beside them, where the step's time goes: its attention alone (every
+layer's ragged paged attention with the step's metadata) and its weight FLOPs at the FLOP/s the matmul library reaches
+on a GEMM of the step's own row count.
 
     python benchmarks/throughput.py [--num_prompts 64] [--max_num_seqs 32] [--variants f32,int8,kv-int8]
     python benchmarks/throughput.py --preset llama3-8b --variants bf16,bf16+int8 --max_num_seqs 64 --num_prompts 256
@@ -123,7 +125,45 @@ def decode_step_seconds(llm, slots, context):
     st, h, _ = timed("forward", eng.forward, st, batch)
     st, r = timed("pick", eng.pick, st, h, batch.seqs)
   del st
+  best["attention"] = attention_seconds(eng, batch)
   return best, batch.tokens_T.shape[0] // eng.num_replicas
+
+
+def attention_seconds(eng, batch):
+  """Seconds of a step's attention alone: `ragged_paged_attention` over every layer's pages with the step's metadata
+  (the kernel and block sizes the model's step runs, on its page pool; no K/V write, no projections), the layers in
+  one jitted scan, median of rounds. None with data-parallel replicas (the step's blocks are per replica)."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxllm import pallas_kernels
+  from jaxllm.pallas_kernels.kv_quant import QuantizedPages
+
+  if eng.num_replicas != 1:
+    return None
+  mc, state = eng.model_config, eng.init_state()
+  L = mc.num_layers
+  P = jax.tree.leaves(state.k)[0].shape[0] // L
+  impl, interpret = pallas_kernels.split_impl(eng.config.attention_impl)
+  q = jax.random.normal(jax.random.key(0), (batch.tokens_T.shape[0], mc.num_heads, mc.head_dim), eng.dtype)
+
+  def pages(x, name):
+    if isinstance(x, QuantizedPages):
+      return {f"{name}_pages": x.values, f"{name}_scales": x.scales}
+    return {f"{name}_pages": x}
+
+  @jax.jit
+  def layers(q, k, v, page_indices, kv_lens, cu_q_lens, num_seqs):
+    def body(acc, layer):
+      o = pallas_kernels.ragged_paged_attention(q, kv_lens=kv_lens, page_indices=page_indices + layer * P,
+                                                cu_q_lens=cu_q_lens, num_seqs=num_seqs, implementation=impl,
+                                                interpret=interpret, **pages(k, "k"), **pages(v, "v"))
+      return acc + o[0, 0].astype(jnp.float32), None
+    return jax.lax.scan(body, jnp.zeros((mc.head_dim,), jnp.float32), jnp.arange(L))[0]
+
+  ms = common.median_ms(layers, q, state.k, state.v, batch.page_indices_SM, batch.seqs.kv_lens_S, batch.cu_q_lens_S1,
+                        batch.seqs.num_seqs[0], reps=5)
+  return ms / 1e3
 
 
 def dump_forward_hlo(llm, slots, context, path) -> None:
@@ -297,10 +337,13 @@ def main():
       t = times["step"]
       floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
       compute = step_flops(mc, slots, args.step_context) / (tflops * 1e12)
-      steps.append((name, slots, T, t, floor, compute, times["forward"], times["pick"]))
-      print(f"{name}: {slots} sequences, step {t * 1e3:.2f} ms (model {times['forward'] * 1e3:.2f}, sampler "
-            f"{times['pick'] * 1e3:.2f}); floors: bandwidth {floor * 1e3:.2f} ms, compute {compute * 1e3:.2f} ms",
-            flush=True)
+      # The weights' FLOPs at the rate the matmul library reaches on the step's own GEMM shape (slots rows).
+      at_rows = step_flops(mc, slots, 0) / (common.matmul_tflops(dtype, (slots, mc.d_model, mc.d_ff)) * 1e12)
+      steps.append((name, slots, T, t, floor, compute, times["forward"], times["pick"], times["attention"], at_rows))
+      attention = "-" if times["attention"] is None else f"{times['attention'] * 1e3:.2f}"
+      print(f"{name}: {slots} sequences, step {t * 1e3:.2f} ms (model {times['forward'] * 1e3:.2f}, of it attention "
+            f"{attention}; sampler {times['pick'] * 1e3:.2f}); floors: bandwidth {floor * 1e3:.2f} ms, compute "
+            f"{compute * 1e3:.2f} ms; weight matmuls at this row count {at_rows * 1e3:.2f} ms", flush=True)
     del llm, eng
 
   agree = None
@@ -346,14 +389,18 @@ def main():
       f"Decode step (one engine step: forward + sampler, every sequence decoding one token) at context "
       f"{args.step_context}. Bandwidth floor = (bytes of the placed weights + KV bytes read, values and scales) / "
       f"{bandwidth:.1f} GB/s measured copy bandwidth; compute floor = FLOPs of the step (2 per weight per row + "
-      f"attention) / measured matmul FLOP/s of the variant's dtype. 'of floor' is the larger floor over the step time.",
+      f"attention) / measured matmul FLOP/s of the variant's dtype. 'of floor' is the larger floor over the step time. "
+      f"Where the rest goes: 'attention' is the step's ragged paged attention alone (every layer, its kernel and "
+      f"metadata, no projections); 'matmuls at rows' is the step's weight FLOPs at the FLOP/s the matmul library "
+      f"reaches on a [sequences, d_model] x [d_model, d_ff] product (its own shape, not the square peak).",
       "",
-      "| variant | weights | KV cache (B/token) | sequences | token bucket | step ms | model ms | "
-      "LM head + sampler ms | bandwidth floor ms | compute floor ms | of floor |",
-      "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
+      "| variant | weights | KV cache (B/token) | sequences | token bucket | step ms | model ms | attention ms | "
+      "LM head + sampler ms | bandwidth floor ms | compute floor ms | matmuls at rows ms | of floor |",
+      "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ] + [f"| {n} | {floors[n][0] / 1e6:.0f} MB | {floors[n][2]} ({floors[n][1]:.0f}) | {s} | {T} | {t * 1e3:.1f} | "
-       f"{fw * 1e3:.1f} | {pk * 1e3:.1f} | {f * 1e3:.1f} | {c * 1e3:.1f} | {max(f, c) / t:.0%} |"
-       for n, s, T, t, f, c, fw, pk in steps] + [""]
+       f"{fw * 1e3:.1f} | {'-' if at is None else f'{at * 1e3:.1f}'} | {pk * 1e3:.1f} | {f * 1e3:.1f} | "
+       f"{c * 1e3:.1f} | {ar * 1e3:.1f} | {max(f, c) / t:.0%} |"
+       for n, s, T, t, f, c, fw, pk, at, ar in steps] + [""]
   common.publish(lines, args.results)
 
 
