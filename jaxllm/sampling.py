@@ -373,6 +373,19 @@ def _threshold_B1(scaled_BV, s: SamplingArrays):
   return jax.lax.switch(filter_path(s, V), [by_max, short, by_sort], None)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """`jnp.argmax` over the last axis as int32, the same index (the first maximum; the first NaN in a row holding one),
+  on CPU by two plain reductions: the maximum, then the least index holding it. XLA:CPU runs argmax's one (value,
+  index) reduction unvectorized: 3.5 ms on a 32-row step's [32, 49152] float32 logits, against 0.5-1.1 ms. GPUs and
+  TPUs reduce the pair in one pass, which stays theirs."""
+  if jax.default_backend() != "cpu":
+    return jnp.argmax(x, axis=-1).astype(jnp.int32)
+  m = jnp.max(x, axis=-1, keepdims=True)  # NaN where the row holds one
+  hit = (x == m) | ((m != m) & (x != x))
+  V = x.shape[-1]
+  return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def _chosen_logprob(logits_BV, tokens_B):
   """log_softmax at the chosen token only: (x_t - max) - log(sum(exp(x - max))), log_softmax's own arithmetic."""
   max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
@@ -390,7 +403,7 @@ def greedy(logits_BV: jax.Array, num_top: int = 0):
   no conditional and one pass over the logits."""
   logits_BV = logits_BV.astype(jnp.float32)
   B = logits_BV.shape[0]
-  tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  tokens_B = argmax(logits_BV)
   return _result(tokens_B, _chosen_logprob(logits_BV, tokens_B), jnp.zeros((B, num_top), jnp.int32),
                  jnp.zeros((B, num_top), jnp.float32), num_top)
 
@@ -411,7 +424,7 @@ def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, hist
   logits_BV = logits_BV.astype(jnp.float32)
   B = logits_BV.shape[0]
   z_BV = process_logits(logits_BV, s, positions_B, history, history_rows_B)
-  greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
+  greedy_B = argmax(z_BV)
   sampling_B = s.temperature > 0
 
   def filtered_sample(z_BV):

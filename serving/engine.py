@@ -50,7 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxllm.layers.llama import Llama
 from jaxllm.layers.paged import PagedKVCache
 from jaxllm.pallas_kernels.kv_quant import QuantizedPages, kv_cache_dtype
-from jaxllm.sampling import SamplingArrays, TokenHistory, apply_if, greedy, sample
+from jaxllm.sampling import SamplingArrays, TokenHistory, apply_if, argmax, greedy, sample
 from jaxllm.serving.config import EngineConfig, bucket, cdiv
 from jaxllm.serving.kv_cache import size_kv_cache
 from jaxllm.sharding.distributed import host_value
@@ -268,7 +268,7 @@ def score(graphdef, params, tokens_RT, *, attention_impl: str | None, num_top: i
                                     axis=-1)
   target_RT = tokens_RT[:, 1:]
   chosen_RT = jnp.take_along_axis(logprobs_RTV, target_RT[..., None], axis=-1)[..., 0]
-  greedy_RT = jnp.argmax(logprobs_RTV, axis=-1) == target_RT
+  greedy_RT = argmax(logprobs_RTV) == target_RT
   if not num_top:
     return chosen_RT, greedy_RT
   top_lp, top_ids = jax.lax.top_k(logprobs_RTV, num_top)

@@ -1,11 +1,13 @@
 """The sampler against the exact filtered distribution computed in numpy."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.sampling import SamplingArrays, greedy, sample
+from jaxllm.sampling import SamplingArrays, argmax, greedy, sample
 
 LOGITS = np.array([2.0, 1.5, 1.2, 1.0, 0.3, 0.0, -0.5, -1.0, -3.0, 0.9], np.float32)
 DRAWS = 20000
@@ -252,6 +254,27 @@ def test_bare_rows_are_exactly_those_greedy_picks_for_sample():
   s.stop_ids[7, 0], s.min_len[7] = 9, positions[7]  # ... and no longer here
   s.min_len[8] = positions[8] + 1  # a min_tokens with no stop ids holds nothing back
   np.testing.assert_array_equal(s.bare(positions), np.arange(B) >= 7)
+
+
+def test_argmax_is_jnp_argmax_in_two_plain_reductions():
+  """`argmax` gives jnp.argmax's index, int32, on ties (the first), NaN (the first NaN), rows of -inf, +-0 and +inf
+  ties, in float32 and bfloat16; on CPU as a max and a min over indices, not argmax's (value, index) reduction."""
+  rng = np.random.default_rng(3)
+  ties = np.round(rng.standard_normal((64, 50)) * 2).astype(np.float32)
+  nans = ties.copy()
+  nans[3, 7] = nans[5, 0] = nans[5, 9] = nans[6, -1] = np.nan
+  inf = np.full((4, 10), -np.inf, np.float32)
+  inf[1, 4], inf[2, 3:5] = 0.0, np.inf
+  zeros = np.array([[-0.0, 0.0, -0.0], [0.0, -0.0, 0.0]], np.float32)
+  for x in (rng.standard_normal((8, 3, 1000)).astype(np.float32), ties, nans, inf, zeros):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      got = jax.jit(argmax)(jnp.asarray(x, dtype))
+      assert got.dtype == jnp.int32
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(jnp.asarray(x, dtype), axis=-1)))
+  hlo = jax.jit(argmax).lower(jnp.zeros((32, 1000))).compile().as_text()
+  assert not re.search(r"= \(f32\[32\]\{0\}, s32\[32\]\{0\}\) reduce", hlo), "a (value, index) reduction"
+  assert re.search(r"= \(f32\[32\]\{0\}, s32\[32\]\{0\}\) reduce",
+                   jax.jit(lambda x: jnp.argmax(x, -1)).lower(jnp.zeros((32, 1000))).compile().as_text())
 
 
 def test_top_p_close_calls_fall_back_to_the_sort():
