@@ -1,14 +1,15 @@
 """Where a decode step's "LM head + sampler" time goes at a large vocabulary (e.g. Llama-3's 128,256 on a GPU).
 
-Times, for 1 and --rows sequences, each stage of the engine's `pick` program on its own and the program whole: the
-LM head as the model computes it (float32 accumulation and result) and as a plain dot in the weights' dtype upcast
-after, the argmax alone, `jaxllm.sampling.greedy` (argmax + its logprob: what a batch of bare greedy rows runs), the
-sampler (`jaxllm.sampling.sample`) on greedy rows / with top-n logprobs / drawing with top_p, and `pick` as the engine
-compiles it: the argmax program (greedy rows) and the sampler program (under an all-ones bitmask). The model is the preset's shape cut to --layers layers with random
-weights (the LM head and the sampler do not depend on the layers). Also reads the optimized HLO of each LM head and of
-`pick`: whether a float32 copy of the [V, D] weight is materialized before the GEMM, and how many conditionals the
-program has (on XLA:GPU each one reads its predicate back to the host). Times are medians of rounds of back-to-back
-calls (>= 20 ms a round). Prints a table and appends it to benchmarks/RESULTS.md.
+Times, for 1 and --rows sequences, each stage of the engine's `pick` program on its own and the program whole: the LM
+head as the model computes it (float32 accumulation and result) and as a plain dot in the weights' dtype upcast after,
+the argmax alone (`jnp.argmax` and `jaxllm.sampling.argmax`), `jaxllm.sampling.greedy` (argmax + its logprob: what a
+batch of bare greedy rows runs), the sampler (`jaxllm.sampling.sample`) on greedy rows / with top-n logprobs / drawing
+with top_p, and `pick` as the engine compiles it: the argmax program (greedy rows) and the sampler program (under an
+all-ones bitmask). The model is the preset's shape cut to --layers layers with random weights (the LM head and the
+sampler do not depend on the layers). Also reads the optimized HLO of each LM head and of `pick`: whether a float32 copy
+of the [V, D] weight is materialized before the GEMM, and how many conditionals the program has (on XLA:GPU each one
+reads its predicate back to the host). Times are medians of rounds of back-to-back calls (>= 20 ms a round). Prints a
+table and appends it to benchmarks/RESULTS.md.
 
     python benchmarks/lm_head_sampler.py --preset llama3-8b --dtype bfloat16   # on a GPU
     python benchmarks/lm_head_sampler.py --preset smollm2-135m --dtype float32 --reps 3   # a CPU smoke run
@@ -54,7 +55,7 @@ def main():
 
   from jaxllm.config import ModelConfig
   from jaxllm.layers import Llama
-  from jaxllm.sampling import SamplingArrays, greedy, sample
+  from jaxllm.sampling import SamplingArrays, argmax, greedy, sample
   from jaxllm.serving import engine as engine_lib
   from jaxllm.serving.config import EngineConfig
 
@@ -95,7 +96,8 @@ def main():
     stages = [
         ("LM head as the model (float32 accumulation and result)", jax.jit(head_model), (params, h)),
         ("LM head, plain dot in the weights' dtype, then upcast", jax.jit(head_plain), (w, h)),
-        ("argmax alone", jax.jit(lambda x: jnp.argmax(x, axis=-1)), (logits,)),
+        ("jnp.argmax alone", jax.jit(lambda x: jnp.argmax(x, axis=-1)), (logits,)),
+        ("sampling.argmax alone (what greedy and sample use)", jax.jit(argmax), (logits,)),
         ("greedy() (argmax and its logprob)", jax.jit(greedy), (logits,)),
         ("sample, greedy rows", jax.jit(lambda x, s: sample(x, s, pos)), (logits, greedy_rows)),
         (f"sample, greedy, num_top={num_top} compiled in, 5 asked",
