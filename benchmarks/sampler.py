@@ -37,7 +37,7 @@ CASES = {
         dict(temperature=1.0, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.5), 0, 0),
     "logprobs=5": (dict(temperature=1.0), 5, 5),
 }
-PATHS = ("max", "top_k", "sort")
+PATHS = ("max", "search")
 
 
 def inputs(B: int, V: int, settings: dict, num_logprobs: int):

@@ -15,9 +15,11 @@ or logprobs) is just the logits' argmax (`greedy()`); the host knows that from t
 its own program, with no conditional (XLA:GPU reads every conditional's predicate back to the host and waits).
 In `sample()`, a stage no row of the batch uses is skipped at run time (`lax.cond`), so a temperature-only batch
 does one pass of the [B, V] logits plus the draw: no [B, V] log_softmax unless top-n logprobs are asked for, no
-history read without penalties, and the filter thresholds come from the row maximum (min-p only), `lax.top_k` (every
-top_k <= 64) or a full sort, whichever is the least the batch needs. Each path picks exactly the tokens of the
-straightforward sampler (tests/sampler_oracle.py) for the same seeds.
+history read without penalties, and the filter thresholds come from the row maximum (min-p only) or from binary
+searches over the float order (top-k's k-th largest value by counting, top-p's cut by summing probabilities), never a
+sort of the vocabulary. Each path picks the tokens of the straightforward sampler (tests/sampler_oracle.py: a full
+sort) for the same seeds; top-p can differ only where a partial mass lies within float32 rounding of top_p, as the
+two sum the same probabilities in different orders.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ from jaxllm.structured_outputs import StructuredOutputsParams
 MAX_LOGIT_BIAS = 64  # entries of logit_bias per request (a fixed width, so a request never recompiles)
 MAX_STOP_IDS = 16  # stop token ids masked until min_tokens, per request
 MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (vLLM's default max_logprobs)
-TOP_K_FAST = 64  # a batch whose sampling rows all have top_k <= this (or no top-k / top-p) skips the full sort
-TOP_P_MARGIN = 1e-4  # ... unless a top-p decision lies this close to top_p (see _threshold_B1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -288,89 +288,90 @@ def _effective_top_k(s: SamplingArrays, V: int):
 
 
 def filter_path(s: SamplingArrays, V: int):
-  """Which way the batch's filter thresholds are found (an int32 scalar, see _threshold_B1): 0 by_max when no
-  sampling row uses top-k or top-p, 1 by_top_k when each one's top_k is in (0, TOP_K_FAST] (V >= 2 * TOP_K_FAST),
-  2 by_sort otherwise. Greedy rows' settings do not count."""
+  """How the batch's filter thresholds are found (an int32 scalar, see _threshold_B1): 0 by_max when no sampling row
+  uses top-k or top-p, 1 by_search otherwise. Greedy rows' settings do not count."""
   k_B = _effective_top_k(s, V)
   free_B = (s.temperature <= 0) | ((k_B == V) & (s.top_p >= 1))
-  short_ok = jnp.all(free_B | (k_B <= TOP_K_FAST)) if V >= 2 * TOP_K_FAST else False
-  return jnp.where(jnp.all(free_B), 0, jnp.where(short_ok, 1, 2)).astype(jnp.int32)
+  return jnp.where(jnp.all(free_B), 0, 1).astype(jnp.int32)
 
 
-def _sort_threshold(scaled_BV, s: SamplingArrays):
-  """The reference: thresholds read off the whole sorted vocabulary."""
-  V = scaled_BV.shape[-1]
-  k_B = _effective_top_k(s, V)
-  sorted_desc = -jnp.sort(-scaled_BV, axis=-1)
-  # top-k: everything below the k-th largest logit goes.
-  kth = jnp.take_along_axis(sorted_desc, (k_B - 1)[:, None], axis=-1)
-  # top-p over the top-k survivors: keep a sorted token while the mass before it is < top_p.
-  sorted_masked = jnp.where(jnp.arange(V)[None] < k_B[:, None], sorted_desc, -jnp.inf)
-  probs = jax.nn.softmax(sorted_masked, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep_sorted = (mass_before < s.top_p[:, None]) | (s.top_p[:, None] >= 1.0)  # f32 cumsum can reach 1 early
-  n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
-  pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-  return jnp.maximum(jnp.maximum(kth, pth), _min_p_threshold(s, sorted_desc[:, :1]))
+def _float_key(x):
+  """float32 -> uint32 in the floats' order (-inf lowest, +inf highest; -0.0 one step below +0.0)."""
+  i = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(i >> 31 == 1, ~i, i | jnp.uint32(0x80000000))
 
 
-def _top_k_threshold(scaled_BV, s: SamplingArrays):
-  """_sort_threshold from the top TOP_K_FAST only, for rows with top_k <= TOP_K_FAST or neither top-k nor top-p.
-  -> (threshold [B, 1], close_call [B]: a top-p decision of the row lies within TOP_P_MARGIN of top_p)."""
-  V, K = scaled_BV.shape[-1], TOP_K_FAST
-  k_B = _effective_top_k(s, V)
-  top_p_B1 = s.top_p[:, None]
-  # The sort's first K values. XLA lowers top_k to sort + slice and turns that back into a TopK call only while the
-  # slice is the sort's one user; the barrier stops later slices of top_BK from being merged into it (a full sort).
-  top_BK = jax.lax.optimization_barrier(jax.lax.top_k(scaled_BV, K)[0])
-  kk_B = jnp.minimum(k_B, K)
-  # Rows without top-k (here also without top-p) keep everything: -inf, where the reference has the row's minimum.
-  kth = jnp.where((k_B <= K)[:, None], jnp.take_along_axis(top_BK, (kk_B - 1)[:, None], axis=-1), -jnp.inf)
-  probs = jax.nn.softmax(jnp.where(jnp.arange(K)[None] < kk_B[:, None], top_BK, -jnp.inf), axis=-1)
-  cum = jnp.cumsum(probs, axis=-1)
-  mass_before = cum - probs
-  keep_sorted = (mass_before < top_p_B1) | (top_p_B1 >= 1.0)
-  n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
-  # The reference also keeps the V - k zero-probability tokens past k when the total is < top_p: its n_keep then
-  # reaches past V - k - 1 >= k - 1 (V >= 2K), so its pth lies below kth and cuts nothing.
-  tail_kept = (cum[:, -1:] < top_p_B1) | (top_p_B1 >= 1.0)
-  pth = jnp.where(tail_kept, -jnp.inf, jnp.take_along_axis(top_BK, (n_keep - 1)[:, None], axis=-1))
-  threshold = jnp.maximum(jnp.maximum(kth, pth), _min_p_threshold(s, top_BK[:, :1]))
-  gap = jnp.abs(jnp.concatenate([mass_before, cum[:, -1:]], axis=-1) - top_p_B1)
-  close_call = (s.top_p < 1) & jnp.any(~(gap > TOP_P_MARGIN), axis=-1)  # a NaN mass counts as close
-  return threshold, close_call
+def _key_float(k):
+  """_float_key's inverse."""
+  return jax.lax.bitcast_convert_type(jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k), jnp.float32)
+
+
+SEARCH_STEPS = 32  # halvings of a uint32 key range: every row's search ends on one key
+
+
+def _kth_largest(scaled_BV, k_B):
+  """Each row's k-th largest value, exactly (the sort's sorted[k - 1]): the largest value v with at least k values
+  >= v, found by halving the float-ordered key range [min, max] SEARCH_STEPS times, each step one counting pass."""
+  lo = _float_key(jnp.min(scaled_BV, axis=-1))  # at least k values >= the minimum
+  hi = _float_key(jnp.max(scaled_BV, axis=-1))
+  for _ in range(SEARCH_STEPS):
+    mid = lo + ((hi - lo + 1) >> 1)
+    ok = jnp.sum(scaled_BV >= _key_float(mid)[:, None], axis=-1) >= k_B
+    lo, hi = jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+  return _key_float(lo)[:, None]
+
+
+def _top_p_cut(scaled_BV, s: SamplingArrays, k_B, kth_B1, max_B1):
+  """Each row's top-p cut over its top-k survivors: the smallest value v (>= kth) such that the probability of the
+  tokens strictly more likely than v is < top_p, found by halving the key range [kth, max] SEARCH_STEPS times, each
+  step one masked sum. Keeping every value >= it keeps the sort's set: a sorted token is kept while the mass before
+  it is < top_p, and the mass before the first of equal values is that of the strictly larger ones. The probabilities
+  are the sort's softmax over the top-k survivors, ties at kth counted only up to k; -inf where top_p >= 1."""
+  e_BV = jnp.exp(scaled_BV - max_B1)
+  above_BV = scaled_BV > kth_B1
+  ties_B = k_B - jnp.sum(above_BV, axis=-1)  # copies of kth among the k survivors (>= 1)
+  total_B1 = (jnp.sum(jnp.where(above_BV, e_BV, 0.0), axis=-1) + ties_B * jnp.exp(kth_B1 - max_B1)[:, 0])[:, None]
+  p_BV = jnp.where(above_BV, e_BV / total_B1, 0.0)
+  lo, hi = _float_key(kth_B1[:, 0]), _float_key(max_B1[:, 0])  # nothing is more likely than the maximum
+  for _ in range(SEARCH_STEPS):
+    mid = lo + ((hi - lo) >> 1)
+    ok = jnp.sum(jnp.where(scaled_BV > _key_float(mid)[:, None], p_BV, 0.0), axis=-1) < s.top_p
+    lo, hi = jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+  return jnp.where(s.top_p[:, None] >= 1.0, -jnp.inf, _key_float(lo)[:, None])
 
 
 def _threshold_B1(scaled_BV, s: SamplingArrays):
   """The smallest scaled logit each row keeps after top-k, top-p (over the top-k survivors) and min-p, [B, 1].
 
-  Drawing from where(scaled >= threshold, scaled, -inf) is vLLM's filtered distribution. Three ways to the reference's
-  kept set, picked per batch at run time by filter_path:
-    by_max:   no sampling row uses top-k or top-p: only min-p's z_max + log(min_p) can cut, else the threshold is
-              -inf, every scaled logit passes and the draw is categorical(key, scaled) -- the reference's draw too, as
-              its threshold (the row's minimum, from the full sort) also passes every logit.
-    by_top_k: the top-p mass of k <= TOP_K_FAST survivors is summed over K entries here and over V (zeros past k) in
-              the reference, possibly in another order. Both are within (2k + 4) * 2^-24 < 1e-5 of the exact sum, so
-              they can disagree on `mass_before < top_p` only within 2e-5 of top_p. When a sampling row with top_p < 1
-              has a partial mass (or its total, which decides the zeros past k) within TOP_P_MARGIN of top_p, this
-              path hands the batch to by_sort: the kept set is the reference's by construction.
-    by_sort:  the reference's full-vocabulary sort.
+  Drawing from where(scaled >= threshold, scaled, -inf) is vLLM's filtered distribution, as a full sort of the
+  vocabulary finds it (tests/sampler_oracle.py), without the sort, in one of two ways picked per batch at run time
+  (filter_path):
+    by_max:    no sampling row uses top-k or top-p: only min-p's z_max + log(min_p) can cut, else the threshold is
+               -inf and the draw is categorical(key, scaled) -- as the sort's, whose threshold (the row's minimum)
+               passes every logit too.
+    by_search: binary searches over the float order, a pass of [B, V] each step: the k-th largest value (exact: a
+               count), then the top-p cut (a sum of probabilities; the sort sums the same ones in sorted order, so
+               the two can differ only where a partial mass lies within float32 rounding of top_p). A search a
+               batch does not need (no row with 0 < top_k < V, or with top_p < 1) is skipped.
+  A top_p 0.9 batch of [32, 49152] logits on a 2-core CPU: 326-456 ms sorted, 36 ms searched (benchmarks/RESULTS.md).
   """
+  V = scaled_BV.shape[-1]
   sampling_B = s.temperature > 0
+  max_B1 = jnp.max(scaled_BV, axis=-1, keepdims=True)
+  min_p_B1 = _min_p_threshold(s, max_B1)
 
   def by_max(_):
-    return _min_p_threshold(s, jnp.max(scaled_BV, axis=-1, keepdims=True))
+    return min_p_B1
 
-  def by_top_k(_):
-    threshold, close_call = _top_k_threshold(scaled_BV, s)
-    return jax.lax.cond(jnp.any(close_call & sampling_B), by_sort, lambda _: threshold, None)
+  def by_search(_):
+    k_B = _effective_top_k(s, V)
+    kth = jax.lax.cond(jnp.any(sampling_B & (k_B < V)), lambda _: _kth_largest(scaled_BV, k_B),
+                       lambda _: jnp.min(scaled_BV, axis=-1, keepdims=True), None)
+    pth = jax.lax.cond(jnp.any(sampling_B & (s.top_p < 1)), lambda _: _top_p_cut(scaled_BV, s, k_B, kth, max_B1),
+                       lambda _: jnp.full_like(kth, -jnp.inf), None)
+    return jnp.maximum(jnp.maximum(kth, pth), min_p_B1)
 
-  def by_sort(_):
-    return _sort_threshold(scaled_BV, s)
-
-  V = scaled_BV.shape[-1]
-  short = by_top_k if V >= 2 * TOP_K_FAST else by_sort  # filter_path never picks it then; top_k needs V >= K
-  return jax.lax.switch(filter_path(s, V), [by_max, short, by_sort], None)
+  return jax.lax.cond(filter_path(s, V) == 1, by_search, by_max, None)
 
 
 def argmax(x: jax.Array) -> jax.Array:

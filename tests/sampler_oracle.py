@@ -1,7 +1,8 @@
 """The sampler as it was before its fast paths: `process_logits` and `sample` copied verbatim from jaxllm/sampling.py
-(names suffixed `_reference`). It always builds the full [B, V] log_softmax, applies bias, penalties and the min_tokens
-mask unconditionally and sorts the whole vocabulary whenever a row samples. tests/test_sampling.py asserts the fast
-sampler picks the same tokens (and logprobs within float32 rounding); benchmarks/sampler.py times both."""
+(names suffixed `_reference`; the filter thresholds' sort in `threshold_reference`). It always builds the full [B, V]
+log_softmax, applies bias, penalties and the min_tokens mask unconditionally and sorts the whole vocabulary whenever
+a row samples. tests/test_sampling.py asserts the fast sampler picks the same tokens (and logprobs within float32
+rounding); benchmarks/sampler.py times both."""
 
 from __future__ import annotations
 
@@ -28,6 +29,27 @@ def process_logits_reference(logits_BV, s: SamplingArrays, positions_B, history:
   return logits_BV.at[rows_B1, jnp.where(hold, s.stop_ids, V)].set(-jnp.inf, mode="drop")
 
 
+def threshold_reference(scaled, s: SamplingArrays):
+  """The smallest scaled logit each row keeps after top-k, top-p (over the top-k survivors) and min-p, [B, 1], read
+  off the whole sorted vocabulary."""
+  V = scaled.shape[-1]
+  sorted_desc = -jnp.sort(-scaled, axis=-1)
+  # top-k: everything below the k-th largest logit goes.
+  k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
+  kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+  # top-p over the top-k survivors: keep a sorted token while the mass before it is < top_p.
+  sorted_masked = jnp.where(jnp.arange(V)[None] < k[:, None], sorted_desc, -jnp.inf)
+  probs = jax.nn.softmax(sorted_masked, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = (mass_before < s.top_p[:, None]) | (s.top_p[:, None] >= 1.0)  # f32 cumsum can reach 1 early
+  n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
+  pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+  # min-p over the survivors (vLLM applies it last): p >= min_p * p_max  <=>  z >= z_max + log(min_p).
+  log_min_p = jnp.log(jnp.maximum(s.min_p, 1e-30))[:, None]
+  mth = jnp.where(s.min_p[:, None] > 0, sorted_desc[:, :1] + log_min_p, -jnp.inf)
+  return jnp.maximum(jnp.maximum(kth, pth), mth)
+
+
 def sample_reference(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array,
                      history: TokenHistory | None = None, num_top: int = 0):
   """-> (token ids [B] int32, their logprobs [B] float32) and, with num_top > 0, (top ids [B, num_top], top logprobs
@@ -38,23 +60,8 @@ def sample_reference(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.A
   greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
 
   def filtered_sample(_):
-    V = z_BV.shape[-1]
     scaled = z_BV / jnp.maximum(s.temperature, 1e-6)[:, None]
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    # top-k: everything below the k-th largest logit goes.
-    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    # top-p over the top-k survivors: keep a sorted token while the mass before it is < top_p.
-    sorted_masked = jnp.where(jnp.arange(V)[None] < k[:, None], sorted_desc, -jnp.inf)
-    probs = jax.nn.softmax(sorted_masked, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (mass_before < s.top_p[:, None]) | (s.top_p[:, None] >= 1.0)  # f32 cumsum can reach 1 early
-    n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
-    pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-    # min-p over the survivors (vLLM applies it last): p >= min_p * p_max  <=>  z >= z_max + log(min_p).
-    log_min_p = jnp.log(jnp.maximum(s.min_p, 1e-30))[:, None]
-    mth = jnp.where(s.min_p[:, None] > 0, sorted_desc[:, :1] + log_min_p, -jnp.inf)
-    threshold = jnp.maximum(jnp.maximum(kth, pth), mth)
+    threshold = threshold_reference(scaled, s)
     masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions_B)
     return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
