@@ -420,7 +420,8 @@ def sample(logits_BV: jax.Array, s: SamplingArrays, positions_B: jax.Array, hist
   `lax.cond` / `lax.switch` on the rows' settings: one compiled program serves every mix, and each stage costs
   nothing in a batch that does not use it (a batch of bare greedy rows is cheaper still through `greedy()`). The
   tokens are those of the straightforward sampler (every stage always applied, a full sort for the filters) for the
-  same seeds, the logprobs equal to float32 rounding.
+  same seeds (top-p's cut up to float32 rounding of its mass, see _threshold_B1), the logprobs equal to float32
+  rounding.
   """
   logits_BV = logits_BV.astype(jnp.float32)
   B = logits_BV.shape[0]

@@ -126,7 +126,7 @@ BY_MAX, BY_SEARCH = 0, 1
 SMALL_K = 64  # top_k values drawn below / above it
 # What a row asks for, as (temperature, top_k, top_p, min_p) drawn from rng for a vocabulary of V.
 KINDS = {
-    # A greedy row's filter settings must not matter (they would force a full sort if they counted).
+    # A greedy row's filter settings must not matter (they would force the searches if they counted).
     "greedy": lambda r, V: (0.0, int(r.integers(0, V)), r.uniform(0.05, 1), r.uniform(0, 0.5)),
     "temperature": lambda r, V: (r.uniform(0.2, 2), 0, 1.0, 0.0),
     "min_p": lambda r, V: (r.uniform(0.2, 2), 0, 1.0, r.uniform(0.01, 0.5)),
