@@ -3,7 +3,8 @@ padding-based static batching, on the same prompts in one run; plus decode-step 
 
 Workload (vLLM's "random" dataset shaped like ShareGPT): --num_prompts requests whose prompt and output lengths are
 drawn from log-normal distributions (ShareGPT's long right tail), clipped to [--min_*, --max_*]; prompt tokens are
-random vocabulary ids; every request generates exactly its output length (EOS ignored), greedy, float32.
+random vocabulary ids; every request generates exactly its output length (EOS ignored), greedy (or sampled on
+both sides: --temperature, --top_p), float32.
   jaxllm:        all prompts queued at once; up to --max_num_seqs decode together, a new one joins as one finishes.
   transformers:  consecutive batches of --max_num_seqs prompts, left-padded; each batch runs until its longest output
                  is done (what static batching costs); only the tokens each request asked for are counted.
@@ -17,6 +18,7 @@ layer's ragged paged attention with the step's metadata) and its weight FLOPs at
 on a GEMM of the step's own row count.
 
     python benchmarks/throughput.py [--num_prompts 64] [--max_num_seqs 32] [--variants f32,int8,kv-int8]
+    python benchmarks/throughput.py --variants q8_0 --temperature 0.8 --top_p 0.95        # a chat client's sampling
     python benchmarks/throughput.py --preset llama3-8b --variants bf16,bf16+int8 --max_num_seqs 64 --num_prompts 256
     python benchmarks/throughput.py --replicas data=2,model=4 --max_num_seqs 32   # data-parallel replicas vs one
 """
@@ -41,11 +43,12 @@ def workload(rng, n, vocab, args):
   return prompts, [int(o) for o in outs]
 
 
-def run_ours(llm, prompts, outs):
+def run_ours(llm, prompts, outs, temperature=0.0, top_p=1.0):
   from jaxllm import SamplingParams
 
   def once():
-    params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]
+    params = [SamplingParams(max_tokens=o, temperature=temperature, top_p=top_p, seed=i, ignore_eos=True)
+              for i, o in enumerate(outs)]
     got = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     assert [len(r.token_ids) for r in got] == outs
     return got
@@ -56,7 +59,7 @@ def run_ours(llm, prompts, outs):
   return time.perf_counter() - start, reqs
 
 
-def run_hf(model, prompts, outs, batch, pad_id):
+def run_hf(model, prompts, outs, batch, pad_id, temperature=0.0, top_p=1.0):
   import torch
 
   def once():
@@ -68,8 +71,10 @@ def run_hf(model, prompts, outs, batch, pad_id):
       mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
       n = max(want)
       with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=pad_id)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(
+            do_sample=False)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id,
+                             **sampling)
       got += [out[i, width:width + w].tolist() for i, w in enumerate(want)]
     return got
 
@@ -268,6 +273,9 @@ def main():
   ap.add_argument("--max_output", type=int, default=192)
   ap.add_argument("--step_context", type=int, default=256)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--temperature", type=float, default=0.0, help="> 0: both sides sample (with --top_p), each "
+                  "request seeded on ours; 0: greedy, and the first 8 tokens are compared")
+  ap.add_argument("--top_p", type=float, default=1.0)
   ap.add_argument("--skip_hf", action="store_true", help="jaxllm only")
   ap.add_argument("--steps_only", action="store_true", help="only the decode-step table (no workload, no transformers)")
   ap.add_argument("--dump_hlo", default=None, help="a folder: write each variant's optimized HLO of the decode "
@@ -320,7 +328,7 @@ def main():
     if prompts is None:
       prompts, outs = workload(np.random.default_rng(args.seed), args.num_prompts, llm.config.vocab_size, args)
     if not args.steps_only:
-      ours, reqs = run_ours(llm, prompts, outs)
+      ours, reqs = run_ours(llm, prompts, outs, args.temperature, args.top_p)
       rows.append((f"jaxllm {name} (continuous batching, paged)", ours))
     pad_id = getattr(getattr(llm, "tokenizer", None), "pad_id", None) or 0
     eng, mc = llm.engine, llm.config
@@ -350,7 +358,7 @@ def main():
   first_dtype = VARIANTS[args.variants.split(",")[0]].get("dtype", "float32")
   if args.preset and not (args.skip_hf or args.steps_only):
     hf = hf_random_model(mc, first_dtype)
-    theirs, _ = run_hf(hf, prompts, outs, args.max_num_seqs, pad_id)
+    theirs, _ = run_hf(hf, prompts, outs, args.max_num_seqs, pad_id, args.temperature, args.top_p)
     rows.append((f"transformers generate {first_dtype} on {hf.device.type} (static batches, left-padded)", theirs))
     del hf
   elif not (args.skip_hf or args.steps_only):
@@ -361,19 +369,20 @@ def main():
     path = default_model.gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32).eval()
-    theirs, got = run_hf(hf, prompts, outs, args.max_num_seqs, pad_id)
+    theirs, got = run_hf(hf, prompts, outs, args.max_num_seqs, pad_id, args.temperature, args.top_p)
     rows.append(("transformers generate f32 (static batches, left-padded)", theirs))
     # Greedy on both sides: count the requests whose first 8 tokens agree (f32 noise may flip a near-tie later).
-    agree = sum(r.token_ids[:8] == g[:8] for r, g in zip(reqs, got))
+    agree = sum(r.token_ids[:8] == g[:8] for r, g in zip(reqs, got)) if args.temperature == 0 else None
 
   total_out = sum(outs)
+  decoding = "greedy" if args.temperature == 0 else f"sampled (temperature {args.temperature}, top_p {args.top_p})"
   device = common.device_name()
   lines = [f"### throughput.py — {datetime.date.today()} — {device} — jax {jax.__version__}", ""]
   if not rows:
     lines += [f"{model_name}: decode steps only (--steps_only)."]
   else:
     lines += [
-      f"{model_name}, greedy, {args.num_prompts} requests: prompt lengths "
+      f"{model_name}, {decoding}, {args.num_prompts} requests: prompt lengths "
       f"{min(len(p) for p in prompts)}..{max(len(p) for p in prompts)} (mean {np.mean([len(p) for p in prompts]):.0f}), "
       f"output lengths {min(outs)}..{max(outs)} (mean {np.mean(outs):.0f}), {total_out} output tokens; "
       f"{args.max_num_seqs} sequences at a time{' on both sides' if agree is not None else ''}; one run.",
