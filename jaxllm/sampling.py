@@ -354,7 +354,7 @@ def _threshold_B1(scaled_BV, s: SamplingArrays):
                count), then the top-p cut (a sum of probabilities; the sort sums the same ones in sorted order, so
                the two can differ only where a partial mass lies within float32 rounding of top_p). A search a
                batch does not need (no row with 0 < top_k < V, or with top_p < 1) is skipped.
-  A top_p 0.9 batch of [32, 49152] logits on a 2-core CPU: 326-456 ms sorted, 36 ms searched (benchmarks/RESULTS.md).
+  A top_p 0.9 batch of [32, 49152] logits on a 2-core CPU: 326-456 ms sorted, 25 ms searched (benchmarks/RESULTS.md).
   """
   V = scaled_BV.shape[-1]
   sampling_B = s.temperature > 0
