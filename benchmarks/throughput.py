@@ -129,15 +129,16 @@ def decode_step_seconds(llm, slots, context):
     st, r = timed("step", eng.step, st, batch)
     st, h, _ = timed("forward", eng.forward, st, batch)
     st, r = timed("pick", eng.pick, st, h, batch.seqs)
+  best["attention"] = attention_seconds(eng, batch, st)
   del st
-  best["attention"] = attention_seconds(eng, batch)
   return best, batch.tokens_T.shape[0] // eng.num_replicas
 
 
-def attention_seconds(eng, batch):
+def attention_seconds(eng, batch, state):
   """Seconds of a step's attention alone: `ragged_paged_attention` over every layer's pages with the step's metadata
-  (the kernel and block sizes the model's step runs, on its page pool; no K/V write, no projections), the layers in
-  one jitted scan, median of rounds. None with data-parallel replicas (the step's blocks are per replica)."""
+  (the kernel and block sizes the model's step runs, on the pages of `state`, the step's own; no K/V write, no
+  projections), the layers in one jitted scan, median of rounds. None with data-parallel replicas (the step's blocks
+  are per replica)."""
   import jax
   import jax.numpy as jnp
 
@@ -146,7 +147,7 @@ def attention_seconds(eng, batch):
 
   if eng.num_replicas != 1:
     return None
-  mc, state = eng.model_config, eng.init_state()
+  mc = eng.model_config
   L = mc.num_layers
   P = jax.tree.leaves(state.k)[0].shape[0] // L
   impl, interpret = pallas_kernels.split_impl(eng.config.attention_impl)
