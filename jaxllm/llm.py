@@ -53,6 +53,8 @@ class RequestOutput:
   # With SamplingParams.prompt_logprobs, vLLM's shape: per prompt token, None for the first, else {token id: logprob}
   # holding the prompt token itself and the top-n tokens at that position (n or n + 1 entries).
   prompt_logprobs: list[dict[int, float] | None] | None = None
+  # Prompt tokens the prefix cache supplied instead of computing them (vLLM's field): the fewest over the samples.
+  num_cached_tokens: int = 0
 
   # The first sample's fields, for the common n == 1 case.
   @property
@@ -284,7 +286,8 @@ class LLM:
         # Special tokens (EOS) are skipped in the text; an ordinary stop token id keeps its text, as vLLM does.
         CompletionOutput(r.index, r.text, r.output_ids, r.logprobs, r.finish_reason, r.stop_reason,
                          r.top_logprobs if r.params.logprobs is not None else None) for r in g],
-                          _prompt_logprobs(ids[i], g[0])) for i, g in enumerate(groups)]
+                          _prompt_logprobs(ids[i], g[0]), min(r.num_cached_prompt_tokens or 0 for r in g))
+            for i, g in enumerate(groups)]
 
   # ------------------------------------------------------------------ stream
   def stream(self, prompt, sampling_params: SamplingParams | None = None, *,

@@ -26,8 +26,8 @@ from aiohttp import web
 from jaxllm import tool_calls
 from jaxllm.sampling import SamplingParams
 from jaxllm.serving import protocol
-from jaxllm.serving.server import (OPEN_SSE, APIError, _body, _chat_prompt_ids, _check_model, _finish_reason,
-                                   _grammar, _max_tokens, _run, _server, _submit, _ToolCalls)
+from jaxllm.serving.server import (OPEN_SSE, APIError, _body, _cached_tokens, _chat_prompt_ids, _check_model,
+                                   _finish_reason, _grammar, _max_tokens, _run, _server, _submit, _ToolCalls)
 from jaxllm.structured_outputs import StructuredOutputsParams
 
 RESPONSES_KEPT = 1000  # stored responses (for previous_response_id and GET), oldest dropped first ...
@@ -200,7 +200,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
             "text": req.text or {"format": {"type": "text"}}, "metadata": req.metadata or {}, "truncation": "disabled",
             "usage": None if r is None else {
                 "input_tokens": len(ids), "output_tokens": used, "total_tokens": len(ids) + used,
-                "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
+                "input_tokens_details": {"cached_tokens": _cached_tokens([stream])},
+                "output_tokens_details": {"reasoning_tokens": 0}}}
 
   def finish(text: str, output: list | None = None) -> dict:
     """The final response (output: the streamed items, else built from the text), stored for a next turn."""

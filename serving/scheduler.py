@@ -99,7 +99,9 @@ class Request:
   num_computed: int = 0  # positions whose K/V are written (or will be, by steps already dispatched)
   pending: int = 0  # tokens sampled by dispatched steps, not yet absorbed
   replay_end: int = 0  # prompt + output length at admission: outputs below it are recomputed, not sampled
-  num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied at the last admission
+  num_cached_tokens: int = 0  # positions the prefix cache supplied at the last admission
+  # Prompt tokens the prefix cache supplied at the first admission (what an API's usage reports as cached_tokens).
+  num_cached_prompt_tokens: int | None = None
   fresh: bool = False  # no step of this admission has run yet
   pages_committed: int = 0  # full pages offered to the prefix cache
 
@@ -451,6 +453,8 @@ class Scheduler:
     req.epoch += 1
     req.num_computed, req.pending, req.replay_end = num_cached, 0, num_tokens
     req.num_cached_tokens, req.fresh = num_cached, True
+    if req.num_cached_prompt_tokens is None:
+      req.num_cached_prompt_tokens = min(num_cached, len(req.prompt_ids))
     req.pages_committed = num_cached // self.config.page_size
     rep.slots[slot] = req
     rep.running.append(req)

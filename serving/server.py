@@ -483,9 +483,17 @@ def _prompt_logprobs(tok, ids: list[int], r, num_top: int) -> list:
   return out
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, streams=()) -> dict:
+  """OpenAI's usage object. A prompt counts once however many samples (n) read it, as OpenAI and vLLM count it;
+  its cached_tokens are those the prefix cache supplied (not computed) when the request was first admitted, the
+  fewest over its samples (the later samples of a prompt read the first one's pages)."""
   return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-          "total_tokens": prompt_tokens + completion_tokens}
+          "total_tokens": prompt_tokens + completion_tokens,
+          "prompt_tokens_details": {"cached_tokens": _cached_tokens(streams)}}
+
+
+def _cached_tokens(streams) -> int:
+  return sum(min((r.num_cached_prompt_tokens or 0 for r in s.requests), default=0) for s in streams)
 
 
 def _record(server: Server, stream: RequestStream) -> None:
@@ -593,7 +601,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
   runs = scores_prompt or req.prompt_logprobs is not None or not score_only
   streams = _submit(request, list(zip(ids, params)), req.seed, grammar) if runs else []
   rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
-  prompt_tokens = sum(len(row) for row in ids) * n
+  prompt_tokens = sum(len(row) for row in ids)
   texts = {}
   num_out = lambda r: 0 if score_only else len(r.output_ids)  # noqa: E731
 
@@ -630,7 +638,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                             "logprobs": echo_logprobs(i, r) if scores_prompt else None,
                             "finish_reason": "length" if score_only else None}]}
       if continuous:
-        chunk["usage"] = _usage(prompt_tokens, 0)
+        chunk["usage"] = _usage(prompt_tokens, 0, streams)
       await sse.send(chunk)
 
     if req.echo and not scores_prompt:  # nothing to wait for; with prompt logprobs, a sample's first update sends it
@@ -654,14 +662,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
                  "choices": [{"index": i * n + u.index, "text": u.delta, "logprobs": logprobs_of(r, 0, start, end),
                               "finish_reason": _finish_reason(r) if u.finished else None}]}
         if continuous:
-          chunk["usage"] = _usage(prompt_tokens, sum(len(x.output_ids) for s in streams for x in s.requests))
+          made = sum(len(x.output_ids) for s in streams for x in s.requests)
+          chunk["usage"] = _usage(prompt_tokens, made, streams)
         await sse.send(chunk)
 
     await _run(server, streams, on_update)
     if req.stream_options and req.stream_options.include_usage:
       await sse.send({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
                       "choices": [],
-                      "usage": _usage(prompt_tokens, sum(num_out(r) for s in streams for r in s.requests))})
+                      "usage": _usage(prompt_tokens, sum(num_out(r) for s in streams for r in s.requests), streams)})
     server.metrics.requests.labels("completions", "200").inc()
     return await sse.close()
 
@@ -685,7 +694,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
   server.metrics.requests.labels("completions", "200").inc()
   return web.json_response({
       "id": rid, "object": "text_completion", "created": created, "model": server.model_name, "choices": choices,
-      "usage": _usage(prompt_tokens, sum(num_out(r) for s in streams for r in s.requests))})
+      "usage": _usage(prompt_tokens, sum(num_out(r) for s in streams for r in s.requests), streams)})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -735,7 +744,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None}]}
       if continuous:
-        chunk["usage"] = _usage(len(ids) * req.n, 0)
+        chunk["usage"] = _usage(len(ids), 0, [stream])
       await sse.send(chunk)
 
     sent = [0] * req.n  # output tokens whose logprobs went out, per sample
@@ -750,14 +759,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                               "finish_reason": calls.finish_reason(u.index, r) if u.finished else None}]}
         sent[u.index] = end
         if continuous:
-          chunk["usage"] = _usage(len(ids) * req.n, sum(len(x.output_ids) for x in stream.requests))
+          chunk["usage"] = _usage(len(ids), sum(len(x.output_ids) for x in stream.requests), [stream])
         await sse.send(chunk)
 
     await _run(server, [stream], on_update)
     if req.stream_options and req.stream_options.include_usage:
       await sse.send({"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
-                      "choices": [], "usage": _usage(len(ids) * req.n,
-                                                     sum(len(r.output_ids) for r in stream.requests))})
+                      "choices": [], "usage": _usage(len(ids), sum(len(r.output_ids) for r in stream.requests),
+                                                     [stream])})
     server.metrics.requests.labels("chat", "200").inc()
     return await sse.close()
 
@@ -773,7 +782,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
       "choices": [{"index": r.index, "message": calls.message(r.index, texts.get(r.index, "")),
                    "logprobs": logprobs_of(r), "finish_reason": calls.finish_reason(r.index, r)}
                   for r in stream.requests],
-      "usage": _usage(len(ids) * req.n, sum(len(r.output_ids) for r in stream.requests))}
+      "usage": _usage(len(ids), sum(len(r.output_ids) for r in stream.requests), [stream])}
   if req.prompt_logprobs is not None:  # vLLM puts the prompt's logprobs beside the choices
     body["prompt_logprobs"] = _prompt_logprobs(tok, ids, stream.requests[0], req.prompt_logprobs)
   return web.json_response(body)

@@ -68,6 +68,9 @@ def test_n_samples_with_a_seed_are_reproducible_and_independent(llm):
   b = llm.generate(prompt_token_ids=[[9, 9], [1, 2, 3, 4, 5] * 5], sampling_params=params)[1]
   assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
   assert len({tuple(o.token_ids) for o in a.outputs}) == 3
+  # The first run computed the prompt (its other samples read the first's pages); the second found its full pages.
+  page = llm.engine.config.page_size
+  assert (a.num_cached_tokens, b.num_cached_tokens) == (0, 24 // page * page) and b.num_cached_tokens > 0
   assert [o.index for o in a.outputs] == [0, 1, 2]
   for o in a.outputs:  # top-2 logprobs hold the raw distribution's two best; the chosen token's logprob is <= them
     assert len(o.top_logprobs) == 12 and all(len(d) == 2 for d in o.top_logprobs)

@@ -542,16 +542,32 @@ def test_echo_scoring_runs_in_the_engine_and_is_cancelled_on_disconnect(server):
   assert sched.num_prompt_tokens_computed - computed < 16 * 480 // 2  # most of the work never ran
 
 
-def test_prefix_cache_hits_show_in_metrics(server, client):
+def test_prefix_cache_hits_show_in_metrics_and_usage(server, client):
+  """Hits count in /metrics and in each response's usage.prompt_tokens_details.cached_tokens (the Responses API's
+  input_tokens_details); a prompt counts once in usage however many samples read it."""
   system = {"role": "system", "content": "You are a terse assistant. " * 12}  # ~70 tokens: 4 full pages
   before = (metric(server, "jaxllm_prefix_cache_queries_total"), metric(server, "jaxllm_prefix_cache_hits_total"))
-  answers = [client.chat.completions.create(model="smollm2", messages=[system, {"role": "user", "content": q}],
-                                            max_tokens=4, temperature=0).choices[0].message.content
-             for q in ("Hi!", "Hello!", "Hi!")]
+  replies = [client.chat.completions.create(model="smollm2", messages=[system, {"role": "user", "content": q}],
+                                            max_tokens=4, temperature=0) for q in ("Hi!", "Hello!", "Hi!")]
   queries = metric(server, "jaxllm_prefix_cache_queries_total") - before[0]
   hits = metric(server, "jaxllm_prefix_cache_hits_total") - before[1]
   assert queries > 3 * 70 and hits >= 2 * 64  # the 2nd and 3rd reuse the system prompt's pages
-  assert answers[0] == answers[2]
+  assert replies[0].choices[0].message.content == replies[2].choices[0].message.content
+  cached = [r.usage.prompt_tokens_details.cached_tokens for r in replies]
+  assert cached[0] == 0 and 64 <= cached[1] <= cached[2] < replies[2].usage.prompt_tokens and sum(cached) == hits
+  assert all(c % 16 == 0 for c in cached), cached  # whole pages
+  two = client.chat.completions.create(model="smollm2", messages=[system, {"role": "user", "content": "Hi!"}],
+                                       max_tokens=4, temperature=1.0, n=2, seed=1)
+  assert two.usage.prompt_tokens == replies[0].usage.prompt_tokens and len(two.choices) == 2
+  assert two.usage.prompt_tokens_details.cached_tokens == cached[2]
+  streamed = list(client.chat.completions.create(model="smollm2", messages=[system, {"role": "user", "content": "Hi!"}],
+                                                 max_tokens=4, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+  assert streamed[-1].usage.prompt_tokens_details.cached_tokens == cached[2]
+  r = client.responses.create(model="smollm2", instructions=system["content"], input="Hi!", max_output_tokens=4,
+                              temperature=0)
+  assert r.usage.input_tokens == replies[0].usage.prompt_tokens
+  assert r.usage.input_tokens_details.cached_tokens == cached[2]
 
 
 def test_concurrent_streams_with_disconnects_all_complete_and_free_every_page(server, default_llm):
