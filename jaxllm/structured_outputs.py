@@ -21,6 +21,7 @@ regexes and JSON schemas behind one API. The figures are in benchmarks/RESULTS.m
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import json as _json
 import threading
@@ -162,6 +163,8 @@ class GrammarCompiler:
     self._ll_tokenizer = None
     self._executor = None
     self._cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    self._compiling: dict[str, threading.Event] = {}  # constraints some thread is compiling now
+    self._prefetcher = None
 
   def _setup(self):
     """The llguidance tokenizer (~0.5 s to build for a 50k vocabulary) and executor, made on first use."""
@@ -179,16 +182,28 @@ class GrammarCompiler:
     return self._ll_tokenizer
 
   def compile(self, params: StructuredOutputsParams):
-    """A fresh matcher for `params` (raises ValueError naming what is wrong with the constraint)."""
+    """A fresh matcher for `params` (raises ValueError naming what is wrong with the constraint). A constraint another
+    thread is compiling (e.g. `prefetch`'s) is waited for, not compiled twice."""
+    self._setup()
+    while True:
+      with self._lock:
+        proto = self._cache.get(params.key)
+        if proto is not None:
+          self._cache.move_to_end(params.key)
+          return proto.deep_copy()
+        compiling = self._compiling.get(params.key)
+        if compiling is None:
+          self._compiling[params.key] = threading.Event()
+          break
+      compiling.wait()  # then the cache has it, or that compile failed and this thread tries (and fails) itself
+    return self._build(params).deep_copy()
+
+  def _build(self, params: StructuredOutputsParams):
+    """Compiles the constraint this thread claimed in `_compiling` into the cache; releases the claim."""
     import llguidance
 
-    ll_tokenizer = self._setup()
-    key = params.key
-    with self._lock:
-      proto = self._cache.get(key)
-      if proto is not None:
-        self._cache.move_to_end(key)
-    if proto is None:
+    try:
+      ll_tokenizer = self._setup()
       grammar = params.llguidance_grammar()
       proto = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0, limits=_limits())  # releases the GIL
       # llguidance builds its lexer lazily, on the first mask: build it here, on the caller's (worker) thread and
@@ -199,10 +214,37 @@ class GrammarCompiler:
       if proto.is_error():
         raise ValueError(f"invalid structured output constraint: {proto.get_error()}")
       with self._lock:
-        self._cache[key] = proto
+        self._cache[params.key] = proto
         while len(self._cache) > _CACHE_SIZE:
           self._cache.popitem(last=False)
-    return proto.deep_copy()
+      return proto
+    finally:
+      with self._lock:
+        self._compiling.pop(params.key).set()
+
+  def known(self, params: StructuredOutputsParams) -> bool:
+    """Whether `params` is compiled or being compiled (so `compile` returns without compiling it)."""
+    with self._lock:
+      return params.key in self._cache or params.key in self._compiling
+
+  def prefetch(self, params: StructuredOutputsParams) -> concurrent.futures.Future | None:
+    """Starts compiling `params` on a background thread, into the cache `compile` reads; `known(params)` holds from
+    the call on. A constraint that does not compile is dropped there (whoever compiles it for a request gets the
+    error). -> the compile's future, or None when it is already compiled or being compiled."""
+    with self._lock:
+      if params.key in self._cache or params.key in self._compiling:
+        return None
+      self._compiling[params.key] = threading.Event()
+      if self._prefetcher is None:
+        self._prefetcher = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxllm-grammar")
+
+    def run():
+      try:
+        self._build(params)
+      except ValueError:
+        pass
+
+    return self._prefetcher.submit(run)
 
   def fill_masks(self, matchers: list[tuple[Any, int]], num_rows: int) -> np.ndarray:
     """[num_rows, ceil(V / 32)] int32 bitmask: row i allows what matchers' (matcher, i) allows, other rows

@@ -181,6 +181,8 @@ class EngineLoop:
     bad constraint). Compiling can take milliseconds to seconds: a server calls this off its event loop."""
     if params.structured_outputs is None:
       return None
+    if self.channel is not None:  # the other processes compile it now too, not when they replay its add in a step
+      self.channel.notify(("grammar", params.structured_outputs))
     return self.scheduler.grammars.compile(params.structured_outputs)
 
   def cancel(self, stream: RequestStream) -> None:

@@ -21,15 +21,18 @@ collective tell a slow peer from a dead one (a killed follower was seen to leave
 coordination service's heartbeat timeout aborted it, a minute later). The connection's end is the liveness signal:
 the kernel closes it when a process dies, however it dies. Only the connection's setup goes through a collective: a
 random token and the port, broadcast from process 0, so a connection that cannot show the token is refused (the
-messages hold clients' prompts).
+messages hold clients' prompts). Besides the steps' messages, process 0 sends notices from any thread (`notify`): a
+structured-output constraint to compile, sent as its request arrives, which a follower starts compiling at once (on
+a background thread), so that replaying the request's add in a step finds it compiled instead of compiling it
+there while every process waits.
 
 **Failures.** Every process opens the channel before it loads the model, so a follower that fails to load (or dies
 at any later point) closes its connection, and process 0 calls `on_lost(process id)`: while loading, the server
 gives up at once (instead of waiting in the ready barrier for the coordination service's timeout); once serving, it
 fails its requests with 503s; either way `jaxllm serve` exits non-zero, even while its engine thread is blocked in a
-collective with the dead process. A follower whose connection to process 0 closes exits non-zero at once. A follower ignores SIGTERM /
-SIGINT once connected (a pod's shutdown signals every process at once): it stops when process 0 says so, after
-process 0 has drained its requests.
+collective with the dead process. A follower whose connection to process 0 closes exits non-zero at once. A follower
+ignores SIGTERM / SIGINT once connected (a pod's shutdown signals every process at once): it stops when process 0
+says so, after process 0 has drained its requests.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ class Channel:
     self.lost = threading.Event()  # process 0: set once a follower's loss has been reported to `on_lost`
     self._peers: dict[int, socket.socket] = {}
     self._inbox: queue.Queue = queue.Queue()
+    self._send = threading.Lock()  # one frame at a time: the engine thread publishes, request workers notify
+    # Processes 1..P-1: called on the channel's reader thread with each notice process 0 sends (`notify`).
+    self.on_notice: Callable[[object], None] | None = None
     if self.count > 1:
       self._connect(timeout)
 
@@ -145,6 +151,10 @@ class Channel:
       while True:
         size = int.from_bytes(_read_exactly(conn, 8), "little")
         message = pickle.loads(_read_exactly(conn, size))
+        if isinstance(message, dict) and "notice" in message:
+          if self.on_notice is not None:
+            self.on_notice(message["notice"])
+          continue
         if isinstance(message, dict) and message.get("exit"):
           self.closing = True
         self._inbox.put(message)
@@ -162,11 +172,21 @@ class Channel:
       self.closing = True
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     frame = len(data).to_bytes(8, "little") + data
-    for pid, conn in self._peers.items():
-      try:
-        conn.sendall(frame)
-      except OSError as e:
-        raise ConnectionError(f"process {pid} of this multi-process server is gone ({e})") from None
+    with self._send:
+      for pid, conn in self._peers.items():
+        try:
+          conn.sendall(frame)
+        except OSError as e:
+          raise ConnectionError(f"process {pid} of this multi-process server is gone ({e})") from None
+
+  def notify(self, notice) -> None:
+    """Process 0, any thread: `notice` (picklable) to every other process's `on_notice`, at once, outside the order
+    of the steps' messages (e.g. a constraint to compile before its request is added). Best effort: a process that
+    is gone is the liveness watch's to report."""
+    try:
+      self.publish({"notice": notice})
+    except ConnectionError:
+      pass
 
   def receive(self):
     """Processes 1..P-1: the next message process 0 publishes (blocks until it comes)."""
@@ -201,13 +221,36 @@ def _distributed_state():
   return distributed.global_state
 
 
-def apply(scheduler, op) -> None:
+class Grammars:
+  """A follower's structured-output constraints: compiled when process 0 announces them (`EngineLoop` does as its
+  request arrives, while process 0 compiles its own copy), so replaying the request's add, on the step's path, finds
+  them compiled or being compiled instead of compiling them there while every process waits in the step."""
+
+  def __init__(self, compiler):
+    self.compiler = compiler
+    self.ahead = 0  # adds whose constraint was compiled (or being compiled) from process 0's notice
+    self.on_step_path = 0  # adds that had to compile theirs
+
+  def on_notice(self, notice) -> None:  # the channel's reader thread
+    kind, params = notice
+    if kind == "grammar":
+      self.compiler.prefetch(params)
+
+  def compile(self, params):
+    if self.compiler.known(params):
+      self.ahead += 1
+    else:
+      self.on_step_path += 1
+    return self.compiler.compile(params)
+
+
+def apply(scheduler, op, grammars: Grammars) -> None:
   """One scheduler operation as process 0 recorded it (`EngineLoop`): ("add", [(request_id, ids, params, seeds)]),
   ("cancel", [request ids])."""
   kind, items = op
   if kind == "add":
     for request_id, ids, params, seeds in items:
-      grammar = None if params.structured_outputs is None else scheduler.grammars.compile(params.structured_outputs)
+      grammar = None if params.structured_outputs is None else grammars.compile(params.structured_outputs)
       scheduler.add_samples(ids, params, request_id=request_id, seeds=seeds, grammar=grammar)
   elif kind == "cancel":
     for request_id in items:
@@ -216,13 +259,14 @@ def apply(scheduler, op) -> None:
     raise ValueError(f"unknown scheduler operation {kind!r} from process 0")
 
 
-def follow(scheduler, channel: Channel) -> None:
+def follow(scheduler, channel: Channel, grammars: Grammars | None = None) -> None:
   """Runs process 0's scheduler operations and steps on this process's scheduler replica until process 0 says it
   is done (returns) or the channel fails (raises)."""
+  grammars = grammars or Grammars(scheduler.grammars)
   while True:
     message = channel.receive()
     for op in message["ops"]:
-      apply(scheduler, op)
+      apply(scheduler, op, grammars)
     if message["step"]:
       if not scheduler.has_work():
         raise RuntimeError("this process's scheduler has no work where process 0's stepped: the replicas diverged")
@@ -267,8 +311,10 @@ def serve_follower(config, mesh, layout: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, lambda signum, _: log.info("process %d: signal %d ignored; process 0 decides when to "
                                                     "stop (after draining its requests)", me, signum))
+    grammars = Grammars(llm.scheduler.grammars)
+    channel.on_notice = grammars.on_notice
     log.info("process %d: loaded %r; following process 0", me, llm)
-    follow(llm.scheduler, channel)
+    follow(llm.scheduler, channel, grammars)
   except Exception as e:  # noqa: BLE001 - the way every failure of a follower ends: logged, non-zero exit
     log.error("process %d: stopping: %s: %s", me, type(e).__name__, e)
     return 1
@@ -278,5 +324,7 @@ def serve_follower(config, mesh, layout: str) -> int:
            "free): %s", me, sum(not r.finished for r in sched.requests.values()),
            [(a.capacity - a.num_free, a.num_cached, a.num_free - a.num_cached)
             for a in (rep.allocator for rep in sched.replicas)])
+  log.info("process %d: structured-output constraints compiled ahead of their requests: %d, on the step path: %d",
+           me, grammars.ahead, grammars.on_step_path)
   channel.close()
   return 0

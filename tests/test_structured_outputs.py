@@ -4,6 +4,7 @@ set), outputs always match, and unconstrained neighbours in the same steps are u
 
 import json
 import re
+import time
 
 import jsonschema
 import numpy as np
@@ -64,6 +65,48 @@ def test_mask_follows_a_valid_document_and_refuses_the_rest(compiler, default_ll
   a, b = compiler.compile(StructuredOutputsParams(choice=["yes", "no"])), compiler.compile(
       StructuredOutputsParams(choice=["yes", "no"]))
   assert a.consume_token(tok.encode("yes", add_bos=False)[0]) and not b.is_stopped() and a.is_stopped()
+
+
+def test_a_constraint_compiles_once_however_many_threads_ask(default_llm, monkeypatch):
+  """`prefetch` (a multi-process server's followers compile what process 0 announces) and concurrent `compile`s of
+  one constraint build one matcher; each caller gets its own copy; a bad constraint still raises for a caller."""
+  import concurrent.futures
+  import threading
+
+  c = GrammarCompiler(default_llm.tokenizer, default_llm.config.vocab_size, tuple(default_llm.tokenizer.eos_ids))
+  c._setup()
+  built, gate = [], threading.Event()
+  real = StructuredOutputsParams.llguidance_grammar
+
+  def slow_grammar(self):  # the start of every compile
+    built.append(self.key)
+    gate.wait(10)  # every caller arrives while the first one compiles
+    return real(self)
+
+  monkeypatch.setattr(StructuredOutputsParams, "llguidance_grammar", slow_grammar)
+  params = StructuredOutputsParams(json=PERSON)
+  assert not c.known(params)
+  ahead = c.prefetch(params)
+  assert c.known(params) and c.prefetch(params) is None  # from the call on, before its thread starts
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    waiting = [pool.submit(c.compile, params) for _ in range(4)]
+    deadline = time.monotonic() + 30
+    while not built and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert built and c.known(params), ahead.exception(0) if ahead.done() else "not built in 30 s"
+    assert not any(f.done() for f in waiting)
+    gate.set()
+    matchers = [f.result(30) for f in waiting]
+  ahead.result(30)
+  assert len(built) == 1 and c.known(params)
+  tok = default_llm.tokenizer.encode("{", add_bos=False)[0]
+  assert matchers[0].consume_token(tok) and not matchers[1].is_stopped()
+  assert len({id(m) for m in matchers}) == 4
+  bad = StructuredOutputsParams(json={"type": "int"})
+  c.prefetch(bad).result(30)  # dropped there ...
+  with pytest.raises(ValueError, match="int"):  # ... and named to whoever compiles it for a request
+    c.compile(bad)
+  assert not c.known(bad)
 
 
 def test_sentencepiece_tokenizers_get_masks_too(sp_model):

@@ -94,7 +94,11 @@ def answers(client) -> list[str]:
   sampled = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0.9, seed=7,
                                       logprobs=2).choices[0]
   assert len(sampled.logprobs.top_logprobs) == 12
-  return out + [chat.choices[0].message.content, sampled.text]
+  shaped = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0, response_format={
+      "type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object", "properties": {
+          "city": {"type": "string"}}, "required": ["city"]}}}).choices[0].message.content
+  assert shaped.startswith('{"city":'), shaped
+  return out + [chat.choices[0].message.content, sampled.text, shaped]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,9 @@ def test_two_processes_serve_the_one_process_answers_and_drain_on_sigterm(tmp_pa
     pages = json.loads(done.group(1).replace("(", "[").replace(")", "]"))
     assert len(pages) == (2 if mesh.startswith("data=2") else 1)
     assert all(held == 0 and cached > 0 for held, cached, _ in pages), pages
+    # The follower compiled the structured-output request's constraint when process 0 announced it, not in a step.
+    assert re.search(r"process 1: structured-output constraints compiled ahead of their requests: [1-9]\d*, on the "
+                     r"step path: 0\b", cluster.log(1)), cluster.log(1)[-3000:]
     assert re.search(r'jaxllm_kv_pages_total\{replica="%d"\}' % (len(pages) - 1), metrics), metrics
   finally:
     cluster.kill()
@@ -219,12 +226,14 @@ def _channel(is_source: bool, count: int = 2):
   c = multihost.Channel.__new__(multihost.Channel)
   c.me, c.count, c.is_source, c.on_lost, c.closing = (0 if is_source else 1), count, is_source, None, False
   c._peers, c._inbox, c.lost = {}, __import__("queue").Queue(), __import__("threading").Event()
+  c._send, c.on_notice = __import__("threading").Lock(), None
   return c
 
 
 def test_messages_cross_in_order_whatever_their_size():
   """The channel's framing over a socket pair: process 0's messages, small and of several megabytes (many reads),
-  arrive whole and in order; the last one ("exit") makes both sides expect the connection to close."""
+  arrive whole and in order; the last one ("exit") makes both sides expect the connection to close. Notices sent
+  from other threads meanwhile go whole to the follower's `on_notice`, not into the steps' messages."""
   import socket
   import threading
 
@@ -233,18 +242,25 @@ def test_messages_cross_in_order_whatever_their_size():
   a, b = socket.socketpair()
   source, follower = _channel(True), _channel(False)
   source._peers[1] = a
+  notices = []
+  follower.on_notice = notices.append
   reader = threading.Thread(target=follower._read_leader, args=(b,), daemon=True)
   reader.start()
   messages = [{"ops": [("add", [("r", np.arange(n, dtype=np.int32), None, [7])])], "step": True, "exit": False}
               for n in (0, 1, 100, 3_000_000)] + [{"ops": [], "step": False, "exit": True}]
-  sender = threading.Thread(target=lambda: [source.publish(m) for m in messages])
+  sent = [("grammar", "x" * n) for n in range(0, 2_000_000, 50_000)]
+  notifier = threading.Thread(target=lambda: [source.notify(n) for n in sent], daemon=True)
+  notifier.start()
+  sender = threading.Thread(target=lambda: [source.publish(m) for m in messages], daemon=True)
   sender.start()
-  got = [follower.receive() for _ in messages]
-  sender.join()
+  got = [follower._inbox.get(timeout=60) for _ in messages]  # (frames mixed up would leave it waiting)
+  notifier.join(60)
+  sender.join(60)
   assert source.closing and follower.closing
   a.close()
   reader.join(5)  # the connection's end after "exit" is expected: no exit of this process
   assert not reader.is_alive()
+  assert notices == sent
   for m, g in zip(messages, got):
     assert g["exit"] == m["exit"] and len(g["ops"]) == len(m["ops"])
     if m["ops"]:
