@@ -153,13 +153,19 @@ class Channel:
         message = pickle.loads(_read_exactly(conn, size))
         if isinstance(message, dict) and "notice" in message:
           if self.on_notice is not None:
-            self.on_notice(message["notice"])
+            try:
+              self.on_notice(message["notice"])
+            except Exception:  # noqa: BLE001 - a notice is advice: this thread must go on reading the steps
+              log.exception("process %d: a notice from process 0 failed", self.me)
           continue
         if isinstance(message, dict) and message.get("exit"):
           self.closing = True
         self._inbox.put(message)
     except (OSError, EOFError):
       pass
+    except Exception:  # noqa: BLE001 - a message that does not unpickle: this process cannot follow any more
+      log.exception("process %d: unreadable message from process 0", self.me)
+      self.closing = False
     if not self.closing:
       log.error("process %d: process 0 is gone (the channel closed); exiting", self.me)
       logging.shutdown()
