@@ -309,11 +309,11 @@ def _key_float(k):
 SEARCH_STEPS = 32  # halvings of a uint32 key range: every row's search ends on one key
 
 
-def _kth_largest(scaled_BV, k_B):
+def _kth_largest(scaled_BV, k_B, max_B1):
   """Each row's k-th largest value, exactly (the sort's sorted[k - 1]): the largest value v with at least k values
   >= v, found by halving the float-ordered key range [min, max] SEARCH_STEPS times, each step one counting pass."""
   lo = _float_key(jnp.min(scaled_BV, axis=-1))  # at least k values >= the minimum
-  hi = _float_key(jnp.max(scaled_BV, axis=-1))
+  hi = _float_key(max_B1[:, 0])
   for _ in range(SEARCH_STEPS):
     mid = lo + ((hi - lo + 1) >> 1)
     # Counted as a float32 sum (exact below 2^24 entries): XLA:CPU reduces it 4x faster than an int32 count.
@@ -366,7 +366,7 @@ def _threshold_B1(scaled_BV, s: SamplingArrays):
 
   def by_search(_):
     k_B = _effective_top_k(s, V)
-    kth = jax.lax.cond(jnp.any(sampling_B & (k_B < V)), lambda _: _kth_largest(scaled_BV, k_B),
+    kth = jax.lax.cond(jnp.any(sampling_B & (k_B < V)), lambda _: _kth_largest(scaled_BV, k_B, max_B1),
                        lambda _: jnp.min(scaled_BV, axis=-1, keepdims=True), None)
     pth = jax.lax.cond(jnp.any(sampling_B & (s.top_p < 1)), lambda _: _top_p_cut(scaled_BV, s, k_B, kth, max_B1),
                        lambda _: jnp.full_like(kth, -jnp.inf), None)

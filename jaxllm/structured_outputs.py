@@ -184,7 +184,6 @@ class GrammarCompiler:
   def compile(self, params: StructuredOutputsParams):
     """A fresh matcher for `params` (raises ValueError naming what is wrong with the constraint). A constraint another
     thread is compiling (e.g. `prefetch`'s) is waited for, not compiled twice."""
-    self._setup()
     while True:
       with self._lock:
         proto = self._cache.get(params.key)
