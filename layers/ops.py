@@ -43,11 +43,19 @@ def dense(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = None)
 
 
 def _dot(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-  """The einsum with float32 accumulation: asked for explicitly on CPU (a float32 result), the matrix units' own on an
-  accelerator (a plain dot, in the operands' dtype; see the module's docstring)."""
-  if jax.default_backend() != "cpu":
-    return jnp.einsum(spec, x, w)
-  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+  """einsum(spec, x, w) as one `lax.dot_general` whose contracted axes are listed in x's order, with float32
+  accumulation: asked for explicitly on CPU (a float32 result), the matrix units' own on an accelerator (a plain dot,
+  in the operands' dtype; see the module's docstring). `jnp.einsum` orders the contracted axes its own way ("BTNH,NHD"
+  as (H, N)), and XLA:CPU then transposes the whole [N, H, D] weight before every dot. The specs are the layers' own:
+  no batch axes, output = x's free axes then w's, in order."""
+  operands, out = spec.split("->")
+  xs, ws = operands.split(",")
+  contracted = [a for a in xs if a in ws]
+  if [a for a in xs + ws if a not in contracted] != list(out):
+    raise ValueError(f"dense: {spec!r} must name x's free axes, then w's, as its output (no batch axes).")
+  dims = ((tuple(xs.index(a) for a in contracted), tuple(ws.index(a) for a in contracted)), ((), ()))
+  f32 = jnp.float32 if jax.default_backend() == "cpu" else None
+  return jax.lax.dot_general(x, w, dims, preferred_element_type=f32)
 
 
 def _block_axis(w_shape, scale_shape) -> int:
