@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from jaxllm.pallas_kernels.backend import require_triton
 
 MASK_VALUE = -1e30  # finite: exp(MASK_VALUE - m) underflows to 0 and never makes inf - inf = NaN
 
@@ -168,7 +169,8 @@ def flash_attention_gpu(
               q_spec, kv_spec, kv_spec],
     out_specs=q_spec,
     out_shape=jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
-    compiler_params=plgpu.CompilerParams(num_warps=num_warps or (4 if H <= 64 else 8), num_stages=num_stages),
+    compiler_params=require_triton().CompilerParams(num_warps=num_warps or (4 if H <= 64 else 8),
+                                                    num_stages=num_stages),
     interpret=interpret,
     name="flash_attention_gpu",
   )(lengths_B.astype(jnp.int32), jnp.broadcast_to(window, (B,)).astype(jnp.int32), q_BTNH, k_BSKH, v_BSKH)

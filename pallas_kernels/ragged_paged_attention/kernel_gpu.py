@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from jaxllm.pallas_kernels.backend import require_triton
 
 _MASKED = -1e30  # finite: exp(_MASKED - m) underflows to 0 without inf - inf
 
@@ -187,7 +188,7 @@ def ragged_paged_attention_gpu(
       ] + [pl.BlockSpec((P, None, C), lambda u, h: (0, h, 0))] * len(scales),
       out_specs=pl.BlockSpec((None, None, W, H), lambda u, h: (u, h, 0, 0)),
       out_shape=jax.ShapeDtypeStruct((U, K, W, H), q_TNH.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=require_triton().CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention_gpu",
   )(meta_U4, pages_SM, q_UKWH, k_PKCH, v_PKCH, *scales)

@@ -9,6 +9,10 @@ shows up as NaN. Error criterion: max |out - ref| over real rows <= tol * max |r
 
 import functools
 import importlib
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -386,6 +390,35 @@ def test_gpu_default_takes_xla_for_shapes_triton_cannot_tile(rng, monkeypatch):
   with pytest.raises(ValueError, match=r"head dim \(H=96"):
     ragged_paged_attention(*args, implementation="gpu")
   assert rpa._best_implementation(args[0][..., :64], args[1][..., :64]) == "gpu"
+
+
+_NO_TRITON = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None  # a jax without Pallas' Triton lowering: importing it fails
+import jax, jax.numpy as jnp, numpy as np, pytest
+from jaxllm import LLM  # noqa: F401 (the package imports)
+from jaxllm.pallas_kernels import backend, flash_attention, ragged_paged_attention
+from tests.pallas_kernels.test_ragged_paged_attention import make_case
+jax.default_backend = lambda: "gpu"
+assert backend.triton() is None and backend.default_implementation() == "xla"
+args = make_case(np.random.default_rng(0), [1, 5], [20, 9], N=4, K=2, H=32)
+assert np.isfinite(np.asarray(ragged_paged_attention(*args))).all()  # None: the XLA path
+for call in (lambda: ragged_paged_attention(*args, implementation="gpu", interpret=True),
+             lambda: flash_attention(*(jnp.ones((1, 16, 2, 32)),) * 3, implementation="gpu", interpret=True)):
+  with pytest.raises(ValueError, match="needs Pallas' Triton lowering"):
+    call()
+print("ok")
+"""
+
+
+def test_a_jax_without_pallas_triton_still_imports_and_serves_gpus_through_xla():
+  """jax 0.11 deprecates Pallas' Triton lowering, which the GPU kernels use: a jax without it must keep `import
+  jaxllm` working (the Triton module is imported when a GPU kernel is built, not at import), pick the XLA path on a
+  GPU, and answer an explicit implementation="gpu" with an error saying why."""
+  run = subprocess.run([sys.executable, "-c", _NO_TRITON], capture_output=True, text=True, timeout=300,
+                       cwd=pathlib.Path(__file__).parents[2], env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+  assert "no Pallas Triton lowering" in run.stderr
 
 
 LOWERING_SHAPES = [  # (dtype, pages dtype, T, N, K, H, P, C, S, M)
