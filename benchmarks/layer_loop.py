@@ -61,7 +61,7 @@ def main():
   bandwidth = common.copy_bandwidth_gbs()
   slots_list = [int(s) for s in args.slots.split(",")]
   config = dataclasses.replace(ModelConfig.from_preset(args.preset), num_layers=args.num_layers)
-  pages = max(slots_list) * -(-(args.context + 2) // 16) + 1
+  pages = max(max(slots_list) * -(-(args.context + 2) // 16), -(-(args.context + 64) // 16)) + 1  # >= 1 full sequence
   rows = []
   for name in args.variants.split(","):
     dtype, quantization = VARIANTS[name]

@@ -49,6 +49,11 @@ def size_kv_cache(config: EngineConfig, model_config, dtype, activation_sharding
   Raises a ValueError when the pages cannot hold even one sequence of max_model_len (vLLM's "max_model_len is larger
   than the KV cache can hold"), naming the figures and the flags that change them."""
   if config.num_pages is not None:
+    if config.num_pages < config.pages_per_seq + 1:  # else a sequence that fills the pool preempts itself forever
+      raise ValueError(
+          f"num_pages={config.num_pages} leaves {config.num_pages - 1} pages of {config.page_size} tokens (one is "
+          f"scratch), fewer than one sequence of max_model_len={config.max_model_len} needs "
+          f"({config.pages_per_seq}); raise num_pages to at least {config.pages_per_seq + 1} or lower max_model_len.")
     return config.num_pages
   devices, shards = jax.local_devices()[:1], 1
   if activation_sharding is not None:

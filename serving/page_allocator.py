@@ -154,25 +154,42 @@ class PageAllocator:
       found.append(page)
     return found
 
-  def commit(self, seq, token_ids: Sequence[int], num_computed: int) -> None:
+  def commit(self, seq, token_ids: Sequence[int], num_computed: int) -> list[int]:
     """Registers `seq`'s full pages below min(len(token_ids), num_computed) tokens, written now or by a step already
     dispatched, under their keys; `token_ids` are the sequence's tokens from its start. A page whose key another page
-    already holds (the same prefix computed twice) stays unregistered. Hashes only pages not committed before."""
+    already holds (the same prefix computed twice) stays unregistered. Hashes only pages not committed before.
+    Returns the pages it registered (for `forget`, should the step that writes them never run)."""
     if not self.enable_prefix_caching:
-      return
+      return []
     C, owned = self.page_size, self._owned[seq]
     done, key = self._committed[seq]
     full = min(len(token_ids), num_computed) // C
     if full <= done:
-      return
+      return []
     if full > len(owned):
       raise ValueError(f"commit of {full} full pages for {seq!r}, which holds only {len(owned)}.")
+    registered = []
     for j, page_bytes in enumerate(_pages_bytes(token_ids, C, done, full), start=done):
       key = _page_key(key, page_bytes)
       if key not in self._page_of:
         self._page_of[key] = owned[j]
         self._key_of[owned[j]] = key
+        registered.append(owned[j])
     self._committed[seq] = (full, key)
+    return registered
+
+  def forget(self, pages: Sequence[int]) -> None:
+    """Unregisters `pages` (what `commit` answered) whose contents will never be written: the step that was to write
+    them failed before it ran. An evictable one becomes free; a held one stays with its holders, unregistered. Call it
+    after freeing the sequences that committed them (a held page's commit progress is not rolled back)."""
+    for p in pages:
+      key = self._key_of.pop(p, None)
+      if key is None:
+        continue
+      del self._page_of[key]
+      if p in self._lru:
+        del self._lru[p]
+        self._free.append(p)
 
   def reset_prefix_cache(self) -> None:
     """Forgets every evictable page's key; they become free. Pages still held keep theirs."""

@@ -165,12 +165,14 @@ class Scheduler:
     self.waiting: collections.deque[Request] = collections.deque()
     self.requests: dict[str, Request] = {}
     self._inflight: collections.deque = collections.deque()  # (device result, [(request, row, epoch, sampled)])
+    self._registered: list[tuple[PageAllocator, list[int]]] = []  # pages this step offered to the prefix cache
     self._rng = np.random.default_rng(seed)
     self._ids = itertools.count()
     self.num_steps = 0
     self.num_preemptions = 0
     self.num_prompt_tokens_computed = 0  # prompt (and recomputed) tokens run through the model
-    # vLLM's prefix_cache_queries / prefix_cache_hits: tokens of admitted requests, and those the cache supplied.
+    # vLLM's prefix_cache_queries / prefix_cache_hits: tokens of newly admitted requests (re-admissions after a
+    # preemption are not counted), and those the cache supplied.
     self.prefix_cache_queries = 0
     self.prefix_cache_hits = 0
     self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
@@ -267,7 +269,8 @@ class Scheduler:
       seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
     sampling = SamplingArrays.from_params([params], [seed], [tuple(stop_ids)], [len(ids) + params.min_tokens])
     req = Request(request_id=request_id, prompt_ids=ids, params=params, seed=seed, sampling=sampling,
-                  detok=Detokenizer(self.tokenizer, frozenset(stop_ids), params.stop, stream=on_update is not None),
+                  detok=Detokenizer(self.tokenizer, frozenset(stop_ids), params.stop, stream=on_update is not None,
+                                    min_tokens=params.min_tokens),
                   on_update=on_update, arrival=next(self._ids))
     req.max_new = min(params.max_tokens, self.config.max_model_len - len(ids))
     if params.prompt_logprobs is not None:
@@ -292,7 +295,19 @@ class Scheduler:
 
   # ------------------------------------------------------------------ the loop
   def step(self) -> None:
-    rows = self._schedule()
+    scheduled: dict[Request, Row] = {}
+    self._registered = []
+    try:
+      keep = self._dispatch(self._schedule(scheduled))
+    except BaseException:
+      self._roll_back(scheduled)
+      raise
+    while len(self._inflight) > keep:
+      self._absorb(*self._inflight.popleft())
+
+  def _dispatch(self, rows: list[tuple[Request, Row]]) -> int:
+    """Builds and dispatches the step of `rows` (the model, then the sampler); the number of steps to leave in flight
+    (1 when one was dispatched: it runs while the host reads everything older)."""
     keep = 0
     if rows:
       layout = self.engine.row_places([row for _, row in rows])
@@ -312,9 +327,20 @@ class Scheduler:
       self.state, result = self.engine.pick(self.state, h_SD, batch.seqs, mask)
       self._inflight.append((result, [(r, i, r.epoch, row.sample) for (r, row), (i, _) in zip(rows, places)], scores))
       self.num_steps += 1
-      keep = 1  # the step just dispatched stays in flight while the host reads everything older
-    while len(self._inflight) > keep:
-      self._absorb(*self._inflight.popleft())
+      keep = 1
+    return keep
+
+  def _roll_back(self, scheduled: dict[Request, Row]) -> None:
+    """Undoes a step that raised before it was dispatched (an error or a Ctrl-C while a new bucket compiles): its
+    requests' bookkeeping already counts positions the model never wrote, and the full pages it offered to the prefix
+    cache hold nothing yet. Each of its requests is preempted (its pages freed; re-admission recomputes what the cache
+    does not hold), then those pages are unregistered, so no later request reads them as cached."""
+    for req in reversed(list(scheduled)):  # preemption puts each back at the queue's head: the step's order is kept
+      if req.status == RUNNING:
+        self._preempt(req)
+    for alloc, pages in self._registered:
+      alloc.forget(pages)
+    self._registered = []
 
   @staticmethod
   def _prompt_targets(rows: list[tuple[Request, Row]], places, num_rows: int):
@@ -352,10 +378,10 @@ class Scheduler:
       self.step()
 
   # ------------------------------------------------------------------ scheduling
-  def _schedule(self) -> list[tuple[Request, Row]]:
-    # request -> its row, built (and its full pages offered to the prefix cache) as soon as it is scheduled, so a
-    # request admitted after it in this step can reuse those pages (insertion order: decodes first).
-    scheduled: dict[Request, Row] = {}
+  def _schedule(self, scheduled: dict) -> list[tuple[Request, Row]]:
+    # `scheduled`: request -> its row, built (and its full pages offered to the prefix cache) as soon as it is
+    # scheduled, so a request admitted after it in this step can reuse those pages (insertion order: decodes first);
+    # the caller's dict, so a step that fails half-way can be rolled back.
     budgets = [self._schedule_running(rep, scheduled) for rep in self.replicas]
     # 3. admissions, in arrival order, to the replicas with a slot and budget left (none to one that had to preempt
     # in this step: its pool is short); nothing overtakes the head of the queue.
@@ -378,8 +404,9 @@ class Scheduler:
       else:
         break
       self.waiting.popleft()
+      first = req.num_cached_prompt_tokens is None  # a re-admission after preemption is not a new query (as vLLM)
       self._seat(req, rep, len(hit) * C, len(tokens))
-      if rep.allocator.enable_prefix_caching:
+      if rep.allocator.enable_prefix_caching and first:
         self.prefix_cache_queries += len(tokens)
         self.prefix_cache_hits += len(hit) * C
       scheduled[req] = self._row(req, n)
@@ -443,7 +470,7 @@ class Scheduler:
       self.num_prompt_tokens_computed += min(stop, req.replay_end) - start
     full = min(len(req.prompt_ids) + len(req.output_ids), stop) // self.config.page_size
     if full > req.pages_committed:  # full pages whose tokens the host knows: into the prefix cache
-      alloc.commit(req.request_id, req.known(0, full * self.config.page_size), stop)
+      self._registered.append((alloc, alloc.commit(req.request_id, req.known(0, full * self.config.page_size), stop)))
       req.pages_committed = full
     return row
 

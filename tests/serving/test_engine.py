@@ -141,15 +141,17 @@ def test_seeded_sampling_is_independent_of_batch_company(engine, alone):
 
 
 def test_forced_preemption_gives_the_unconstrained_outputs(model, alone):
-  # 12 usable pages of 8 tokens: four sequences of ~40 tokens cannot all grow to ~64; the latest admitted is
-  # preempted and later recomputed from prompt + output so far (mostly from its own cached pages).
-  eng = Engine(model, dataclasses.replace(ENGINE, max_model_len=128, max_num_seqs=4, page_size=8, num_pages=13))
+  # 16 usable pages of 8 tokens (one sequence of max_model_len): four sequences of ~40 tokens cannot all grow to
+  # ~64; the latest admitted is preempted and later recomputed from prompt + output so far (mostly from its own cached
+  # pages).
+  eng = Engine(model, dataclasses.replace(ENGINE, max_model_len=128, max_num_seqs=4, page_size=8, num_pages=17))
   rng = np.random.default_rng(3)
   prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(20, 40, 6)]
   sched = Scheduler(eng)
   reqs = [sched.add(p, SamplingParams(max_tokens=24, temperature=0)) for p in prompts]
   sched.run_until_done()
   assert sched.num_preemptions > 0
+  assert sched.prefix_cache_queries == sum(len(p) for p in prompts)  # a recompute is not another query
   for p, r in zip(prompts, reqs):
     assert r.output_ids == alone(p, 24)
   assert_all_pages_back(sched)
@@ -177,7 +179,7 @@ def test_quantized_kv_cache_keeps_batch_invariance_preemption_and_page_accountin
   for p in prompts:
     solo.append(roomy.add(p, sp))
     roomy.run_until_done()
-  tight = Scheduler(Engine(model, dataclasses.replace(base, num_pages=13)))
+  tight = Scheduler(Engine(model, dataclasses.replace(base, num_pages=17)))
   reqs = [tight.add(p, sp) for p in prompts]
   tight.run_until_done()
   assert tight.num_preemptions > 0
@@ -292,6 +294,41 @@ def test_a_prompt_of_whole_pages_recomputes_only_its_last_page(engine, alone):
   assert_all_pages_back(sched)
 
 
+def test_a_step_that_fails_before_it_runs_is_rolled_back(engine, alone, monkeypatch):
+  """A step that raises before its programs are dispatched (an error, or Ctrl-C while a new bucket compiles, after
+  which `LLM.generate` cancels its requests and the scheduler lives on) leaves nothing half-done: its rows' requests
+  are recomputed rather than trusted to hold K/V the model never wrote, and the full pages the step had offered to
+  the prefix cache are not served as cached. Every output equals its prompt's run alone."""
+  first, prompt = list(range(100, 130)), list(range(1, 41))  # the second: 2 full pages of 16
+  sched = Scheduler(engine)
+  a = sched.add(first, SamplingParams(max_tokens=12, temperature=0))
+  for _ in range(3):
+    sched.step()  # a decodes, one step in flight
+  b = sched.add(prompt, SamplingParams(max_tokens=4, temperature=0))
+  real, calls = engine.forward, []
+
+  def interrupted(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(engine, "forward", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    sched.step()  # a's decode and b's prompt, never run
+  sched.check_pages()
+  assert a.num_preemptions == b.num_preemptions == 1 and list(sched.waiting) == [a, b]
+  for _ in range(100):  # bounded: unrolled back, b waited forever for the token of a step that never ran
+    if sched.has_work():
+      sched.step()
+  assert not sched.has_work()
+  assert a.output_ids == alone(first, 12) and b.output_ids == alone(prompt, 4)
+  c = sched.add(prompt, SamplingParams(max_tokens=4, temperature=0))
+  sched.run_until_done()
+  assert c.output_ids == b.output_ids and c.num_cached_tokens == 32  # b's pages, cached once written
+  assert_all_pages_back(sched)
+
+
 def test_prompt_logprobs_come_from_the_prefill_chunks_and_equal_a_full_forward(model, engine):
   # Prompt scoring (vLLM's prompt_logprobs, the server's echo) runs in the engine's steps: prompts of up to 300
   # tokens prefilled in <= 64-token chunks beside decodes and each other, one of them already in the prefix cache
@@ -320,7 +357,7 @@ def test_prompt_logprobs_come_from_the_prefill_chunks_and_equal_a_full_forward(m
       np.testing.assert_allclose(list(d.values()), top_lp[pos, :k], rtol=0, atol=2e-5)
   assert_all_pages_back(sched)
   # Preempted and recomputed: the positions are scored again, to the same values.
-  eng = Engine(model, dataclasses.replace(ENGINE, max_model_len=128, max_num_seqs=4, page_size=8, num_pages=13))
+  eng = Engine(model, dataclasses.replace(ENGINE, max_model_len=128, max_num_seqs=4, page_size=8, num_pages=17))
   prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(20, 40, 6)]
   tight = Scheduler(eng)
   reqs = [tight.add(p, SamplingParams(max_tokens=24, temperature=0, prompt_logprobs=0)) for p in prompts]

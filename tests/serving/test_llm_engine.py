@@ -140,6 +140,10 @@ def test_kv_cache_is_sized_from_a_memory_budget():
   assert size_kv_cache(EngineConfig(max_model_len=256, num_pages=40), CONFIG, "float32") == 40
   with pytest.raises(ValueError, match="fewer than one sequence of max_model_len=256"):
     size_kv_cache(EngineConfig(max_model_len=256, kv_cache_memory_fraction=1e-12), CONFIG, "float32")
+  # An explicit pool too small for one sequence (a sequence that fills it would preempt itself forever): refused too.
+  assert size_kv_cache(EngineConfig(max_model_len=256, page_size=16, num_pages=17), CONFIG, "float32") == 17
+  with pytest.raises(ValueError, match=r"num_pages=16 leaves 15 pages .* needs \(16\); raise num_pages to at least 17"):
+    size_kv_cache(EngineConfig(max_model_len=256, page_size=16, num_pages=16), CONFIG, "float32")
   with pytest.raises(ValueError, match="kv_cache_memory_fraction=1.5"):
     EngineConfig(max_model_len=256, kv_cache_memory_fraction=1.5)
   # A quantized cache: 1 byte per element plus a float32 scale per token and KV head.

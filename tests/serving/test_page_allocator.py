@@ -224,6 +224,22 @@ def test_reset_prefix_cache_frees_unreferenced_pages_only():
   assert alloc.match(a) == [] and len(alloc.match(b)) == 2
 
 
+def test_forget_unregisters_what_a_failed_step_committed():
+  """commit answers the pages it registered; forget drops their keys (a freed one becomes free, not evictable) and
+  leaves earlier registrations alone."""
+  alloc = PageAllocator(num_pages=32, page_size=C)
+  t = toks(0, 13)
+  assert alloc.allocate("a", len(t))
+  assert alloc.commit("a", t, num_computed=5) == alloc.pages("a")[:1]  # an earlier step's page
+  registered = alloc.commit("a", t, num_computed=13)  # the failed step's
+  assert registered == alloc.pages("a")[1:3] and alloc.commit("a", t, num_computed=13) == []
+  alloc.free("a")
+  assert alloc.num_cached == 3
+  alloc.forget(registered)
+  alloc.check()
+  assert alloc.num_cached == 1 and alloc.num_free == 31 and len(alloc.match(t)) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------- failures
 def test_failed_allocate_changes_nothing_and_does_not_evict_its_own_prefix():
   alloc = PageAllocator(num_pages=5, page_size=C)  # 4 pages
