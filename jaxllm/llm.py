@@ -283,7 +283,7 @@ class LLM:
       if bar is not None:
         bar.close()
     return [RequestOutput(prompts[i], ids[i], [
-        # Special tokens (EOS) are skipped in the text; an ordinary stop token id keeps its text, as vLLM does.
+        # The text leaves out the token that stopped a sample (EOS, a stop_token_ids entry), as vLLM does.
         CompletionOutput(r.index, r.text, r.output_ids, r.logprobs, r.finish_reason, r.stop_reason,
                          r.top_logprobs if r.params.logprobs is not None else None) for r in g],
                           _prompt_logprobs(ids[i], g[0]), min(r.num_cached_prompt_tokens or 0 for r in g))

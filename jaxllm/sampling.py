@@ -56,9 +56,10 @@ class SamplingParams:
     logit_bias: {token id: bias} added to the logits (at most MAX_LOGIT_BIAS entries, each in [-100, 100]).
     seed: per-request seed; None draws one from the LLM's generator.
     stop: string(s) that end generation; the stop string is not part of the output.
-    stop_token_ids: token ids that end generation besides the model's EOS.
+    stop_token_ids: token ids that end generation besides the model's EOS (the ending token is not in the text).
     ignore_eos: keep generating past EOS.
-    min_tokens: EOS and stop_token_ids cannot be generated before this many tokens.
+    min_tokens: EOS and stop_token_ids cannot be generated before this many tokens, and a stop string must end
+      after their text.
     logprobs: also return the top-n logprobs (0..MAX_LOGPROBS) of each generated position; None: off.
     prompt_logprobs: also return each prompt token's logprob given the tokens before it, with the top-n
       (0..MAX_LOGPROBS) tokens there (vLLM's `prompt_logprobs`; the first token has none); None: off. Computed in the
