@@ -47,6 +47,14 @@ class Update:
   delta: str  # newly final text
   finished: bool
   request: Request  # the scheduler's record: output_ids, logprobs, finish_reason, ... (read after `finished`)
+  num_tokens: int = 0  # output tokens made when this update was (their ids and logprobs recorded): a stream's chunk
+  # carries the logprobs of tokens up to here, not of those the engine thread made since
+
+
+def tokens_ready(req) -> int:
+  """Output tokens of `req` whose ids and logprobs are all recorded (the engine thread appends them one list at a
+  time)."""
+  return min(len(req.output_ids), len(req.logprobs), len(req.top_logprobs))
 
 
 class RequestStream:
@@ -172,7 +180,7 @@ class EngineLoop:
     def update(req: Request, delta: str) -> None:  # on the engine thread
       if stream.first_token_time is None and req.output_ids:
         stream.first_token_time = time.monotonic()
-      loop.call_soon_threadsafe(stream._push, Update(req.index, delta, req.finished, req))
+      loop.call_soon_threadsafe(stream._push, Update(req.index, delta, req.finished, req, tokens_ready(req)))
 
     return update
 

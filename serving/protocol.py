@@ -75,7 +75,20 @@ def _check_unsupported(values: dict, refused: dict, names) -> None:
 
 
 class _Strict(BaseModel):
+  """Unknown fields are errors. An explicit null for a field that has a default means the default, as OpenAI's API
+  and vLLM take it (its SDKs and many proxies send every optional field, null when unset): `"temperature": null`
+  is temperature 1."""
+
   model_config = ConfigDict(extra="forbid")
+
+  @model_validator(mode="before")
+  @classmethod
+  def _null_is_default(cls, values):
+    if isinstance(values, dict) and None in values.values():
+      fields = cls.model_fields
+      values = {k: v for k, v in values.items()
+                if not (v is None and k in fields and not fields[k].is_required() and fields[k].default is not None)}
+    return values
 
 
 class StreamOptions(_Strict):

@@ -117,6 +117,9 @@ def _text_format(req) -> StructuredOutputsParams | None:
     except ValueError as e:
       raise APIError(400, str(e), param="structured_outputs") from None
   fmt = (req.text or {}).get("format") or {"type": "text"}
+  if not isinstance(fmt, dict):
+    raise APIError(400, f"text.format must be an object such as {{\"type\": \"json_object\"}}, not {fmt!r}.",
+                   param="text")
   try:
     if fmt.get("type") == "text":
       return None
@@ -190,6 +193,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
   def response(status: str, output: list, r=None) -> dict:
     used = len(r.output_ids) if r is not None else 0
     incomplete = r is not None and _finish_reason(r) == "length"
+    if incomplete and output and output[-1]["type"] == "message":  # the message max_output_tokens cut short
+      output = output[:-1] + [{**output[-1], "status": "incomplete"}]
     return {"id": rid, "object": "response", "created_at": created, "model": server.model_name,
             "status": "incomplete" if incomplete else status, "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
@@ -247,6 +252,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
   await _run(server, [stream], on_update)
   if not events.items:  # nothing at all was generated: an empty message, as the whole response has
     await events.text("")
+  if _finish_reason(stream.requests[0]) == "length" and events.open is not None and events.open["type"] == "message":
+    events.open["status"] = "incomplete"  # its output_item.done says so, as the final response does
   await events.close()
   body = finish("".join(full), events.items)
   await events.send("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)

@@ -433,7 +433,7 @@ def _submit(request: web.Request, items, seed, grammar=None) -> list[RequestStre
                                      grammar=grammar)
     request[STREAMS] = request.get(STREAMS, []) + streams
     return streams
-  except OverflowError as e:
+  except (OverflowError, RuntimeError) as e:  # the queue is full now; the engine stopped taking requests (a drain)
     raise APIError(503, str(e), "service_unavailable") from None
   except ValueError as e:
     raise APIError(400, str(e)) from None
@@ -506,12 +506,6 @@ def _record(server: Server, stream: RequestStream) -> None:
     longest = max(len(r.output_ids) for r in stream.requests)
     if longest > 1:
       m.tpot.observe((time.monotonic() - stream.first_token_time) / (longest - 1))
-
-
-def _tokens_ready(req) -> int:
-  """Output tokens of `req` whose ids and logprobs are all recorded (the engine thread appends them one list at a
-  time)."""
-  return min(len(req.output_ids), len(req.logprobs), len(req.top_logprobs))
 
 
 def _finish_reason(req) -> str:
@@ -647,6 +641,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
           await echo(i, k)
 
     sent = {}  # (prompt, sample) -> output tokens whose logprobs went out
+    # (prompt, sample) -> text_offset of its next token: cumulative over the stream, after the echoed prompt, as the
+    # whole response's offsets are (and vLLM's streamed ones)
+    offset = {}
 
     async def on_update(i, u):
       if scores_prompt and (i, u.index) not in sent:  # the prompt is scored by the sample's first token
@@ -655,11 +652,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
       if score_only:
         return
       if u.delta or u.finished:
-        r, start = u.request, sent.get((i, u.index), 0)
-        end = _tokens_ready(r)
-        sent[(i, u.index)] = end
+        key = (i, u.index)
+        r, start, end = u.request, sent.get(key, 0), u.num_tokens
+        sent[key] = end
+        lp = logprobs_of(r, offset.get(key, len(echo_text(i)) if req.echo else 0), start, end)
+        if lp is not None and lp["tokens"]:
+          offset[key] = lp["text_offset"][-1] + len(lp["tokens"][-1])
         chunk = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                 "choices": [{"index": i * n + u.index, "text": u.delta, "logprobs": logprobs_of(r, 0, start, end),
+                 "choices": [{"index": i * n + u.index, "text": u.delta, "logprobs": lp,
                               "finish_reason": _finish_reason(r) if u.finished else None}]}
         if continuous:
           made = sum(len(x.output_ids) for s in streams for x in s.requests)
@@ -753,7 +753,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
       delta = calls.stream(u.index, u.delta, u.finished)
       if delta or u.finished:
         r = u.request
-        end = _tokens_ready(r)
+        end = u.num_tokens
         chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
                  "choices": [{"index": u.index, "delta": delta, "logprobs": logprobs_of(r, sent[u.index], end),
                               "finish_reason": calls.finish_reason(u.index, r) if u.finished else None}]}

@@ -93,7 +93,10 @@ def test_logprobs_and_usage_in_streamed_chunks(server, client):
   chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={
       "include_usage": True, "continuous_usage_stats": True}))
   streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-  assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in full.choices[0].logprobs.content]
+  assert [t.token for t in streamed] == [t.token for t in full.choices[0].logprobs.content]
+  # Equal to float32 rounding: the second request may find the prompt's pages cached and prefill a shorter chunk.
+  assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in full.choices[0].logprobs.content],
+                                                        abs=1e-4)
   assert all(len(t.top_logprobs) == 2 for t in streamed)
   used = [c.usage.completion_tokens for c in chunks if c.choices]
   assert used == sorted(used) and used[-1] == full.usage.completion_tokens  # running totals, every chunk
@@ -102,6 +105,51 @@ def test_logprobs_and_usage_in_streamed_chunks(server, client):
   parts = [c.choices[0].logprobs for c in client.completions.create(**legacy, stream=True) if c.choices[0].logprobs]
   assert [t for p in parts for t in p.tokens] == want.tokens
   assert [v for p in parts for v in p.token_logprobs] == want.token_logprobs
+  assert [o for p in parts for o in p.text_offset] == want.text_offset  # cumulative over the stream, not per chunk
+  echoed = dict(legacy, echo=True, logprobs=None, prompt="Count: 1, 2,")
+  want = client.completions.create(**echoed | {"logprobs": 1})
+  parts = [c.choices[0].logprobs for c in client.completions.create(**echoed | {"logprobs": 1}, stream=True)
+           if c.choices[0].logprobs]
+  assert [o for p in parts for o in p.text_offset] == want.choices[0].logprobs.text_offset  # past the echoed prompt
+
+
+def test_null_means_the_default(server):
+  """OpenAI's API takes null for an optional field as "not given" (its SDKs and many proxies send every field):
+  temperature, top_p, n, stream, penalties and echo set to null answer as if absent."""
+  nulls = {k: None for k in ("temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "seed",
+                             "stop", "logprobs", "stream_options", "max_tokens")}
+  status, got = raw(server, "/v1/chat/completions", {"messages": PARIS, **nulls, "max_tokens": 4})
+  assert status == 200 and len(got["choices"]) == 1, got
+  status, got = raw(server, "/v1/completions", {"prompt": "Hi", **nulls, "echo": None})
+  assert status == 200 and got["usage"]["completion_tokens"] == 16, got  # the legacy API's max_tokens default
+  status, got = raw(server, "/v1/chat/completions", {"messages": None})
+  assert status == 400 and "messages" in got["error"]["message"], got  # a required field stays required
+
+
+def test_a_request_arriving_as_the_engine_stops_is_a_503(server, monkeypatch):
+  """A request whose handler began before a SIGTERM drain reaches an engine that takes no more: 503 (retry
+  elsewhere), not a 500."""
+  def stopped(*args, **kwargs):
+    raise RuntimeError("the engine is not accepting requests (shutting down or stopped).")
+
+  monkeypatch.setattr(server.loop, "submit_all", stopped)
+  status, got = raw(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+  assert status == 503 and got["error"]["type"] == "service_unavailable", got
+
+
+def test_a_stop_token_id_ends_the_text_without_its_own(server, client):
+  """stop_token_ids end generation and, as in vLLM, the stopping token's text is not output; min_tokens keeps stop
+  strings from ending the text too early."""
+  period = raw(server, "/tokenize", {"prompt": ".", "add_special_tokens": False})[1]["tokens"]
+  assert len(period) == 1
+  kw = dict(model="smollm2", prompt="The capital of France is Paris. The capital of Spain is", temperature=0,
+            max_tokens=40)
+  by_string = client.completions.create(**kw, stop=".", extra_body={"ignore_eos": True}).choices[0]
+  by_id = client.completions.create(**kw, extra_body={"ignore_eos": True, "stop_token_ids": period}).choices[0]
+  assert by_id.finish_reason == by_string.finish_reason == "stop" and by_id.text == by_string.text
+  assert not by_id.text.endswith(".")
+  later = client.completions.create(**kw, stop=".", extra_body={"ignore_eos": True, "min_tokens": 12}).choices[0]
+  assert later.text.startswith(by_string.text + ".") and later.finish_reason == "stop", later.text
 
 
 def test_model_by_id(server, client):

@@ -50,6 +50,18 @@ def test_stream_events_are_well_formed_and_add_up(client):
   assert whole.output_text == text
 
 
+def test_a_message_cut_short_by_max_output_tokens_is_incomplete(client):
+  """The response and its message item are both "incomplete" (OpenAI's shape), whole and streamed."""
+  whole = client.responses.create(model="smollm2", input="Write a long story.", max_output_tokens=5)
+  assert whole.status == "incomplete" and whole.incomplete_details.reason == "max_output_tokens"
+  assert [item.status for item in whole.output] == ["incomplete"]
+  events = list(client.responses.create(model="smollm2", input="Write a long story.", max_output_tokens=5,
+                                        stream=True))
+  done = [e.item for e in events if e.type == "response.output_item.done"]
+  assert events[-1].type == "response.incomplete" and [i.status for i in done] == ["incomplete"]
+  assert [item.status for item in events[-1].response.output] == ["incomplete"]
+
+
 def test_function_call_round_trips(client):
   # One call (greedy, this small model repeats a call for as long as a list of calls may go on).
   first = client.responses.create(model="smollm2", input="What is the weather in Paris?", tools=[WEATHER],
@@ -95,7 +107,8 @@ def test_what_is_left_out_is_named(server):
            ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input"),
            ({"background": True}, 400, "background"), ({"top_logprobs": 3}, 400, "top_logprobs"),
            ({"previous_response_id": "resp_nope"}, 404, "previous_response_id"),
-           ({"input": [{"type": "computer_call"}]}, 400, "input"), ({"max_tool_calls": 0}, 400, "max_tool_calls")]
+           ({"input": [{"type": "computer_call"}]}, 400, "input"), ({"max_tool_calls": 0}, 400, "max_tool_calls"),
+           ({"text": {"format": "json_object"}}, 400, "text")]  # a string where the format object goes: not a 500
   for extra, status, param in cases:
     code, body = raw(server, "/v1/responses", {"input": "hi", "max_output_tokens": 4, **extra})
     assert code == status and body["error"]["param"] == param, (extra, body)
