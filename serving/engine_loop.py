@@ -51,6 +51,10 @@ class Update:
   # carries the logprobs of tokens up to here, not of those the engine thread made since
 
 
+class EngineStopped(RuntimeError):
+  """`submit` after the engine stopped taking requests (a drain, a stop, or its thread died)."""
+
+
 def tokens_ready(req) -> int:
   """Output tokens of `req` whose ids and logprobs are all recorded (the engine thread appends them one list at a
   time)."""
@@ -132,11 +136,12 @@ class EngineLoop:
   def submit_all(self, items, *, request_id: str, seeds=None, loop: asyncio.AbstractEventLoop | None = None,
                  grammar=None) -> list[RequestStream]:
     """Queues params.n samples of each (prompt_ids, params) item, all or none: raises ValueError for a bad item or a
-    request of more samples than `max_waiting`, OverflowError when the queue cannot take them now; nothing is queued
-    then. seeds(n) -> n per-sample seeds (called only once the request is admitted). A structured-output
-    constraint is compiled here (on the caller's thread) unless `grammar` is the matcher `compile_grammar` made."""
+    request of more samples than `max_waiting`, OverflowError when the queue cannot take them now, EngineStopped once
+    it takes none; nothing is queued then. seeds(n) -> n per-sample seeds (called only once the request is admitted).
+    A structured-output constraint is compiled here (on the caller's thread) unless `grammar` is the matcher
+    `compile_grammar` made."""
     if not self.alive or self._stopping:
-      raise RuntimeError("the engine is not accepting requests (shutting down or stopped).")
+      raise EngineStopped("the engine is not accepting requests (shutting down or stopped).")
     samples = sum(params.n for _, params in items)
     if self.max_waiting is not None and samples > self.max_waiting:
       raise ValueError(f"the request asks for {samples} sequences (prompts x n); this server queues at most "

@@ -46,7 +46,7 @@ from jaxllm.sampling import SamplingParams
 from jaxllm.tokenizer_process import TokenizerProcessDied
 from jaxllm.serving import multihost, protocol
 from jaxllm.serving.config import EngineConfig
-from jaxllm.serving.engine_loop import EngineLoop, RequestStream
+from jaxllm.serving.engine_loop import EngineLoop, EngineStopped, RequestStream
 
 log = logging.getLogger("jaxllm.serve")
 SERVER = web.AppKey("server", object)
@@ -433,7 +433,7 @@ def _submit(request: web.Request, items, seed, grammar=None) -> list[RequestStre
                                      grammar=grammar)
     request[STREAMS] = request.get(STREAMS, []) + streams
     return streams
-  except (OverflowError, RuntimeError) as e:  # the queue is full now; the engine stopped taking requests (a drain)
+  except (OverflowError, EngineStopped) as e:  # the queue is full now; the engine takes no more (a drain)
     raise APIError(503, str(e), "service_unavailable") from None
   except ValueError as e:
     raise APIError(400, str(e)) from None

@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from jaxllm import SamplingParams
+from jaxllm.serving.engine_loop import EngineStopped
 from tests.serving.conftest import pages_all_free, raw
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -130,7 +131,7 @@ def test_a_request_arriving_as_the_engine_stops_is_a_503(server, monkeypatch):
   """A request whose handler began before a SIGTERM drain reaches an engine that takes no more: 503 (retry
   elsewhere), not a 500."""
   def stopped(*args, **kwargs):
-    raise RuntimeError("the engine is not accepting requests (shutting down or stopped).")
+    raise EngineStopped("the engine is not accepting requests (shutting down or stopped).")
 
   monkeypatch.setattr(server.loop, "submit_all", stopped)
   status, got = raw(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
