@@ -5,7 +5,8 @@
                                                                       decode and mixed prefill chunks over paged KV
   attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, kv_pos_BS)             causal-by-position reference (the tests' oracle)
 
-The model names an implementation with one string, `AttentionImpl`: None (best for the backend), "xla", "tpu", "gpu",
+The model names an implementation with one string, `AttentionImpl`: None (best for the backend), "xla", "cpu" (the
+native CPU kernel of ragged paged attention; flash attention has none and runs "xla" for it), "tpu", "gpu",
 or "tpu-interpret" / "gpu-interpret" to run the Pallas kernels interpreted on CPU (tests).
 """
 
@@ -17,7 +18,7 @@ from jaxllm.pallas_kernels.reference import attention_reference
 
 __all__ = ["attention", "flash_attention", "ragged_paged_attention", "attention_reference", "split_impl"]
 
-IMPLS = (None, "xla", "tpu", "gpu", "tpu-interpret", "gpu-interpret")
+IMPLS = (None, "xla", "cpu", "tpu", "gpu", "tpu-interpret", "gpu-interpret")
 
 
 def split_impl(impl: str | None) -> tuple[str | None, bool]:

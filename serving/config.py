@@ -45,8 +45,8 @@ class EngineConfig:
                                        "requests that share the prefix (vLLM's automatic prefix caching).")
   num_top_logprobs: int = _field(MAX_LOGPROBS, "Top-n logprobs the engine can return per token (requests may ask "
                                  "for up to this many; the work is skipped when none asks).")
-  attention_impl: str | None = _field(None, "Attention kernel: xla, tpu, gpu, tpu-interpret or gpu-interpret "
-                                      "(default: the backend's best).")
+  attention_impl: str | None = _field(None, "Attention kernel: xla, cpu, tpu, gpu, tpu-interpret or "
+                                      "gpu-interpret (default: the backend's best).")
 
   def __post_init__(self):
     for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):

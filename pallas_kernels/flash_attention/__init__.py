@@ -73,6 +73,8 @@ def _check_block(name: str, value: int, implementation: str) -> None:
 def _pick_implementation(implementation: str | None) -> str:
   if implementation is None:
     return default_implementation()
+  if implementation == "cpu":  # the native CPU kernel is ragged paged attention's; a prompt's own attention is XLA's
+    return "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"unknown flash_attention implementation={implementation!r}; choose one of {IMPLEMENTATIONS} or None."

@@ -4,7 +4,9 @@
   "xla"  xla.py         plain XLA ops, flash-decoding style: (sequence, query block, KV block) items folded by a
                         loop whose trip count follows the keys actually read; CPU default,
   "tpu"  kernel_tpu.py  Mosaic kernel: scalar-prefetched metadata, double-buffered page DMAs HBM -> VMEM,
-  "gpu"  kernel_gpu.py  Triton kernel: one program per (query unit, KV head), page gathers, online softmax.
+  "gpu"  kernel_gpu.py  Triton kernel: one program per (query unit, KV head), page gathers, online softmax,
+  "cpu"  kernel_cpu.py  native XLA FFI kernel (kernel_cpu.cc, built on first use): pages read in place on XLA's
+                        thread pool; CPU default where it builds ("xla" where no C++ compiler is found).
 
 Data layout (shape letters: T tokens, N query heads, K KV heads, H head dim, P pages, C page size, S sequence slots,
 M max pages per sequence):
@@ -31,14 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.pallas_kernels.backend import default_implementation
+from jaxllm.pallas_kernels.ragged_paged_attention import kernel_cpu
 from jaxllm.pallas_kernels.kv_quant import QUANTIZED_DTYPES, SCALE_DTYPE, is_quantized
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_gpu import ragged_paged_attention_gpu
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_tpu import ragged_paged_attention_tpu
 from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items, ragged_paged_attention_xla
 from jaxllm.pallas_kernels.reference import check_soft_cap, check_window, window_or_none
 
-IMPLEMENTATIONS = ("xla", "tpu", "gpu")
+IMPLEMENTATIONS = ("xla", "tpu", "gpu", "cpu")
 BLOCK_SIZES = {
+    "cpu": (),
     "xla": ("block_q", "pages_per_block", "items_per_step"),
     "tpu": ("block_q", "pages_per_block"),
     "gpu": ("block_q", "pages_per_block", "num_warps", "num_stages"),
@@ -47,6 +51,7 @@ _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 _xla_jit = jax.jit(ragged_paged_attention_xla,
                    static_argnames=("sm_scale", "soft_cap", "block_q", "pages_per_block", "items_per_step"))
+_cpu_jit = jax.jit(kernel_cpu.ragged_paged_attention_cpu, static_argnames=("sm_scale", "soft_cap"))
 
 
 def ragged_paged_attention(
@@ -110,7 +115,7 @@ def ragged_paged_attention(
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"ragged_paged_attention implementation={impl!r} is not available; choose one of "
                      f"{IMPLEMENTATIONS}.")
-  if interpret and impl == "xla":
+  if interpret and impl in ("xla", "cpu"):
     raise ValueError("interpret=True runs a Pallas kernel interpreted; pass implementation='tpu' or 'gpu'.")
   unknown = sorted(set(block_sizes) - set(BLOCK_SIZES[impl]))
   if unknown:
@@ -126,6 +131,8 @@ def ragged_paged_attention(
   if impl == "xla":
     return _xla_jit(*args, sm_scale=sm_scale, soft_cap=soft_cap,
                     **xla_block_sizes(q_TNH.shape[0], page_indices.shape[0], k_pages.shape[2], **block_sizes))
+  if impl == "cpu":
+    return _cpu_jit(*args, sm_scale=sm_scale, soft_cap=soft_cap)
   if impl == "tpu":
     _check_tpu_tiling(q_TNH, k_pages, block_sizes)
     return ragged_paged_attention_tpu(*args, sm_scale=sm_scale, soft_cap=soft_cap, interpret=interpret,
@@ -263,6 +270,8 @@ def _best_implementation(q, k_pages) -> str:
   impl = default_implementation()
   if impl == "gpu" and _gpu_shape_error(q.shape[2], k_pages.shape[2]):
     return "xla"
+  if impl == "xla" and jax.default_backend() == "cpu" and kernel_cpu.library() is not None:
+    return "cpu"
   return impl
 
 

@@ -5,5 +5,6 @@ import jax
 
 
 def interpret(impl: str) -> bool:
-  """Whether the Pallas kernel `impl` ("tpu" / "gpu") runs interpreted here: always, except "gpu" on a GPU."""
-  return not (impl == "gpu" and jax.default_backend() == "gpu")
+  """Whether the Pallas kernel `impl` ("tpu" / "gpu") runs interpreted here: always, except "gpu" on a GPU; "xla" and
+  the native "cpu" kernel never are."""
+  return impl in ("tpu", "gpu") and not (impl == "gpu" and jax.default_backend() == "gpu")

@@ -189,11 +189,48 @@ def test_xla_matches_naive_numpy(rng, layout, dtype):
       raise AssertionError(f"{kw or 'default block sizes'}: {e}") from e
 
 
-def test_xla_fully_masked_row_stays_local(rng):
+@pytest.mark.parametrize("dtype", XLA_DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("layout", XLA_LAYOUTS, ids=[c[0] for c in XLA_LAYOUTS])
+@pytest.mark.parametrize("C,H", [(4, 16), (16, 32), (32, 64)], ids=["general", "fast_h32", "fast_h64"])
+def test_cpu_matches_naive_numpy(rng, layout, dtype, C, H):
+  """The native CPU kernel on the same ragged layouts: its general path (page size 4) and its 16-key fast path (page
+  sizes 16 and 32, head dims 32 and 64)."""
+  name, (T, S, M, P), q_lens, kv_lens, opts = layout
+  N, K, _ = XLA_DTYPES[dtype]
+  args = make_case(rng, q_lens, kv_lens, N=N, K=K, H=H, C=C, dtype=dtype, pad_rows=T - sum(q_lens),
+                   pad_seqs=S - len(q_lens), spare_pages=1, num_nan_pages=2, **opts)
+  out = ragged_paged_attention(*args, implementation="cpu")
+  assert out.shape == args[0].shape and out.dtype == dtype
+  assert_close(out, naive_numpy(*as_numpy(args), sm_scale=H ** -0.5), args, dtype)
+
+
+@pytest.mark.parametrize("C", [4, 16], ids=["general", "fast"])
+def test_cpu_rows_do_not_depend_on_the_batch(rng, C):
+  """A row's output is bitwise the same whatever shares its call: a decode alone or among others, a prompt's rows as
+  one chunk or in chunks of 5 and 1 (each chunk's keys include the earlier chunks', as in chunked prefill)."""
+  f = jax.jit(functools.partial(ragged_paged_attention, implementation="cpu"))
+  q_lens, kv_lens = [1, 23, 1, 1], [40, 23, 9, 61]
+  args = make_case(rng, q_lens, kv_lens, N=6, K=2, H=32, C=C)
+  q, k, v, kv, pages, cu, _ = args
+  whole = np.asarray(f(*args))
+  for i in (0, 3):  # each decode alone
+    alone = f(q[cu[i]:cu[i] + 1], k, v, kv[i:i + 1], pages[i:i + 1], jnp.array([0, 1], jnp.int32), jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(alone)[0], whole[cu[i]])
+  rows = []
+  for lo, hi in ((0, 5), (5, 22), (22, 23)):  # sequence 1's prompt in three chunks
+    chunk = f(q[cu[1] + lo:cu[1] + hi], k, v, jnp.array([hi], jnp.int32), pages[1:2],
+              jnp.array([0, hi - lo], jnp.int32), jnp.int32(1))
+    rows.append(np.asarray(chunk))
+  np.testing.assert_array_equal(np.concatenate(rows), whole[cu[1]:cu[2]])
+
+
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_fully_masked_row_stays_local(rng, impl):
   """A sequence whose rows see no key (q_len > kv_len, only reachable with traced metadata) shares both of its
   blocks with other sequences; their rows are unchanged and nothing is NaN."""
   args = make_case(rng, [3, 2, 3], [10, 6, 12], N=4, K=2, H=16, C=4)  # block 0: rows 0-3, block 1: rows 4-7
-  f = jax.jit(functools.partial(ragged_paged_attention, implementation="xla", block_q=4))
+  f = jax.jit(functools.partial(ragged_paged_attention, implementation=impl, **({"block_q": 4} if impl == "xla" else
+                                                                                {})))
   good = np.asarray(f(*args))
   bad = np.asarray(f(*args[:3], args[3].at[1].set(0), *args[4:]))
   assert np.isfinite(bad).all()
@@ -213,7 +250,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+@pytest.mark.parametrize("impl", ["tpu", "gpu", "cpu"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_kernel_matches_reference(rng, impl, case):
   _, q_lens, kv_lens, N, K, C, dtype, opts = case
@@ -221,11 +258,23 @@ def test_kernel_matches_reference(rng, impl, case):
   make_opts = {k: opts.pop(k) for k in ("pad_seqs", "pad_rows", "unused_out_of_range") if k in opts}
   if impl == "gpu":  # the GPU kernel has its own block_q default (rows per program)
     opts.pop("block_q", None)
+  if impl == "cpu":  # no block sizes to tune
+    opts = {}
   args = make_case(rng, q_lens, kv_lens, N=N, K=K, C=C, dtype=dtype, **make_opts)
   ref = reference(args)
   out = run_kernel(impl, args, **opts)
   assert out.shape == args[0].shape and out.dtype == dtype
   assert_close(out, ref, args, dtype)
+
+
+def repage(args, C):
+  """The case's cache cut into pages of C tokens (a divisor of its page size): the same keys, more pages."""
+  q, k, v, kv_lens, pages, cu, num_seqs = args
+  P, K, C0, H = k.shape
+  split = lambda x: x.reshape(P, K, C0 // C, C, H).transpose(0, 2, 1, 3, 4).reshape(P * (C0 // C), K, C, H)  # noqa
+  sub = jnp.arange(C0 // C, dtype=jnp.int32)
+  pages = (pages[:, :, None] * (C0 // C) + sub).reshape(pages.shape[0], -1)
+  return q, split(k), split(v), kv_lens, pages, cu, num_seqs
 
 
 def poison_before_windows(args, window):
@@ -245,7 +294,7 @@ def poison_before_windows(args, window):
 WINDOW_LAYOUT = ([1, 17, 40, 1, 3], [30, 200, 140, 5, 99])
 
 
-@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu"])
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu", "cpu"])
 @pytest.mark.parametrize("window,soft_cap", [(20, None), (7, 30.0), (33, None), (1, None)])
 def test_sliding_window_skips_pages_before_it(rng, impl, window, soft_cap):
   args = make_case(rng, *WINDOW_LAYOUT, N=6, K=2, H=32, C=16, pad_seqs=1, pad_rows=3)
@@ -258,19 +307,22 @@ def test_sliding_window_skips_pages_before_it(rng, impl, window, soft_cap):
     assert_close(_reference_jit(*args, window, sm_scale=32 ** -0.5, soft_cap=soft_cap), expected, args, jnp.float32)
   else:
     sizes = dict(block_q=8, pages_per_block=2) if impl == "tpu" else {}
+    if impl == "cpu":  # the general path too: the same case on pages of 4
+      assert_close(run_kernel(impl, repage(args, 4), **kw), expected, args, jnp.float32)
     assert_close(run_kernel(impl, args, **kw, **sizes), expected, args, jnp.float32)
 
 
-def test_traced_window_per_layer(rng):
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_traced_window_per_layer(rng, impl):
   """The window is a runtime value: one jitted program serves a layer scan's local (window) and global (None) layers."""
   args = make_case(rng, *WINDOW_LAYOUT, N=6, K=2, H=32, C=16)
-  f = jax.jit(lambda w: ragged_paged_attention(*args, window=w, implementation="xla"))
+  f = jax.jit(lambda w: ragged_paged_attention(*args, window=w, implementation=impl))
   for window in (20, NO_WINDOW):
     expected = naive_numpy(*as_numpy(args), sm_scale=32 ** -0.5, window=None if window == NO_WINDOW else window)
     assert_close(f(jnp.int32(window)), expected, args, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu"])
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu", "cpu"])
 def test_no_sequences(rng, impl):
   """num_seqs = 0: nothing to attend, every row is padding and comes back as 0."""
   args = make_case(rng, [2, 1], [20, 9], N=4, K=2, H=64)
@@ -296,7 +348,7 @@ def quantize_case(args, dtype):
 
 # Quantized pages (int8 / float8_e4m3fn values, float32 scales): every implementation dequantizes inside the kernel
 # and must equal the oracle on the dequantized pages; with windows, NaN in every page wholly before them.
-@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu"])
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu", "cpu"])
 @pytest.mark.parametrize("kv_dtype,window,soft_cap", [(jnp.int8, None, None), (jnp.float8_e4m3fn, 20, 30.0)],
                          ids=["int8", "fp8_window_softcap"])
 def test_quantized_pages_match_reference_on_dequantized(rng, impl, kv_dtype, window, soft_cap):
@@ -343,6 +395,8 @@ VALIDATION = [
     ("num_seqs_too_big", dict(num_seqs=jnp.int32(3)), "num_seqs=3"),
     ("implementation", dict(implementation="cuda"), "implementation='cuda'"),
     ("interpret_xla", dict(implementation="xla", interpret=True), "interpret=True"),
+    ("interpret_cpu", dict(implementation="cpu", interpret=True), "interpret=True"),
+    ("cpu_block_q", dict(implementation="cpu", block_q=4), "block_q"),
     ("block_size_name", dict(implementation="tpu", block_k=8), "block_k"),
     ("xla_block_q", dict(implementation="xla", block_q=0), "positive int"),
     ("xla_items_per_step", dict(implementation="xla", items_per_step=0), "items_per_step=0"),
@@ -419,6 +473,35 @@ def test_a_jax_without_pallas_triton_still_imports_and_serves_gpus_through_xla()
                        cwd=pathlib.Path(__file__).parents[2], env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
   assert "no Pallas Triton lowering" in run.stderr
+
+
+_NO_COMPILER = """
+import importlib, jax, numpy as np, pytest
+rpa = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention")  # the module, not its function
+from tests.pallas_kernels.test_ragged_paged_attention import make_case
+assert rpa.kernel_cpu.library() is None
+args = make_case(np.random.default_rng(0), [1, 5], [20, 9], N=4, K=2, H=32)
+assert rpa._best_implementation(args[0], args[1]) == "xla"
+assert np.isfinite(np.asarray(rpa.ragged_paged_attention(*args))).all()
+with pytest.raises(ValueError, match="needs the native CPU kernel"):
+  rpa.ragged_paged_attention(*args, implementation="cpu")
+print("ok")
+"""
+
+
+def test_cpu_default_is_the_native_kernel_and_xla_without_a_compiler(rng, tmp_path):
+  """Where a C++ compiler is found the CPU default is the native kernel; where none is (an empty PATH, no $CXX),
+  the package still works: the XLA path, a logged reason, and an explicit "cpu" answered with an error."""
+  rpa = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention")
+  args = make_case(rng, [1, 5], [20, 9], N=4, K=2, H=32)
+  if rpa.kernel_cpu._compiler() is not None:
+    assert rpa._best_implementation(args[0], args[1]) == "cpu"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PATH": str(tmp_path), "JAXLLM_KERNEL_CACHE": str(tmp_path / "k")}
+  env.pop("CXX", None)
+  run = subprocess.run([sys.executable, "-c", _NO_COMPILER], capture_output=True, text=True, timeout=300,
+                       cwd=pathlib.Path(__file__).parents[2], env=env)
+  assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+  assert "no C++ compiler found" in run.stderr
 
 
 LOWERING_SHAPES = [  # (dtype, pages dtype, T, N, K, H, P, C, S, M)
