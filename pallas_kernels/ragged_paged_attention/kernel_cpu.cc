@@ -41,7 +41,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kBlockRows = 16;    // query rows per work item (a prefill chunk's slabs are read once per 16 rows)
-constexpr int kPrefetchPages = 2;  // pages ahead whose slabs are prefetched (into L2: locality 1)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ---- element conversions ----
@@ -204,10 +203,14 @@ inline v16f sum_lanes16(const v16f* x) {
   return fold1(c[0], c[1]);
 }
 
+inline v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
+
 inline float hmax16(v16f x) {
-  float m = x[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
-  return m;
+  x = vmax(x, SHUFFLE2(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  x = vmax(x, SHUFFLE2(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  x = vmax(x, SHUFFLE2(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  x = vmax(x, SHUFFLE2(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return x[0];
 }
 
 inline float hsum16(v16f x) {
@@ -233,21 +236,6 @@ struct Problem {
   float sm_scale, soft_cap;
   void* out;
 };
-
-inline int elem_bytes(Elem e) { return e == Elem::kF32 ? 4 : e == Elem::kBF16 ? 2 : 1; }
-
-// Asks for a page's K and V slabs of one KV head ahead of their use: pages lie scattered in the pool, so the first
-// lines of each would otherwise stall on memory before the hardware prefetcher catches the stream.
-inline void prefetch_slabs(const Problem& p, int64_t page, int head) {
-  const int64_t bytes = static_cast<int64_t>(p.C) * p.H * elem_bytes(p.kv_type);
-  const int64_t offset = (page * p.K + head) * bytes;
-  const char* k = static_cast<const char*>(p.k) + offset;
-  const char* v = static_cast<const char*>(p.v) + offset;
-  for (int64_t i = 0; i < bytes; i += 64) {
-    __builtin_prefetch(k + i, 0, 1);
-    __builtin_prefetch(v + i, 0, 1);
-  }
-}
 
 struct Item {
   int seq, head, row0, rows;  // rows row0 .. row0 + rows - 1 (absolute query rows) of sequence seq, KV head head
@@ -288,6 +276,15 @@ inline void group16(const float* __restrict qv, const float* __restrict K_rows, 
   if constexpr (HT != 0) {
     v16f o[HT / 16];
     for (int j = 0; j < HT / 16; ++j) o[j] = load16(av + 16 * j) * alpha;
+    if (a == g0 && b == g0 + 16) {  // every key visible (all but a sequence's last group): lanes known statically
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c) {
+        const float* vc = V_rows + static_cast<size_t>(g0 + c) * HT;
+        for (int j = 0; j < HT / 16; ++j) o[j] += pr[c] * load16(vc + 16 * j);
+      }
+      for (int j = 0; j < HT / 16; ++j) store16(av + 16 * j, o[j]);
+      return;
+    }
     for (int c = a - g0; c < b - g0; ++c) {
       const float* vc = V_rows + static_cast<size_t>(g0 + c) * HT;
       for (int j = 0; j < HT / 16; ++j) o[j] += pr[c] * load16(vc + 16 * j);
@@ -365,12 +362,7 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
     const int64_t page = p.page_indices[static_cast<int64_t>(it.seq) * p.M + slot];
     return std::min<int64_t>(std::max<int64_t>(page, 0), p.P - 1);
   };
-  for (int64_t slot = lo / C; slot < lo / C + kPrefetchPages && slot * C < hi; ++slot) {
-    prefetch_slabs(p, page_at(slot), it.head);
-  }
-
   for (int64_t slot = lo / C; slot * C < hi; ++slot) {
-    if ((slot + kPrefetchPages) * C < hi) prefetch_slabs(p, page_at(slot + kPrefetchPages), it.head);
     const int64_t page = page_at(slot), key0 = slot * C;
     const int c_lo = static_cast<int>(std::max<int64_t>(lo - key0, 0));
     const int c_hi = static_cast<int>(std::min<int64_t>(hi - key0, C));  // keys [c_lo, c_hi) of the page are read
