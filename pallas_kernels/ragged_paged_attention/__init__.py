@@ -2,7 +2,7 @@
 
 `ragged_paged_attention(...)` is the single dispatch. It validates the arguments, then runs one of
   "xla"  xla.py         plain XLA ops, flash-decoding style: (sequence, query block, KV block) items folded by a
-                        loop whose trip count follows the keys actually read; CPU default,
+                        loop whose trip count follows the keys actually read; any backend without a kernel,
   "tpu"  kernel_tpu.py  Mosaic kernel: scalar-prefetched metadata, double-buffered page DMAs HBM -> VMEM,
   "gpu"  kernel_gpu.py  Triton kernel: one program per (query unit, KV head), page gathers, online softmax,
   "cpu"  kernel_cpu.py  native XLA FFI kernel (kernel_cpu.cc, built on first use): pages read in place on XLA's
@@ -95,7 +95,8 @@ def ragged_paged_attention(
       scan carries one per layer). A row sees the keys at positions (its own - window, its own]; page-table entries
       wholly before every row's window are never dereferenced.
     soft_cap: None or a positive python float: logits become soft_cap * tanh(logits / soft_cap).
-    implementation: None picks "tpu" on a TPU backend, "gpu" on a CUDA backend and "xla" otherwise; or one of
+    implementation: None picks "tpu" on a TPU backend, "gpu" on a CUDA backend, "cpu" on CPU (where the native
+      kernel builds) and "xla" otherwise; or one of
       IMPLEMENTATIONS.
     interpret: run the Pallas kernel ("tpu" or "gpu") in interpret mode, e.g. on CPU (the TPU kernel uses the TPU
       interpreter, which simulates DMAs/semaphores and raises on out-of-bounds reads).

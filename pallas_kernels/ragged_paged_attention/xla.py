@@ -1,4 +1,5 @@
-"""Ragged paged attention in plain XLA ops: the general path for CPU (and any backend without a kernel).
+"""Ragged paged attention in plain XLA ops: the general path for any backend without a kernel
+(a CPU without a C++ compiler to build kernel_cpu.cc; a GPU where Triton cannot tile the shapes).
 
 Shape letters: T query tokens, N query heads, K KV heads, G = N // K, H head dim, P pages, C page size, S sequence
 slots, M page-table width, b = block_q rows of a query block, W query-block pairs, p = pages_per_block pages of a KV
