@@ -4,14 +4,18 @@ measured ceilings.
 For each shape in the sweep it times every implementation available on this backend:
   prefill: our Pallas kernel ("tpu"/"gpu"), the plain-jnp reference under XLA ("xla"), and on GPU
            `jax.nn.dot_product_attention(..., implementation="cudnn")`;
-  decode:  our ragged paged kernel and the reference.
+  decode:  our ragged paged kernel ("tpu" / "gpu" / the native "cpu") and the XLA path;
+  chunk:   the same for a prefill chunk read through the page table after a cached prefix (chunked prefill).
 Prefill reports TFLOP/s (causal: 2 * B * N * H * T * (T + 1) flops for QK^T and PV together) as a fraction of a
 measured matmul peak; decode reports GB/s of K/V bytes read (sum over sequences of kv_len * K * H * 2 * itemsize) as a
-fraction of a measured device copy bandwidth. Prints a table and appends it to benchmarks/RESULTS.md.
+fraction of a measured device copy bandwidth; a chunk reports TFLOP/s (its causal score and value products). Prints a
+table and appends it to benchmarks/RESULTS.md.
 
     python benchmarks/attention_kernels.py [--dtype bfloat16] [--quick]
+    python benchmarks/attention_kernels.py --dtype float32        # on CPU: the native kernel against the XLA path
 
-On CPU only the XLA reference runs (Pallas interpret mode says nothing about speed).
+On CPU the prefill rows time the XLA reference only (Pallas interpret mode says nothing about speed); the ragged rows
+time the native kernel beside the XLA path, on the default model's attention shape (9 query heads, 3 KV heads, 64).
 """
 
 import argparse
@@ -23,6 +27,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import common
 
 
 def timeit(fn, *args, reps=10) -> float:
@@ -37,14 +43,8 @@ def timeit(fn, *args, reps=10) -> float:
 
 
 def measured_ceilings(dtype) -> tuple[float, float]:
-  """(matmul TFLOP/s, copy GB/s with read+write counted) measured on the default device."""
-  n = 8192 if jax.default_backend() != "cpu" else 1024
-  a = jnp.ones((n, n), dtype)
-  t = timeit(jax.jit(lambda x: x @ x), a)
-  tflops = 2 * n**3 / t / 1e12
-  x = jnp.ones((256 * 2**20 // 4,), jnp.float32)
-  t = timeit(jax.jit(lambda v: v * 2), x)
-  return tflops, 2 * x.nbytes / t / 1e9
+  """(matmul TFLOP/s, copy GB/s with read+write counted) measured on the default device (benchmarks/common.py)."""
+  return common.matmul_tflops(jnp.dtype(dtype).name), common.copy_bandwidth_gbs()
 
 
 def prefill_rows(dtype, quick):
@@ -80,32 +80,61 @@ def prefill_rows(dtype, quick):
   return rows
 
 
+def ragged_impls() -> list[str]:
+  backend = jax.default_backend()
+  return ["xla"] + {"tpu": ["tpu"], "gpu": ["gpu"], "cpu": ["cpu"]}.get(backend, [])
+
+
+def paged_case(rng, dtype, S, ctx, q_len, N, K, H, page=16):
+  """S sequences at context ctx (their last q_len tokens new), pages scattered over the pool at random."""
+  pages_per_seq = -(-ctx // page)
+  P = S * pages_per_seq + 1
+  kp = jnp.asarray(rng.standard_normal((P, K, page, H)), dtype)  # [P, K, C, H]
+  vp = jnp.asarray(rng.standard_normal((P, K, page, H)), dtype)
+  table = jnp.asarray(rng.permutation(P - 1)[:S * pages_per_seq].reshape(S, pages_per_seq), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((S * q_len, N, H)), dtype)
+  kv_lens = jnp.full((S,), ctx, jnp.int32)
+  cu = jnp.arange(S + 1, dtype=jnp.int32) * q_len
+  return q, kp, vp, kv_lens, table, cu, jnp.int32(S)
+
+
 def decode_rows(dtype, quick):
   from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
-  backend = jax.default_backend()
-  impls = ["xla"] + (["tpu"] if backend == "tpu" else ["gpu"] if backend == "gpu" else [])
   page = 16
   shapes = [(32, 2048, 32, 8, 128), (64, 4096, 32, 8, 128)] + ([] if quick else [(1, 4096, 32, 8, 128),
                                                                                   (128, 2048, 32, 8, 128)])
-  if backend == "cpu":
-    shapes = [(8, 512, 8, 2, 64)]
+  if jax.default_backend() == "cpu":
+    shapes = [(32, 256, 9, 3, 64), (8, 2048, 9, 3, 64)]
   rows = []
   rng = np.random.default_rng(0)
   for S, ctx, N, K, H in shapes:
-    pages_per_seq = ctx // page
-    P = S * pages_per_seq + 1
-    kp = jnp.asarray(rng.standard_normal((P, K, page, H)), dtype)  # [P, K, C, H]
-    vp = jnp.asarray(rng.standard_normal((P, K, page, H)), dtype)
-    table = jnp.asarray(rng.permutation(P - 1)[:S * pages_per_seq].reshape(S, pages_per_seq), jnp.int32)
-    q = jnp.asarray(rng.standard_normal((S, N, H)), dtype)
-    kv_lens = jnp.full((S,), ctx, jnp.int32)
-    cu = jnp.arange(S + 1, dtype=jnp.int32)
+    args = paged_case(rng, dtype, S, ctx, 1, N, K, H, page)
     nbytes = S * ctx * K * H * 2 * jnp.dtype(dtype).itemsize
-    for impl in impls:
+    for impl in ragged_impls():
       fn = jax.jit(functools.partial(ragged_paged_attention, implementation=impl))
-      t = timeit(fn, q, kp, vp, kv_lens, table, cu, jnp.int32(S))
+      t = timeit(fn, *args)
       rows.append(("decode", f"seqs={S} ctx={ctx} N={N} K={K} H={H} page={page}", impl, t, nbytes / 1e9, "GB/s"))
+  return rows
+
+
+def chunk_rows(dtype, quick):
+  """One sequence's prefill chunk of T tokens after ctx - T cached ones: FLOPs of its causal QK^T and PV."""
+  from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+  shapes = [(512, 4096, 32, 8, 128)] + ([] if quick else [(2048, 8192, 32, 8, 128)])
+  if jax.default_backend() == "cpu":
+    shapes = [(256, 2048, 9, 3, 64)]
+  rows = []
+  rng = np.random.default_rng(1)
+  for T, ctx, N, K, H in shapes:
+    args = paged_case(rng, dtype, 1, ctx, T, N, K, H)
+    keys = sum(ctx - T + r + 1 for r in range(T))  # keys each new row sees
+    flops = 4 * N * H * keys
+    for impl in ragged_impls():
+      fn = jax.jit(functools.partial(ragged_paged_attention, implementation=impl))
+      rows.append(("chunk", f"T={T} ctx={ctx} N={N} K={K} H={H} page=16", impl, timeit(fn, *args), flops / 1e12,
+                   "TFLOP/s"))
   return rows
 
 
@@ -117,7 +146,7 @@ def main():
   args = ap.parse_args()
   dtype = jnp.dtype(args.dtype)
   peak_tflops, bandwidth = measured_ceilings(dtype)
-  rows = prefill_rows(dtype, args.quick) + decode_rows(dtype, args.quick)
+  rows = prefill_rows(dtype, args.quick) + decode_rows(dtype, args.quick) + chunk_rows(dtype, args.quick)
   device = jax.devices()[0].device_kind
   lines = [f"### attention_kernels.py — {datetime.date.today()} — {device} ({jax.default_backend()}, jax {jax.__version__})", "",
            f"{args.dtype}; measured ceilings: matmul {peak_tflops:.3g} TFLOP/s, copy bandwidth {bandwidth:.0f} GB/s.",
