@@ -125,7 +125,8 @@ void load_rows_any(const void* base, int64_t offset, const float* scale, int row
 // Written to vectorize (no calls, no branches); std::exp would be a scalar libm call per key.
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // fmax / fmin drop a NaN (x NaN: a NaN or inf logit): n stays a small integer, the polynomial carries the NaN.
+  const float n = std::fmin(std::fmax(std::floor(x * 1.44269504088896341f + 0.5f), -127.0f), 127.0f);
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -155,7 +156,9 @@ inline v16f splat(float x) { return v16f{} + x; }
 inline v16f exp16_nonpositive(v16f x) {
   x = x < -87.0f ? splat(-87.0f) : x;
   const v16f t = x * 1.44269504088896341f + 12582912.0f;
-  const v16f n = t - 12582912.0f;
+  v16f n = t - 12582912.0f;
+  n = n >= -127.0f ? n : splat(-127.0f);  // NaN lanes fail the comparison: a small integer, as in exp_nonpositive
+  n = n <= 127.0f ? n : splat(127.0f);
   const v16f r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   v16f p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -480,6 +483,19 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::A
   p.M = static_cast<int>(pd[1]);
   if (p.K == 0 || p.N % p.K || kd[3] != p.H) {
     return ffi::Error::InvalidArgument("ragged paged attention (cpu): N must be a multiple of K and pages' H q's H");
+  }
+  const auto vd = v.dimensions();
+  bool same_pages = vd.size() == kd.size();
+  for (size_t i = 0; same_pages && i < kd.size(); ++i) same_pages = vd[i] == kd[i];
+  if (!same_pages || kv_lens.element_count() != static_cast<size_t>(p.S) ||
+      cu_q_lens.element_count() != static_cast<size_t>(p.S) + 1 || num_seqs.element_count() < 1 ||
+      window.element_count() < 1 || out->element_count() != q.element_count()) {
+    return ffi::Error::InvalidArgument("ragged paged attention (cpu): v_pages must match k_pages, kv_lens be [S], "
+                                       "cu_q_lens [S + 1], num_seqs and window scalars, the output q's shape");
+  }
+  if (p.P == 0 || p.S == 0 || p.T == 0) {  // nothing to read: every row is 0
+    std::memset(out->untyped_data(), 0, out->size_bytes());
+    return ffi::Error::Success();
   }
   p.G = p.N / p.K;
   if (!elem_of(q.element_type(), &p.q_type) || !elem_of(k.element_type(), &p.kv_type) ||

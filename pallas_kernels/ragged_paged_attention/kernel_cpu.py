@@ -19,6 +19,7 @@ import logging
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("kernel_cpu.cc")
 TARGET = "jaxllm_ragged_paged_attention_cpu"
+COMPILE_TIMEOUT_S = 300
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno",
          "-ffp-contract=fast")
 
@@ -40,10 +42,14 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("JAXLLM_KERNEL_CACHE") or pathlib.Path.home() / ".cache" / "jaxllm" / "kernels")
 
 
-def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
+def _compiler() -> list[str] | None:
+  """The C++ compiler's command: $CXX (which may carry arguments, e.g. "ccache g++"), else g++ / c++ / clang++."""
+  cxx = shlex.split(os.environ.get("CXX") or "")
+  if cxx and shutil.which(cxx[0]):
+    return [shutil.which(cxx[0]), *cxx[1:]]
+  for name in ("g++", "c++", "clang++"):
+    if shutil.which(name):
+      return [shutil.which(name)]
   return None
 
 
@@ -59,24 +65,48 @@ def _cpu_flags() -> str:
   return platform.processor()
 
 
-def _build(compiler: str) -> pathlib.Path:
+def _digest(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build(compiler: list[str]) -> pathlib.Path:
+  """The built library's path in the cache, built first unless a complete build is there: each build is written to
+  its own temporary file, flushed to disk, made readable to all (a shared cache), renamed into place and followed by a
+  sidecar holding its sha256, which a later process checks before it loads the file (a truncated library would crash
+  the process that maps it)."""
   source = SOURCE.read_bytes()
-  version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+  version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True,
+                           timeout=COMPILE_TIMEOUT_S).stdout
   key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in (
-      source, version, jaxlib.__version__, jax.ffi.include_dir(), " ".join(FLAGS), _cpu_flags(),
+      source, version, " ".join(compiler), jaxlib.__version__, jax.ffi.include_dir(), " ".join(FLAGS), _cpu_flags(),
       platform.machine()))).hexdigest()[:16]
   path = cache_dir() / f"ragged_paged_attention_cpu-{key}.so"
-  if path.exists():
-    return path
+  sidecar = path.with_suffix(".sha256")
+  try:
+    if sidecar.read_text().strip() == _digest(path):
+      return path
+  except OSError:
+    pass
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # concurrent builders each write their own file
+  fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=path.parent)  # concurrent builders each write their own file
   os.close(fd)
   try:
-    cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [*compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     if result.returncode:
       raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o755 & ~umask)
+    digest = _digest(pathlib.Path(tmp))
     os.replace(tmp, path)
+    fd, tmp_sidecar = tempfile.mkstemp(suffix=".sha256.tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+      f.write(digest)
+    os.chmod(tmp_sidecar, 0o644 & ~umask)
+    os.replace(tmp_sidecar, sidecar)
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)

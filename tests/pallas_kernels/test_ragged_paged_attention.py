@@ -504,6 +504,37 @@ def test_cpu_default_is_the_native_kernel_and_xla_without_a_compiler(rng, tmp_pa
   assert "no C++ compiler found" in run.stderr
 
 
+def test_cpu_kernel_cache_rebuilds_a_damaged_file(monkeypatch, tmp_path):
+  """A cached build is loaded only when its sha256 sidecar matches (a truncated library would crash the process that
+  maps it): a damaged file is rebuilt in place; builds are readable to every user of a shared cache."""
+  kernel_cpu = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention.kernel_cpu")
+  monkeypatch.setenv("JAXLLM_KERNEL_CACHE", str(tmp_path))
+  compiler = kernel_cpu._compiler()
+  if compiler is None:
+    pytest.skip("no C++ compiler here")
+  path = kernel_cpu._build(compiler)
+  good = path.read_bytes()
+  assert path.stat().st_mode & 0o444 == 0o444 and path.with_suffix(".sha256").read_text() == kernel_cpu._digest(path)
+  path.write_bytes(good[:1000])  # truncated, as after a crash mid-write
+  assert kernel_cpu._build(compiler) == path and path.read_bytes() == good
+  assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cpu_kernel_refuses_operands_it_cannot_read(rng):
+  """Called directly (the dispatch validates shapes first), the custom call checks the shapes it indexes by."""
+  kernel_cpu = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention.kernel_cpu")
+  q, k, v, kv_lens, pages, cu, num_seqs = make_case(rng, [1, 5], [20, 9], N=4, K=2, H=32)
+  call = functools.partial(kernel_cpu.ragged_paged_attention_cpu, sm_scale=0.1, soft_cap=None)
+  window = jnp.int32(NO_WINDOW)
+  for bad in ((q, k, v[:-1], kv_lens, pages, cu, num_seqs, window), (q, k, v, kv_lens, pages, cu[:-1], num_seqs, window),
+              (q, k, v, kv_lens[:1], pages, cu, num_seqs, window)):
+    with pytest.raises(Exception, match="v_pages must match k_pages"):
+      jax.block_until_ready(call(*bad))
+  np.testing.assert_allclose(np.asarray(call(q, k, v, kv_lens, pages, cu, num_seqs, window)),
+                             np.asarray(_reference_jit(q, k, v, kv_lens, pages, cu, num_seqs, sm_scale=0.1)),
+                             atol=1e-5)
+
+
 LOWERING_SHAPES = [  # (dtype, pages dtype, T, N, K, H, P, C, S, M)
     ("f32_p16", jnp.float32, jnp.float32, 256, 32, 8, 128, 512, 16, 32, 128),
     ("bf16_p64", jnp.bfloat16, jnp.bfloat16, 256, 32, 8, 128, 512, 64, 32, 128),
