@@ -240,6 +240,25 @@ struct Problem {
   void* out;
 };
 
+inline int elem_bytes(Elem e) { return e == Elem::kF32 ? 4 : e == Elem::kBF16 ? 2 : 1; }
+
+// Starts reading a page's K and V slabs of one KV head while the current page is computed: one real load of each
+// slab's first byte (its 4 KB OS page is new to the TLB, and this CPU drops software prefetches that miss the TLB),
+// then a prefetch into L2 of every line. Without it each page is read only when its first dot product asks:
+// 24.5 -> 19.5-20.5 ms for a 32-sequence decode's 30 layers, pages in order; 30 -> 22-25 ms, pages scattered
+// (prefetch alone: no change; a page further ahead: no better).
+inline void prefetch_page(const Problem& p, int64_t page, int head) {
+  const int64_t bytes = static_cast<int64_t>(p.C) * p.H * elem_bytes(p.kv_type);
+  const char* k = static_cast<const char*>(p.k) + (page * p.K + head) * bytes;
+  const char* v = static_cast<const char*>(p.v) + (page * p.K + head) * bytes;
+  (void)*reinterpret_cast<const volatile char*>(k);
+  (void)*reinterpret_cast<const volatile char*>(v);
+  for (int64_t i = 0; i < bytes; i += 64) {
+    __builtin_prefetch(k + i, 0, 1);
+    __builtin_prefetch(v + i, 0, 1);
+  }
+}
+
 struct Item {
   int seq, head, row0, rows;  // rows row0 .. row0 + rows - 1 (absolute query rows) of sequence seq, KV head head
   int64_t cost;
@@ -366,6 +385,7 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
     return std::min<int64_t>(std::max<int64_t>(page, 0), p.P - 1);
   };
   for (int64_t slot = lo / C; slot * C < hi; ++slot) {
+    if ((slot + 1) * C < hi) prefetch_page(p, page_at(slot + 1), it.head);
     const int64_t page = page_at(slot), key0 = slot * C;
     const int c_lo = static_cast<int>(std::max<int64_t>(lo - key0, 0));
     const int c_hi = static_cast<int>(std::min<int64_t>(hi - key0, C));  // keys [c_lo, c_hi) of the page are read
