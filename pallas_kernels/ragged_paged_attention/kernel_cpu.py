@@ -7,7 +7,8 @@ XLA's own intra-op thread pool (see the source's header for the algorithm).
 
 Building: the first call compiles the source with the system C++ compiler (`$CXX`, else g++ / c++ / clang++) against
 this jaxlib's FFI headers (`jax.ffi.include_dir()`), for this machine's instruction set (`-march=native`), into
-`$JAXLLM_KERNEL_CACHE` (default ~/.cache/jaxllm/kernels; a few seconds, once per machine and jaxlib: the file name
+`$JAXLLM_KERNEL_CACHE` (default ~/.cache/jaxllm/kernels, or a per-user temporary folder where home is read-only; a few
+seconds, once per machine and jaxlib: the file name
 holds a hash of the source, the headers' jaxlib version, the compiler and the CPU's flags). Without a compiler, or if
 the build fails, `library()` logs why once and returns None, and `implementation=None` on CPU takes the "xla" path.
 """
@@ -38,8 +39,14 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp-sim
          "-ffp-contract=fast")
 
 
-def cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("JAXLLM_KERNEL_CACHE") or pathlib.Path.home() / ".cache" / "jaxllm" / "kernels")
+def cache_dirs() -> list[pathlib.Path]:
+  """Where builds are kept: $JAXLLM_KERNEL_CACHE, else ~/.cache/jaxllm/kernels and, where that cannot be written (a
+  read-only home in a container), a per-user folder in the temporary directory."""
+  if os.environ.get("JAXLLM_KERNEL_CACHE"):
+    return [pathlib.Path(os.environ["JAXLLM_KERNEL_CACHE"])]
+  user = os.getuid() if hasattr(os, "getuid") else "user"
+  return [pathlib.Path.home() / ".cache" / "jaxllm" / "kernels",
+          pathlib.Path(tempfile.gettempdir()) / f"jaxllm-kernels-{user}"]
 
 
 def _compiler() -> list[str] | None:
@@ -70,17 +77,26 @@ def _digest(path: pathlib.Path) -> str:
 
 
 def _build(compiler: list[str]) -> pathlib.Path:
-  """The built library's path in the cache, built first unless a complete build is there: each build is written to
-  its own temporary file, flushed to disk, made readable to all (a shared cache), renamed into place and followed by a
-  sidecar holding its sha256, which a later process checks before it loads the file (a truncated library would crash
-  the process that maps it)."""
+  """The built library's path in the first cache folder that can hold it (built there first unless it is)."""
   source = SOURCE.read_bytes()
   version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True,
                            timeout=COMPILE_TIMEOUT_S).stdout
   key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in (
       source, version, " ".join(compiler), jaxlib.__version__, jax.ffi.include_dir(), " ".join(FLAGS), _cpu_flags(),
       platform.machine()))).hexdigest()[:16]
-  path = cache_dir() / f"ragged_paged_attention_cpu-{key}.so"
+  errors = []
+  for folder in cache_dirs():
+    try:
+      return _build_into(folder / f"ragged_paged_attention_cpu-{key}.so", compiler)
+    except OSError as e:  # the folder cannot be written: the next one
+      errors.append(f"{folder}: {e}")
+  raise OSError("; ".join(errors))
+
+
+def _build_into(path: pathlib.Path, compiler: list[str]) -> pathlib.Path:
+  """`path`, built first unless a complete build is there: each build is written to its own temporary file, flushed
+  to disk, made readable to all (a shared cache), renamed into place and followed by a sidecar holding its sha256,
+  which a later process checks before it loads the file (a truncated library would crash the process that maps it)."""
   sidecar = path.with_suffix(".sha256")
   try:
     if sidecar.read_text().strip() == _digest(path):

@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -518,6 +519,18 @@ def test_cpu_kernel_cache_rebuilds_a_damaged_file(monkeypatch, tmp_path):
   path.write_bytes(good[:1000])  # truncated, as after a crash mid-write
   assert kernel_cpu._build(compiler) == path and path.read_bytes() == good
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cpu_kernel_builds_in_a_temporary_folder_where_home_is_read_only(monkeypatch, tmp_path):
+  kernel_cpu = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention.kernel_cpu")
+  compiler = kernel_cpu._compiler()
+  if compiler is None:
+    pytest.skip("no C++ compiler here")
+  monkeypatch.delenv("JAXLLM_KERNEL_CACHE", raising=False)
+  monkeypatch.setenv("HOME", "/proc/no-home")  # nothing can be created under /proc
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  path = kernel_cpu._build(compiler)
+  assert path.parent.parent == tmp_path and path.with_suffix(".sha256").exists()
 
 
 def test_cpu_kernel_refuses_operands_it_cannot_read(rng):
