@@ -539,8 +539,10 @@ def test_cpu_kernel_refuses_operands_it_cannot_read(rng):
   q, k, v, kv_lens, pages, cu, num_seqs = make_case(rng, [1, 5], [20, 9], N=4, K=2, H=32)
   call = functools.partial(kernel_cpu.ragged_paged_attention_cpu, sm_scale=0.1, soft_cap=None)
   window = jnp.int32(NO_WINDOW)
-  for bad in ((q, k, v[:-1], kv_lens, pages, cu, num_seqs, window), (q, k, v, kv_lens, pages, cu[:-1], num_seqs, window),
-              (q, k, v, kv_lens[:1], pages, cu, num_seqs, window)):
+  bad_operands = [(q, k, v[:-1], kv_lens, pages, cu, num_seqs, window),  # fewer V pages than K pages
+                  (q, k, v, kv_lens, pages, cu[:-1], num_seqs, window),  # cu_q_lens short of S + 1
+                  (q, k, v, kv_lens[:1], pages, cu, num_seqs, window)]  # kv_lens short of S
+  for bad in bad_operands:
     with pytest.raises(Exception, match="v_pages must match k_pages"):
       jax.block_until_ready(call(*bad))
   np.testing.assert_allclose(np.asarray(call(q, k, v, kv_lens, pages, cu, num_seqs, window)),
