@@ -11,6 +11,7 @@ from jaxllm.layers import Llama
 from jaxllm.layers.paged import PagedKVCache
 from jaxllm.pallas_kernels.kv_quant import QuantizedPages, quantize_kv
 from tests.oracle import Generator
+from tests.pallas_kernels import CPU
 
 PAGE = 8
 NUM_PAGES = 40
@@ -66,7 +67,7 @@ def run_step(model, k, v, seqs, new_tokens, impl):
   return np.asarray(model.logits(h)[0]), stacked(cache.k, L), stacked(cache.v, L)
 
 
-@pytest.mark.parametrize("impl", ["xla", "cpu", GPU, "tpu-interpret"])
+@pytest.mark.parametrize("impl", ["xla", CPU, GPU, "tpu-interpret"])
 def test_ragged_paged_steps_equal_full_forward(model, impl, rng):
   gen = Generator(model)
   prompts = [rng.integers(0, 512, size=n).tolist() for n in (13, 5, 20)]

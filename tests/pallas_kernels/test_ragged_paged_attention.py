@@ -26,7 +26,7 @@ from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from jaxllm.pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items
 from jaxllm.pallas_kernels.reference import NO_WINDOW
-from tests.pallas_kernels import interpret
+from tests.pallas_kernels import CPU, interpret, needs_cpu_kernel
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -190,6 +190,7 @@ def test_xla_matches_naive_numpy(rng, layout, dtype):
       raise AssertionError(f"{kw or 'default block sizes'}: {e}") from e
 
 
+@needs_cpu_kernel
 @pytest.mark.parametrize("dtype", XLA_DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("layout", XLA_LAYOUTS, ids=[c[0] for c in XLA_LAYOUTS])
 @pytest.mark.parametrize("C,H", [(4, 16), (16, 32), (32, 64)], ids=["general", "fast_h32", "fast_h64"])
@@ -205,6 +206,7 @@ def test_cpu_matches_naive_numpy(rng, layout, dtype, C, H):
   assert_close(out, naive_numpy(*as_numpy(args), sm_scale=H ** -0.5), args, dtype)
 
 
+@needs_cpu_kernel
 @pytest.mark.parametrize("C", [4, 16], ids=["general", "fast"])
 def test_cpu_rows_do_not_depend_on_the_batch(rng, C):
   """A row's output is bitwise the same whatever shares its call: a decode alone or among others, a prompt's rows as
@@ -225,7 +227,7 @@ def test_cpu_rows_do_not_depend_on_the_batch(rng, C):
   np.testing.assert_array_equal(np.concatenate(rows), whole[cu[1]:cu[2]])
 
 
-@pytest.mark.parametrize("impl", ["xla", "cpu"])
+@pytest.mark.parametrize("impl", ["xla", CPU])
 def test_fully_masked_row_stays_local(rng, impl):
   """A sequence whose rows see no key (q_len > kv_len, only reachable with traced metadata) shares both of its
   blocks with other sequences; their rows are unchanged and nothing is NaN."""
@@ -251,7 +253,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["tpu", "gpu", "cpu"])
+@pytest.mark.parametrize("impl", ["tpu", "gpu", CPU])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_kernel_matches_reference(rng, impl, case):
   _, q_lens, kv_lens, N, K, C, dtype, opts = case
@@ -295,7 +297,7 @@ def poison_before_windows(args, window):
 WINDOW_LAYOUT = ([1, 17, 40, 1, 3], [30, 200, 140, 5, 99])
 
 
-@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu", "cpu"])
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu", CPU])
 @pytest.mark.parametrize("window,soft_cap", [(20, None), (7, 30.0), (33, None), (1, None)])
 def test_sliding_window_skips_pages_before_it(rng, impl, window, soft_cap):
   args = make_case(rng, *WINDOW_LAYOUT, N=6, K=2, H=32, C=16, pad_seqs=1, pad_rows=3)
@@ -313,7 +315,7 @@ def test_sliding_window_skips_pages_before_it(rng, impl, window, soft_cap):
     assert_close(run_kernel(impl, args, **kw, **sizes), expected, args, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["xla", "cpu"])
+@pytest.mark.parametrize("impl", ["xla", CPU])
 def test_traced_window_per_layer(rng, impl):
   """The window is a runtime value: one jitted program serves a layer scan's local (window) and global (None) layers."""
   args = make_case(rng, *WINDOW_LAYOUT, N=6, K=2, H=32, C=16)
@@ -323,7 +325,7 @@ def test_traced_window_per_layer(rng, impl):
     assert_close(f(jnp.int32(window)), expected, args, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu", "cpu"])
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu", CPU])
 def test_no_sequences(rng, impl):
   """num_seqs = 0: nothing to attend, every row is padding and comes back as 0."""
   args = make_case(rng, [2, 1], [20, 9], N=4, K=2, H=64)
@@ -349,7 +351,7 @@ def quantize_case(args, dtype):
 
 # Quantized pages (int8 / float8_e4m3fn values, float32 scales): every implementation dequantizes inside the kernel
 # and must equal the oracle on the dequantized pages; with windows, NaN in every page wholly before them.
-@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu", "cpu"])
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu", CPU])
 @pytest.mark.parametrize("kv_dtype,window,soft_cap", [(jnp.int8, None, None), (jnp.float8_e4m3fn, 20, 30.0)],
                          ids=["int8", "fp8_window_softcap"])
 def test_quantized_pages_match_reference_on_dequantized(rng, impl, kv_dtype, window, soft_cap):
@@ -533,6 +535,7 @@ def test_cpu_kernel_builds_in_a_temporary_folder_where_home_is_read_only(monkeyp
   assert path.parent.parent == tmp_path and path.with_suffix(".sha256").exists()
 
 
+@needs_cpu_kernel
 def test_cpu_kernel_refuses_operands_it_cannot_read(rng):
   """Called directly (the dispatch validates shapes first), the custom call checks the shapes it indexes by."""
   kernel_cpu = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention.kernel_cpu")
