@@ -819,7 +819,7 @@ class _ToolCalls:
     found, content = self.parse(k, text)
     if not found:
       return {"role": "assistant", "content": text}
-    return {"role": "assistant", "content": content.strip() or None, "tool_calls": [c.to_openai() for c in found]}
+    return {"role": "assistant", "content": content.rstrip() or None, "tool_calls": [c.to_openai() for c in found]}
 
   def finish_reason(self, k: int, r) -> str:
     """"tool_calls" when the model chose to call (auto / required); a named function's call ends with "stop", as
@@ -846,12 +846,15 @@ class _ToolCalls:
       return {"tool_calls": [call]}
     if not finished:
       safe = self.fmt.safe_prefix(text) if self.choice == "auto" else 0
+      # Trailing whitespace waits for the next word: if calls follow instead, the message's content ends before it
+      # (`message` drops it), and the stream's content must add up to the same.
+      safe = len(text[:safe].rstrip())
       if safe <= self.sent[k]:
         return {}
       out, self.sent[k] = {"content": text[self.sent[k]:safe]}, safe
       return out
     found, content = self.parse(k, text)
-    rest = (content if found else text)[self.sent[k]:]
+    rest = (content.rstrip() if found else text)[self.sent[k]:]
     out = {"content": rest} if rest else {}
     if found:
       out["tool_calls"] = [{"index": i, **c.to_openai()} for i, c in enumerate(found)]

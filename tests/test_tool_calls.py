@@ -71,6 +71,27 @@ def test_streams_hold_back_only_what_may_be_a_call():
   assert j.safe_prefix("  ") == 0 and j.safe_prefix(' {"tool') == 0 and j.safe_prefix("The answer") == 10
 
 
+CALL = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+
+
+@pytest.mark.parametrize("text", [f"Let me check. \n{CALL}", "Paris is sunny.\n\nAnything else? ", f"On it.{CALL}",
+                                  f"\n\n{CALL}", f"\nSure. {CALL}"],
+                         ids=["text_then_call", "text_only", "no_space", "blank_then_call", "leading_newline"])
+def test_streamed_content_adds_up_to_the_whole_message(text):
+  """Token by token, a Hermes sample's streamed content deltas join to the whole message's content (whitespace
+  before a call included: the message drops it, so the stream holds it back until the next word)."""
+  from jaxllm.serving.server import _ToolCalls
+
+  whole = _ToolCalls(HermesToolFormat(), SPECS, "auto", 1).message(0, text)
+  stream, content, called = _ToolCalls(HermesToolFormat(), SPECS, "auto", 1), "", []
+  for i in range(0, len(text), 3):  # 3-character deltas, the last one finishing the sample
+    delta = stream.stream(0, text[i:i + 3], finished=i + 3 >= len(text))
+    content += delta.get("content", "")
+    called += delta.get("tool_calls", [])
+  assert content == (whole["content"] or "")
+  assert [c["function"]["name"] for c in called] == [c["function"]["name"] for c in whole.get("tool_calls", [])]
+
+
 def test_generic_prompt_carries_the_tools_and_earlier_calls_in_its_syntax():
   msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
           {"role": "assistant", "content": "", "tool_calls": [
