@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.pallas_kernels.backend import default_implementation
-from jaxllm.pallas_kernels.ragged_paged_attention import kernel_cpu
 from jaxllm.pallas_kernels.kv_quant import QUANTIZED_DTYPES, SCALE_DTYPE, is_quantized
+from jaxllm.pallas_kernels.ragged_paged_attention import kernel_cpu
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_gpu import ragged_paged_attention_gpu
 from jaxllm.pallas_kernels.ragged_paged_attention.kernel_tpu import ragged_paged_attention_tpu
 from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items, ragged_paged_attention_xla

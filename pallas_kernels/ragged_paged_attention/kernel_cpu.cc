@@ -81,14 +81,18 @@ const Fp8Table kFp8;
 
 enum class Elem { kF32, kBF16, kS8, kF8E4M3FN };
 
-inline float load(const void* base, int64_t i, Elem e) {
-  switch (e) {
-    case Elem::kF32: return static_cast<const float*>(base)[i];
-    case Elem::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
-    case Elem::kS8: return static_cast<float>(static_cast<const int8_t*>(base)[i]);
-    case Elem::kF8E4M3FN: return kFp8.value[static_cast<const uint8_t*>(base)[i]];
+// Element i of an array of E as float32.
+template <Elem E>
+inline float element(const void* base, int64_t i) {
+  if constexpr (E == Elem::kF32) {
+    return static_cast<const float*>(base)[i];
+  } else if constexpr (E == Elem::kBF16) {
+    return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+  } else if constexpr (E == Elem::kS8) {
+    return static_cast<float>(static_cast<const int8_t*>(base)[i]);
+  } else {
+    return kFp8.value[static_cast<const uint8_t*>(base)[i]];
   }
-  return 0.0f;
 }
 
 // n contiguous elements from base + offset as float32, times scale[c] per row of `width` (scale may be null).
@@ -97,16 +101,7 @@ void load_rows(const void* base, int64_t offset, const float* scale, int rows, i
   for (int c = 0; c < rows; ++c) {
     const float s = scale ? scale[c] : 1.0f;
     for (int h = 0; h < width; ++h) {
-      float x;
-      if constexpr (E == Elem::kF32) {
-        x = static_cast<const float*>(base)[offset + c * width + h];
-      } else if constexpr (E == Elem::kBF16) {
-        x = bf16_to_f32(static_cast<const uint16_t*>(base)[offset + c * width + h]);
-      } else if constexpr (E == Elem::kS8) {
-        x = static_cast<float>(static_cast<const int8_t*>(base)[offset + c * width + h]);
-      } else {
-        x = kFp8.value[static_cast<const uint8_t*>(base)[offset + c * width + h]];
-      }
+      const float x = element<E>(base, offset + c * width + h);
       out[c * width + h] = scale ? x * s : x;
     }
   }
@@ -458,7 +453,7 @@ struct Shared {
   size_t done = 0;
 
   void work() {
-    Scratch scratch;
+    thread_local Scratch scratch;  // kept by each pool thread across calls: no allocation per layer once warm
     size_t mine = 0;
     for (size_t i; (i = next.fetch_add(1)) < items.size();) {
       run_item(problem, items[i], scratch);
