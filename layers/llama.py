@@ -28,7 +28,8 @@ from jaxllm.config import ModelConfig
 from jaxllm.layers.attention import Attention, CacheView, NoCache
 from jaxllm.layers.mlp import MLP
 from jaxllm.layers.norm import RMSNorm
-from jaxllm.layers.ops import check_quantization, weight
+from jaxllm.layers.ops import DenseWeight, LayerSlice, check_quantization, weight
+from jaxllm.pallas_kernels import matmul_cpu
 
 
 class DecoderLayer(nnx.Module):
@@ -85,9 +86,12 @@ class Llama(nnx.Module):
     self.activation_sharding = None
     # The layer loop: None picks by backend (`_unroll`); True / False force an unrolled loop / a scan.
     self.unroll_layers = None
+    # The weight matmuls on the native CPU kernel: None picks (`_native_matmul`); True / False force it.
+    self.native_matmul = None
     with _lazy_sharding():
       V, D = config.vocab_size, config.d_model
-      self.embed_VD, _ = weight(rngs.params(), (V, D), ("vocab", "embed"), dtype, None, reduce_axes=(1,))
+      self.embed_VD, _ = weight(rngs.params(), (V, D), ("vocab", "embed"), dtype, None, reduce_axes=(1,),
+                                param=nnx.Param)
 
       @nnx.split_rngs(splits=config.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_layers,
@@ -98,7 +102,7 @@ class Llama(nnx.Module):
       self.layers = make_layers(rngs)
       self.final_norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, dtype=dtype, plus_one=config.norm_plus_one)
       self.lm_head_DV = None if config.tie_embeddings else weight(
-          rngs.params(), (D, V), ("embed", "vocab"), dtype, None, reduce_axes=(0,))[0]
+          rngs.params(), (D, V), ("embed", "vocab"), dtype, None, reduce_axes=(0,), param=nnx.Param)[0]
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: LayerCache | None = None,
                attention_impl: str | None = None):
@@ -114,27 +118,34 @@ class Llama(nnx.Module):
     if c.scale_embeddings:  # HF Gemma: times sqrt(D) rounded to the activation dtype
       x_BTD = x_BTD * jnp.asarray(c.d_model ** 0.5, x_BTD.dtype)
     x_BTD = self._constrain(x_BTD)
-    graphdef, stacked = nnx.split(self.layers)
+    graphdef, weights, rest = nnx.split(self.layers, DenseWeight, ...)
     per_layer = (jnp.asarray(c.layer_inv_freq()), jnp.asarray(c.layer_windows()))  # [L, H/2], [L]
+    layer_ids = jnp.arange(c.num_layers)
+    # What the scan slices per layer: every parameter, or (weights read in place) none, and the body takes the rest.
+    sliced = None if self._native_matmul() else (weights, rest)
+
+    def layer_at(sliced, index):
+      if sliced is not None:
+        return nnx.merge(graphdef, *sliced)
+      take = lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)  # noqa: E731
+      return nnx.merge(graphdef, jax.tree.map(lambda a: LayerSlice(a, index), weights), jax.tree.map(take, rest))
 
     if cache is None:
       def body(x, xs):
-        layer_state, (inv_freq_h, window) = xs
-        layer = nnx.merge(graphdef, layer_state)
+        layer_sliced, index, (inv_freq_h, window) = xs
         view = NoCache(attention_impl, self.activation_sharding)
-        return self._constrain(layer(x, positions_BT, view, inv_freq_h, window)), None
+        return self._constrain(layer_at(layer_sliced, index)(x, positions_BT, view, inv_freq_h, window)), None
 
-      x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, per_layer), unroll=self._unroll())
+      x_BTD, _ = jax.lax.scan(body, x_BTD, (sliced, layer_ids, per_layer), unroll=self._unroll())
     else:
       def body(carry, xs):
         x, k, v = carry
-        layer_state, index, (inv_freq_h, window) = xs
+        layer_sliced, index, (inv_freq_h, window) = xs
         view = cache.view(k, v, index, attention_impl, self.activation_sharding)
-        x = self._constrain(nnx.merge(graphdef, layer_state)(x, positions_BT, view, inv_freq_h, window))
+        x = self._constrain(layer_at(layer_sliced, index)(x, positions_BT, view, inv_freq_h, window))
         return (x, view.k, view.v), None
 
-      layer_ids = jnp.arange(c.num_layers)
-      (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), (stacked, layer_ids, per_layer),
+      (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), (sliced, layer_ids, per_layer),
                                       unroll=self._unroll())
       cache = cache.replace(k=k, v=v)
     return self.final_norm(x_BTD), cache
@@ -147,13 +158,32 @@ class Llama(nnx.Module):
     time, about L times the body's (28-38 s per program for 32 layers there)."""
     return jax.default_backend() != "cpu" if self.unroll_layers is None else bool(self.unroll_layers)
 
+  def _native_matmul(self) -> bool:
+    """Whether the weight matmuls run the native CPU kernel (`jaxllm.pallas_kernels.matmul_cpu`): the layer scan
+    hands each layer its weights as `LayerSlice`s of the stacked arrays, read in place (XLA:CPU copies a scanned
+    slice out before its GEMM; see `jaxllm.layers.ops`), and the LM head reads the embedding table in place. On CPU,
+    in a scan, on one device (the custom calls have no sharding rule), where the kernel builds. `native_matmul` set
+    to True / False forces it (benchmarks and tests compare both)."""
+    if self.native_matmul is not None:
+      return bool(self.native_matmul)
+    return (jax.default_backend() == "cpu" and not self._unroll() and self.activation_sharding is None
+            and matmul_cpu.library() is not None)
+
   def _constrain(self, x_BTD):
     if self.activation_sharding is None:
       return x_BTD
     return self.activation_sharding(x_BTD, ("batch", "length", "embed"))
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
-    if self.lm_head_DV is None:
+    """Float32 logits [B, T, V] of hidden states [B, T, D]."""
+    if self._native_matmul() and h_BTD.dtype in (jnp.float32, jnp.bfloat16):
+      x = h_BTD.reshape(-1, h_BTD.shape[-1]).astype(jnp.float32)
+      if self.lm_head_DV is None:
+        logits = matmul_cpu.matmul_transposed(x, self.embed_VD[...])
+      else:
+        logits = matmul_cpu.matmul(x, self.lm_head_DV[...][None], 0)
+      logits = logits.reshape(*h_BTD.shape[:-1], logits.shape[-1])
+    elif self.lm_head_DV is None:
       logits = jnp.einsum("BTD,VD->BTV", h_BTD, self.embed_VD[...], preferred_element_type=jnp.float32)
     else:
       logits = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head_DV[...], preferred_element_type=jnp.float32)

@@ -19,6 +19,10 @@ Weight-only quantization keeps a matrix as int8 values q beside float scales (sy
           into the dot's operand. A GGUF Q8_0 tensor loads bit-exactly: requantizing its dequantized blocks gives back
           its own values and float16 scales (`quantize_blocks`' rounding is llama.cpp's).
 A scale array's rank says its layout; both keep their contraction axes' logical names, so they shard with the weight.
+
+A decoder layer's weights and scales are `DenseWeight`s: read only through `dense`. In the CPU layer scan (`Llama`)
+they reach it as `LayerSlice`s of the stacked [L, ...] arrays, which the native CPU matmul
+(`jaxllm.pallas_kernels.matmul_cpu`) reads in place; anything it does not take is sliced out and runs as below.
 """
 
 import jax
@@ -26,20 +30,79 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.pallas_kernels import matmul_cpu
+
 QUANTIZATIONS = (None, "int8", "q8_0")
 BLOCK = 32  # q8_0: entries of the innermost contraction axis per scale
 _init = nnx.initializers.normal(0.02)
 
 
-def dense(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+class DenseWeight(nnx.Param):
+  """A decoder layer's weight matrix or its scales: read only by `dense` (so the layer scan may hand it over as a
+  `LayerSlice`)."""
+
+
+class LayerSlice:
+  """Layer `index` of a stacked [L, ...] array, not sliced out: `dense` gives the native CPU matmul the whole stack
+  and the index (it reads w + index * K * N in place); `slice()` is the plain XLA slice for everything else.
+  `param[...]` returns it unchanged."""
+
+  def __init__(self, stack: jax.Array, index: jax.Array):
+    self.stack, self.index = stack, index
+    self.shape, self.dtype, self.ndim = stack.shape[1:], stack.dtype, stack.ndim - 1
+
+  def __getitem__(self, key):
+    if key is not Ellipsis:
+      raise TypeError(f"a LayerSlice is read whole ([...]), not at {key!r}")
+    return self
+
+  def slice(self) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(self.stack, self.index, keepdims=False)
+
+
+def dense(spec: str, x: jax.Array, w, scale=None) -> jax.Array:
   """einsum(spec, x, w) accumulated in f32, returned in x's dtype. A quantized w (int8) comes with its scales: per
-  output channel (fewer dims than w, broadcast over the trailing output dims of the result) or per block (w's rank)."""
+  output channel (fewer dims than w, broadcast over the trailing output dims of the result) or per block (w's rank).
+  w and scale may be `LayerSlice`s (the CPU layer scan): the native matmul reads them in place where it can."""
+  if isinstance(w, LayerSlice):
+    y = _dense_in_place(spec, x, w, scale)
+    if y is not None:
+      return y
+    w, scale = w.slice(), None if scale is None else scale.slice()
   if scale is None:
     return _dot(spec, x, w).astype(x.dtype)
   if scale.ndim == w.ndim:
     return _dot(spec, x, dequantize_blocks(w, scale, x.dtype)).astype(x.dtype)
   y = _dot(spec, x, w.astype(x.dtype)).astype(jnp.float32)
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _dense_in_place(spec: str, x: jax.Array, w: LayerSlice, scale: LayerSlice | None) -> jax.Array | None:
+  """`dense` through the native CPU matmul on the stacked weights, or None where it does not apply: a spec that is
+  not x's trailing axes contracted with w's leading ones in order, an activation dtype other than float32 / bfloat16,
+  or Q8_0 blocks under bfloat16 activations (the XLA path rounds their dequantized values to bfloat16)."""
+  operands, out = spec.split("->")
+  xs, ws = operands.split(",")
+  c = len([a for a in xs if a in ws])
+  if not c or xs[len(xs) - c:] != ws[:c] or out != xs[:len(xs) - c] + ws[c:]:
+    return None
+  blocks = scale is not None and scale.ndim == w.ndim
+  if x.dtype not in (jnp.float32, jnp.bfloat16) or (blocks and x.dtype != jnp.float32):
+    return None
+  if jnp.dtype(w.dtype) not in matmul_cpu.WEIGHT_DTYPES or matmul_cpu.library() is None:
+    return None
+  L = w.stack.shape[0]
+  K, N = int(np.prod(w.shape[:c])), int(np.prod(w.shape[c:]))
+  if scale is None:
+    scales = None
+  elif blocks:
+    if scale.dtype != jnp.float16:
+      return None
+    scales = scale.stack.reshape(L, K // BLOCK, N)
+  else:
+    scales = scale.stack.reshape(L, N).astype(jnp.float32)
+  y = matmul_cpu.matmul(x.reshape(-1, K).astype(jnp.float32), w.stack.reshape(L, K, N), w.index, scales)
+  return y.reshape(*x.shape[:len(xs) - c], *w.shape[c:]).astype(x.dtype)
 
 
 def _dot(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -113,15 +176,17 @@ def quantize(w, quantization: str, reduce_axes: tuple[int, ...], dtype):
   return q, scale.astype(dtype)
 
 
-def weight(key, shape: tuple[int, ...], axes: tuple[str, ...], dtype, quantization, *, reduce_axes: tuple[int, ...]):
+def weight(key, shape: tuple[int, ...], axes: tuple[str, ...], dtype, quantization, *, reduce_axes: tuple[int, ...],
+           param=DenseWeight):
   """A weight Param (random init) and its scale Param (None unless quantized), with the logical axes the layout
-  gives it: a per-channel scale has the dims not in `reduce_axes` (the contraction dims), a block scale all of w's."""
+  gives it: a per-channel scale has the dims not in `reduce_axes` (the contraction dims), a block scale all of w's.
+  `param`: the Param type (a `DenseWeight` unless something besides `dense` reads it, as the embedding)."""
   w = _init(key, shape, dtype)
   if quantization is None:
-    return nnx.Param(w, out_sharding=axes), None
+    return param(w, out_sharding=axes), None
   q, scale = quantize(w, quantization, reduce_axes, dtype)
   scale_axes = axes if quantization == "q8_0" else tuple(a for i, a in enumerate(axes) if i not in reduce_axes)
-  return nnx.Param(q, out_sharding=axes), nnx.Param(scale, out_sharding=scale_axes)
+  return param(q, out_sharding=axes), param(scale, out_sharding=scale_axes)
 
 
 def value(p):

@@ -23,34 +23,25 @@
 // converted (and scaled) one page at a time into a small buffer.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
-#include <string>
 #include <vector>
 
+#include "native_cpu.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using namespace jaxllm;  // NOLINT: the shared vector helpers
+
 constexpr int kBlockRows = 16;    // query rows per work item (a prefill chunk's slabs are read once per 16 rows)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ---- element conversions ----
-
-inline float bf16_to_f32(uint16_t x) {
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as XLA's convert
   uint32_t u;
@@ -136,16 +127,7 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// ---- 16-lane vectors (GCC / Clang vector extensions: AVX-512 registers here, pairs of AVX2 ones or NEON
-// quadruples elsewhere) for the fast path: page sizes and head dims that are multiples of 16 ----
-
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef float v16f_u __attribute__((vector_size(64), aligned(4)));  // unaligned loads / stores
-
-inline v16f load16(const float* p) { return *reinterpret_cast<const v16f_u*>(p); }
-inline void store16(float* p, v16f x) { *reinterpret_cast<v16f_u*>(p) = x; }
-inline v16f splat(float x) { return v16f{} + x; }
+// ---- the fast path's 16-lane vectors (native_cpu.h): page sizes and head dims that are multiples of 16 ----
 
 // Lane-wise exp for x <= 0, the same polynomial as exp_nonpositive (round to nearest by the 1.5 * 2^23 trick).
 inline v16f exp16_nonpositive(v16f x) {
@@ -166,39 +148,6 @@ inline v16f exp16_nonpositive(v16f x) {
   v16f scale;
   std::memcpy(&scale, &bits, 64);
   return p * scale;
-}
-
-#if defined(__clang__)
-#define SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, v16i{__VA_ARGS__})
-#endif
-
-// Adds lane halves of a and b: the first 8 lanes hold a's pairwise sums, the last 8 b's (one level of a tree).
-inline v16f fold8(v16f a, v16f b) {
-  return SHUFFLE2(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         SHUFFLE2(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-}
-inline v16f fold4(v16f a, v16f b) {
-  return SHUFFLE2(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-         SHUFFLE2(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-}
-inline v16f fold2(v16f a, v16f b) {
-  return SHUFFLE2(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-         SHUFFLE2(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-}
-inline v16f fold1(v16f a, v16f b) {
-  return SHUFFLE2(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         SHUFFLE2(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-// Lane c of the result is the sum of x[c]'s 16 lanes: 16 dot products finished in 15 shuffle-and-add steps.
-inline v16f sum_lanes16(const v16f* x) {
-  v16f a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i) a[i] = fold8(x[2 * i], x[2 * i + 1]);
-  for (int i = 0; i < 4; ++i) b[i] = fold4(a[2 * i], a[2 * i + 1]);
-  for (int i = 0; i < 2; ++i) c[i] = fold2(b[2 * i], b[2 * i + 1]);
-  return fold1(c[0], c[1]);
 }
 
 inline v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
@@ -442,31 +391,6 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
   }
 }
 
-// Items taken from a shared counter by the caller and the pool's threads. The state outlives the call (a task may
-// start after every item is done); it reaches the buffers only through items it claims, all finished before return.
-struct Shared {
-  Problem problem;
-  std::vector<Item> items;
-  std::atomic<size_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  size_t done = 0;
-
-  void work() {
-    thread_local Scratch scratch;  // kept by each pool thread across calls: no allocation per layer once warm
-    size_t mine = 0;
-    for (size_t i; (i = next.fetch_add(1)) < items.size();) {
-      run_item(problem, items[i], scratch);
-      ++mine;
-    }
-    if (mine) {
-      std::lock_guard<std::mutex> lock(mu);
-      done += mine;
-      if (done == items.size()) cv.notify_all();
-    }
-  }
-};
-
 bool elem_of(ffi::DataType t, Elem* e) {
   switch (t) {
     case ffi::DataType::F32: *e = Elem::kF32; return true;
@@ -486,8 +410,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::A
     return ffi::Error::InvalidArgument("ragged paged attention (cpu): q must be [T, N, H], pages [P, K, C, H] and "
                                        "page_indices [S, M]");
   }
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
   p.T = static_cast<int>(qd[0]);
   p.N = static_cast<int>(qd[1]);
   p.H = static_cast<int>(qd[2]);
@@ -541,7 +464,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::A
   const size_t row_bytes = static_cast<size_t>(p.N) * p.H * (p.q_type == Elem::kF32 ? 4 : 2);
   std::memset(p.out, 0, row_bytes * p.T);
 
-  auto& items = shared->items;
+  std::vector<Item> items;
   for (int i = 0; i < p.num_seqs; ++i) {
     const int start = p.cu_q_lens[i], end = std::min(p.cu_q_lens[i + 1], p.T);
     if (start < 0 || end <= start) continue;
@@ -557,13 +480,10 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::A
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
   if (items.empty()) return ffi::Error::Success();
 
-  // The calling thread is one of the pool's (or the host's): it works too, beside num_threads - 1 helpers (one
-  // task per core; a task more made the cores take turns: 35 ms against 26 ms for a 32-sequence decode's layers).
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, static_cast<int64_t>(items.size()) - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([shared] { shared->work(); });
-  shared->work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done == shared->items.size(); });
+  parallel_for(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+    thread_local Scratch scratch;  // kept by each pool thread across calls: no allocation per layer once warm
+    run_item(p, items[i], scratch);
+  });
   return ffi::Error::Success();
 }
 

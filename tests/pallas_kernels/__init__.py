@@ -4,11 +4,11 @@ interpreted runs on CPU: `JAX_PLATFORMS=cuda pytest tests/pallas_kernels tests/t
 import jax
 import pytest
 
-from jaxllm.pallas_kernels.ragged_paged_attention import kernel_cpu
+from jaxllm.pallas_kernels import native
 
 # The native CPU kernel is built with the machine's C++ compiler: where none is found (the XLA path serves instead,
 # which its own tests cover) its cases are skipped; where one is found and the build fails, they fail.
-needs_cpu_kernel = pytest.mark.skipif(kernel_cpu._compiler() is None, reason="no C++ compiler to build the CPU kernel")
+needs_cpu_kernel = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler to build the CPU kernel")
 CPU = pytest.param("cpu", marks=needs_cpu_kernel)
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxllm.pallas_kernels import native
 from jaxllm.pallas_kernels.kv_quant import dequantize_kv, quantize_kv
-from jaxllm.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from jaxllm.pallas_kernels.ragged_paged_attention import kernel_cpu, ragged_paged_attention
 from jaxllm.pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from jaxllm.pallas_kernels.ragged_paged_attention.xla import num_work_items
 from jaxllm.pallas_kernels.reference import NO_WINDOW
@@ -497,7 +498,7 @@ def test_cpu_default_is_the_native_kernel_and_xla_without_a_compiler(rng, tmp_pa
   the package still works: the XLA path, a logged reason, and an explicit "cpu" answered with an error."""
   rpa = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention")
   args = make_case(rng, [1, 5], [20, 9], N=4, K=2, H=32)
-  if rpa.kernel_cpu._compiler() is not None:
+  if native.compiler() is not None:
     assert rpa._best_implementation(args[0], args[1]) == "cpu"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PATH": str(tmp_path), "JAXLLM_KERNEL_CACHE": str(tmp_path / "k")}
   env.pop("CXX", None)
@@ -507,38 +508,39 @@ def test_cpu_default_is_the_native_kernel_and_xla_without_a_compiler(rng, tmp_pa
   assert "no C++ compiler found" in run.stderr
 
 
+def build(compiler):
+  return native.build(kernel_cpu.SOURCE, "ragged_paged_attention_cpu", compiler)
+
+
 def test_cpu_kernel_cache_rebuilds_a_damaged_file(monkeypatch, tmp_path):
   """A cached build is loaded only when its sha256 sidecar matches (a truncated library would crash the process that
   maps it): a damaged file is rebuilt in place; builds are readable to every user of a shared cache."""
-  kernel_cpu = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention.kernel_cpu")
   monkeypatch.setenv("JAXLLM_KERNEL_CACHE", str(tmp_path))
-  compiler = kernel_cpu._compiler()
+  compiler = native.compiler()
   if compiler is None:
     pytest.skip("no C++ compiler here")
-  path = kernel_cpu._build(compiler)
+  path = build(compiler)
   good = path.read_bytes()
-  assert path.stat().st_mode & 0o444 == 0o444 and path.with_suffix(".sha256").read_text() == kernel_cpu._digest(path)
+  assert path.stat().st_mode & 0o444 == 0o444 and path.with_suffix(".sha256").read_text() == native.digest(path)
   path.write_bytes(good[:1000])  # truncated, as after a crash mid-write
-  assert kernel_cpu._build(compiler) == path and path.read_bytes() == good
+  assert build(compiler) == path and path.read_bytes() == good
   assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_cpu_kernel_builds_in_a_temporary_folder_where_home_is_read_only(monkeypatch, tmp_path):
-  kernel_cpu = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention.kernel_cpu")
-  compiler = kernel_cpu._compiler()
+  compiler = native.compiler()
   if compiler is None:
     pytest.skip("no C++ compiler here")
   monkeypatch.delenv("JAXLLM_KERNEL_CACHE", raising=False)
   monkeypatch.setenv("HOME", "/proc/no-home")  # nothing can be created under /proc
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-  path = kernel_cpu._build(compiler)
+  path = build(compiler)
   assert path.parent.parent == tmp_path and path.with_suffix(".sha256").exists()
 
 
 @needs_cpu_kernel
 def test_cpu_kernel_refuses_operands_it_cannot_read(rng):
   """Called directly (the dispatch validates shapes first), the custom call checks the shapes it indexes by."""
-  kernel_cpu = importlib.import_module("jaxllm.pallas_kernels.ragged_paged_attention.kernel_cpu")
   q, k, v, kv_lens, pages, cu, num_seqs = make_case(rng, [1, 5], [20, 9], N=4, K=2, H=32)
   call = functools.partial(kernel_cpu.ragged_paged_attention_cpu, sm_scale=0.1, soft_cap=None)
   window = jnp.int32(NO_WINDOW)
