@@ -14,8 +14,8 @@ per second of wall time, prefill included.
 Decode step: one engine step (forward + sampler programs) with every sequence decoding one token at context
 --step_context; the bandwidth floor is (weight bytes + KV bytes read per step) / measured copy bandwidth, the compute
 floor the step's FLOPs / measured matmul FLOP/s. Beside them, where the step's time goes: its attention alone (every
-layer's ragged paged attention with the step's metadata) and its weight FLOPs at the FLOP/s the matmul library reaches
-on a GEMM of the step's own row count.
+layer's ragged paged attention with the step's metadata) and its weight FLOPs at the FLOP/s the model's matmul (on CPU
+the native kernel) reaches on a GEMM of the step's own row count.
 
     python benchmarks/throughput.py [--num_prompts 64] [--max_num_seqs 32] [--variants f32,int8,kv-int8]
     python benchmarks/throughput.py --variants q8_0 --temperature 0.8 --top_p 0.95        # a chat client's sampling
@@ -346,7 +346,7 @@ def main():
       t = times["step"]
       floor = (weight_bytes + slots * args.step_context * kv_per_token) / (bandwidth * 1e9)
       compute = step_flops(mc, slots, args.step_context) / (tflops * 1e12)
-      # The weights' FLOPs at the rate the matmul library reaches on the step's own GEMM shape (slots rows).
+      # The weights' FLOPs at the rate the model's matmul reaches on the step's own GEMM shape (slots rows).
       at_rows = step_flops(mc, slots, 0) / (common.matmul_tflops(dtype, (slots, mc.d_model, mc.d_ff)) * 1e12)
       steps.append((name, slots, T, t, floor, compute, times["forward"], times["pick"], times["attention"], at_rows))
       attention = "-" if times["attention"] is None else f"{times['attention'] * 1e3:.2f}"
@@ -399,10 +399,12 @@ def main():
       f"Decode step (one engine step: forward + sampler, every sequence decoding one token) at context "
       f"{args.step_context}. Bandwidth floor = (bytes of the placed weights + KV bytes read, values and scales) / "
       f"{bandwidth:.1f} GB/s measured copy bandwidth; compute floor = FLOPs of the step (2 per weight per row + "
-      f"attention) / measured matmul FLOP/s of the variant's dtype. 'of floor' is the larger floor over the step time. "
+      f"attention) / measured matmul FLOP/s of the variant's dtype (on CPU the better of XLA's dot and the native "
+      f"kernel at 1024^3). 'of floor' is the larger floor over the step time. "
       f"Where the rest goes: 'attention' is the step's ragged paged attention alone (every layer, its kernel and "
-      f"metadata, no projections); 'matmuls at rows' is the step's weight FLOPs at the FLOP/s the matmul library "
-      f"reaches on a [sequences, d_model] x [d_model, d_ff] product (its own shape, not the square peak).",
+      f"metadata, no projections); 'matmuls at rows' is the step's weight FLOPs at the FLOP/s the model's matmul (on "
+      f"CPU the native kernel) reaches on a [sequences, d_model] x [d_model, d_ff] product (its own shape, not the "
+      f"square peak).",
       "",
       "| variant | weights | KV cache (B/token) | sequences | token bucket | step ms | model ms | attention ms | "
       "LM head + sampler ms | bandwidth floor ms | compute floor ms | matmuls at rows ms | of floor |",

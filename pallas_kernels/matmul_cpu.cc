@@ -12,12 +12,14 @@
 // each int8 weight times its block's scale before it is used, the float32 value XLA's dequantization makes). x and y
 // are float32; the accumulation is float32.
 //
-// Blocking: work items are (block of up to kRowBlock rows, panel of kPanel = 32 output columns); the caller and
-// XLA's intra-op pool take them from a shared counter. An item walks K in blocks of kDepth rows (the panel's
-// [kDepth, 32] weights stay in L1 / L2 while every row tile of the item reads them) and, per block, runs a register
-// tile of up to kTileRows x 32 outputs: per k, two 16-lane weight loads, one broadcast of x per row and two
-// multiply-adds per row (24 accumulators: a 12 x 32 tile). The first row tile of a block prefetches the weight rows
-// kPrefetch ahead (the next block's, at its end), since each weight row of a panel lies in another page.
+// Blocking: work items are (block of up to kRowBlock rows, panel of kPanel = 32 output columns; kWidePanel = 128 for
+// calls of at most kWideItemRows rows, whose time goes to reading the weights: a longer contiguous run per weight
+// row); the caller and XLA's intra-op pool take them from a shared counter. An item walks K in blocks of kDepth rows
+// (the panel's [kDepth, width] weights stay in L1 / L2 while every row tile of the item reads them) and, per block,
+// runs register tiles: 12 rows x 32 columns (per k, two 16-lane weight loads, one broadcast of x per row and two
+// multiply-adds per row: 24 accumulators), or in wide items 3 rows x 128 columns (eight loads, 24 accumulators),
+// then 16-column and single-column tails. The first row tile of a block prefetches the weight rows kPrefetch ahead
+// (the next block's, at its end), since each weight row of a panel lies in another page.
 // Each output is one float32 sum over k in order, whichever rows share its item: a row's result does not depend on
 // the batch around it (the engine's batch invariance).
 
@@ -25,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -39,15 +42,15 @@ namespace {
 
 using namespace jaxllm;  // NOLINT: the shared vector helpers
 
-constexpr int kPanel = 32;       // output columns per item: two 16-lane vectors
-constexpr int kWidePanel = 128;  // ... for at most kWideRows rows: eight vectors, 512 contiguous bytes of a float row
-constexpr int kWideRows = 3;
-constexpr int kWideItemRows = 8;  // calls with at most this many rows take 128-column items
-constexpr int kTileRows = 12;    // rows per register tile (12 x 2 accumulators, or 3 x 8)
-constexpr int kRowBlock = 240;   // rows per item (20 tiles); more rows make more items
-constexpr int kDepth = 256;      // K rows per block (a multiple of the Q8_0 block)
-constexpr int kQ8Block = 32;     // Q8_0: K rows per scale
-constexpr int kPrefetch = 48;    // weight rows ahead
+constexpr int kPanel = 32;         // output columns per item: two 16-lane vectors
+constexpr int kWidePanel = 128;    // ... in calls of at most kWideItemRows rows: 512 contiguous bytes of a float row
+constexpr int kWideItemRows = 8;   // (measured: 4-8 rows ran 1.3-1.5x faster wide; 12 and more ran slower)
+constexpr int kTileRows = 12;      // rows per register tile: 12 x 2 vectors of accumulators
+constexpr int kWideRows = 3;       // ... in the 128-column chunks of wide items: 3 x 8
+constexpr int kRowBlock = 240;     // rows per item (20 tiles); more rows make more items
+constexpr int kDepth = 256;        // K rows per block (a multiple of the Q8_0 block)
+constexpr int kQ8Block = 32;       // Q8_0: K rows per scale
+constexpr int kPrefetch = 48;      // weight rows ahead
 
 enum class W { kF32, kBF16, kS8 };
 enum class Scales { kNone = 0, kColumns = 1, kBlocks = 2 };
@@ -99,24 +102,36 @@ inline float load_w1(const void* w, int64_t i) {
   }
 }
 
-// IEEE float16 bits as float32, exactly (normals, subnormals, zeros, infinities, NaN).
+// IEEE float16 bits as float32, exactly (normals, subnormals, zeros, infinities, NaN). No float32 subnormal is
+// made on the way: XLA's threads run with denormals-are-zero, which would flush a float16 subnormal's bits to 0.
 inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7fffu;
   uint32_t bits;
-  if (em >= 0x7c00u) {
-    bits = sign | 0x7f800000u | ((em & 0x3ffu) << 13);  // infinity / NaN
-  } else {
-    float f;
-    const uint32_t shifted = em << 13;  // exponent rebased by 2^-112, which the multiply puts back
-    std::memcpy(&f, &shifted, 4);
-    f *= 5.192296858534828e33f;  // 2^112
+  if (em >= 0x7c00u) {  // infinity / NaN
+    bits = sign | 0x7f800000u | ((em & 0x3ffu) << 13);
+  } else if (em >= 0x0400u) {  // normal: the exponent rebased from 15 to 127
+    bits = sign | ((em << 13) + (112u << 23));
+  } else {  // subnormal or zero: em * 2^-24, a normal float32 (or 0)
+    const float f = static_cast<float>(em) * 5.9604644775390625e-8f;
     std::memcpy(&bits, &f, 4);
     bits |= sign;
   }
   float out;
   std::memcpy(&out, &bits, 4);
   return out;
+}
+
+// n float16 values as float32 (16 at a time with AVX-512's conversion: at a decode's few rows, converting a block's
+// scales one by one took longer than reading its weights).
+inline void f16_row_to_f32(const uint16_t* src, int n, float* out) {
+  int c = 0;
+#if defined(__AVX512F__)
+  for (; c + 16 <= n; c += 16) {
+    _mm512_storeu_ps(out + c, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c))));
+  }
+#endif
+  for (; c < n; ++c) out[c] = f16_to_f32(src[c]);
 }
 
 struct Problem {
@@ -134,13 +149,13 @@ struct Problem {
 // their block's scale first when bs (float32 [kc / 32, ldb], at the tile's first column) is given.
 template <W T, bool kBlockScaled, int MR, int NV>
 inline void tile(const float* __restrict x, int64_t ldx, const void* w, int64_t ldw, const float* __restrict bs,
-                 int ldb, float* __restrict y, int64_t ldy, int64_t kc, bool accumulate, bool prefetch) {
+                 int ldb, float* __restrict y, int64_t ldy, int64_t kc, bool accumulate, const char* pf,
+                 int64_t pf_ld) {
   v16f acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? load16(y + i * ldy + 16 * j) : v16f{};
-  const char* wb = static_cast<const char*>(w);
   v16f s[NV];
   for (int64_t k = 0; k < kc; ++k) {
     if constexpr (kBlockScaled) {
@@ -155,10 +170,9 @@ inline void tile(const float* __restrict x, int64_t ldx, const void* w, int64_t 
       b[j] = load_w<T>(w, k * ldw + 16 * j);
       if constexpr (kBlockScaled) b[j] *= s[j];
     }
-    if (prefetch) {
-      const char* ahead = wb + (k + kPrefetch) * ldw * elem_bytes<T>();
+    if (pf) {
 #pragma GCC unroll 8
-      for (int line = 0; line < 16 * NV * elem_bytes<T>(); line += 64) __builtin_prefetch(ahead + line, 0, 2);
+      for (int line = 0; line < 16 * NV * elem_bytes<T>(); line += 64) __builtin_prefetch(pf + k * pf_ld + line, 0, 2);
     }
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
@@ -175,10 +189,10 @@ inline void tile(const float* __restrict x, int64_t ldx, const void* w, int64_t 
 
 template <W T, bool kBlockScaled, int NV>
 void tile_rows(int rows, const float* x, int64_t ldx, const void* w, int64_t ldw, const float* bs, int ldb, float* y,
-               int64_t ldy, int64_t kc, bool accumulate, bool prefetch) {
+               int64_t ldy, int64_t kc, bool accumulate, const char* pf, int64_t pf_ld) {
   switch (rows) {
 #define JAXLLM_TILE(R) \
-  case R: return tile<T, kBlockScaled, R, NV>(x, ldx, w, ldw, bs, ldb, y, ldy, kc, accumulate, prefetch);
+  case R: return tile<T, kBlockScaled, R, NV>(x, ldx, w, ldw, bs, ldb, y, ldy, kc, accumulate, pf, pf_ld);
     JAXLLM_TILE(1) JAXLLM_TILE(2) JAXLLM_TILE(3)
     JAXLLM_TILE(4) JAXLLM_TILE(5) JAXLLM_TILE(6) JAXLLM_TILE(7) JAXLLM_TILE(8) JAXLLM_TILE(9) JAXLLM_TILE(10)
     JAXLLM_TILE(11) JAXLLM_TILE(12)
@@ -187,7 +201,7 @@ void tile_rows(int rows, const float* x, int64_t ldx, const void* w, int64_t ldw
 
 template <W T, bool kBlockScaled, int NV = 8>
 void tile_rows_wide(int rows, const float* x, int64_t ldx, const void* w, int64_t ldw, const float* bs, int ldb,
-                    float* y, int64_t ldy, int64_t kc, bool accumulate, bool prefetch) {
+                    float* y, int64_t ldy, int64_t kc, bool accumulate, const char* pf, int64_t pf_ld) {
   switch (rows) {
     JAXLLM_TILE(1) JAXLLM_TILE(2) JAXLLM_TILE(3)
 #undef JAXLLM_TILE
@@ -211,8 +225,67 @@ void scalar_columns(int rows, const float* x, int64_t ldx, const void* w, int64_
   }
 }
 
-// The outputs [row0, row0 + rows) x [n0, n0 + width): K in blocks of kDepth; per block, each row tile runs the
-// widest register tiles that fit the columns (128 for a few rows, then 32, 16, one at a time).
+// One K block [k0, k0 + kc) of the outputs [row0, row0 + rows) x [n0, n0 + width), the block's weights at w (its
+// column 0; rows ldw elements apart): each row tile through the widest register tiles that fit the columns (128
+// in wide items, then 32, 16, one at a time). The first row tile prefetches, with its row k, the row pf + k pf_ld
+// (bytes; pf_elem bytes a column) at the same columns (pf null: none).
+template <W T, bool kBlockScaled>
+void run_block(const Problem& p, int64_t row0, int64_t rows, int64_t n0, int width, int64_t k0, int64_t kc,
+               const char* w, int64_t ldw, const float* bs, const char* pf, int64_t pf_ld, int pf_elem) {
+  auto at = [&](int c) { return w + c * elem_bytes<T>(); };
+  auto pf_at = [&](int64_t r, int c) { return pf && r == 0 ? pf + c * pf_elem : nullptr; };
+  const bool accumulate = k0 > 0;
+  int c0 = 0;
+  for (; c0 + kWidePanel <= width; c0 += kWidePanel) {
+    for (int64_t r = 0; r < rows; r += kWideRows) {
+      const int tr = static_cast<int>(std::min<int64_t>(kWideRows, rows - r));
+      tile_rows_wide<T, kBlockScaled>(tr, p.x + (row0 + r) * p.K + k0, p.K, at(c0), ldw, bs + c0, width,
+                                      p.y + (row0 + r) * p.N + n0 + c0, p.N, kc, accumulate, pf_at(r, c0), pf_ld);
+    }
+  }
+  for (int64_t r = 0; r < rows && c0 < width; r += kTileRows) {
+    const int tr = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+    const float* x = p.x + (row0 + r) * p.K + k0;
+    float* y = p.y + (row0 + r) * p.N + n0;
+    int c = c0;
+    for (; c + 32 <= width; c += 32) {
+      tile_rows<T, kBlockScaled, 2>(tr, x, p.K, at(c), ldw, bs + c, width, y + c, p.N, kc, accumulate, pf_at(r, c),
+                                    pf_ld);
+    }
+    for (; c + 16 <= width; c += 16) {
+      tile_rows<T, kBlockScaled, 1>(tr, x, p.K, at(c), ldw, bs + c, width, y + c, p.N, kc, accumulate, pf_at(r, c),
+                                    pf_ld);
+    }
+    if (c < width) {
+      scalar_columns<T, kBlockScaled>(tr, x, p.K, at(c), ldw, bs + c, width, y + c, p.N, kc, accumulate, 0,
+                                      width - c);
+    }
+  }
+}
+
+// int8 weights [kc, width] (rows ldw apart) as float32 rows of `width` in out, times their block's scale when
+// kBlockScaled: the float32 values the register tiles would make from them, made once for all row tiles (the rows
+// were prefetched while the previous block's tiles ran).
+template <bool kBlockScaled>
+void convert_block(const char* w, int64_t ldw, const float* bs, int width, int64_t kc, float* out) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* s = bs + (k / kQ8Block) * width;
+    int c = 0;
+    for (; c + 16 <= width; c += 16) {
+      v16f b = load_w<W::kS8>(w, k * ldw + c);
+      if constexpr (kBlockScaled) b *= load16(s + c);
+      store16(out + k * width + c, b);
+    }
+    for (; c < width; ++c) {
+      float b = load_w1<W::kS8>(w, k * ldw + c);
+      if constexpr (kBlockScaled) b *= s[c];
+      out[k * width + c] = b;
+    }
+  }
+}
+
+// The outputs [row0, row0 + rows) x [n0, n0 + width), K in blocks of kDepth. int8 blocks that more than one row tile
+// reads are converted to float32 once (the tiles would otherwise each convert and scale every weight again).
 template <W T, bool kBlockScaled>
 void run_item(const Problem& p, int64_t row0, int64_t rows, int64_t n0, int width) {
   const int64_t ldw = p.N;
@@ -221,37 +294,24 @@ void run_item(const Problem& p, int64_t row0, int64_t rows, int64_t n0, int widt
     const int64_t kc = std::min<int64_t>(kDepth, p.K - k0);
     if constexpr (kBlockScaled) {  // this block's scales for the item's columns, as float32
       for (int64_t b = 0; b < (kc + kQ8Block - 1) / kQ8Block; ++b) {
-        const uint16_t* src = p.blocks + (k0 / kQ8Block + b) * p.N + n0;
-        for (int c = 0; c < width; ++c) bs[b * width + c] = f16_to_f32(src[c]);
+        f16_row_to_f32(p.blocks + (k0 / kQ8Block + b) * p.N + n0, width, bs + b * width);
       }
     }
-    auto at = [&](int c) { return static_cast<const char*>(p.w) + ((k0 * ldw + n0 + c) * elem_bytes<T>()); };
-    const bool accumulate = k0 > 0;
-    int c0 = 0;  // 128-column chunks (wide items) in tiles of kWideRows rows, then 32, 16, 1 in tiles of kTileRows
-    for (; c0 + kWidePanel <= width; c0 += kWidePanel) {
-      for (int64_t r = 0; r < rows; r += kWideRows) {
-        const int tr = static_cast<int>(std::min<int64_t>(kWideRows, rows - r));
-        tile_rows_wide<T, kBlockScaled>(tr, p.x + (row0 + r) * p.K + k0, p.K, at(c0), ldw, bs + c0, width,
-                                        p.y + (row0 + r) * p.N + n0 + c0, p.N, kc, accumulate, r == 0);
+    const char* w = static_cast<const char*>(p.w) + (k0 * ldw + n0) * elem_bytes<T>();
+    if constexpr (T == W::kS8) {
+      if (rows > kTileRows) {
+        thread_local std::vector<float> converted;  // kept by each pool thread across calls
+        converted.resize(static_cast<size_t>(kDepth) * width);
+        convert_block<kBlockScaled>(w, ldw, bs, width, kc, converted.data());
+        const char* next = k0 + kc < p.K ? w + kc * ldw : nullptr;  // the next block's int8 rows, one a row
+        run_block<W::kF32, false>(p, row0, rows, n0, width, k0, kc, reinterpret_cast<const char*>(converted.data()),
+                                  width, bs, next, ldw, 1);
+        continue;
       }
     }
-    for (int64_t r = 0; r < rows && c0 < width; r += kTileRows) {
-      const int tr = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
-      const float* x = p.x + (row0 + r) * p.K + k0;
-      float* y = p.y + (row0 + r) * p.N + n0;
-      const bool prefetch = r == 0;
-      int c = c0;
-      for (; c + 32 <= width; c += 32) {
-        tile_rows<T, kBlockScaled, 2>(tr, x, p.K, at(c), ldw, bs + c, width, y + c, p.N, kc, accumulate, prefetch);
-      }
-      for (; c + 16 <= width; c += 16) {
-        tile_rows<T, kBlockScaled, 1>(tr, x, p.K, at(c), ldw, bs + c, width, y + c, p.N, kc, accumulate, prefetch);
-      }
-      if (c < width) {
-        scalar_columns<T, kBlockScaled>(tr, x, p.K, at(c), ldw, bs + c, width, y + c, p.N, kc, accumulate, 0,
-                                        width - c);
-      }
-    }
+    const int64_t row_bytes = ldw * elem_bytes<T>();  // the rows kPrefetch ahead (the next block's, at its end)
+    run_block<T, kBlockScaled>(p, row0, rows, n0, width, k0, kc, w, ldw, bs, w + kPrefetch * row_bytes, row_bytes,
+                               elem_bytes<T>());
   }
   if (p.scales == Scales::kColumns) {
     for (int64_t i = row0; i < row0 + rows; ++i) {

@@ -24,13 +24,15 @@ L = 3
 SHAPES = [(1, 576, 192), (2, 64, 300), (3, 96, 16), (8, 288, 145), (9, 64, 7), (12, 32, 48), (32, 576, 1536),
           (37, 320, 50), (300, 128, 40), (5, 32, 1)]
 WEIGHTS = ["float32", "bfloat16", "int8", "q8_0"]
+# Q8_0 of weights ~1e-5: float16 scales of ~2e-7, below float16's normal range (subnormals, converted exactly)
+TINY = "q8_0-subnormal-scales"
 _matmul = jax.jit(matmul_cpu.matmul)
 _transposed = jax.jit(matmul_cpu.matmul_transposed)
 
 
 def make_weights(rng, kind, K, N):
   """(w [L, K, N], scales or None, the float64 weights it stands for [L, K, N])."""
-  w = rng.standard_normal((L, K, N)).astype(np.float32)
+  w = rng.standard_normal((L, K, N)).astype(np.float32) * (1e-5 if kind == TINY else 1.0)
   if kind == "float32":
     return jnp.asarray(w), None, w.astype(np.float64)
   if kind == "bfloat16":
@@ -40,14 +42,16 @@ def make_weights(rng, kind, K, N):
     q, s = quantize_int8(w, (1,))
     return jnp.asarray(q), jnp.asarray(s, jnp.float32), q.astype(np.float64) * s[:, None, :]
   q, s = quantize_blocks(w, 1)  # Q8_0: float16 scales per 32 rows of K, each weight q * scale in float32
+  if kind == TINY:
+    assert 0 < np.abs(s).min() and np.abs(s).max() < 6.1e-5  # every scale subnormal
   values = q.astype(np.float32).reshape(L, K // 32, 32, N) * s.astype(np.float32)[:, :, None, :]
   return jnp.asarray(q), jnp.asarray(s), values.reshape(L, K, N).astype(np.float64)
 
 
-@pytest.mark.parametrize("kind", WEIGHTS)
+@pytest.mark.parametrize("kind", WEIGHTS + [TINY])
 @pytest.mark.parametrize("M,K,N", SHAPES)
 def test_matmul_matches_float64(rng, kind, M, K, N):
-  if kind == "q8_0" and K % 32:
+  if kind.startswith("q8_0") and K % 32:
     pytest.skip("Q8_0 blocks need K % 32 == 0")
   x = rng.standard_normal((M, K)).astype(np.float32)
   w, scales, exact = make_weights(rng, kind, K, N)
