@@ -95,7 +95,8 @@ def main():
   lines = [f"### layer_loop.py — {datetime.date.today()} — {common.device_name()} — jax {jax.__version__}", "",
            f"{args.preset} shape with {args.num_layers} layers, random weights; decode forward program at context "
            f"{args.context} (no LM head); bandwidth floor = bytes of the layers' weights and of the K/V read / "
-           f"{bandwidth:.0f} GB/s measured copy bandwidth; compute floor = 2 FLOPs per layer weight per sequence / {tflops * 1e3:.0f} GFLOP/s measured "
+           f"{bandwidth:.0f} GB/s measured copy bandwidth; compute floor = 2 FLOPs per layer weight per sequence / "
+           f"{tflops * 1e3:.0f} GFLOP/s measured "
            "matmul peak (attention's FLOPs left out). 'of floor' is the larger floor over the forward time.", "",
            "| variant | layer loop | sequences | forward ms | bandwidth floor ms | compute floor ms | of floor | "
            "compile s |",
