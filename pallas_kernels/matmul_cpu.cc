@@ -19,7 +19,8 @@
 // runs register tiles: 12 rows x 32 columns (per k, two 16-lane weight loads, one broadcast of x per row and two
 // multiply-adds per row: 24 accumulators), or in wide items 3 rows x 128 columns (eight loads, 24 accumulators),
 // then 16-column and single-column tails. The first row tile of a block prefetches the weight rows kPrefetch ahead
-// (the next block's, at its end), since each weight row of a panel lies in another page.
+// (the next block's, at its end), since each weight row of a panel lies in another page. int8 blocks read by more
+// than one row tile are converted (and scaled) to float32 once, the next block's rows prefetched meanwhile.
 // Each output is one float32 sum over k in order, whichever rows share its item: a row's result does not depend on
 // the batch around it (the engine's batch invariance).
 
@@ -208,7 +209,10 @@ void tile_rows_wide(int rows, const float* x, int64_t ldx, const void* w, int64_
   }
 }
 
-// Columns past the panel's last full 16 (N not a multiple of 16): one sum per output, the same order over k.
+// Columns past the panel's last full 16 (N not a multiple of 16): one sum per output, the same order over k, each
+// term fused (std::fma: GCC vectorized a plain `sum += b * x` as an in-order reduction whose fused and unfused terms
+// split differently per instantiation, so the int8 path converted up front and the direct one disagreed in the last
+// bits: a row's result then depended on its item's size).
 template <W T, bool kBlockScaled>
 void scalar_columns(int rows, const float* x, int64_t ldx, const void* w, int64_t ldw, const float* bs, int ldb,
                     float* y, int64_t ldy, int64_t kc, bool accumulate, int c0, int c1) {
@@ -218,7 +222,7 @@ void scalar_columns(int rows, const float* x, int64_t ldx, const void* w, int64_
       for (int64_t k = 0; k < kc; ++k) {
         float b = load_w1<T>(w, k * ldw + c);
         if constexpr (kBlockScaled) b *= bs[(k / kQ8Block) * ldb + c];
-        sum += b * x[i * ldx + k];
+        sum = std::fma(b, x[i * ldx + k], sum);  // fused, as the vector tiles' (and never vectorized)
       }
       y[i * ldy + c] = sum;
     }
@@ -452,7 +456,7 @@ void nt_tile(const float* __restrict x, const void* e, float* __restrict y, int6
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NE; ++j) {
       float sum = sums[i * NE + j];
-      for (int64_t d = d16; d < D; ++d) sum += x[i * D + d] * load_w1<T>(e, j * D + d);
+      for (int64_t d = d16; d < D; ++d) sum = std::fma(x[i * D + d], load_w1<T>(e, j * D + d), sum);
       y[i * ldy + j] = sum;
     }
   }
