@@ -292,11 +292,10 @@ void run_item(const Problem& p, int64_t row0, int64_t rows, int64_t n0, int widt
 
 template <W T>
 void run_item_w(const Problem& p, int64_t row0, int64_t rows, int64_t n0, int width) {
-  if (p.scales == Scales::kBlocks) {
-    run_item<T, true>(p, row0, rows, n0, width);
-  } else {
-    run_item<T, false>(p, row0, rows, n0, width);
+  if constexpr (T == W::kS8) {  // block scales come only with int8 weights (Impl checks): no float instantiations
+    if (p.scales == Scales::kBlocks) return run_item<T, true>(p, row0, rows, n0, width);
   }
+  run_item<T, false>(p, row0, rows, n0, width);
 }
 
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer scales,
