@@ -58,9 +58,11 @@ typedef uint16_t v16u16 __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t v16u32 __attribute__((vector_size(64)));
 typedef int8_t v16s8 __attribute__((vector_size(16), aligned(1)));
 
+constexpr int64_t elem_bytes(W t) { return t == W::kF32 ? 4 : t == W::kBF16 ? 2 : 1; }
+
 template <W T>
 constexpr int64_t elem_bytes() {
-  return T == W::kF32 ? 4 : T == W::kBF16 ? 2 : 1;
+  return elem_bytes(T);
 }
 
 // 16 weights from element i of a row as float32 (GCC 12 widens int8 / uint16 vectors element by element: AVX-512's
@@ -190,19 +192,20 @@ template <W T, bool kBlockScaled, int NV>
 void tile_rows(int rows, const float* x, int64_t ldx, const void* w, int64_t ldw, const float* bs, int ldb, float* y,
                int64_t ldy, int64_t kc, bool accumulate, const char* pf, int64_t pf_ld) {
   switch (rows) {
-#define JAXLLM_TILE(R) \
-  case R: return tile<T, kBlockScaled, R, NV>(x, ldx, w, ldw, bs, ldb, y, ldy, kc, accumulate, pf, pf_ld);
-    JAXLLM_TILE(1) JAXLLM_TILE(2) JAXLLM_TILE(3)
-    JAXLLM_TILE(4) JAXLLM_TILE(5) JAXLLM_TILE(6) JAXLLM_TILE(7) JAXLLM_TILE(8) JAXLLM_TILE(9) JAXLLM_TILE(10)
-    JAXLLM_TILE(11) JAXLLM_TILE(12)
+#define JAXLLM_TILE(R, V) \
+  case R: return tile<T, kBlockScaled, R, V>(x, ldx, w, ldw, bs, ldb, y, ldy, kc, accumulate, pf, pf_ld);
+    JAXLLM_TILE(1, NV) JAXLLM_TILE(2, NV) JAXLLM_TILE(3, NV) JAXLLM_TILE(4, NV) JAXLLM_TILE(5, NV)
+    JAXLLM_TILE(6, NV) JAXLLM_TILE(7, NV) JAXLLM_TILE(8, NV) JAXLLM_TILE(9, NV) JAXLLM_TILE(10, NV)
+    JAXLLM_TILE(11, NV) JAXLLM_TILE(12, NV)
   }
 }
 
-template <W T, bool kBlockScaled, int NV = 8>
+// The 3 x 128 tiles of wide items.
+template <W T, bool kBlockScaled>
 void tile_rows_wide(int rows, const float* x, int64_t ldx, const void* w, int64_t ldw, const float* bs, int ldb,
                     float* y, int64_t ldy, int64_t kc, bool accumulate, const char* pf, int64_t pf_ld) {
   switch (rows) {
-    JAXLLM_TILE(1) JAXLLM_TILE(2) JAXLLM_TILE(3)
+    JAXLLM_TILE(1, 8) JAXLLM_TILE(2, 8) JAXLLM_TILE(3, 8)
 #undef JAXLLM_TILE
   }
 }
@@ -341,8 +344,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
     return ffi::Error::InvalidArgument("matmul (cpu): int8 weights need scales, float weights none");
   }
   p.x = x.typed_data();
-  const int64_t bytes = p.w_type == W::kF32 ? 4 : p.w_type == W::kBF16 ? 2 : 1;
-  p.w = static_cast<const char*>(w.untyped_data()) + l * p.K * p.N * bytes;
+  p.w = static_cast<const char*>(w.untyped_data()) + l * p.K * p.N * elem_bytes(p.w_type);
   p.y = y->typed_data();
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
   if (p.K == 0) {

@@ -71,6 +71,4 @@ def matmul_transposed(x_MD: jax.Array, e_VD: jax.Array) -> jax.Array:
 
 
 def _require():
-  if library() is None:
-    raise ValueError("matmul (cpu) needs the native CPU kernel, which could not be built here (see the logged "
-                     "reason).")
+  native.require(library(), "matmul (cpu)", "with native_matmul=None, Llama falls back to XLA's dots")

@@ -144,3 +144,12 @@ def load(source: pathlib.Path, name: str, targets: tuple[tuple[str, str], ...], 
   for target, handler in handlers:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
   return lib
+
+
+def require(lib: ctypes.CDLL | None, who: str, instead: str) -> ctypes.CDLL:
+  """`lib`, or a ValueError saying that `who` needs the native kernel, which `load` could not build (its logged
+  reason), and what to use `instead`."""
+  if lib is None:
+    raise ValueError(f"{who} needs the native CPU kernel, which could not be built here (see the logged reason); "
+                     f"{instead}.")
+  return lib

@@ -31,11 +31,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def require_library() -> ctypes.CDLL:
-  lib = library()
-  if lib is None:
-    raise ValueError("implementation='cpu' needs the native CPU kernel, which could not be built here (see the "
-                     "logged reason); use implementation=None or 'xla'.")
-  return lib
+  return native.require(library(), "implementation='cpu'", "use implementation=None or 'xla'")
 
 
 def ragged_paged_attention_cpu(q_TNH, k_PKCH, v_PKCH, kv_lens_S, page_indices_SM, cu_q_lens_S1, num_seqs, window,
